@@ -1,0 +1,49 @@
+//! `.safetensors` files, memory-mapped; the `safetensors` crate validates the header against the
+//! file (offsets inside the file, sizes matching shapes and dtypes, no gaps).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+use super::{StoredDType, TensorInfo, TensorSource};
+
+/// Opens one safetensors file and lists its tensors.
+pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and private; the file is not modified while the model loads
+    // (the same assumption every safetensors reader makes).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let mmap = Arc::new(mmap);
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap[..])
+        .map_err(|e| Error::checkpoint(path, format!("invalid safetensors file: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = match info.dtype {
+            Dtype::F32 => StoredDType::F32,
+            Dtype::F16 => StoredDType::F16,
+            Dtype::BF16 => StoredDType::BF16,
+            Dtype::F64 => StoredDType::F64,
+            other => StoredDType::Other(format!("{other:?}")),
+        };
+        let (start, end) = info.data_offsets;
+        let (start, end) = (data_start + start, data_start + end);
+        if end > mmap.len() || start > end {
+            return Err(Error::checkpoint(path, format!("tensor {name} lies outside the file")));
+        }
+        out.push(TensorInfo {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            source: TensorSource::Mapped {
+                map: Arc::clone(&mmap),
+                start,
+                end,
+            },
+        });
+    }
+    Ok(out)
+}

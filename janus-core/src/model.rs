@@ -1,0 +1,65 @@
+//! The whole Janus model: language model, vision encoder, heads and VQ codec, loaded from a
+//! model folder onto a device.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+
+use crate::config::JanusConfig;
+use crate::error::Result;
+use crate::load::{Checkpoint, ComputeDType, Weights};
+use crate::nn::heads::Heads;
+use crate::nn::llm::Llm;
+use crate::nn::siglip::SigLip;
+use crate::nn::vq::VqModel;
+
+/// All of a Janus checkpoint's networks, in the compute dtype on one device.
+#[derive(Debug, Clone)]
+pub struct JanusModel {
+    /// The configuration the model was built from.
+    pub config: JanusConfig,
+    /// The language model.
+    pub llm: Llm,
+    /// The understanding vision encoder.
+    pub vision: SigLip,
+    /// Aligners, generation embedding and head.
+    pub heads: Heads,
+    /// The VQ image tokenizer.
+    pub vq: VqModel,
+}
+
+impl JanusModel {
+    /// Reads `config.json` and the weights of a model folder (either layout).
+    pub fn load(dir: &Path, device: &Device, dtype: ComputeDType) -> Result<Self> {
+        let config = JanusConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(config, &ckpt, device, dtype)
+    }
+
+    /// Builds the model from an opened checkpoint: first checks that the files hold exactly the
+    /// tensors the configuration describes (all problems reported together), then reads them.
+    pub fn from_checkpoint(
+        config: JanusConfig,
+        ckpt: &Checkpoint,
+        device: &Device,
+        dtype: ComputeDType,
+    ) -> Result<Self> {
+        let mut plan = Weights::new(ckpt, config.layout, device, dtype, true);
+        let _ = Self::build(&mut plan, &config);
+        plan.finish()?;
+        let mut load = Weights::new(ckpt, config.layout, device, dtype, false);
+        let model = Self::build(&mut load, &config);
+        load.finish()?;
+        Ok(model)
+    }
+
+    fn build(w: &mut Weights<'_>, config: &JanusConfig) -> Self {
+        JanusModel {
+            llm: Llm::load(w, &config.text),
+            vision: SigLip::load(w, &config.vision),
+            heads: Heads::load(w, config),
+            vq: VqModel::load(w, &config.vq),
+            config: config.clone(),
+        }
+    }
+}

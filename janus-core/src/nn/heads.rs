@@ -1,0 +1,64 @@
+//! The small heads around the language model: understanding aligner, generation embedding,
+//! generation aligner and generation head.
+
+use burn::tensor::activation::gelu;
+use burn::tensor::Tensor;
+
+use crate::config::JanusConfig;
+use crate::load::Weights;
+
+use super::{Linear, Mlp};
+
+/// Image-token head: `Linear(D, H) → GELU → Linear(H, codebook)`, read from the hidden state after
+/// the language model's final norm.
+#[derive(Debug, Clone)]
+pub struct GenHead {
+    output_mlp_projector: Linear,
+    vision_head: Linear,
+}
+
+impl GenHead {
+    pub(crate) fn load(w: &mut Weights<'_>, c: &JanusConfig) -> Self {
+        let h = &c.gen_head;
+        GenHead {
+            output_mlp_projector: Linear::load(
+                w,
+                "gen_head.output_mlp_projector",
+                h.input_dim,
+                h.hidden_dim,
+                true,
+            ),
+            vision_head: Linear::load(w, "gen_head.vision_head", h.hidden_dim, h.num_tokens, true),
+        }
+    }
+
+    /// Image-token logits for hidden states `[.., D]`.
+    pub fn forward<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
+        self.vision_head
+            .forward(gelu(self.output_mlp_projector.forward(hidden)))
+    }
+}
+
+/// The parts that connect images to the language model.
+#[derive(Debug, Clone)]
+pub struct Heads {
+    /// Understanding aligner: SigLIP features → LLM embeddings.
+    pub aligner: Mlp,
+    /// Generation embedding table (its own table, not the VQ codebook).
+    pub gen_embed: Tensor<2>,
+    /// Generation aligner: `gen_embed` rows → LLM embeddings.
+    pub gen_aligner: Mlp,
+    /// Generation head: hidden states → image-token logits.
+    pub gen_head: GenHead,
+}
+
+impl Heads {
+    pub(crate) fn load(w: &mut Weights<'_>, c: &JanusConfig) -> Self {
+        Heads {
+            aligner: Mlp::load(w, "aligner", &c.aligner),
+            gen_embed: w.get("gen_embed.weight", [c.gen_embed_tokens, c.gen_embed_dim]),
+            gen_aligner: Mlp::load(w, "gen_aligner", &c.gen_aligner),
+            gen_head: GenHead::load(w, c),
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Key/value cache for the language model: one preallocated buffer per layer, filled in place.
+//!
+//! Each step writes its keys and values into the next free positions; when the capacity is
+//! exhausted the buffer is reallocated at twice the size (the only copy of old entries), so a
+//! step never copies the whole cache. The batch axis serves several rows at once (the CFG
+//! conditional/unconditional pair, several images).
+
+use burn::tensor::Tensor;
+
+/// The keys and values of every layer for the positions processed so far.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+    capacity_hint: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers that expects about `capacity` positions
+    /// (it grows past that if needed).
+    pub fn new(num_layers: usize, capacity: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity_hint: capacity.max(1),
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Rows of the batch the cache holds, once anything is held.
+    pub fn batch(&self) -> Option<usize> {
+        self.layers.iter().flatten().map(|(k, _)| k.dims()[0]).next()
+    }
+
+    /// Positions that fit before the buffers are reallocated.
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.dims()[2])
+            .next()
+            .unwrap_or(self.capacity_hint)
+    }
+
+    /// Writes `k`, `v` (`[batch, kv_heads, t, head_dim]`) of `layer` after the held positions and
+    /// returns views of all keys and values so far (`[batch, kv_heads, len + t, head_dim]`).
+    pub(crate) fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let [b, h, t, d] = k.dims();
+        let start = self.len;
+        let end = start + t;
+        let slot = &mut self.layers[layer];
+        let (mut kc, mut vc) = match slot.take() {
+            Some((kc, vc)) if kc.dims()[2] >= end => (kc, vc),
+            old => {
+                let cap = self.capacity_hint.max(end).max(old.as_ref().map_or(0, |(k, _)| 2 * k.dims()[2]));
+                let opts = (&k.device(), k.dtype());
+                let mut kc = Tensor::zeros([b, h, cap, d], opts);
+                let mut vc = Tensor::zeros([b, h, cap, d], opts);
+                if let Some((ko, vo)) = old {
+                    kc = kc.slice_assign([0..b, 0..h, 0..start, 0..d], ko.slice([0..b, 0..h, 0..start, 0..d]));
+                    vc = vc.slice_assign([0..b, 0..h, 0..start, 0..d], vo.slice([0..b, 0..h, 0..start, 0..d]));
+                }
+                (kc, vc)
+            }
+        };
+        kc = kc.slice_assign([0..b, 0..h, start..end, 0..d], k);
+        vc = vc.slice_assign([0..b, 0..h, start..end, 0..d], v);
+        let k_all = kc.clone().slice([0..b, 0..h, 0..end, 0..d]);
+        let v_all = vc.clone().slice([0..b, 0..h, 0..end, 0..d]);
+        *slot = Some((kc, vc));
+        (k_all, v_all)
+    }
+
+    /// Marks `t` more positions as held (after every layer has appended them).
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}

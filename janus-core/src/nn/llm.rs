@@ -1,0 +1,263 @@
+//! The LLaMA-style decoder (DeepSeek-LLM) as transformers' `LlamaModel` computes it: RMSNorm,
+//! half-split ("rotate half") RoPE, grouped/multi-head causal attention, SwiGLU MLP, no biases,
+//! an untied `lm_head`.
+
+use burn::tensor::activation::silu;
+use burn::tensor::module::{attention, embedding};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use crate::config::TextConfig;
+use crate::error::{Error, Result};
+use crate::load::Weights;
+
+use super::Linear;
+use super::kv_cache::KvCache;
+
+/// Root-mean-square norm: normalised in f32, cast back, then scaled by the weight.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor<1>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(w: &mut Weights<'_>, name: &str, dim: usize, eps: f64) -> Self {
+        RmsNorm {
+            weight: w.get(name, [dim]),
+            eps,
+        }
+    }
+
+    /// Applies the norm over the last axis.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let var = x.clone().square().mean_dim(D - 1);
+        let y = x / (var + self.eps).sqrt();
+        y.cast(dtype) * self.weight.clone().unsqueeze()
+    }
+}
+
+/// Rotary tables for a run of positions, `[1, 1, t, head_dim]`.
+struct Rope {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+}
+
+impl Rope {
+    /// cos/sin of `position · inv_freq`, computed in f32 as transformers does
+    /// (`inv_freq = 1 / θ^(2i/d)`, `emb = cat(freqs, freqs)`).
+    fn new(start: usize, t: usize, head_dim: usize, theta: f64, x: &Tensor<4>) -> Self {
+        let half = head_dim / 2;
+        let base = theta as f32;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(t * head_dim);
+        let mut sin = Vec::with_capacity(t * head_dim);
+        for p in start..start + t {
+            let p = p as f32;
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    let a = p * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let opts = (&x.device(), x.dtype());
+        Rope {
+            cos: Tensor::from_data(TensorData::new(cos, [1, 1, t, head_dim]), opts),
+            sin: Tensor::from_data(TensorData::new(sin, [1, 1, t, head_dim]), opts),
+        }
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x` of shape `[batch, heads, t, head_dim]`.
+    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let d = x.dims()[3];
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl DecoderLayer {
+    fn load(w: &mut Weights<'_>, prefix: &str, c: &TextConfig) -> Self {
+        let d = c.hidden_size;
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let f = c.intermediate_size;
+        let p = |s: &str| format!("{prefix}.{s}");
+        DecoderLayer {
+            input_layernorm: RmsNorm::load(w, &p("input_layernorm.weight"), d, c.rms_norm_eps),
+            q_proj: Linear::load(w, &p("self_attn.q_proj"), d, q, false),
+            k_proj: Linear::load(w, &p("self_attn.k_proj"), d, kv, false),
+            v_proj: Linear::load(w, &p("self_attn.v_proj"), d, kv, false),
+            o_proj: Linear::load(w, &p("self_attn.o_proj"), q, d, false),
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &p("post_attention_layernorm.weight"),
+                d,
+                c.rms_norm_eps,
+            ),
+            gate_proj: Linear::load(w, &p("mlp.gate_proj"), d, f, false),
+            up_proj: Linear::load(w, &p("mlp.up_proj"), d, f, false),
+            down_proj: Linear::load(w, &p("mlp.down_proj"), f, d, false),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache, layer: usize, c: &TextConfig) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let normed = self.input_layernorm.forward(x.clone());
+        let q = self.q_proj.forward(normed.clone()).reshape([b, t, h, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(normed.clone()).reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(normed).reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let q = rope.apply(q);
+        let k = rope.apply(k);
+        let (k, v) = cache.append(layer, k, v);
+        let (k, v) = if kvh == h {
+            (k, v)
+        } else {
+            (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh))
+        };
+        let options = AttentionModuleOptions {
+            scale: Some(1.0 / (hd as f64).sqrt()),
+            softcap: None,
+            is_causal: true,
+        };
+        let o = attention(q, k, v, None, None, options)
+            .swap_dims(1, 2)
+            .reshape([b, t, h * hd]);
+        let x = x + self.o_proj.forward(o);
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        let mlp = silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed);
+        x + self.down_proj.forward(mlp)
+    }
+}
+
+/// `[b, kv_heads, s, d]` → `[b, kv_heads · n, s, d]`, each head repeated `n` times in place.
+fn repeat_kv(x: Tensor<4>, n: usize) -> Tensor<4> {
+    let [b, kvh, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n, s, d])
+        .reshape([b, kvh * n, s, d])
+}
+
+/// The language model: token embeddings, decoder layers, final norm and `lm_head`.
+#[derive(Debug, Clone)]
+pub struct Llm {
+    embed_tokens: Tensor<2>,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor<2>,
+    config: TextConfig,
+}
+
+impl Llm {
+    /// Loads `language_model.*`. Without an `lm_head` tensor, a config that ties the
+    /// embeddings reuses `embed_tokens`.
+    pub(crate) fn load(w: &mut Weights<'_>, c: &TextConfig) -> Self {
+        let (v, d) = (c.vocab_size, c.hidden_size);
+        let embed_tokens = w.get("language_model.model.embed_tokens.weight", [v, d]);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(w, &format!("language_model.model.layers.{i}"), c))
+            .collect();
+        let norm = RmsNorm::load(w, "language_model.model.norm.weight", d, c.rms_norm_eps);
+        let head_name = "language_model.lm_head.weight";
+        let lm_head = if c.tie_word_embeddings && !w.contains(head_name) {
+            embed_tokens.clone()
+        } else {
+            w.get(head_name, [v, d])
+        };
+        Llm {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: lm_head.transpose(),
+            config: c.clone(),
+        }
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    /// A cache sized for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers, capacity)
+    }
+
+    /// Token embeddings for `ids` (`[batch, t]`), `[batch, t, hidden]`. Every id must be below
+    /// the vocabulary size.
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
+        let b = ids.len();
+        let t = ids.first().map_or(0, Vec::len);
+        if b == 0 || t == 0 {
+            return Err(Error::InvalidInput("no token ids".into()));
+        }
+        if ids.iter().any(|row| row.len() != t) {
+            return Err(Error::InvalidInput("token rows of different lengths".into()));
+        }
+        let vocab = self.config.vocab_size;
+        let flat: Vec<i64> = ids.iter().flatten().map(|&i| i64::from(i)).collect();
+        if let Some(bad) = flat.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let device = self.embed_tokens.device();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
+        Ok(embedding(self.embed_tokens.clone(), idx))
+    }
+
+    /// Runs the decoder over `x` (`[batch, t, hidden]`) after the positions held in `cache`,
+    /// appending to it. Returns the hidden states after the final norm.
+    pub fn forward(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
+        let [b, t, d] = x.dims();
+        if d != self.config.hidden_size || t == 0 {
+            return Err(Error::InvalidInput(format!(
+                "expected embeddings [batch, t>0, {}], got [{b}, {t}, {d}]",
+                self.config.hidden_size
+            )));
+        }
+        if let Some(k) = cache.batch()
+            && k != b
+        {
+            return Err(Error::InvalidInput(format!(
+                "the cache holds {k} rows, the input has {b}"
+            )));
+        }
+        let start = cache.len();
+        let c = &self.config;
+        let probe: Tensor<4> = x.clone().narrow(1, 0, 1).unsqueeze();
+        let rope = Rope::new(start, t, c.head_dim, c.rope_theta, &probe);
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &rope, cache, i, c);
+        }
+        cache.advance(t);
+        Ok(self.norm.forward(x))
+    }
+
+    /// Text logits `[batch, t, vocab]` for hidden states from [`forward`](Self::forward).
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        burn::tensor::module::linear(hidden, self.lm_head.clone(), None)
+    }
+}

@@ -1,0 +1,102 @@
+//! Shared helpers of the integration tests: fixture paths, reference tensors, the test device.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use janus_core::Device;
+
+/// `tests/fixtures/<name>` at the repository root.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// The original-layout checkpoint written by `tests/reference/gen_original.py` (too large to
+/// commit); `scripts/setup.sh` writes it.
+pub fn original_checkpoint(variant: &str) -> PathBuf {
+    let cache = std::env::var_os("JANUS_FIXTURE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/janus-rs-fixtures")
+        });
+    let dir = cache.join("original-tiny").join(variant);
+    assert!(
+        dir.join("config.json").is_file(),
+        "{} is missing: run `bash scripts/setup.sh` (it writes the original-layout test checkpoint)",
+        dir.display()
+    );
+    dir
+}
+
+/// The device the tests run on: `JANUS_TEST_DEVICE=wgpu` picks the wgpu backend.
+pub fn device() -> Device {
+    let name = std::env::var("JANUS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    name.parse::<janus_core::Backend>()
+        .and_then(|b| b.device())
+        .expect("test device")
+}
+
+/// A tensor of a reference safetensors file: its values (as f64) and shape.
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f64>,
+}
+
+/// Reads every tensor of a reference file (f32 or i64).
+pub fn read_reference(path: &Path) -> std::collections::HashMap<String, RefTensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data();
+            let values: Vec<f64> = match view.dtype() {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I64 => data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I32 => data
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("{name}: unexpected dtype {other:?}"),
+            };
+            (
+                name,
+                RefTensor {
+                    shape: view.shape().to_vec(),
+                    values,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Rows of an id matrix `[rows, cols]`.
+pub fn id_rows(t: &RefTensor) -> Vec<Vec<u32>> {
+    t.values
+        .chunks(t.shape[1])
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect()
+}
+
+/// A burn tensor's values as f64.
+pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> (Vec<usize>, Vec<f64>) {
+    let shape = t.dims().to_vec();
+    let data = t.into_data().convert::<f32>();
+    (shape, data.to_vec::<f32>().unwrap().into_iter().map(f64::from).collect())
+}
+
+/// Largest absolute difference, after checking the shapes agree.
+pub fn max_abs_diff(shape: &[usize], got: &[f64], want: &RefTensor) -> f64 {
+    assert_eq!(shape, want.shape.as_slice(), "shape");
+    got.iter()
+        .zip(&want.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}

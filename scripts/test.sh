@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test suite: formatting, lints, the tests on the CPU backend, and the language-model parity
+# tests again on the wgpu backend (a CPU Vulkan driver is enough). Run scripts/setup.sh first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export JANUS_FIXTURE_CACHE="${JANUS_FIXTURE_CACHE:-$HOME/.cache/janus-rs-fixtures}"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p janus-core --all-targets --no-default-features --features wgpu -- -D warnings
+cargo test --workspace
+
+# wgpu on whatever Vulkan device there is (lavapipe on a machine without a GPU).
+JANUS_TEST_DEVICE=wgpu cargo test -p janus-core --no-default-features --features wgpu --test llm_parity
