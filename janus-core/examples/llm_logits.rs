@@ -20,14 +20,16 @@ fn run(dir: PathBuf, prompt: &str) -> janus_core::Result<()> {
     let ids = tokenizer.encode(prompt, true)?;
     println!("prompt ids: {ids:?}");
     let mut cache = model.llm.new_cache(ids.len());
-    let hidden = model.llm.forward(model.llm.embed(&[ids.clone()])?, &mut cache)?;
+    let hidden = model
+        .llm
+        .forward(model.llm.embed(std::slice::from_ref(&ids))?, &mut cache)?;
     let last = hidden.narrow(1, ids.len() - 1, 1);
     let logits: Vec<f32> = model
         .llm
         .logits(last)
         .into_data()
         .convert::<f32>()
-        .to_vec()
+        .try_into_vec()
         .map_err(|e| janus_core::Error::InvalidInput(format!("{e:?}")))?;
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));

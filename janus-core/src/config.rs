@@ -188,7 +188,10 @@ impl<'a> Obj<'a> {
                 path: String::new(),
                 map,
             }),
-            _ => Err(Error::config(file, "expected a JSON object at the top level")),
+            _ => Err(Error::config(
+                file,
+                "expected a JSON object at the top level",
+            )),
         }
     }
 
@@ -359,7 +362,10 @@ fn parse_llama(obj: &Obj<'_>, tie_default: bool) -> Result<TextConfig> {
     if let Some(act) = obj.opt_str("hidden_act")?
         && act != "silu"
     {
-        return Err(obj.err("hidden_act", &format!("`{act}` is not supported (only silu)")));
+        return Err(obj.err(
+            "hidden_act",
+            &format!("`{act}` is not supported (only silu)"),
+        ));
     }
     for key in ["attention_bias", "mlp_bias"] {
         if obj.opt_bool(key)? == Some(true) {
@@ -403,7 +409,10 @@ fn parse_llama(obj: &Obj<'_>, tie_default: bool) -> Result<TextConfig> {
             if let Some(kind) = rope.opt_str("rope_type")?.or(rope.opt_str("type")?)
                 && kind != "default"
             {
-                return Err(rope.err("rope_type", &format!("`{kind}` RoPE scaling is not supported")));
+                return Err(rope.err(
+                    "rope_type",
+                    &format!("`{kind}` RoPE scaling is not supported"),
+                ));
             }
             if let Some(theta) = rope.opt_f64("rope_theta")? {
                 rope_theta = theta;
@@ -424,10 +433,8 @@ fn parse_llama(obj: &Obj<'_>, tie_default: bool) -> Result<TextConfig> {
             "intermediate_size",
             obj.usize_or("intermediate_size", 11008)?,
         )?,
-        num_hidden_layers: obj.positive(
-            "num_hidden_layers",
-            obj.usize_or("num_hidden_layers", 32)?,
-        )?,
+        num_hidden_layers: obj
+            .positive("num_hidden_layers", obj.usize_or("num_hidden_layers", 32)?)?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
@@ -514,7 +521,10 @@ fn parse_original(root: &Obj<'_>) -> Result<JanusConfig> {
     if image_size % arch.patch != 0 {
         return Err(vparams.err(
             "image_size",
-            &format!("{image_size} is not a multiple of the patch size {}", arch.patch),
+            &format!(
+                "{image_size} is not a multiple of the patch size {}",
+                arch.patch
+            ),
         ));
     }
     let vision = VisionConfig {
@@ -606,7 +616,10 @@ fn parse_hf(root: &Obj<'_>) -> Result<JanusConfig> {
     if let Some(act) = v.opt_str("hidden_act")?
         && act != "gelu"
     {
-        return Err(v.err("hidden_act", &format!("`{act}` is not supported (only gelu)")));
+        return Err(v.err(
+            "hidden_act",
+            &format!("`{act}` is not supported (only gelu)"),
+        ));
     }
     let mlp_ratio = v.f64_or("mlp_ratio", 4.0)?;
     let projection_dim = v.positive("projection_dim", v.usize_or("projection_dim", 2048)?)?;
@@ -637,7 +650,10 @@ fn parse_hf(root: &Obj<'_>) -> Result<JanusConfig> {
         .opt_usize_list("channel_multiplier")?
         .unwrap_or_else(|| vec![1, 1, 2, 2, 4]);
     if channel_multiplier.is_empty() || channel_multiplier.contains(&0) {
-        return Err(q.err("channel_multiplier", "must be a non-empty list of positive integers"));
+        return Err(q.err(
+            "channel_multiplier",
+            "must be a non-empty list of positive integers",
+        ));
     }
     let vq = VqConfig {
         codebook_size: num_embeddings,
@@ -731,10 +747,14 @@ impl JanusConfig {
                 self.gen_head.num_tokens, self.gen_embed_tokens, self.vq.codebook_size
             ));
         }
-        if self.vision.hidden_size % self.vision.num_attention_heads != 0 {
+        if !self
+            .vision
+            .hidden_size
+            .is_multiple_of(self.vision.num_attention_heads)
+        {
             return bad("the vision heads do not divide the vision width");
         }
-        if self.vq.base_channels % 32 != 0 {
+        if !self.vq.base_channels.is_multiple_of(32) {
             return bad("the VQ base channels must be a multiple of 32 (GroupNorm with 32 groups)");
         }
         Ok(())

@@ -46,7 +46,9 @@ pub enum Error {
     },
 
     /// A pickled checkpoint references a global that a state dict never needs.
-    #[error("{path}: refusing pickle global `{global}`: only the globals of a plain state dict are allowed")]
+    #[error(
+        "{path}: refusing pickle global `{global}`: only the globals of a plain state dict are allowed"
+    )]
     UnsafePickle {
         /// The checkpoint file.
         path: PathBuf,
@@ -97,7 +99,12 @@ impl WeightMismatch {
     pub fn summary(&self) -> String {
         fn list(names: &[String]) -> String {
             const MAX: usize = 8;
-            let mut s = names.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
+            let mut s = names
+                .iter()
+                .take(MAX)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
             if names.len() > MAX {
                 s.push_str(&format!(", … ({} more)", names.len() - MAX));
             }
@@ -105,7 +112,11 @@ impl WeightMismatch {
         }
         let mut parts = Vec::new();
         if !self.missing.is_empty() {
-            parts.push(format!("{} missing: {}", self.missing.len(), list(&self.missing)));
+            parts.push(format!(
+                "{} missing: {}",
+                self.missing.len(),
+                list(&self.missing)
+            ));
         }
         if !self.unexpected.is_empty() {
             parts.push(format!(

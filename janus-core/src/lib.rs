@@ -37,4 +37,3 @@ pub use error::{Error, Result, WeightMismatch};
 pub use load::{Checkpoint, ComputeDType};
 pub use model::JanusModel;
 pub use tokenizer::{JanusTokenizer, SpecialTokens};
-

@@ -118,9 +118,8 @@ impl JanusTokenizer {
         let pad = match id(strings::PAD) {
             Some(p) => p,
             None => {
-                let s = named("pad_token").ok_or_else(|| {
-                    Error::Tokenizer(format!("{}: no pad token", path.display()))
-                })?;
+                let s = named("pad_token")
+                    .ok_or_else(|| Error::Tokenizer(format!("{}: no pad token", path.display())))?;
                 require("pad", &s)?
             }
         };

@@ -75,9 +75,15 @@ fn truncated_safetensors() {
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
     // A file cut inside its header, and an empty one.
     f.set_len(5).unwrap();
-    assert!(matches!(load(dir.path()).unwrap_err(), Error::Checkpoint { .. }));
+    assert!(matches!(
+        load(dir.path()).unwrap_err(),
+        Error::Checkpoint { .. }
+    ));
     f.set_len(0).unwrap();
-    assert!(matches!(load(dir.path()).unwrap_err(), Error::Checkpoint { .. }));
+    assert!(matches!(
+        load(dir.path()).unwrap_err(),
+        Error::Checkpoint { .. }
+    ));
 }
 
 #[test]
@@ -102,19 +108,32 @@ fn wrong_shape_missing_and_unexpected_tensors_are_listed_together() {
     rewrite(dir.path(), |t| {
         let (d, _, b) = t.remove("model.language_model.norm.weight").unwrap();
         // Same bytes, different shape.
-        t.insert("model.language_model.norm.weight".into(), (d, vec![8, 8], b));
+        t.insert(
+            "model.language_model.norm.weight".into(),
+            (d, vec![8, 8], b),
+        );
         t.remove("lm_head.weight").unwrap();
-        t.insert("model.extra.weight".into(), (Dtype::F32, vec![2], vec![0; 8]));
+        t.insert(
+            "model.extra.weight".into(),
+            (Dtype::F32, vec![2], vec![0; 8]),
+        );
     });
     let m = mismatch(load(dir.path()).unwrap_err());
     assert_eq!(m.missing, ["lm_head.weight"]);
     assert_eq!(m.unexpected, ["model.extra.weight"]);
     assert_eq!(
         m.wrong_shape,
-        [("model.language_model.norm.weight".to_string(), vec![64], vec![8, 8])]
+        [(
+            "model.language_model.norm.weight".to_string(),
+            vec![64],
+            vec![8, 8]
+        )]
     );
     let msg = Error::Weights(Box::new(m)).to_string();
-    assert!(msg.contains("lm_head.weight") && msg.contains("model.extra.weight"), "{msg}");
+    assert!(
+        msg.contains("lm_head.weight") && msg.contains("model.extra.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -122,7 +141,10 @@ fn integer_weights_are_refused() {
     let dir = copy_fixture("hf-tiny");
     rewrite(dir.path(), |t| {
         let (_, s, b) = t.remove("model.language_model.norm.weight").unwrap();
-        t.insert("model.language_model.norm.weight".into(), (Dtype::I32, s, b));
+        t.insert(
+            "model.language_model.norm.weight".into(),
+            (Dtype::I32, s, b),
+        );
     });
     let m = mismatch(load(dir.path()).unwrap_err());
     assert_eq!(m.wrong_dtype.len(), 1, "{m:?}");
@@ -135,7 +157,10 @@ fn missing_shard() {
     std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
     let err = load(dir.path()).unwrap_err();
     assert!(matches!(err, Error::MissingFile { .. }), "{err}");
-    assert!(err.to_string().contains("model-00002-of-00003.safetensors"), "{err}");
+    assert!(
+        err.to_string().contains("model-00002-of-00003.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -161,15 +186,25 @@ fn index_that_misplaces_a_tensor() {
 fn no_weights_and_no_config() {
     let dir = copy_fixture("hf-tiny");
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-    assert!(matches!(load(dir.path()).unwrap_err(), Error::MissingFile { .. }));
+    assert!(matches!(
+        load(dir.path()).unwrap_err(),
+        Error::MissingFile { .. }
+    ));
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
-    assert!(matches!(load(dir.path()).unwrap_err(), Error::MissingFile { .. }));
+    assert!(matches!(
+        load(dir.path()).unwrap_err(),
+        Error::MissingFile { .. }
+    ));
 }
 
 #[test]
 fn malformed_config() {
     let dir = copy_fixture("hf-tiny");
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"janus\", ").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"janus\", ",
+    )
+    .unwrap();
     let err = load(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
     assert!(err.to_string().contains("config.json"), "{err}");
@@ -194,8 +229,8 @@ fn truncated_pickle_checkpoint() {
 fn write_torch_zip(path: &Path, pickle: &[u8]) {
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     zip.start_file("archive/data.pkl", opts).unwrap();
     zip.write_all(pickle).unwrap();
     zip.start_file("archive/version", opts).unwrap();
@@ -231,7 +266,11 @@ fn pickle_with_no_tensors_is_an_error() {
 #[test]
 fn not_a_zip() {
     let dir = copy_fixture("hf-tiny-bin");
-    std::fs::write(dir.path().join("pytorch_model.bin"), b"definitely not a checkpoint").unwrap();
+    std::fs::write(
+        dir.path().join("pytorch_model.bin"),
+        b"definitely not a checkpoint",
+    )
+    .unwrap();
     let err = load(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
 }

@@ -10,7 +10,10 @@ use serde_json::Value;
 fn cases() -> (Value, JanusTokenizer) {
     let dir = fixture("tokenizer");
     let text = std::fs::read_to_string(dir.join("tokenize.json")).unwrap();
-    (serde_json::from_str(&text).unwrap(), JanusTokenizer::from_dir(&dir).unwrap())
+    (
+        serde_json::from_str(&text).unwrap(),
+        JanusTokenizer::from_dir(&dir).unwrap(),
+    )
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -59,7 +62,10 @@ fn special_ids_come_from_the_files() {
     assert_eq!(sp.end_of_image, id("<end_of_image>"));
     assert_eq!(sp.user, Some(id("<|User|>")));
     assert_eq!(sp.assistant, Some(id("<|Assistant|>")));
-    assert_eq!(tok.vocab_size(), reference["vocab_size"].as_u64().unwrap() as usize);
+    assert_eq!(
+        tok.vocab_size(),
+        reference["vocab_size"].as_u64().unwrap() as usize
+    );
 }
 
 #[test]
@@ -76,7 +82,8 @@ fn missing_special_token_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let src = fixture("tokenizer");
     let mut json: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
     // Drop <begin_of_image> from the added tokens and the vocabulary.
     json["added_tokens"]
         .as_array_mut()
@@ -92,5 +99,8 @@ fn missing_special_token_is_an_error() {
     assert!(err.to_string().contains("<begin_of_image>"), "{err}");
 
     let err = JanusTokenizer::from_dir(&tmp.path().join("nowhere")).unwrap_err();
-    assert!(matches!(err, janus_core::Error::MissingFile { .. }), "{err}");
+    assert!(
+        matches!(err, janus_core::Error::MissingFile { .. }),
+        "{err}"
+    );
 }

@@ -42,7 +42,7 @@ impl FileKeys {
 fn mlp_layer(rest: &str, hf_prefix: &str) -> Option<String> {
     let (idx, tail) = rest.split_once('.')?;
     let idx: usize = idx.parse().ok()?;
-    if idx % 2 != 0 {
+    if !idx.is_multiple_of(2) {
         return None;
     }
     Some(if idx == 0 {
@@ -205,7 +205,10 @@ mod tests {
             hf("gen_head.output_mlp_projector.weight"),
             ["model.generation_head.proj_out.weight"]
         );
-        assert_eq!(hf("gen_embed.weight"), ["model.generation_embeddings.weight"]);
+        assert_eq!(
+            hf("gen_embed.weight"),
+            ["model.generation_embeddings.weight"]
+        );
         assert_eq!(
             hf("language_model.model.layers.1.self_attn.q_proj.weight"),
             ["model.language_model.layers.1.self_attn.q_proj.weight"]

@@ -104,8 +104,9 @@ impl Checkpoint {
             ("pytorch_model.bin.index.json", Format::Pickle, true),
             ("pytorch_model.bin", Format::Pickle, false),
         ];
-        let Some(&(name, format, indexed)) =
-            candidates.iter().find(|(name, _, _)| dir.join(name).is_file())
+        let Some(&(name, format, indexed)) = candidates
+            .iter()
+            .find(|(name, _, _)| dir.join(name).is_file())
         else {
             return Err(Error::MissingFile {
                 dir: dir.to_path_buf(),
@@ -147,7 +148,9 @@ impl Checkpoint {
                     _ => {
                         return Err(Error::checkpoint(
                             dir.join(&shard),
-                            format!("the index places tensor {tensor} in this shard, but it is not there"),
+                            format!(
+                                "the index places tensor {tensor} in this shard, but it is not there"
+                            ),
                         ));
                     }
                 }
@@ -183,18 +186,26 @@ impl Checkpoint {
     }
 }
 
-/// Reads a sharded checkpoint's index: the shard files (in order) and the tensor → shard map.
-fn read_index(dir: &Path, index_path: &Path) -> Result<(Vec<PathBuf>, Vec<(String, String)>)> {
+/// A sharded checkpoint's shard files (in order) and its tensor → shard pairs.
+type ShardIndex = (Vec<PathBuf>, Vec<(String, String)>);
+
+/// Reads a sharded checkpoint's index.
+fn read_index(dir: &Path, index_path: &Path) -> Result<ShardIndex> {
     let value = crate::config::read_json(index_path)?;
     let map = value
         .get("weight_map")
         .and_then(|v| v.as_object())
-        .ok_or_else(|| Error::config(index_path, "key `weight_map`: missing (expected an object)"))?;
+        .ok_or_else(|| {
+            Error::config(index_path, "key `weight_map`: missing (expected an object)")
+        })?;
     let mut pairs = Vec::with_capacity(map.len());
     let mut shards = BTreeSet::new();
     for (tensor, shard) in map {
         let shard = shard.as_str().ok_or_else(|| {
-            Error::config(index_path, format!("key `weight_map.{tensor}`: expected a file name"))
+            Error::config(
+                index_path,
+                format!("key `weight_map.{tensor}`: expected a file name"),
+            )
         })?;
         if shard.contains('/') || shard.contains('\\') || shard == ".." {
             return Err(Error::config(
@@ -206,7 +217,10 @@ fn read_index(dir: &Path, index_path: &Path) -> Result<(Vec<PathBuf>, Vec<(Strin
         pairs.push((tensor.clone(), shard.to_string()));
     }
     if shards.is_empty() {
-        return Err(Error::config(index_path, "key `weight_map`: lists no tensors"));
+        return Err(Error::config(
+            index_path,
+            "key `weight_map`: lists no tensors",
+        ));
     }
     let mut files = Vec::new();
     for shard in shards {
@@ -258,7 +272,13 @@ pub(crate) struct Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    pub(crate) fn new(ckpt: &'a Checkpoint, layout: Layout, device: &Device, dtype: ComputeDType, plan: bool) -> Self {
+    pub(crate) fn new(
+        ckpt: &'a Checkpoint,
+        layout: Layout,
+        device: &Device,
+        dtype: ComputeDType,
+        plan: bool,
+    ) -> Self {
         Weights {
             ckpt,
             keys: FileKeys::new(layout),
@@ -304,15 +324,19 @@ impl<'a> Weights<'a> {
         for (key, info) in parts.iter().zip(&infos) {
             let mut expected = shape.to_vec();
             if n > 1 {
-                if expected[0] % n != 0 {
-                    self.mismatch.wrong_shape.push((key.clone(), expected, info.shape.clone()));
+                if !expected[0].is_multiple_of(n) {
+                    self.mismatch
+                        .wrong_shape
+                        .push((key.clone(), expected, info.shape.clone()));
                     ok = false;
                     continue;
                 }
                 expected[0] /= n;
             }
             if !same_shape(&expected, &info.shape) {
-                self.mismatch.wrong_shape.push((key.clone(), expected, info.shape.clone()));
+                self.mismatch
+                    .wrong_shape
+                    .push((key.clone(), expected, info.shape.clone()));
                 ok = false;
             }
             if info.dtype.size().is_none() {
@@ -349,7 +373,12 @@ impl<'a> Weights<'a> {
         }
     }
 
-    fn read<const D: usize>(&self, key: &str, info: &TensorInfo, shape: Vec<usize>) -> Result<Tensor<D>> {
+    fn read<const D: usize>(
+        &self,
+        key: &str,
+        info: &TensorInfo,
+        shape: Vec<usize>,
+    ) -> Result<Tensor<D>> {
         let owned;
         let bytes: &[u8] = match &info.source {
             TensorSource::Mapped { map, start, end } => &map[*start..*end],
@@ -365,7 +394,11 @@ impl<'a> Weights<'a> {
         if bytes.len() != numel * elem {
             return Err(Error::checkpoint(
                 self.ckpt.path_of(key),
-                format!("tensor {key} has {} bytes, expected {}", bytes.len(), numel * elem),
+                format!(
+                    "tensor {key} has {} bytes, expected {}",
+                    bytes.len(),
+                    numel * elem
+                ),
             ));
         }
         let data = convert(bytes, &info.dtype, self.dtype, shape);
@@ -488,17 +521,19 @@ mod tests {
             .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
             .collect();
         let d = convert(&bf, &StoredDType::BF16, ComputeDType::F32, vec![3]);
-        assert_eq!(d.to_vec::<f32>().unwrap(), v.to_vec());
+        assert_eq!(d.try_to_vec::<f32>().unwrap(), v.to_vec());
         let f: Vec<u8> = v
             .iter()
             .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
             .collect();
         let d = convert(&f, &StoredDType::F16, ComputeDType::F32, vec![3]);
-        assert_eq!(d.to_vec::<f32>().unwrap(), v.to_vec());
+        assert_eq!(d.try_to_vec::<f32>().unwrap(), v.to_vec());
         let d = convert(&bf, &StoredDType::BF16, ComputeDType::F16, vec![3]);
         assert_eq!(
-            d.to_vec::<half::f16>().unwrap(),
-            v.iter().map(|x| half::f16::from_f32(*x)).collect::<Vec<_>>()
+            d.try_to_vec::<half::f16>().unwrap(),
+            v.iter()
+                .map(|x| half::f16::from_f32(*x))
+                .collect::<Vec<_>>()
         );
     }
 }

@@ -37,8 +37,16 @@ fn allowed_global(module: &str, name: &str) -> bool {
                 )
                 || matches!(
                     name,
-                    "float32" | "float16" | "bfloat16" | "float64" | "int64" | "int32" | "uint8"
-                        | "int8" | "int16" | "bool"
+                    "float32"
+                        | "float16"
+                        | "bfloat16"
+                        | "float64"
+                        | "int64"
+                        | "int32"
+                        | "uint8"
+                        | "int8"
+                        | "int16"
+                        | "bool"
                 )
         }
         _ => false,
@@ -133,7 +141,9 @@ pub(crate) fn scan_pickle(data: &[u8]) -> Result<(), PickleProblem> {
             }
             b'g' => {
                 let idx = line(data, &mut pos)?;
-                let idx: Option<u64> = std::str::from_utf8(idx).ok().and_then(|s| s.trim().parse().ok());
+                let idx: Option<u64> = std::str::from_utf8(idx)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
                 let v = idx.and_then(|i| memo.get(&i).cloned());
                 push(&mut recent, v);
             }
@@ -212,11 +222,15 @@ pub(crate) fn scan_pickle(data: &[u8]) -> Result<(), PickleProblem> {
             }
             // No argument.
             b'(' | b'0' | b'1' | b'2' | b'N' | b')' | b']' | b'}' | b'a' | b'e' | b's' | b'u'
-            | b't' | b'l' | b'd' | b'b' | b'R' | b'o' | b'Q' | 0x85 | 0x86 | 0x87 | 0x88
-            | 0x89 | 0x81 | 0x92 | 0x8f | 0x90 | 0x91 | 0x97 | 0x98 => {
+            | b't' | b'l' | b'd' | b'b' | b'R' | b'o' | b'Q' | 0x85 | 0x86 | 0x87 | 0x88 | 0x89
+            | 0x81 | 0x92 | 0x8f | 0x90 | 0x91 | 0x97 | 0x98 => {
                 push(&mut recent, None);
             }
-            other => return Err(PickleProblem::Malformed(format!("unknown opcode 0x{other:02x}"))),
+            other => {
+                return Err(PickleProblem::Malformed(format!(
+                    "unknown opcode 0x{other:02x}"
+                )));
+            }
         }
     }
 }
@@ -227,7 +241,9 @@ pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
     let mut archive = zip::ZipArchive::new(file).map_err(|e| {
         Error::checkpoint(
             path,
-            format!("not a PyTorch zip checkpoint (legacy torch.save files are not supported): {e}"),
+            format!(
+                "not a PyTorch zip checkpoint (legacy torch.save files are not supported): {e}"
+            ),
         )
     })?;
     let pkl_names: Vec<String> = archive
@@ -238,7 +254,10 @@ pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
     let [pkl_name] = pkl_names.as_slice() else {
         return Err(Error::checkpoint(
             path,
-            format!("expected one data.pkl in the archive, found {}", pkl_names.len()),
+            format!(
+                "expected one data.pkl in the archive, found {}",
+                pkl_names.len()
+            ),
         ));
     };
     let mut pickle = Vec::new();
@@ -330,12 +349,18 @@ mod tests {
 
     #[test]
     fn state_dict_globals_pass() {
-        assert_eq!(scan_pickle(&global_pickle("collections", "OrderedDict")), Ok(()));
+        assert_eq!(
+            scan_pickle(&global_pickle("collections", "OrderedDict")),
+            Ok(())
+        );
         assert_eq!(
             scan_pickle(&stack_global_pickle("torch._utils", "_rebuild_tensor_v2")),
             Ok(())
         );
-        assert_eq!(scan_pickle(&global_pickle("torch", "BFloat16Storage")), Ok(()));
+        assert_eq!(
+            scan_pickle(&global_pickle("torch", "BFloat16Storage")),
+            Ok(())
+        );
     }
 
     #[test]
@@ -364,8 +389,17 @@ mod tests {
     #[test]
     fn malformed_pickles_are_errors() {
         assert!(matches!(scan_pickle(&[]), Err(PickleProblem::Malformed(_))));
-        assert!(matches!(scan_pickle(&[0x80, 2, 0x8c, 50, b'a']), Err(PickleProblem::Malformed(_))));
-        assert!(matches!(scan_pickle(&[0xff]), Err(PickleProblem::Malformed(_))));
-        assert!(matches!(scan_pickle(&[0x80, 2, b'c', b'o', b's']), Err(PickleProblem::Malformed(_))));
+        assert!(matches!(
+            scan_pickle(&[0x80, 2, 0x8c, 50, b'a']),
+            Err(PickleProblem::Malformed(_))
+        ));
+        assert!(matches!(
+            scan_pickle(&[0xff]),
+            Err(PickleProblem::Malformed(_))
+        ));
+        assert!(matches!(
+            scan_pickle(&[0x80, 2, b'c', b'o', b's']),
+            Err(PickleProblem::Malformed(_))
+        ));
     }
 }

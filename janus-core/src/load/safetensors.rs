@@ -32,7 +32,10 @@ pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
         let (start, end) = info.data_offsets;
         let (start, end) = (data_start + start, data_start + end);
         if end > mmap.len() || start > end {
-            return Err(Error::checkpoint(path, format!("tensor {name} lies outside the file")));
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name} lies outside the file"),
+            ));
         }
         out.push(TensorInfo {
             name,

@@ -1,8 +1,8 @@
 //! The small heads around the language model: understanding aligner, generation embedding,
 //! generation aligner and generation head.
 
-use burn::tensor::activation::gelu;
 use burn::tensor::Tensor;
+use burn::tensor::activation::gelu;
 
 use crate::config::JanusConfig;
 use crate::load::Weights;

@@ -38,7 +38,11 @@ impl KvCache {
 
     /// Rows of the batch the cache holds, once anything is held.
     pub fn batch(&self) -> Option<usize> {
-        self.layers.iter().flatten().map(|(k, _)| k.dims()[0]).next()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.dims()[0])
+            .next()
     }
 
     /// Positions that fit before the buffers are reallocated.
@@ -53,7 +57,12 @@ impl KvCache {
 
     /// Writes `k`, `v` (`[batch, kv_heads, t, head_dim]`) of `layer` after the held positions and
     /// returns views of all keys and values so far (`[batch, kv_heads, len + t, head_dim]`).
-    pub(crate) fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>) {
         let [b, h, t, d] = k.dims();
         let start = self.len;
         let end = start + t;
@@ -61,13 +70,22 @@ impl KvCache {
         let (mut kc, mut vc) = match slot.take() {
             Some((kc, vc)) if kc.dims()[2] >= end => (kc, vc),
             old => {
-                let cap = self.capacity_hint.max(end).max(old.as_ref().map_or(0, |(k, _)| 2 * k.dims()[2]));
+                let cap = self
+                    .capacity_hint
+                    .max(end)
+                    .max(old.as_ref().map_or(0, |(k, _)| 2 * k.dims()[2]));
                 let opts = (&k.device(), k.dtype());
                 let mut kc = Tensor::zeros([b, h, cap, d], opts);
                 let mut vc = Tensor::zeros([b, h, cap, d], opts);
                 if let Some((ko, vo)) = old {
-                    kc = kc.slice_assign([0..b, 0..h, 0..start, 0..d], ko.slice([0..b, 0..h, 0..start, 0..d]));
-                    vc = vc.slice_assign([0..b, 0..h, 0..start, 0..d], vo.slice([0..b, 0..h, 0..start, 0..d]));
+                    kc = kc.slice_assign(
+                        [0..b, 0..h, 0..start, 0..d],
+                        ko.slice([0..b, 0..h, 0..start, 0..d]),
+                    );
+                    vc = vc.slice_assign(
+                        [0..b, 0..h, 0..start, 0..d],
+                        vo.slice([0..b, 0..h, 0..start, 0..d]),
+                    );
                 }
                 (kc, vc)
             }

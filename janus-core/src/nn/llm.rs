@@ -121,13 +121,32 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache, layer: usize, c: &TextConfig) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        c: &TextConfig,
+    ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let normed = self.input_layernorm.forward(x.clone());
-        let q = self.q_proj.forward(normed.clone()).reshape([b, t, h, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(normed.clone()).reshape([b, t, kvh, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(normed).reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(normed.clone())
+            .reshape([b, t, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(normed.clone())
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(normed)
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2);
         let q = rope.apply(q);
         let k = rope.apply(k);
         let (k, v) = cache.append(layer, k, v);
@@ -213,7 +232,9 @@ impl Llm {
             return Err(Error::InvalidInput("no token ids".into()));
         }
         if ids.iter().any(|row| row.len() != t) {
-            return Err(Error::InvalidInput("token rows of different lengths".into()));
+            return Err(Error::InvalidInput(
+                "token rows of different lengths".into(),
+            ));
         }
         let vocab = self.config.vocab_size;
         let flat: Vec<i64> = ids.iter().flatten().map(|&i| i64::from(i)).collect();

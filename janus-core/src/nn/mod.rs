@@ -23,8 +23,16 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `{prefix}.weight` (`[out, in]` in the file) and, if `bias`, `{prefix}.bias`.
-    pub(crate) fn load(w: &mut Weights<'_>, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Self {
-        let weight = w.get(&format!("{prefix}.weight"), [d_out, d_in]).transpose();
+    pub(crate) fn load(
+        w: &mut Weights<'_>,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Self {
+        let weight = w
+            .get(&format!("{prefix}.weight"), [d_out, d_in])
+            .transpose();
         let bias = bias.then(|| w.get(&format!("{prefix}.bias"), [d_out]));
         Linear { weight, bias }
     }
@@ -75,8 +83,18 @@ impl Mlp {
     pub(crate) fn load(w: &mut Weights<'_>, prefix: &str, cfg: &MlpConfig) -> Self {
         let layers = (0..cfg.depth)
             .map(|i| {
-                let d_in = if i == 0 { cfg.input_dim } else { cfg.output_dim };
-                Linear::load(w, &format!("{prefix}.layers.{}", 2 * i), d_in, cfg.output_dim, true)
+                let d_in = if i == 0 {
+                    cfg.input_dim
+                } else {
+                    cfg.output_dim
+                };
+                Linear::load(
+                    w,
+                    &format!("{prefix}.layers.{}", 2 * i),
+                    d_in,
+                    cfg.output_dim,
+                    true,
+                )
             })
             .collect();
         Mlp { layers }

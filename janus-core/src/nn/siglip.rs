@@ -50,7 +50,13 @@ impl SigLip {
                 let b = format!("{p}.blocks.{i}");
                 Block {
                     norm1: LayerNorm::load(w, &format!("{b}.norm1"), width, eps),
-                    qkv: Linear::load(w, &format!("{b}.attn.qkv"), width, 3 * width, c.attention_bias),
+                    qkv: Linear::load(
+                        w,
+                        &format!("{b}.attn.qkv"),
+                        width,
+                        3 * width,
+                        c.attention_bias,
+                    ),
                     proj: Linear::load(w, &format!("{b}.attn.proj"), width, width, true),
                     norm2: LayerNorm::load(w, &format!("{b}.norm2"), width, eps),
                     fc1: Linear::load(w, &format!("{b}.mlp.fc1"), width, c.intermediate_size, true),

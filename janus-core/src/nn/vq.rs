@@ -63,7 +63,8 @@ impl ResBlock {
             conv1: Conv::load(w, &format!("{p}.conv1"), c_in, c_out, 3),
             norm2: GroupNorm::load(w, &format!("{p}.norm2"), c_out),
             conv2: Conv::load(w, &format!("{p}.conv2"), c_out, c_out, 3),
-            nin_shortcut: (c_in != c_out).then(|| Conv::load(w, &format!("{p}.nin_shortcut"), c_in, c_out, 1)),
+            nin_shortcut: (c_in != c_out)
+                .then(|| Conv::load(w, &format!("{p}.nin_shortcut"), c_in, c_out, 1)),
         }
     }
 }
@@ -176,17 +177,41 @@ impl VqModel {
             let mut res = Vec::new();
             let mut attn = Vec::new();
             for j in 0..c.num_res_blocks {
-                res.push(ResBlock::load(w, &format!("{e}.conv_blocks.{i}.res.{j}"), block_in, block_out));
+                res.push(ResBlock::load(
+                    w,
+                    &format!("{e}.conv_blocks.{i}.res.{j}"),
+                    block_in,
+                    block_out,
+                ));
                 block_in = block_out;
                 if i == n - 1 {
-                    attn.push(AttnBlock::load(w, &format!("{e}.conv_blocks.{i}.attn.{j}"), block_in));
+                    attn.push(AttnBlock::load(
+                        w,
+                        &format!("{e}.conv_blocks.{i}.attn.{j}"),
+                        block_in,
+                    ));
                 }
             }
-            let resample = (i != n - 1)
-                .then(|| Conv::load(w, &format!("{e}.conv_blocks.{i}.downsample.conv"), block_in, block_in, 3));
-            levels.push(Level { res, attn, resample });
+            let resample = (i != n - 1).then(|| {
+                Conv::load(
+                    w,
+                    &format!("{e}.conv_blocks.{i}.downsample.conv"),
+                    block_in,
+                    block_in,
+                    3,
+                )
+            });
+            levels.push(Level {
+                res,
+                attn,
+                resample,
+            });
         }
-        let latent_out = if c.double_latent { 2 * c.latent_channels } else { c.latent_channels };
+        let latent_out = if c.double_latent {
+            2 * c.latent_channels
+        } else {
+            c.latent_channels
+        };
         let encoder = Trunk {
             conv_in: Conv::load(w, &format!("{e}.conv_in"), c.in_channels, ch, 3),
             levels,
@@ -207,15 +232,35 @@ impl VqModel {
             let mut res = Vec::new();
             let mut attn = Vec::new();
             for j in 0..=c.num_res_blocks {
-                res.push(ResBlock::load(w, &format!("{d}.conv_blocks.{k}.res.{j}"), block_in, block_out));
+                res.push(ResBlock::load(
+                    w,
+                    &format!("{d}.conv_blocks.{k}.res.{j}"),
+                    block_in,
+                    block_out,
+                ));
                 block_in = block_out;
                 if level == n - 1 {
-                    attn.push(AttnBlock::load(w, &format!("{d}.conv_blocks.{k}.attn.{j}"), block_in));
+                    attn.push(AttnBlock::load(
+                        w,
+                        &format!("{d}.conv_blocks.{k}.attn.{j}"),
+                        block_in,
+                    ));
                 }
             }
-            let resample = (level != 0)
-                .then(|| Conv::load(w, &format!("{d}.conv_blocks.{k}.upsample.conv"), block_in, block_in, 3));
-            levels.push(Level { res, attn, resample });
+            let resample = (level != 0).then(|| {
+                Conv::load(
+                    w,
+                    &format!("{d}.conv_blocks.{k}.upsample.conv"),
+                    block_in,
+                    block_in,
+                    3,
+                )
+            });
+            levels.push(Level {
+                res,
+                attn,
+                resample,
+            });
         }
         let decoder = Trunk {
             conv_in,
@@ -227,9 +272,24 @@ impl VqModel {
 
         VqModel {
             encoder,
-            quant_conv: Conv::load(w, &format!("{p}.quant_conv"), c.latent_channels, c.codebook_dim, 1),
-            codebook: w.get(&format!("{p}.quantize.embedding.weight"), [c.codebook_size, c.codebook_dim]),
-            post_quant_conv: Conv::load(w, &format!("{p}.post_quant_conv"), c.codebook_dim, c.latent_channels, 1),
+            quant_conv: Conv::load(
+                w,
+                &format!("{p}.quant_conv"),
+                c.latent_channels,
+                c.codebook_dim,
+                1,
+            ),
+            codebook: w.get(
+                &format!("{p}.quantize.embedding.weight"),
+                [c.codebook_size, c.codebook_dim],
+            ),
+            post_quant_conv: Conv::load(
+                w,
+                &format!("{p}.post_quant_conv"),
+                c.codebook_dim,
+                c.latent_channels,
+                1,
+            ),
             decoder,
             config: c.clone(),
         }

@@ -89,7 +89,14 @@ pub fn id_rows(t: &RefTensor) -> Vec<Vec<u32>> {
 pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> (Vec<usize>, Vec<f64>) {
     let shape = t.dims().to_vec();
     let data = t.into_data().convert::<f32>();
-    (shape, data.to_vec::<f32>().unwrap().into_iter().map(f64::from).collect())
+    (
+        shape,
+        data.try_into_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+    )
 }
 
 /// Largest absolute difference, after checking the shapes agree.

@@ -1,0 +1,1501 @@
+#!/usr/bin/env python3
+"""Reference-fixture generator for janus-rs.
+
+Everything under tests/fixtures/ (and tests/reference/original_manifest.json) is produced by this one
+script, deterministically (fixed seeds, single-threaded torch, no wall-clock data in any output).
+
+Sub-commands (run them in this order; `all` runs every step, re-executing itself with the right
+PYTHONPATH for the steps that need the official DeepSeek code):
+
+  tokenizer          train the tiny byte-level BPE, write tests/fixtures/tokenizer/ (+ tokenize.json)
+                     [transformers 5.24 env]
+  hf                 build the tiny JanusForConditionalGeneration (transformers layout), write the four
+                     tests/fixtures/hf-tiny* folders and their expected/ outputs [transformers 5.24 env]
+  original-manifest  build the official MultiModalityCausalLM from tests/fixtures/original-tiny/config.json
+                     and write tests/reference/original_manifest.json [transformers 4.57.1 + official code]
+  original-expected  load the weights written by gen_original.py (all three variants), check they are
+                     identical, write tests/fixtures/original-tiny/expected/*.safetensors
+                     [transformers 4.57.1 + official code]
+  check-tokenizer    re-check tokenize.json against transformers 4.57.1's AutoTokenizer and the Python
+                     binding of tokenizers 0.22.x (= the Rust crate janus-core uses) [4.57.1 env]
+  all                everything above, plus gen_original.py
+
+See tests/reference/README.md for the exact environment and commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+TOKENIZER_DIR = FIXTURES / "tokenizer"
+ORIGINAL_DIR = FIXTURES / "original-tiny"
+MANIFEST = HERE / "original_manifest.json"
+
+HF_F32 = FIXTURES / "hf-tiny"
+HF_BF16_SHARDED = FIXTURES / "hf-tiny-bf16-sharded"
+HF_BIN = FIXTURES / "hf-tiny-bin"
+HF_BIN_SHARDED_BF16 = FIXTURES / "hf-tiny-bin-sharded-bf16"
+
+# ------------------------------------------------------------------------------------------------
+# Seeds and sizes (all fixture randomness flows from these numbers)
+# ------------------------------------------------------------------------------------------------
+HF_SEED = 20250136            # torch.Generator seed for the transformers-layout weights; of the seeds
+                              # 20250127..36 tried, the one with the largest smallest top-2 margin (0.066)
+                              # over all expected logits
+ORIGINAL_SEED = 20241019      # numpy PCG64 seed for the original-layout weights (gen_original.py); of the
+                              # seeds 20241018..26 whose LLM/understanding margins are all > 1e-2, the one
+                              # whose greedy image generation meets its first near-tie (< 1e-2) latest (step 188)
+INPUT_SEED = 7                # synthetic images / token grids
+T_PREFILL = 12                # prompt length of the two LLM rows
+S_STEPS = 4                   # greedy decode steps after the prefill
+MIN_MARGIN = 1e-2             # required top-2 logit margin wherever an argmax is taken
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------
+BOS = "<｜begin▁of▁sentence｜>"   # U+FF5C fullwidth bar, U+2581 lower one-eighth block
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+IMAGE = "<image_placeholder>"
+PATCH = "<patch_placeholder>"
+BOI = "<begin_of_image>"
+EOI = "<end_of_image>"
+USER = "<|User|>"
+ASSISTANT = "<|Assistant|>"
+REF, REF_END, DET, DET_END, GROUNDING = "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"
+
+# The real DeepSeek/Janus ids are BOS 100000, EOS 100001, pad 100015, BOI 100016, image 100581, ...
+# (contiguous, added after the BPE vocabulary).  Here the ids are small, scattered, in a different
+# order, and of two kinds, so that a loader that hard-codes ids or only reads one of the two places
+# where tokenizer.json declares a token fails:
+#   * "embedded": the token is in model.vocab AND in added_tokens with the same id (Llama-2 style);
+#   * "appended": the token is only in added_tokens, with an id after the BPE vocabulary
+#     (DeepSeek style; the `tokenizers` library numbers these in list order).
+EMBEDDED_SPECIALS = {
+    2: USER,
+    9: EOI,
+    17: EOS,
+    41: BOI,
+    77: DET,
+    128: REF_END,
+    200: PATCH,
+    263: BOS,
+    301: GROUNDING,
+    389: REF,
+    444: DET_END,
+}
+APPENDED_SPECIALS = [IMAGE, ASSISTANT, PAD]
+BPE_VOCAB_SIZE = 486          # 256 byte symbols + 230 merges, before the 11 embedded specials
+# => total vocabulary = 486 + 11 + 3 = 500
+
+ADDITIONAL_SPECIAL_TOKENS = [IMAGE, PATCH, REF, REF_END, DET, DET_END, GROUNDING, USER, ASSISTANT]
+
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
+
+CORPUS = """
+a photo of a cat. a photo of a dog. a photo of a cat sitting on a red sofa.
+What is shown in this image? The image shows a cat. The image shows two dogs playing in the snow.
+A portrait of a young girl. masterpiece, film grained, best quality.
+A portrait of an old man with a grey beard, oil painting, soft light, highly detailed.
+Describe the image in detail. Describe this picture. What color is the car? The car is blue.
+A close-up photo of a bird on a branch, shallow depth of field, morning light.
+A beautiful landscape with mountains, a lake and a forest at sunset.
+A cute robot reading a book in a library, digital art, trending on artstation.
+How many people are in the picture? There are three people standing near the window.
+Is there a dog in this image? Yes, there is a small brown dog lying on the grass.
+Please answer the question about the image. Answer with a single word.
+The quick brown fox jumps over the lazy dog. A watercolor painting of a small village by the sea.
+A photograph of a city street at night with neon lights and rain reflections.
+Where is the cat? The cat is on the table next to a cup of coffee.
+Generate an image of a red apple on a wooden table. A still life with flowers in a vase.
+The user asks a question and the assistant answers it in a helpful and friendly way.
+You are a helpful language and vision assistant. You are able to understand the visual content.
+Read the text in the image. What does the sign say? The sign says stop.
+A drawing of a house with a garden, children's book illustration, bright colors.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 24 42 64 100 384 576 1024 2048 16384.
+Symbols and punctuation: (a, b) [c; d] {e: f} "quoted" 'single' - dash / slash ! ? ... #hash @at 50% $5 & *.
+"""
+
+
+def tokenizer_strings() -> list[str]:
+    """All special strings, in a fixed order (used for the id table and for tokenize.json)."""
+    return [BOS, EOS, PAD, IMAGE, PATCH, BOI, EOI, REF, REF_END, DET, DET_END, GROUNDING, USER, ASSISTANT]
+
+
+def build_tokenizer_json() -> str:
+    """Train the tiny byte-level BPE and return the tokenizer.json text (tokenizers' own pretty JSON)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    # DeepSeek-LLM style: no normalizer, a Split in front of a ByteLevel pre-tokenizer with
+    # add_prefix_space=False, ByteLevel decoder.  (The digit split isolates every number character.)
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    lines = [line for line in CORPUS.strip().splitlines()]
+    tok.train_from_iterator(lines * 4, trainer=trainer)
+    trained = json.loads(tok.to_str())
+    bpe = sorted(trained["model"]["vocab"].items(), key=lambda kv: kv[1])
+    if len(bpe) != BPE_VOCAB_SIZE:
+        raise SystemExit(f"BPE training produced {len(bpe)} tokens, expected {BPE_VOCAB_SIZE}")
+
+    # Re-number: the embedded specials take their fixed ids, BPE tokens fill the rest in order.
+    n_model = BPE_VOCAB_SIZE + len(EMBEDDED_SPECIALS)
+    vocab: dict[str, int] = {}
+    it = iter(bpe)
+    for i in range(n_model):
+        if i in EMBEDDED_SPECIALS:
+            vocab[EMBEDDED_SPECIALS[i]] = i
+        else:
+            vocab[next(it)[0]] = i
+    trained["model"]["vocab"] = vocab
+
+    def added(i: int, s: str) -> dict:
+        return {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+
+    added_tokens = [added(i, s) for i, s in sorted(EMBEDDED_SPECIALS.items())]
+    added_tokens += [added(n_model + k, s) for k, s in enumerate(APPENDED_SPECIALS)]
+    trained["added_tokens"] = added_tokens
+    trained["post_processor"] = None
+    tok2 = Tokenizer.from_str(json.dumps(trained, ensure_ascii=False))
+    bos_id = tok2.token_to_id(BOS)
+    # Exactly what transformers' LlamaTokenizerFast.update_post_processor() builds for
+    # add_bos_token=True, add_eos_token=False, and so what a tokenizer.json saved by transformers
+    # from such a tokenizer carries (DeepSeek's tokenizer_config.json has add_bos_token: true).
+    tok2.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0",
+        pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+        special_tokens=[(BOS, bos_id)],
+    )
+    text = tok2.to_str(pretty=True)
+    # Sanity: the ids we asked for are the ids the library uses after a round trip.
+    tok3 = Tokenizer.from_str(text)
+    for i, s in EMBEDDED_SPECIALS.items():
+        assert tok3.token_to_id(s) == i, (s, tok3.token_to_id(s), i)
+    for k, s in enumerate(APPENDED_SPECIALS):
+        assert tok3.token_to_id(s) == n_model + k, (s, tok3.token_to_id(s))
+    assert tok3.get_vocab_size(with_added_tokens=True) == n_model + len(APPENDED_SPECIALS)
+    return text + "\n"
+
+
+def added_token_dict(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
+            "rstrip": False, "single_word": False, "special": True}
+
+
+def original_tokenizer_config() -> dict:
+    """tokenizer_config.json in the style of the DeepSeek/Janus hub folders."""
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": added_token_dict(BOS),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": added_token_dict(EOS),
+        "legacy": True,
+        "model_max_length": 16384,
+        "pad_token": added_token_dict(PAD),
+        "sp_model_kwargs": {},
+        "unk_token": None,
+        "tokenizer_class": "LlamaTokenizerFast",
+    }
+
+
+def original_special_tokens_map() -> dict:
+    def tok(content):
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+    return {
+        # Plain strings here: transformers 5.24 cannot read AddedToken dicts inside this list
+        # ("Input must be a List[Union[str, AddedToken]]"), while 4.57 reads both.
+        "additional_special_tokens": list(ADDITIONAL_SPECIAL_TOKENS),
+        "bos_token": tok(BOS),
+        "eos_token": tok(EOS),
+        "pad_token": tok(PAD),
+    }
+
+
+def write_json(path: Path, obj, sort_keys: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n", encoding="utf-8")
+
+
+def write_compact_json(path: Path, obj: dict, list_key: str) -> None:
+    """Like write_json, but every element of obj[list_key] on one line (readable diffs)."""
+    lines = ["{"]
+    keys = list(obj.keys())
+    for k_i, key in enumerate(keys):
+        comma = "," if k_i < len(keys) - 1 else ""
+        if key == list_key:
+            lines.append(f"  {json.dumps(key)}: [")
+            items = obj[key]
+            for i, item in enumerate(items):
+                tail = "," if i < len(items) - 1 else ""
+                lines.append("    " + json.dumps(item, ensure_ascii=False) + tail)
+            lines.append("  ]" + comma)
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(obj[key], ensure_ascii=False)}{comma}")
+    lines.append("}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def tokenize_cases() -> list[dict]:
+    """Strings for tokenize.json.  `kind` is informational."""
+    und = (
+        SYSTEM_PROMPT + "\n\n" + f"{USER}: {IMAGE}\nWhat is shown in this image?" + "\n\n" + f"{ASSISTANT}:"
+    )
+    gen = f"{USER}: A portrait of a young girl. masterpiece, film grained, best quality.\n\n{ASSISTANT}:{BOI}"
+    return [
+        {"kind": "plain", "text": "a photo of a cat"},
+        {"kind": "plain", "text": "What is shown in this image?"},
+        {"kind": "plain", "text": "A portrait of young girl. masterpiece, film grained, best quality."},
+        {"kind": "empty", "text": ""},
+        {"kind": "whitespace", "text": "  two leading spaces,\ttab, trailing  \n\nnew paragraph\r\nCRLF "},
+        {"kind": "digits", "text": "12345 and 384x384, 16384 codes, 3.14"},
+        {"kind": "unicode", "text": "café naïve Ünïcödé — 猫の写真 🐱🖼️ Ωμέγα ½ ﬁ"},
+        {"kind": "unicode_specials_lookalike", "text": "<｜begin of sentence｜> < image_placeholder> <|user|> <image_placeholder"},
+        {"kind": "specials", "text": f"{USER}: {IMAGE}\nWhat is shown in this image?\n\n{ASSISTANT}:"},
+        {"kind": "specials_adjacent", "text": "".join(tokenizer_strings())},
+        {"kind": "specials_spaced", "text": " ".join(tokenizer_strings())},
+        {"kind": "understanding_prompt", "text": und},
+        {"kind": "generation_prompt", "text": gen},
+        {"kind": "generation_prompt_janus1", "text": f"User: a photo of a cat\n\nAssistant:{BOI}"},
+        {"kind": "multi_turn", "text": f"{USER}: hi\n\n{ASSISTANT}: hello!{EOS}{USER}: a portrait, please\n\n{ASSISTANT}:"},
+        {"kind": "grounding", "text": f"{GROUNDING}Find {REF}the cat{REF_END}{DET}[[10, 20, 300, 400]]{DET_END}"},
+        {"kind": "image_expanded", "text": f"{USER}: {BOI}{IMAGE * 4}{EOI}\nDescribe.\n\n{ASSISTANT}:"},
+    ]
+
+
+def tokenize_record(tokenizer, layout_note: str) -> dict:
+    """Run a transformers tokenizer over tokenize_cases()."""
+    cases = []
+    for case in tokenize_cases():
+        text = case["text"]
+        with_sp = tokenizer(text, add_special_tokens=True)["input_ids"]
+        without_sp = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cases.append(
+            {
+                **case,
+                "ids": with_sp,
+                "ids_no_special": without_sp,
+                "tokens": tokenizer.convert_ids_to_tokens(with_sp),
+                "decoded": tokenizer.decode(with_sp, skip_special_tokens=False),
+                "decoded_skip_special": tokenizer.decode(with_sp, skip_special_tokens=True),
+            }
+        )
+    return {"produced_by": layout_note, "cases": cases}
+
+
+def special_ids_from_tokenizer_json(path: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return {s: tok.token_to_id(s) for s in tokenizer_strings()}
+
+
+def cmd_tokenizer(args) -> None:
+    import tokenizers
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
+    text = build_tokenizer_json()
+    (TOKENIZER_DIR / "tokenizer.json").write_text(text, encoding="utf-8")
+    write_json(TOKENIZER_DIR / "tokenizer_config.json", original_tokenizer_config())
+    write_json(TOKENIZER_DIR / "special_tokens_map.json", original_special_tokens_map())
+
+    auto = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    raw = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    rec = tokenize_record(
+        auto, f"transformers {transformers.__version__} AutoTokenizer ({type(auto).__name__}), "
+              f"tokenizers {tokenizers.__version__}"
+    )
+    # The raw `tokenizers` library (what the Rust crate does with tokenizer.json) must agree.
+    for case in rec["cases"]:
+        raw_ids = raw.encode(case["text"], add_special_tokens=True).ids
+        raw_ids_ns = raw.encode(case["text"], add_special_tokens=False).ids
+        assert raw_ids == case["ids"], (case["text"], raw_ids, case["ids"])
+        assert raw_ids_ns == case["ids_no_special"], (case["text"], raw_ids_ns, case["ids_no_special"])
+        assert raw.decode(case["ids"], skip_special_tokens=False) == case["decoded"], case["text"]
+        assert raw.decode(case["ids"], skip_special_tokens=True) == case["decoded_skip_special"], case["text"]
+    rec["vocab_size"] = raw.get_vocab_size(with_added_tokens=True)
+    rec["special_token_ids"] = special_ids_from_tokenizer_json(TOKENIZER_DIR / "tokenizer.json")
+    rec["bos_is_added_by"] = "tokenizer.json post_processor (TemplateProcessing: BOS $A), add_bos_token=true"
+    write_compact_json(TOKENIZER_DIR / "tokenize.json", rec, list_key="cases")
+    print(f"tokenizer: vocab {rec['vocab_size']}, specials {rec['special_token_ids']}")
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """AutoTokenizer (current transformers) and raw tokenizers on `folder` reproduce tokenize.json."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    rec = read_json(TOKENIZER_DIR / "tokenize.json")
+    auto = AutoTokenizer.from_pretrained(str(folder))
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for case in rec["cases"]:
+        for add_sp, key in ((True, "ids"), (False, "ids_no_special")):
+            a = auto(case["text"], add_special_tokens=add_sp)["input_ids"]
+            r = raw.encode(case["text"], add_special_tokens=add_sp).ids
+            if a != case[key] or r != case[key]:
+                raise SystemExit(f"{folder}: tokenization mismatch for {case['text']!r}: {a} / {r} vs {case[key]}")
+        if auto.decode(case["ids"], skip_special_tokens=True) != case["decoded_skip_special"]:
+            raise SystemExit(f"{folder}: decode mismatch for {case['text']!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared numerics helpers (torch)
+# ------------------------------------------------------------------------------------------------
+def torch_setup():
+    import torch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(0)
+    return torch
+
+
+def top2_margins(logits):
+    """Top-1 minus top-2 along the last axis (float64 numpy)."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    part = np.sort(x, axis=-1)
+    return part[..., -1] - part[..., -2]
+
+
+def save_expected(path: Path, tensors: dict, metadata: dict) -> None:
+    """Write a safetensors file byte-for-byte reproducibly.
+
+    safetensors.torch.save_file keeps __metadata__ in a Rust HashMap, so the header order (and the
+    file hash) changes from run to run when there is more than one metadata key.  This writer emits
+    the header with sorted keys and the tensors in name order.
+    """
+    import torch
+
+    dtypes = {torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8", torch.int32: "I32",
+              torch.bfloat16: "BF16", torch.float16: "F16"}
+    header: dict = {"__metadata__": {k: str(v) for k, v in sorted(metadata.items())}}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            raw = t.view(torch.int16).numpy().astype("<i2").tobytes()
+        else:
+            raw = t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
+    # read back with the real library
+    from safetensors.torch import load_file
+
+    back = load_file(str(path))
+    for name, t in tensors.items():
+        assert torch.equal(back[name], t.detach().cpu()), name
+
+
+def llm_expected(lm, lm_head, input_ids, steps: int):
+    """Prefill + greedy KV-cache steps + full forward for a LLaMA model (float32, eager).
+
+    `lm(input_ids=..., use_cache=True)` must return an object with last_hidden_state and a cache
+    (attribute `cache` in transformers 5, `past_key_values` in 4.x); `lm_head` maps hidden -> logits.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = lm(input_ids=input_ids, use_cache=True)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = out.past_key_values
+        prefill_hidden = out.last_hidden_state
+        prefill_logits = lm_head(prefill_hidden)
+        next_ids = prefill_logits[:, -1].argmax(-1)
+        step_ids, step_logits = [], []
+        for _ in range(steps):
+            step_ids.append(next_ids)
+            cur = next_ids[:, None]
+            kw = {"cache": cache} if hasattr(out, "cache") else {"past_key_values": cache}
+            out = lm(input_ids=cur, use_cache=True, **kw)
+            cache = getattr(out, "cache", None) if hasattr(out, "cache") else out.past_key_values
+            logits = lm_head(out.last_hidden_state)[:, -1]
+            step_logits.append(logits)
+            next_ids = logits.argmax(-1)
+        step_ids = torch.stack(step_ids, dim=1)
+        step_logits = torch.stack(step_logits, dim=1)
+        full_ids = torch.cat([input_ids, step_ids], dim=1)
+        full = lm(input_ids=full_ids, use_cache=False)
+        full_logits = lm_head(full.last_hidden_state)
+    T = input_ids.shape[1]
+    diff_prefill = (full_logits[:, :T] - prefill_logits).abs().max().item()
+    diff_steps = (full_logits[:, T:] - step_logits).abs().max().item()
+    assert diff_prefill < 1e-4 and diff_steps < 1e-4, (diff_prefill, diff_steps)
+    # greedy positions: last prefill position and all steps but the last
+    greedy_margins = torch.cat([prefill_logits[:, -1:], step_logits[:, :-1]], dim=1)
+    return {
+        "input_ids": input_ids.to(torch.int64),
+        "prefill_logits": prefill_logits.float(),
+        "prefill_hidden": prefill_hidden.float(),
+        "step_ids": step_ids.to(torch.int64),
+        "step_logits": step_logits.float(),
+        "full_logits": full_logits.float(),
+    }, {
+        "max_abs_full_vs_prefill": diff_prefill,
+        "max_abs_full_vs_steps": diff_steps,
+        "min_margin_all": float(top2_margins(full_logits.numpy()).min()),
+        "min_margin_greedy": float(top2_margins(greedy_margins.numpy()).min()),
+    }
+
+
+def prompt_rows(tok_encode) -> "list[list[int]]":
+    """The two LLM rows: BOS first, special tokens inside, both cut to T_PREFILL tokens."""
+    texts = [
+        f"{USER}: What is shown in this image?\n\n{ASSISTANT}:",
+        f"{USER}: a portrait of a cat{EOS}{IMAGE}{BOI}{PAD} photo",
+    ]
+    rows = []
+    for t in texts:
+        ids = tok_encode(t)
+        if len(ids) < T_PREFILL:
+            raise SystemExit(f"prompt {t!r} has only {len(ids)} tokens")
+        rows.append(ids[:T_PREFILL])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout A: transformers (model_type "janus")
+# ------------------------------------------------------------------------------------------------
+# The DeepSeek SFT format (JANUS-SPEC §4.1) as a chat template; written for this fixture (every
+# literal is emitted through {{ }} so that whitespace control cannot eat it).
+HF_CHAT_TEMPLATE = (
+    "{%- set seps = ['\\n\\n', '" + EOS + "'] -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] | lower == 'user' -%}{{ '" + USER + ": ' }}"
+    "{%- elif message['role'] | lower == 'assistant' -%}{{ '" + ASSISTANT + ": ' }}"
+    "{%- else -%}{{ message['role'] | capitalize + ': ' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' -%}"
+    "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}{{ '" + IMAGE + "' }}"
+    "{%- if not loop.last -%}{{ '\\n' }}{%- endif -%}"
+    "{%- elif content['type'] == 'text' -%}{{ content['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] | lower == 'assistant' -%}{{ seps[1] }}{%- else -%}{{ seps[0] }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + ":' }}{%- endif -%}"
+)
+
+
+HF_TEXT = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=2048, hidden_act="silu")
+HF_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=16, image_size=64,
+                 mlp_ratio=4.0, projection_dim=64, depth=2, num_image_tokens=16, layer_norm_eps=1e-6,
+                 hidden_act="gelu", attention_bias=True)
+HF_VQ = dict(embed_dim=8, num_embeddings=128, latent_channels=32, base_channels=32,
+             channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1, projection_dim=64, num_hidden_layers=2,
+             image_token_embed_dim=64, hidden_act="gelu", in_channels=3, out_channels=3)
+
+
+def hf_build_config(ids: dict[str, int], vocab_size: int):
+    from transformers import GenerationConfig, JanusConfig, LlamaConfig
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+
+    text_config = LlamaConfig(
+        vocab_size=vocab_size, **HF_TEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
+    )
+    vision_config = JanusVisionConfig(**HF_VISION)
+    vq_config = JanusVQVAEConfig(**HF_VQ)
+    config = JanusConfig(
+        text_config=text_config, vision_config=vision_config, vq_config=vq_config,
+        image_token_id=ids[IMAGE],
+        # JanusConfig defaults to tie_word_embeddings=True in transformers 5.24 (the real checkpoints
+        # have a separate lm_head.weight); say it explicitly.
+        tie_word_embeddings=False,
+    )
+    gen = GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
+        generation_kwargs={"boi_token_id": ids[BOI]}, guidance_scale=5.0, temperature=1.0,
+        max_new_tokens=S_STEPS,
+    )
+    return config, gen
+
+
+def hf_init_rule(name: str, shape: tuple) -> tuple[float, float]:
+    """(mean, std) for one transformers-layout parameter."""
+    import math
+
+    last = name.rsplit(".", 2)
+    leaf = last[-1]
+    module = last[-2] if len(last) > 1 else ""
+    is_norm = "norm" in module  # LlamaRMSNorm, LayerNorm (layer_norm1/2, post_layernorm), GroupNorm
+    if is_norm:
+        return (1.0, 0.1) if leaf == "weight" else (0.0, 0.05)
+    if leaf == "bias":
+        return (0.0, 0.02)
+    if name in ("lm_head.weight", "model.generation_head.vision_head.weight"):
+        return (0.0, 0.5)
+    if name.endswith("embed_tokens.weight") or name.endswith("generation_embeddings.weight") \
+            or name.endswith("quantize.embedding.weight"):
+        return (0.0, 1.0)
+    if name.endswith("position_embedding.weight"):
+        return (0.0, 0.5)
+    fan_in = math.prod(shape[1:])
+    return (0.0, 1.0 / math.sqrt(fan_in))
+
+
+def hf_reinit(model, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            mean, std = hf_init_rule(name, tuple(p.shape))
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            p.copy_(noise * std + mean)
+
+
+def hf_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        str(folder), model_max_length=16384,
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},
+    )
+
+
+def hf_processor(tokenizer):
+    from transformers import JanusImageProcessor, JanusProcessor
+
+    image_processor = JanusImageProcessor(
+        size={"height": HF_VISION["image_size"], "width": HF_VISION["image_size"]},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], min_size=14,
+        do_normalize=True, rescale_factor=1 / 255,
+    )
+    return JanusProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=HF_CHAT_TEMPLATE,
+        use_default_system_prompt=False, num_image_tokens=HF_VISION["num_image_tokens"],
+    )
+
+
+def torch_save_sharded(state_dict: "OrderedDict", folder: Path, n_shards: int) -> None:
+    """pytorch_model-0000k-of-0000n.bin (torch.save) + pytorch_model.bin.index.json."""
+    import torch
+
+    names = list(state_dict.keys())
+    sizes = [state_dict[n].numel() * state_dict[n].element_size() for n in names]
+    total = sum(sizes)
+    target = total / n_shards
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for n, s in zip(names, sizes):
+        if acc >= target * len(shards) and len(shards) < n_shards:
+            shards.append([])
+        shards[-1].append(n)
+        acc += s
+    assert len(shards) == n_shards, len(shards)
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        fname = f"pytorch_model-{k:05d}-of-{n_shards:05d}.bin"
+        torch.save(OrderedDict((n, state_dict[n]) for n in shard), folder / fname)
+        for n in shard:
+            weight_map[n] = fname
+    write_json(folder / "pytorch_model.bin.index.json",
+               {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> None:
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".jinja") and not f.name.endswith(".index.json"):
+            shutil.copyfile(f, dst / f.name)
+
+
+def hf_fresh_dir(folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def hf_load(folder: Path):
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    model, info = JanusForConditionalGeneration.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    if bad:
+        raise SystemExit(f"{folder}: loading problems {bad}")
+    model.eval()
+    raw = state_dict_of_folder(folder)
+    sd = model.state_dict()
+    assert sorted(raw) == sorted(sd), set(raw) ^ set(sd)
+    for k, v in raw.items():
+        assert torch.equal(sd[k], v.float()), k      # exactly the stored values, upcast
+    return model
+
+
+def state_dict_of_folder(folder: Path) -> "dict":
+    """Read the tensors of a folder directly (safetensors or torch .bin, single or sharded)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix == ".safetensors":
+            out.update(load_file(str(f)))
+        elif f.suffix == ".bin":
+            out.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return out
+
+
+def env_versions() -> dict:
+    import numpy
+    import safetensors
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__,
+            "python": sys.version.split()[0]}
+
+
+def cmd_hf(args) -> None:
+    torch = torch_setup()
+    from transformers import JanusForConditionalGeneration
+
+    ids = special_ids_from_tokenizer_json(TOKENIZER_DIR / "tokenizer.json")
+    tokenizer = hf_tokenizer(TOKENIZER_DIR)
+    vocab_size = len(tokenizer)
+    assert vocab_size == read_json(TOKENIZER_DIR / "tokenize.json")["vocab_size"], vocab_size
+    processor = hf_processor(tokenizer)
+    config, gen = hf_build_config(ids, vocab_size)
+
+    torch.manual_seed(HF_SEED)
+    model = JanusForConditionalGeneration(config)
+    hf_reinit(model, HF_SEED)
+    model.generation_config = gen
+    model.eval()
+
+    # ---- write the four folders -------------------------------------------------------------
+    hf_fresh_dir(HF_F32)
+    model.save_pretrained(str(HF_F32))
+    processor.save_pretrained(str(HF_F32))
+
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    hf_fresh_dir(HF_BF16_SHARDED)
+    model_bf16.save_pretrained(str(HF_BF16_SHARDED), max_shard_size="500KB")
+    processor.save_pretrained(str(HF_BF16_SHARDED))
+
+    hf_fresh_dir(HF_BIN)
+    torch.save(OrderedDict(model.state_dict()), HF_BIN / "pytorch_model.bin")
+    copy_non_weight_files(HF_F32, HF_BIN)
+
+    hf_fresh_dir(HF_BIN_SHARDED_BF16)
+    torch_save_sharded(OrderedDict(model_bf16.state_dict()), HF_BIN_SHARDED_BF16, n_shards=3)
+    copy_non_weight_files(HF_BF16_SHARDED, HF_BIN_SHARDED_BF16)
+    del model, model_bf16
+
+    n_st = len(list(HF_BF16_SHARDED.glob("model-*.safetensors")))
+    assert n_st >= 3, f"only {n_st} safetensors shards"
+
+    # ---- same tensors in every format --------------------------------------------------------
+    sd_f32 = state_dict_of_folder(HF_F32)
+    sd_bin = state_dict_of_folder(HF_BIN)
+    sd_bf16 = state_dict_of_folder(HF_BF16_SHARDED)
+    sd_bin_bf16 = state_dict_of_folder(HF_BIN_SHARDED_BF16)
+    assert sd_f32.keys() == sd_bin.keys() == sd_bf16.keys() == sd_bin_bf16.keys()
+    for k in sd_f32:
+        assert sd_f32[k].dtype == torch.float32 and sd_bf16[k].dtype == torch.bfloat16, k
+        assert torch.equal(sd_f32[k], sd_bin[k]), k
+        assert torch.equal(sd_bf16[k], sd_bin_bf16[k]), k
+        assert torch.equal(sd_f32[k].to(torch.bfloat16), sd_bf16[k]), k
+
+    # ---- tokenizer files written by transformers still tokenize like tokenize.json ------------
+    for folder in (HF_F32, HF_BF16_SHARDED, HF_BIN, HF_BIN_SHARDED_BF16):
+        check_tokenizer_folder(folder)
+
+    # ---- expected outputs ---------------------------------------------------------------------
+    report = {}
+    for folder, bin_folder, label in ((HF_F32, HF_BIN, "f32"), (HF_BF16_SHARDED, HF_BIN_SHARDED_BF16, "bf16")):
+        model = hf_load(folder)
+        model_bin = hf_load(bin_folder)
+        for (k, a), (k2, b) in zip(model.state_dict().items(), model_bin.state_dict().items()):
+            assert k == k2 and torch.equal(a, b), k
+        del model_bin
+        assert model.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
+        rows = prompt_rows(lambda t: tokenizer(t)["input_ids"])
+        input_ids = torch.tensor(rows, dtype=torch.int64)
+        tensors, stats = llm_expected(model.model.language_model, model.lm_head, input_ids, S_STEPS)
+        meta = {
+            "layout": "transformers JanusForConditionalGeneration (model_type janus)",
+            "weights": f"{folder.name} ({'float32' if label == 'f32' else 'bfloat16 values, upcast to float32'})",
+            "also_valid_for": bin_folder.name,
+            "compute": "float32, CPU, eager attention, 1 thread",
+            "lm": "model.model.language_model + model.lm_head",
+            "step_ids": "greedy (argmax) continuation, fed one at a time through the KV cache",
+            **{f"stat_{k}": v for k, v in stats.items()},
+            **{f"version_{k}": v for k, v in env_versions().items()},
+        }
+        save_expected(folder / "expected" / "llm.safetensors", tensors, meta)
+        report[label] = stats
+        extras = hf_extra_expected(model, tokenizer, processor, ids, folder, label)
+        report[label].update(extras)
+        del model
+    for label, stats in report.items():
+        print(f"hf {label}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in stats.items()))
+        worst = min(v for k, v in stats.items() if "margin" in k)
+        if worst < MIN_MARGIN:
+            raise SystemExit(f"hf {label}: a top-2 margin is {worst} < {MIN_MARGIN}; change HF_SEED")
+
+
+def synthetic_image(height: int, width: int, seed: int):
+    """A deterministic RGB uint8 test image [H, W, 3]: smooth gradients, a disc, a bar, a little noise."""
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    r = 255 * x / max(width - 1, 1)
+    g = 255 * y / max(height - 1, 1)
+    b = 127.5 + 127.5 * np.sin(2 * np.pi * (x + y) / (0.75 * max(height, width)))
+    img = np.stack([r, g, b], axis=-1)
+    disc = (x - 0.62 * width) ** 2 + (y - 0.4 * height) ** 2 < (0.22 * min(height, width)) ** 2
+    img[disc] = [230.0, 40.0, 60.0]
+    img[int(0.75 * height):int(0.85 * height), int(0.1 * width):int(0.5 * width)] = [20.0, 200.0, 90.0]
+    img += rng.normal(0.0, 6.0, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def to_u8_original(images_f32):
+    """Janus post-processing (generation_inference.py): clip((x + 1) / 2 * 255, 0, 255) -> uint8 (truncation)."""
+    import numpy as np
+
+    x = np.asarray(images_f32, dtype=np.float32)
+    return np.clip((x + 1) / 2 * 255, 0, 255).astype(np.uint8)
+
+
+def hf_extra_expected(model, tokenizer, processor, ids, folder, label) -> dict:
+    """expected/multimodal.safetensors: vision tower, aligner, understanding prompt with an image,
+    CFG image-token generation (greedy) and VQ decoding, all float32 from the same weights."""
+    import numpy as np
+    import torch
+
+    size = HF_VISION["image_size"]
+    n_img = HF_VISION["num_image_tokens"]
+    w = float(model.generation_config.guidance_scale)
+    out: dict = {}
+    stats: dict = {}
+    image = synthetic_image(size, size, INPUT_SEED)
+    out["image_u8"] = torch.from_numpy(image.copy())
+
+    # -- understanding ---------------------------------------------------------------------------
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == f"{USER}: {IMAGE}\nWhat is shown in this image?\n\n{ASSISTANT}:", repr(prompt)
+    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    pixel_values = inputs["pixel_values"].float()
+    # a square input of exactly image_size only gets rescaled and normalised: (u8 / 255 - 0.5) / 0.5
+    manual = (torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255 - 0.5) / 0.5
+    stats["pixel_values_vs_formula"] = (pixel_values.double() - manual).abs().max().item()
+    assert stats["pixel_values_vs_formula"] < 1e-6, stats
+    mm_ids = inputs["input_ids"]
+    assert int((mm_ids == ids[IMAGE]).sum()) == n_img
+    with torch.no_grad():
+        vis = model.model.vision_model(pixel_values)
+        vision_hidden = vis.last_hidden_state
+        image_embeds = model.model.aligner(vision_hidden)
+        gen_out = model.generate(input_ids=mm_ids, attention_mask=inputs["attention_mask"], pixel_values=pixel_values,
+                                 max_new_tokens=S_STEPS, do_sample=False, generation_mode="text")
+        mm_greedy = gen_out[:, mm_ids.shape[1]:]
+        full_ids = torch.cat([mm_ids, mm_greedy], dim=1)
+        mm_logits = model(input_ids=full_ids, pixel_values=pixel_values).logits
+    L = mm_ids.shape[1]
+    assert torch.equal(mm_logits[0, L - 1:L - 1 + S_STEPS].argmax(-1), mm_greedy[0]), "text greedy mismatch"
+    out.update(pixel_values=pixel_values, vision_hidden=vision_hidden, image_embeds=image_embeds,
+               mm_input_ids=mm_ids.to(torch.int64), mm_greedy_ids=mm_greedy.to(torch.int64), mm_logits=mm_logits)
+    stats["mm_min_margin_all"] = float(top2_margins(mm_logits.numpy()).min())
+    stats["mm_min_margin_greedy"] = float(top2_margins(mm_logits[0, L - 1:L - 1 + S_STEPS].numpy()).min())
+
+    # -- text-to-image generation (greedy, CFG) --------------------------------------------------
+    gprompt = processor.apply_chat_template([{"role": "user", "content": "a photo of a cat"}], add_generation_prompt=True)
+    ginputs = processor(text=gprompt, generation_mode="image", return_tensors="pt")
+    gen_ids = ginputs["input_ids"]
+    assert gen_ids[0, 0].item() == ids[BOS] and gen_ids[0, -1].item() == ids[BOI]
+    uncond = gen_ids.clone()
+    keep = (uncond == ids[BOS]) | (uncond == ids[BOI])
+    uncond[~keep] = ids[PAD]
+    with torch.no_grad():
+        tokens_hf = model.generate(input_ids=gen_ids, attention_mask=ginputs["attention_mask"],
+                                   generation_mode="image", do_sample=False)
+        lm = model.model.language_model
+        embeds = lm.embed_tokens(torch.cat([gen_ids, uncond], dim=0))
+        cache = None
+        cond_l, uncond_l, cfg_l, toks = [], [], [], []
+        for i in range(n_img):
+            o = lm(inputs_embeds=embeds, cache=cache, use_cache=True)
+            cache = o.cache
+            scores = model.model.generation_head(o.last_hidden_state[:, -1])
+            c, u = scores[:1], scores[1:]
+            cfg = u + (c - u) * w
+            tok = cfg.argmax(-1)
+            cond_l.append(c[0]); uncond_l.append(u[0]); cfg_l.append(cfg[0]); toks.append(tok[0])
+            embeds = model.prepare_embeddings_for_image_generation(torch.cat([tok, tok])[:, None])
+        tokens = torch.stack(toks)[None]
+        assert torch.equal(tokens, tokens_hf.to(tokens.dtype)), (tokens, tokens_hf)
+        gen_image = model.decode_image_tokens(tokens)  # [1, H, W, 3] (transformers permutes to NHWC)
+    cfg_logits = torch.stack(cfg_l)[None]
+    out.update(gen_input_ids=gen_ids.to(torch.int64), gen_uncond_input_ids=uncond.to(torch.int64),
+               gen_cond_logits=torch.stack(cond_l)[None], gen_uncond_logits=torch.stack(uncond_l)[None],
+               gen_cfg_logits=cfg_logits, gen_tokens=tokens.to(torch.int64), gen_image=gen_image.float(),
+               gen_image_u8=torch.from_numpy(to_u8_original(gen_image.numpy())))
+    stats["gen_min_margin_cfg"] = float(top2_margins(cfg_logits.numpy()).min())
+
+    # -- VQ decode of a fixed random token grid ----------------------------------------------------
+    rng = np.random.Generator(np.random.PCG64(INPUT_SEED + 1))
+    vq_tokens = torch.from_numpy(rng.integers(0, HF_VQ["num_embeddings"], size=(1, n_img), dtype=np.int64))
+    with torch.no_grad():
+        vq_decoded = model.model.vqmodel.decode(vq_tokens)  # [1, 3, H, W]
+    out.update(vq_tokens=vq_tokens, vq_decoded=vq_decoded.float())
+    stats["vq_decoded_std"] = float(vq_decoded.std())
+
+    meta = {
+        "weights": f"{folder.name}" + (" (bfloat16 values, upcast to float32)" if label == "bf16" else " (float32)"),
+        "compute": "float32, CPU, eager attention, 1 thread",
+        "prompt_understanding": prompt,
+        "prompt_generation": gprompt + BOI,
+        "guidance_scale": w,
+        "image_u8": "synthetic_image(64, 64, seed 7), HWC",
+        "pixel_values": "JanusProcessor output (NCHW) = (u8/255 - 0.5)/0.5 for this square 64x64 input",
+        "vision_hidden": "model.model.vision_model(pixel_values).last_hidden_state (after post_layernorm)",
+        "image_embeds": "model.model.aligner(vision_hidden)",
+        "mm_logits": "lm_head logits over mm_input_ids + mm_greedy_ids, image embeddings scattered at <image_placeholder>",
+        "gen_*": "CFG rows: cond = gen_input_ids, uncond = every token but BOS/BOI replaced by pad; "
+                 "cfg = u + (c - u) * guidance_scale; greedy argmax; next input = generation_aligner(generation_embeddings(tok))",
+        "gen_image": "decode_image_tokens(gen_tokens), NHWC float32 in about [-1, 1]",
+        "gen_image_u8": "clip((gen_image + 1) / 2 * 255, 0, 255) -> uint8 by truncation",
+        "vq_decoded": "model.model.vqmodel.decode(vq_tokens), NCHW float32",
+        **{f"stat_{k}": v for k, v in stats.items()},
+        **{f"version_{k}": v for k, v in env_versions().items()},
+    }
+    save_expected(folder / "expected" / "multimodal.safetensors", out, meta)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout B: original DeepSeek layout (model_type "multi_modality")
+# ------------------------------------------------------------------------------------------------
+ORIG_D = 64
+ORIG_LANGUAGE = {
+    # Like the real Janus-Pro-7B config.json, only what differs from transformers' LlamaConfig
+    # defaults is written.  Absent on purpose (a loader must apply LlamaConfig defaults):
+    # num_key_value_heads (-> num_attention_heads = 4, MHA), rms_norm_eps (1e-6),
+    # rope_theta (10000.0), hidden_act ("silu"), tie_word_embeddings (false).
+    "hidden_size": ORIG_D,
+    "intermediate_size": 160,
+    "max_position_embeddings": 2048,
+    "model_type": "llama",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def original_config(vocab_size: int) -> dict:
+    return {
+        "architectures": ["MultiModalityCausalLM"],
+        "model_type": "multi_modality",
+        "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision",
+                          "params": {"image_size": 384, "model_name": "siglip_large_patch16_384",
+                                     "select_feature": "same", "select_layer": -1}},
+        "aligner_config": {"cls": "MlpProjector", "model_type": "aligner",
+                           "params": {"depth": 2, "input_dim": 1024, "n_embed": ORIG_D, "projector_type": "mlp_gelu"}},
+        "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision",
+                              "params": {"image_token_size": 16384, "n_embed": 8}},
+        "gen_aligner_config": {"cls": "MlpProjector", "model_type": "gen_aligner",
+                               "params": {"depth": 2, "input_dim": 8, "n_embed": ORIG_D, "projector_type": "mlp_gelu"}},
+        "gen_head_config": {"cls": "vision_head", "model_type": "gen_head",
+                            "params": {"image_token_embed": ORIG_D, "image_token_size": 16384, "n_embed": ORIG_D}},
+        "language_config": {**ORIG_LANGUAGE, "vocab_size": vocab_size},
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.57.1",
+    }
+
+
+ORIG_PREPROCESSOR = {
+    "background_color": [127, 127, 127], "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "VLMImageProcessor", "image_size": 384, "image_std": [0.5, 0.5, 0.5],
+    "min_size": 14, "processor_class": "VLChatProcessor", "rescale_factor": 0.00392156862745098,
+}
+ORIG_PROCESSOR = {
+    "add_special_token": False, "ignore_id": -100, "image_tag": IMAGE, "mask_prompt": True,
+    "num_image_tokens": 576, "processor_class": "VLChatProcessor", "sft_format": "deepseek",
+}
+ORIGINAL_JSON_FILES = ["config.json", "preprocessor_config.json", "processor_config.json",
+                       "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json"]
+
+
+def write_original_folder() -> None:
+    """The committed, weight-less original-layout folder."""
+    ORIGINAL_DIR.mkdir(parents=True, exist_ok=True)
+    vocab = read_json(TOKENIZER_DIR / "tokenize.json")["vocab_size"]
+    write_json(ORIGINAL_DIR / "config.json", original_config(vocab))
+    write_json(ORIGINAL_DIR / "preprocessor_config.json", ORIG_PREPROCESSOR)
+    write_json(ORIGINAL_DIR / "processor_config.json", ORIG_PROCESSOR)
+    for name in ("special_tokens_map.json", "tokenizer_config.json", "tokenizer.json"):
+        shutil.copyfile(TOKENIZER_DIR / name, ORIGINAL_DIR / name)
+
+
+def original_init_rule(name: str, shape: tuple) -> dict:
+    """Init rule of one original-layout tensor (what gen_original.py executes)."""
+    import math
+
+    parts = name.split(".")
+    leaf, module = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if name.endswith("quantize.codebook_used"):
+        return {"mean": 0.0, "std": 0.0}          # unused buffer: constant zeros
+    if "norm" in module:                           # LayerNorm / GroupNorm / RMSNorm
+        return {"mean": 1.0, "std": 0.1} if leaf == "weight" else {"mean": 0.0, "std": 0.05}
+    if leaf == "bias":
+        return {"mean": 0.0, "std": 0.02}
+    if name in ("language_model.lm_head.weight", "gen_head.vision_head.weight"):
+        return {"mean": 0.0, "std": 0.5}           # clear greedy margins
+    if name in ("language_model.model.embed_tokens.weight", "gen_embed.weight",
+                "gen_vision_model.quantize.embedding.weight"):
+        return {"mean": 0.0, "std": 1.0}
+    if name.endswith("pos_embed"):
+        return {"mean": 0.0, "std": 0.5}
+    if name.endswith("attn_pool.latent"):
+        return {"mean": 0.0, "std": 0.5}
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    return {"mean": 0.0, "std": round(1.0 / math.sqrt(fan_in), 8)}
+
+
+def official_model_class():
+    try:
+        import transformers
+        from janus.models import MultiModalityCausalLM  # noqa: F401
+        from janus.models.modeling_vlm import MultiModalityConfig
+    except Exception as e:  # pragma: no cover
+        raise SystemExit(
+            "this step needs the official DeepSeek Janus code and transformers 4.57.1 on PYTHONPATH "
+            f"(see tests/reference/README.md): {e!r}")
+    if not transformers.__version__.startswith("4.57"):
+        raise SystemExit(f"this step needs transformers 4.57.x, found {transformers.__version__}")
+    return MultiModalityCausalLM, MultiModalityConfig
+
+
+def cmd_original_manifest(args) -> None:
+    torch_setup()
+    MultiModalityCausalLM, MultiModalityConfig = official_model_class()
+    write_original_folder()
+    config = MultiModalityConfig(**read_json(ORIGINAL_DIR / "config.json"))
+    # (the meta device does not work: timm's drop-path schedule calls .item() while building)
+    model = MultiModalityCausalLM(config)
+    tensors = []
+    total = 0
+    for name, t in model.state_dict().items():
+        shape = [int(s) for s in t.shape]
+        rule = original_init_rule(name, tuple(shape))
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+        tensors.append({"name": name, "shape": shape, **rule})
+    manifest = {
+        "format": "janus-rs original-layout weight manifest v1",
+        "seed": ORIGINAL_SEED,
+        "storage_dtype": "bfloat16",
+        "generator": ("numpy.random.Generator(numpy.random.PCG64(seed)); for each tensor in this order: "
+                      "z = standard_normal(numel, dtype=float32); v = z * float32(std) + float32(mean) "
+                      "(float32); stored value = round-to-nearest-even of v to bfloat16"),
+        "source": "MultiModalityCausalLM(config).state_dict() of deepseek-ai/Janus (official code) with "
+                  "tests/fixtures/original-tiny/config.json, transformers 4.57.1",
+        "num_tensors": len(tensors),
+        "total_numel": total,
+    }
+    old = read_json(MANIFEST) if MANIFEST.exists() else {}
+    if old.get("data_sha256") and old.get("tensors") == tensors and old.get("seed") == ORIGINAL_SEED:
+        # unchanged weights: keep the digest that gen_original.py --update-digest recorded
+        manifest["data_sha256"] = old["data_sha256"]
+    manifest["tensors"] = tensors
+    write_compact_json(MANIFEST, manifest, list_key="tensors")
+    print(f"manifest: {len(tensors)} tensors, {total} elements ({2 * total / 1e6:.1f} MB in bf16)")
+
+
+def fixture_cache(args) -> Path:
+    if getattr(args, "cache", None):
+        return Path(args.cache).expanduser().resolve()
+    env = os.environ.get("JANUS_FIXTURE_CACHE")
+    return (Path(env) if env else Path("~/.cache/janus-rs-fixtures")).expanduser().resolve()
+
+
+def load_official(folder: Path):
+    """MultiModalityCausalLM.from_pretrained in float32 (bf16 checkpoint values upcast), eager attention."""
+    import torch
+
+    MultiModalityCausalLM, MultiModalityConfig = official_model_class()
+    config = MultiModalityConfig.from_pretrained(str(folder))
+    config.language_config._attn_implementation = "eager"
+    model, info = MultiModalityCausalLM.from_pretrained(
+        str(folder), config=config, dtype=torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
+    if bad or info.get("error_msgs"):
+        raise SystemExit(f"{folder}: loading problems {info}")
+    model = model.float().eval()
+    lm = model.language_model
+    assert lm.config._attn_implementation == "eager", lm.config._attn_implementation
+    assert lm.model.rotary_emb.inv_freq.dtype == torch.float32, lm.model.rotary_emb.inv_freq.dtype
+    return model
+
+
+def official_commit() -> str:
+    """Commit of the official code: $JANUS_OFFICIAL_COMMIT (set by `all`), else the default git mirror."""
+    if os.environ.get("JANUS_OFFICIAL_COMMIT"):
+        return os.environ["JANUS_OFFICIAL_COMMIT"]
+    git = os.environ.get("JANUS_OFFICIAL_GIT", DEFAULT_JANUS_GIT)
+    if Path(git).exists():
+        r = subprocess.run(["git", f"--git-dir={git}", "rev-parse", "HEAD"], capture_output=True, text=True)
+        if r.returncode == 0:
+            return r.stdout.strip()
+    return "unknown"
+
+
+def cmd_original_expected(args) -> None:
+    torch = torch_setup()
+
+    cache = fixture_cache(args) / "original-tiny"
+    manifest = read_json(MANIFEST)
+    stamp = read_json(cache / "STAMP.json")
+    if stamp.get("data_sha256") != manifest.get("data_sha256"):
+        raise SystemExit(f"{cache} is stale or missing: run tests/reference/gen_original.py first")
+
+    # ---- the three variants hold identical tensors (as loaded by torch / the official code) ----
+    raw_bin = torch.load(cache / "bin" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    names = [t["name"] for t in manifest["tensors"]]
+    assert list(raw_bin.keys()) == names
+    for t in manifest["tensors"]:
+        v = raw_bin[t["name"]]
+        assert v.dtype == torch.bfloat16 and list(v.shape) == t["shape"], t["name"]
+    model = load_official(cache / "bin")
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sorted(ref) == sorted(names), set(ref) ^ set(names)
+    for k in names:
+        assert torch.equal(ref[k], raw_bin[k].float()), k
+    del raw_bin
+    for variant in ("bin-sharded", "safetensors"):
+        other = load_official(cache / variant)
+        for k, v in other.state_dict().items():
+            assert torch.equal(v, ref[k]), (variant, k)
+        del other
+    del ref
+
+    from janus.models import VLChatProcessor
+
+    proc = VLChatProcessor.from_pretrained(str(cache / "bin"))
+    tok = proc.tokenizer
+    ids = {s: tok.vocab[s] for s in tokenizer_strings()}
+    assert ids == read_json(TOKENIZER_DIR / "tokenize.json")["special_token_ids"], ids
+    out_dir = ORIGINAL_DIR / "expected"
+    versions = env_versions()
+    common_meta = {
+        "layout": "original DeepSeek MultiModalityCausalLM (model_type multi_modality), official code "
+                  "deepseek-ai/Janus + transformers 4.57.1",
+        "weights": "gen_original.py output (bfloat16 values), loaded with from_pretrained and upcast to float32",
+        "weights_sha256": manifest["data_sha256"],
+        "compute": "float32, CPU, eager attention, 1 thread; rotary inv_freq float32",
+        "official_code_commit": official_commit(),
+        **{f"version_{k}": v for k, v in versions.items()},
+    }
+
+    # ---- LLM: same construction as the transformers layout ----------------------------------
+    rows = prompt_rows(lambda t: tok.encode(t))
+    hf_rows = None
+    hf_expected = HF_F32 / "expected" / "llm.safetensors"
+    if hf_expected.exists():
+        from safetensors.torch import load_file
+
+        hf_rows = load_file(str(hf_expected))["input_ids"].tolist()
+        assert hf_rows == rows, "transformers 4.57 and 5.24 tokenize the LLM rows differently"
+    input_ids = torch.tensor(rows, dtype=torch.int64)
+    lm = model.language_model
+    tensors, stats = llm_expected(lm.model, lm.lm_head, input_ids, S_STEPS)
+    save_expected(out_dir / "llm.safetensors", tensors, {
+        **common_meta, "lm": "vl_gpt.language_model.model + vl_gpt.language_model.lm_head",
+        "step_ids": "greedy (argmax) continuation, fed one at a time through the KV cache",
+        **{f"stat_{k}": v for k, v in stats.items()}})
+    report = {"llm": stats}
+
+    report.update(original_understanding(model, proc, ids, out_dir, common_meta))
+    report.update(original_generation(model, proc, ids, out_dir, common_meta))
+    report.update(original_vq_and_preprocess(model, proc, out_dir, common_meta))
+    for k, v in report.items():
+        print(f"original {k}: {v}")
+    # hard requirement: every argmax of the LLM fixture and the greedy understanding steps; the 576-step
+    # image generation and the understanding tail logits only record their margins
+    worst = min(report["llm"]["min_margin_all"], report["understand"]["min_margin_greedy"])
+    if worst < MIN_MARGIN:
+        raise SystemExit(f"original: a top-2 margin is {worst} < {MIN_MARGIN}")
+
+
+def und_image_small():
+    return synthetic_image(48, 48, INPUT_SEED + 2)
+
+
+def und_image_384():
+    """The understanding input: the 48x48 synthetic image repeated 8x8 (nearest) -> 384x384."""
+    import numpy as np
+
+    small = und_image_small()
+    return np.repeat(np.repeat(small, 8, axis=0), 8, axis=1)
+
+
+def original_understanding(model, proc, ids, out_dir, common_meta) -> dict:
+    import torch
+    from PIL import Image
+
+    image = und_image_384()
+    conversation = [
+        {"role": USER, "content": f"{IMAGE}\nWhat is shown in this image?", "images": ["synthetic"]},
+        {"role": ASSISTANT, "content": ""},
+    ]
+    prep = proc(conversations=conversation, images=[Image.fromarray(image)], force_batchify=True)
+    pixel_values = prep.pixel_values.float()                     # [1, 1, 3, 384, 384]
+    formula = ((torch.from_numpy(image).permute(2, 0, 1).double() / 255 - 0.5) / 0.5)[None, None]
+    assert (pixel_values.double() - formula).abs().max().item() < 1e-6
+    input_ids = prep.input_ids.clone()
+    mask = prep.attention_mask
+    assert int((input_ids == ids[IMAGE]).sum()) == 576
+    with torch.no_grad():
+        feats = model.vision_model(pixel_values[:, 0])           # [1, 576, 1024]
+        image_embeds = model.aligner(feats)                      # [1, 576, D]
+        emb = model.prepare_inputs_embeds(input_ids=prep.input_ids.clone(), pixel_values=pixel_values,
+                                          images_seq_mask=prep.images_seq_mask,
+                                          images_emb_mask=prep.images_emb_mask)
+        lm = model.language_model
+        greedy = lm.generate(inputs_embeds=emb, attention_mask=mask, pad_token_id=proc.tokenizer.eos_token_id,
+                             bos_token_id=proc.tokenizer.bos_token_id, eos_token_id=proc.tokenizer.eos_token_id,
+                             max_new_tokens=S_STEPS, do_sample=False, use_cache=True)
+        greedy = greedy[:, -S_STEPS:]
+        emb2 = torch.cat([emb, lm.get_input_embeddings()(greedy)], dim=1)
+        logits = lm(inputs_embeds=emb2).logits                   # [1, L + S, V]
+    L = input_ids.shape[1]
+    greedy_logits = logits[:, L - 1:L - 1 + S_STEPS]
+    assert torch.equal(greedy_logits.argmax(-1), greedy), "greedy mismatch"
+    tensors = {
+        "image_small_u8": torch.from_numpy(und_image_small().copy()),
+        "input_ids": input_ids.to(torch.int64),
+        "vision_features_head": feats[:, :8].contiguous(),
+        "image_embeds": image_embeds,
+        "logits_tail": logits[:, L - 8:L].contiguous(),
+        "greedy_ids": greedy.to(torch.int64),
+        "greedy_logits": greedy_logits.contiguous(),
+    }
+    meta = {
+        **common_meta,
+        "sft_prompt": prep.sft_format[0],
+        "image": "image_small_u8 (48x48) repeated 8x along H and W (nearest) = 384x384 RGB; the official "
+                 "VLMImageProcessor leaves a 384x384 input unresized, so pixel_values = (u8/255 - 0.5)/0.5 "
+                 "(float32 here; the official scripts cast to bfloat16)",
+        "input_ids": "VLChatProcessor(conversations, images) input_ids: system prompt + SFT format, the "
+                     "placeholder expanded to <begin_of_image> + 576 x <image_placeholder> + <end_of_image>",
+        "vision_features_head": "vision_model(pixel_values)[:, :8] (SigLIP-L/16 output after the final norm)",
+        "image_embeds": "aligner(vision_model(pixel_values)), [1, 576, 64]",
+        "logits_tail": "language_model(inputs_embeds=prepare_inputs_embeds(...)).logits at the last 8 prompt positions",
+        "greedy_ids": "language_model.generate(inputs_embeds, do_sample=False, max_new_tokens=4)",
+        "greedy_logits": "logits at positions L-1 .. L+2 that choose greedy_ids",
+    }
+    margins = top2_margins(greedy_logits.numpy())
+    meta["stat_min_margin_greedy"] = float(margins.min())
+    save_expected(out_dir / "understand.safetensors", tensors, meta)
+    return {"understand": {"seq_len": L, "min_margin_greedy": float(margins.min()),
+                           "min_margin_tail": float(top2_margins(tensors["logits_tail"].numpy()).min())}}
+
+
+def original_generation(model, proc, ids, out_dir, common_meta) -> dict:
+    """generation_inference.py with parallel_size 1, cfg_weight 5, temperature 1, and argmax instead of
+    multinomial; float32 throughout."""
+    import numpy as np
+    import torch
+
+    cfg_weight = 5.0
+    n_tokens, img_size, patch = 576, 384, 16
+    conversation = [{"role": USER, "content": "a photo of a cat"}, {"role": ASSISTANT, "content": ""}]
+    sft = proc.apply_sft_template_for_multi_turn_prompts(conversations=conversation, sft_format=proc.sft_format,
+                                                         system_prompt="")
+    prompt = sft + proc.image_start_tag
+    input_ids = torch.LongTensor(proc.tokenizer.encode(prompt))
+    tokens = torch.zeros((2, len(input_ids)), dtype=torch.int)
+    tokens[0] = input_ids
+    tokens[1] = input_ids
+    tokens[1, 1:-1] = proc.pad_id
+    lm = model.language_model
+    cond_logits, uncond_logits, margins, generated = [], [], [], []
+    with torch.no_grad():
+        inputs_embeds = lm.get_input_embeddings()(tokens)
+        past = None
+        for i in range(n_tokens):
+            outputs = lm.model(inputs_embeds=inputs_embeds, use_cache=True, past_key_values=past)
+            past = outputs.past_key_values
+            logits = model.gen_head(outputs.last_hidden_state[:, -1, :])
+            logit_cond, logit_uncond = logits[0::2, :], logits[1::2, :]
+            cfg = logit_uncond + cfg_weight * (logit_cond - logit_uncond)
+            next_token = cfg.argmax(-1)
+            if i < 2:
+                cond_logits.append(logit_cond[0]); uncond_logits.append(logit_uncond[0])
+            margins.append(float(top2_margins(cfg[0].numpy())))
+            generated.append(int(next_token[0]))
+            next_token = torch.cat([next_token.unsqueeze(1), next_token.unsqueeze(1)], dim=1).view(-1)
+            inputs_embeds = model.prepare_gen_img_embeds(next_token).unsqueeze(dim=1)
+        gen_tokens = torch.tensor([generated], dtype=torch.int64)
+        dec = model.gen_vision_model.decode_code(gen_tokens.to(dtype=torch.int),
+                                                 shape=[1, 8, img_size // patch, img_size // patch])
+    dec_nhwc = dec.float().numpy().transpose(0, 2, 3, 1)
+    image_u8 = to_u8_original(dec_nhwc)
+    margins = np.array([margins], dtype=np.float32)
+    tensors = {
+        "input_ids": tokens.to(torch.int64),
+        "cond_logits": torch.stack(cond_logits)[None],
+        "uncond_logits": torch.stack(uncond_logits)[None],
+        "tokens": gen_tokens,
+        "margins": torch.from_numpy(margins),
+        "image_u8": torch.from_numpy(image_u8),
+        "image_crop_top_left": dec[:, :, :32, :32].contiguous().float(),
+        "image_crop_bottom_right": dec[:, :, -32:, -32:].contiguous().float(),
+        "image_channel_mean_std": torch.tensor([[float(dec[0, c].double().mean()), float(dec[0, c].double().std())]
+                                                for c in range(3)], dtype=torch.float32),
+    }
+    meta = {
+        **common_meta,
+        "prompt": prompt,
+        "input_ids": "row 0 = tokenizer.encode(prompt) (cond), row 1 = same with positions 1..-2 set to the pad id (uncond)",
+        "loop": "576 steps: gen_head(last hidden after final norm) -> cfg = u + 5 * (c - u) -> argmax -> "
+                "next input = gen_aligner(gen_embed(token)) for both rows (KV cache)",
+        "cond_logits/uncond_logits": "gen_head logits of the first 2 steps (cfg is derived with weight 5)",
+        "margins": "top-2 margin of the CFG logits at each of the 576 steps (greedy ties are possible where small)",
+        "tokens": "the 576 greedy image tokens",
+        "image_u8": "gen_vision_model.decode_code(tokens, [1, 8, 24, 24]) -> NHWC -> clip((x+1)/2*255, 0, 255) -> uint8 (truncation)",
+        "image_crop_*": "decoded float32 NCHW image, 32x32 corners",
+        "image_channel_mean_std": "per-channel mean and std of the decoded float32 image",
+        "cfg_weight": cfg_weight,
+    }
+    small = int((margins < MIN_MARGIN).sum())
+    first_small = int(np.argmax(margins[0] < MIN_MARGIN)) if small else -1
+    meta["stat_steps_with_margin_below_1e-2"] = small
+    meta["stat_first_step_with_margin_below_1e-2"] = first_small
+    save_expected(out_dir / "generate.safetensors", tensors, meta)
+    return {"generate": {"min_margin_gen_all": float(margins.min()), "min_margin_first_step": float(margins[0, 0]),
+                         "steps_below_1e-2": small, "first_step_below_1e-2": first_small,
+                         "image_mean": float(dec.mean()), "image_std": float(dec.std())}}
+
+
+def original_vq_and_preprocess(model, proc, out_dir, common_meta) -> dict:
+    import torch
+    from PIL import Image
+
+    # -- VQ encode (official quantizer: l2-normalised latents and codebook) -------------------------
+    image = und_image_384()
+    x = ((torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5)[None]
+    vq = model.gen_vision_model
+    with torch.no_grad():
+        _, _, info = vq.encode(x)
+        tokens = info[2].view(1, -1)
+        h = vq.quant_conv(vq.encoder(x))                                  # [1, 8, 24, 24]
+        z = torch.nn.functional.normalize(h.permute(0, 2, 3, 1).reshape(-1, 8), p=2, dim=-1)
+        e = torch.nn.functional.normalize(vq.quantize.embedding.weight, p=2, dim=-1)
+        d = (z ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * z @ e.T
+        top2 = torch.topk(d, 2, dim=1, largest=False).values
+    assert torch.equal(d.argmin(1), tokens[0])
+    gaps = (top2[:, 1] - top2[:, 0])[None]
+
+    # -- preprocessing of a non-square image (PIL bicubic resize + pad) ---------------------------
+    src = synthetic_image(45, 70, INPUT_SEED + 3)
+    pv = proc.image_processor([Image.fromarray(src)], return_tensors="pt").pixel_values[0]   # [3, 384, 384]
+    u8 = torch.round((pv.double() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
+    back = (u8.double() / 255 - 0.5) / 0.5
+    assert (back - pv.double()).abs().max().item() < 1e-6
+    tensors = {
+        "encode_tokens": tokens.to(torch.int64),
+        "encode_gaps": gaps.float(),
+        "encode_latent": h.float(),
+        "pre_src_u8": torch.from_numpy(src.copy()),
+        "pre_processed_u8": u8.permute(1, 2, 0).contiguous(),
+    }
+    meta = {
+        **common_meta,
+        "encode input": "the understanding image (understand.safetensors image_small_u8 repeated 8x8), (u8/255-0.5)/0.5, NCHW",
+        "encode_tokens": "gen_vision_model.encode(x) indices (l2-normalised latent vs l2-normalised codebook, argmin distance)",
+        "encode_gaps": "second-smallest minus smallest distance per position (a near-tie may flip)",
+        "encode_latent": "quant_conv(encoder(x)) before normalisation, [1, 8, 24, 24]",
+        "pre_src_u8": "a 45x70 (HxW) synthetic RGB image",
+        "pre_processed_u8": "VLMImageProcessor output as uint8 HWC: resize to [int(45/70*384), 384] = [246, 384] with "
+                            "torchvision/PIL bicubic antialias, pad to 384x384 with (127,127,127) centred "
+                            "(top offset (384-246)//2); pixel_values = (u8/255 - 0.5)/0.5",
+    }
+    meta["stat_min_encode_gap"] = float(gaps.min())
+    save_expected(out_dir / "vq_preprocess.safetensors", tensors, meta)
+    return {"vq_preprocess": {"min_encode_gap": float(gaps.min()), "distinct_tokens": int(tokens.unique().numel())}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-check of the tokenizer with transformers 4.57 and tokenizers 0.22 (the Rust crate's version)
+# ------------------------------------------------------------------------------------------------
+def cmd_check_tokenizer(args) -> None:
+    import tokenizers
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    rec = read_json(TOKENIZER_DIR / "tokenize.json")
+    folders = [TOKENIZER_DIR, ORIGINAL_DIR, HF_F32]
+    for folder in folders:
+        raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            auto = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:  # transformers 4.x does not know tokenizer_class "TokenizersBackend"
+            auto = None
+            print(f"{folder.name}: transformers {transformers.__version__} AutoTokenizer cannot load it: "
+                  f"{type(e).__name__}: {str(e)[:120]}")
+        for case in rec["cases"]:
+            for add_sp, key in ((True, "ids"), (False, "ids_no_special")):
+                got = [("tokenizers", raw.encode(case["text"], add_special_tokens=add_sp).ids)]
+                if auto is not None:
+                    got.append(("AutoTokenizer", auto(case["text"], add_special_tokens=add_sp)["input_ids"]))
+                for who, ids in got:
+                    if ids != case[key]:
+                        raise SystemExit(f"{folder.name}: {who} {key} differ for {case['text']!r}: {ids} vs {case[key]}")
+            dec = raw.decode(case["ids"], skip_special_tokens=True)
+            if dec != case["decoded_skip_special"]:
+                raise SystemExit(f"{folder.name}: tokenizers decode differs for {case['text']!r}: {dec!r}")
+        print(f"{folder.name}: tokenize.json reproduced by tokenizers {tokenizers.__version__}"
+              + (f" and transformers {transformers.__version__} {type(auto).__name__}" if auto is not None else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------------
+DEFAULT_TF457 = "/opt/tf457"
+DEFAULT_JANUS_SRC = "/tmp/janus-official"
+DEFAULT_JANUS_GIT = os.environ.get("JANUS_OFFICIAL_GIT", "")
+
+
+def official_env(args) -> dict:
+    """Environment for the steps that run the official code under transformers 4.57.1."""
+    tf457 = Path(args.tf457)
+    src = Path(args.janus_src)
+    if not (tf457 / "transformers").is_dir():
+        raise SystemExit(f"transformers 4.57.1 not found under {tf457} (see tests/reference/README.md)")
+    commit = "unknown"
+    if args.janus_git and Path(args.janus_git).exists():
+        commit = subprocess.run(["git", f"--git-dir={args.janus_git}", "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        if not (src / "janus" / "models").is_dir():
+            src.mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(["git", f"--git-dir={args.janus_git}", "archive", "HEAD"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    if not (src / "janus" / "models").is_dir():
+        raise SystemExit(f"official Janus code not found under {src}")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tf457), str(src)])
+    env["JANUS_OFFICIAL_COMMIT"] = commit
+    return env
+
+
+def run_step(step: str, env=None, extra=()) -> None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), step, *extra]
+    print(f"==> {' '.join(cmd)}" + (f"  (PYTHONPATH={env['PYTHONPATH']})" if env else ""), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def cmd_all(args) -> None:
+    t0 = time.perf_counter()
+    run_step("tokenizer")
+    run_step("hf")
+    env = official_env(args)
+    cache_args = ["--cache", str(fixture_cache(args))]
+    run_step("original-manifest", env)
+    gen = [sys.executable, str(HERE / "gen_original.py"), *cache_args]
+    if not read_json(MANIFEST).get("data_sha256"):
+        gen.append("--update-digest")
+    print(f"==> {' '.join(gen)}", flush=True)
+    subprocess.run(gen, check=True)
+    run_step("original-expected", env, cache_args)
+    run_step("check-tokenizer", env)
+    print(f"all fixtures written in {time.perf_counter() - t0:.0f} s")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("tokenizer")
+    sub.add_parser("hf")
+    sub.add_parser("original-manifest")
+    p = sub.add_parser("original-expected")
+    p.add_argument("--cache", default=None, help="gen_original.py cache root (default: $JANUS_FIXTURE_CACHE "
+                                                 "or ~/.cache/janus-rs-fixtures)")
+    sub.add_parser("check-tokenizer")
+    p = sub.add_parser("all")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--tf457", default=os.environ.get("JANUS_TF457", DEFAULT_TF457),
+                   help="pip --target folder holding transformers 4.57.1 (default %(default)s)")
+    p.add_argument("--janus-src", default=os.environ.get("JANUS_OFFICIAL_SRC", DEFAULT_JANUS_SRC),
+                   help="folder with the official deepseek-ai/Janus sources (default %(default)s)")
+    p.add_argument("--janus-git", default=os.environ.get("JANUS_OFFICIAL_GIT", DEFAULT_JANUS_GIT),
+                   help="bare git mirror of deepseek-ai/Janus, extracted into --janus-src if that is empty")
+    args = ap.parse_args(argv)
+    {
+        "tokenizer": cmd_tokenizer,
+        "hf": cmd_hf,
+        "original-manifest": cmd_original_manifest,
+        "original-expected": cmd_original_expected,
+        "check-tokenizer": cmd_check_tokenizer,
+        "all": cmd_all,
+    }[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
