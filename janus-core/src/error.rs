@@ -68,6 +68,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// The caller's callback asked to stop.
+    #[error("cancelled")]
+    Cancelled,
+
     /// The model or feature is not supported by this implementation.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -25,9 +25,12 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod load;
 pub mod model;
 pub mod nn;
+pub mod pipeline;
+pub mod processor;
 pub mod tokenizer;
 
 pub use burn::tensor::Device;

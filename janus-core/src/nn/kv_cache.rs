@@ -98,6 +98,23 @@ impl KvCache {
         (k_all, v_all)
     }
 
+    /// Keeps the rows `rows` of the batch, in that order (a row may repeat): one prefill can serve
+    /// several sequences that continue differently.
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let device = k.device();
+            let idx = Tensor::<1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(
+                    rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                    [rows.len()],
+                ),
+                &device,
+            );
+            *k = k.clone().select(0, idx.clone());
+            *v = v.clone().select(0, idx);
+        }
+    }
+
     /// Marks `t` more positions as held (after every layer has appended them).
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;

@@ -1,6 +1,11 @@
-//! The VQ-16 image tokenizer (LlamaGen): encoder, quantizer, decoder (weights).
+//! The VQ-16 image tokenizer (LlamaGen) as the official code computes it: encoder, quantizer
+//! (l2-normalised latents and codebook, nearest code by distance), decoder (ResNet blocks,
+//! GroupNorm(32, eps 1e-6), swish, spatial attention, nearest ×2 upsampling + conv).
 
-use burn::tensor::Tensor;
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::module::{conv2d, embedding};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Int, Tensor};
 
 use crate::config::VqConfig;
 use crate::load::Weights;
@@ -15,6 +20,28 @@ pub struct Conv {
 }
 
 impl Conv {
+    /// Convolution with stride 1 and "same" padding for odd kernels.
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let k = self.weight.dims()[2];
+        let p = k / 2;
+        conv2d(
+            x,
+            self.weight.clone(),
+            Some(self.bias.clone()),
+            ConvOptions::new([1, 1], [p, p], [1, 1], 1),
+        )
+    }
+
+    /// 3×3 convolution with stride 2 after padding one row/column at the bottom/right.
+    fn forward_down(&self, x: Tensor<4>) -> Tensor<4> {
+        conv2d(
+            x,
+            self.weight.clone(),
+            Some(self.bias.clone()),
+            ConvOptions::new_with_padding([2, 2], [(0, 1), (0, 1)], [1, 1], 1),
+        )
+    }
+
     fn load(w: &mut Weights<'_>, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Self {
         Conv {
             weight: w.get(&format!("{prefix}.weight"), [c_out, c_in, k, k]),
@@ -32,7 +59,31 @@ pub struct GroupNorm {
     pub bias: Tensor<1>,
 }
 
+/// `x·sigmoid(x)`.
+fn swish(x: Tensor<4>) -> Tensor<4> {
+    x.clone() * sigmoid(x)
+}
+
 impl GroupNorm {
+    const GROUPS: usize = 32;
+    const EPS: f64 = 1e-6;
+
+    /// Normalises each of 32 channel groups over channels and space (statistics in f32).
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let dtype = x.dtype();
+        let g = x
+            .cast(DType::F32)
+            .reshape([b, Self::GROUPS, (c / Self::GROUPS) * h * w]);
+        let mean = g.clone().mean_dim(2);
+        let centered = g - mean;
+        let var = centered.clone().square().mean_dim(2);
+        let y = (centered / (var + Self::EPS).sqrt())
+            .reshape([b, c, h, w])
+            .cast(dtype);
+        y * self.weight.clone().reshape([1, c, 1, 1]) + self.bias.clone().reshape([1, c, 1, 1])
+    }
+
     fn load(w: &mut Weights<'_>, prefix: &str, c: usize) -> Self {
         GroupNorm {
             weight: w.get(&format!("{prefix}.weight"), [c]),
@@ -57,6 +108,16 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let h = self.conv1.forward(swish(self.norm1.forward(x.clone())));
+        let h = self.conv2.forward(swish(self.norm2.forward(h)));
+        let shortcut = match &self.nin_shortcut {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        shortcut + h
+    }
+
     fn load(w: &mut Weights<'_>, p: &str, c_in: usize, c_out: usize) -> Self {
         ResBlock {
             norm1: GroupNorm::load(w, &format!("{p}.norm1"), c_in),
@@ -85,6 +146,21 @@ pub struct AttnBlock {
 }
 
 impl AttnBlock {
+    /// `x + proj_out(attention over the h·w positions with c-wide single-head q, k, v)`.
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let n = self.norm.forward(x.clone());
+        // [b, c, h, w] → [b, h·w, c]
+        let seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let q = seq(self.q.forward(n.clone()));
+        let k = seq(self.k.forward(n.clone()));
+        let v = seq(self.v.forward(n));
+        let scores = q.matmul(k.swap_dims(1, 2)) * (c as f64).powf(-0.5);
+        let attn = softmax(scores, 2);
+        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, c, h, w]);
+        x + self.proj_out.forward(out)
+    }
+
     fn load(w: &mut Weights<'_>, p: &str, c: usize) -> Self {
         AttnBlock {
             norm: GroupNorm::load(w, &format!("{p}.norm"), c),
@@ -120,6 +196,10 @@ pub struct Mid {
 }
 
 impl Mid {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.res2.forward(self.attn.forward(self.res1.forward(x)))
+    }
+
     fn load(w: &mut Weights<'_>, p: &str, c: usize) -> Self {
         Mid {
             res1: ResBlock::load(w, &format!("{p}.mid.0"), c, c),
@@ -142,6 +222,43 @@ pub struct Trunk {
     pub norm_out: GroupNorm,
     /// Last conv.
     pub conv_out: Conv,
+}
+
+/// Nearest-neighbour ×2 upsampling of `[b, c, h, w]`.
+fn upsample2(x: Tensor<4>) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h, 1, w, 1])
+        .expand([b, c, h, 2, w, 2])
+        .reshape([b, c, 2 * h, 2 * w])
+}
+
+impl Trunk {
+    /// Runs the trunk; `down` selects encoder (strided convs) or decoder (upsampling) levels.
+    fn forward(&self, x: Tensor<4>, down: bool) -> Tensor<4> {
+        let mut x = self.conv_in.forward(x);
+        if !down {
+            x = self.mid.forward(x);
+        }
+        for level in &self.levels {
+            for (j, res) in level.res.iter().enumerate() {
+                x = res.forward(x);
+                if let Some(attn) = level.attn.get(j) {
+                    x = attn.forward(x);
+                }
+            }
+            if let Some(conv) = &level.resample {
+                x = if down {
+                    conv.forward_down(x)
+                } else {
+                    conv.forward(upsample2(x))
+                };
+            }
+        }
+        if down {
+            x = self.mid.forward(x);
+        }
+        self.conv_out.forward(swish(self.norm_out.forward(x)))
+    }
 }
 
 /// The VQ model.
@@ -293,5 +410,49 @@ impl VqModel {
             decoder,
             config: c.clone(),
         }
+    }
+}
+
+/// Rows of `x` (`[n, d]`) divided by their l2 norm (at least 1e-12), as `F.normalize` does.
+fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+impl VqModel {
+    /// Decodes token grids (`[batch, grid·grid]` row-major ids, all below the codebook size) to
+    /// images `[batch, 3, size, size]` in about [-1, 1].
+    pub fn decode(&self, tokens: Tensor<2, Int>) -> Tensor<4> {
+        let [b, n] = tokens.dims();
+        let g = self.config.grid;
+        debug_assert_eq!(n, g * g);
+        let codebook = l2_normalize(self.codebook.clone());
+        let dim = codebook.dims()[1];
+        let z = embedding(codebook, tokens)
+            .reshape([b, g, g, dim])
+            .permute([0, 3, 1, 2]);
+        let z = self.post_quant_conv.forward(z);
+        self.decoder.forward(z, false)
+    }
+
+    /// The latents before quantisation, `[batch, dim, grid, grid]`, of images in [-1, 1]
+    /// (`[batch, 3, size, size]`).
+    pub fn encode_latent(&self, images: Tensor<4>) -> Tensor<4> {
+        self.quant_conv.forward(self.encoder.forward(images, true))
+    }
+
+    /// Squared distances `[batch · grid², codes]` between the l2-normalised latents and the
+    /// l2-normalised codebook; the nearest code of a position is its argmin.
+    pub fn code_distances(&self, latent: Tensor<4>) -> Tensor<2> {
+        let [b, d, h, w] = latent.dims();
+        let z = l2_normalize(latent.permute([0, 2, 3, 1]).reshape([b * h * w, d]));
+        let e = l2_normalize(self.codebook.clone());
+        let z2 = z.clone().square().sum_dim(1);
+        let e2 = e
+            .clone()
+            .square()
+            .sum_dim(1)
+            .reshape([1, self.config.codebook_size]);
+        z2 + e2 - z.matmul(e.transpose()) * 2.0
     }
 }

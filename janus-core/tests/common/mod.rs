@@ -43,7 +43,7 @@ pub struct RefTensor {
     pub values: Vec<f64>,
 }
 
-/// Reads every tensor of a reference file (f32 or i64).
+/// Reads every tensor of a reference file (f32, i64, i32 or u8).
 pub fn read_reference(path: &Path) -> std::collections::HashMap<String, RefTensor> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference safetensors");
@@ -64,6 +64,7 @@ pub fn read_reference(path: &Path) -> std::collections::HashMap<String, RefTenso
                     .chunks_exact(4)
                     .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
                     .collect(),
+                safetensors::Dtype::U8 => data.iter().map(|&b| f64::from(b)).collect(),
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
             (

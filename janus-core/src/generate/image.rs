@@ -1,0 +1,214 @@
+//! Text-to-image: the classifier-free-guidance loop over image tokens, then VQ decoding.
+//!
+//! Each image has a conditional row (the prompt) and an unconditional row (the prompt with every
+//! token between BOS and the final `<begin_of_image>` replaced by the pad id); the logits used are
+//! `u + w·(c − u)`. The prompt is run once and its cache shared by all images of the call.
+
+use burn::tensor::module::embedding;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::model::JanusModel;
+
+use super::sampling::{Sampling, sample, stream};
+
+/// Options of one text-to-image call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageGenOptions {
+    /// Images to generate from the prompt.
+    pub count: usize,
+    /// Classifier-free guidance weight `w` (5 in the reference).
+    pub cfg_weight: f32,
+    /// Token selection (temperature 1, no top-k/top-p in the reference; 0 = argmax).
+    pub sampling: Sampling,
+    /// Seed of the random streams (image `i` draws from stream `i`).
+    pub seed: u64,
+}
+
+impl Default for ImageGenOptions {
+    fn default() -> Self {
+        ImageGenOptions {
+            count: 1,
+            cfg_weight: 5.0,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_k: None,
+                top_p: None,
+            },
+            seed: 0,
+        }
+    }
+}
+
+impl ImageGenOptions {
+    /// Checks the options.
+    pub fn validate(&self) -> Result<()> {
+        if self.count == 0 {
+            return Err(Error::InvalidInput("count must be at least 1".into()));
+        }
+        if !self.cfg_weight.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "cfg weight must be a finite number, got {}",
+                self.cfg_weight
+            )));
+        }
+        self.sampling.validate()
+    }
+}
+
+/// The unconditional row of a generation prompt: BOS and the last token kept, the rest padding.
+pub fn unconditional_ids(ids: &[u32], pad: u32) -> Vec<u32> {
+    let n = ids.len();
+    ids.iter()
+        .enumerate()
+        .map(|(i, &t)| if i == 0 || i + 1 == n { t } else { pad })
+        .collect()
+}
+
+/// Samples `opts.count` token grids for a prompt already tokenised (`ids`, ending with
+/// `<begin_of_image>`). `progress(step, total)` is called after each token step; returning
+/// `false` cancels.
+pub fn generate_tokens(
+    model: &JanusModel,
+    ids: &[u32],
+    pad: u32,
+    opts: &ImageGenOptions,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Vec<Vec<u32>>> {
+    opts.validate()?;
+    let llm = &model.llm;
+    let heads = &model.heads;
+    let p = opts.count;
+    let n = model.config.vq.num_tokens();
+    let t = ids.len();
+    if t < 2 {
+        return Err(Error::InvalidInput(
+            "the generation prompt is too short".into(),
+        ));
+    }
+    let max_len = llm.config().max_position_embeddings;
+    if t + n > max_len {
+        return Err(Error::InvalidInput(format!(
+            "the prompt ({t} tokens) and {n} image tokens exceed the context of {max_len}"
+        )));
+    }
+    // One prefill for the conditional and unconditional rows, then shared by every image.
+    let rows = [ids.to_vec(), unconditional_ids(ids, pad)];
+    let mut cache = llm.new_cache(t + n);
+    let hidden = llm.forward(llm.embed(&rows)?, &mut cache)?;
+    let order: Vec<usize> = (0..2 * p).map(|r| usize::from(r >= p)).collect();
+    cache.select_rows(&order);
+    let device = hidden.device();
+    let pick = Tensor::<1, Int>::from_data(
+        TensorData::new(order.iter().map(|&r| r as i64).collect::<Vec<_>>(), [2 * p]),
+        &device,
+    );
+    let mut last = hidden.narrow(1, t - 1, 1).select(0, pick);
+
+    let mut rngs: Vec<_> = (0..p as u64).map(|i| stream(opts.seed, i)).collect();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(n); p];
+    let w = opts.cfg_weight;
+    for step in 0..n {
+        let logits = heads.gen_head.forward(last);
+        let v = logits.dims()[2];
+        let host: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
+        let mut next = Vec::with_capacity(2 * p);
+        for (i, rng) in rngs.iter_mut().enumerate() {
+            let c = &host[i * v..(i + 1) * v];
+            let u = &host[(p + i) * v..(p + i + 1) * v];
+            let mixed: Vec<f32> = c.iter().zip(u).map(|(&c, &u)| u + w * (c - u)).collect();
+            let tok = sample(&mixed, &opts.sampling, rng) as u32;
+            tokens[i].push(tok);
+            next.push(i64::from(tok));
+        }
+        if !progress(step + 1, n) {
+            return Err(Error::Cancelled);
+        }
+        if step + 1 == n {
+            break;
+        }
+        // The same token goes to an image's conditional and unconditional rows.
+        next.extend_from_within(..);
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(next, [2 * p, 1]), &device);
+        let emb = heads
+            .gen_aligner
+            .forward(embedding(heads.gen_embed.clone(), idx));
+        last = llm.forward(emb, &mut cache)?;
+    }
+    Ok(tokens)
+}
+
+/// Decodes token grids to RGB8 images as the reference does:
+/// `clip((x + 1) / 2 · 255, 0, 255)`, truncated to `u8`.
+pub fn decode_tokens(model: &JanusModel, grids: &[Vec<u32>]) -> Result<Vec<image::RgbImage>> {
+    let vq = &model.vq;
+    let n = vq.config.num_tokens();
+    let codes = vq.config.codebook_size;
+    for grid in grids {
+        if grid.len() != n {
+            return Err(Error::InvalidInput(format!(
+                "a token grid of {} ids, expected {n} ({}×{})",
+                grid.len(),
+                vq.config.grid,
+                vq.config.grid
+            )));
+        }
+        if let Some(bad) = grid.iter().find(|&&t| t as usize >= codes) {
+            return Err(Error::InvalidInput(format!(
+                "image token {bad} is outside the codebook of {codes}"
+            )));
+        }
+    }
+    if grids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let device = vq.codebook.device();
+    let flat: Vec<i64> = grids.iter().flatten().map(|&t| i64::from(t)).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [grids.len(), n]), &device);
+    let images = vq.decode(ids);
+    let [b, c, h, w] = images.dims();
+    let data: Vec<f32> = images
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .map_err(|e| Error::InvalidInput(format!("reading pixels: {e:?}")))?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let plane = &data[i * c * h * w..(i + 1) * c * h * w];
+        let mut img = image::RgbImage::new(w as u32, h as u32);
+        for (idx, px) in img.pixels_mut().enumerate() {
+            for ch in 0..3 {
+                let x = plane[ch * h * w + idx];
+                px.0[ch] = ((x + 1.0) / 2.0 * 255.0).clamp(0.0, 255.0) as u8;
+            }
+        }
+        out.push(img);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unconditional_row_keeps_bos_and_boi() {
+        assert_eq!(unconditional_ids(&[1, 5, 6, 7, 9], 0), [1, 0, 0, 0, 9]);
+        assert_eq!(unconditional_ids(&[1, 9], 0), [1, 9]);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = ImageGenOptions::default();
+        assert!(o.validate().is_ok());
+        o.count = 0;
+        assert!(o.validate().is_err());
+        o.count = 1;
+        o.cfg_weight = f32::NAN;
+        assert!(o.validate().is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! Generation loops (outside the model code): sampling, and the image-token loop.
+
+pub mod image;
+pub mod sampling;

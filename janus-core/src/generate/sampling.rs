@@ -1,0 +1,213 @@
+//! Token selection from logits: greedy, or temperature sampling with optional top-k / top-p,
+//! from a seeded random stream per sequence so that results reproduce run to run.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+/// How to pick the next token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; 0 takes the argmax (deterministic).
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (None: all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches `p` (None: all).
+    pub top_p: Option<f32>,
+}
+
+impl Sampling {
+    /// Argmax decoding.
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+    };
+
+    /// Checks the values (finite temperature ≥ 0, k ≥ 1, 0 < p ≤ 1).
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::InvalidInput(format!(
+                "temperature must be a finite number ≥ 0, got {}",
+                self.temperature
+            )));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::InvalidInput("top_k must be at least 1".into()));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(Error::InvalidInput(format!(
+                "top_p must be in (0, 1], got {p}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this picks the argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// The random stream of one generated sequence: sequence `index` of a call seeded with `seed`
+/// draws the same numbers whatever else the call generates.
+pub fn stream(seed: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    rng
+}
+
+/// Index of the largest value (the first one on ties); NaN counts as smallest.
+pub fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] || logits[best].is_nan() && !v.is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Picks a token from `logits` (one row).
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
+    if s.is_greedy() || logits.len() <= 1 {
+        return argmax(logits);
+    }
+    // Candidates sorted by logit, best first (stable: ties keep id order).
+    let mut order: Vec<usize> = (0..logits.len()).filter(|&i| !logits[i].is_nan()).collect();
+    if order.is_empty() {
+        return 0;
+    }
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if let Some(k) = s.top_k {
+        order.truncate(k.max(1));
+    }
+    let max = logits[order[0]];
+    let t = s.temperature as f64;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max as f64) / t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = s.top_p {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        order.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    // A uniform draw in [0, 1) with 53 random bits.
+    let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+    let mut acc = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return order[i];
+        }
+    }
+    order[order.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax() {
+        let mut rng = stream(0, 0);
+        assert_eq!(
+            sample(&[0.1, 3.0, -1.0, 3.0], &Sampling::GREEDY, &mut rng),
+            1
+        );
+        assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_streams_reproduce() {
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: Some(1),
+            top_p: None,
+        };
+        let mut rng = stream(7, 3);
+        assert_eq!(sample(&[0.0, 0.5, 2.0], &s, &mut rng), 2);
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+        };
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let draw = |seed, index| {
+            let mut rng = stream(seed, index);
+            (0..20)
+                .map(|_| sample(&logits, &s, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1, 0), draw(1, 0));
+        assert_ne!(draw(1, 0), draw(1, 1));
+        assert_ne!(draw(1, 0), draw(2, 0));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // One token holds almost all the mass: p = 0.5 keeps only it.
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.5),
+        };
+        let mut rng = stream(0, 0);
+        for _ in 0..50 {
+            assert_eq!(sample(&[0.0, 10.0, 0.0, 1.0], &s, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+        };
+        // p = [0.2, 0.8]
+        let logits = [0.0f32, (4.0f32).ln()];
+        let mut rng = stream(42, 0);
+        let n = 20_000;
+        let ones = (0..n)
+            .filter(|_| sample(&logits, &s, &mut rng) == 1)
+            .count();
+        let f = ones as f64 / n as f64;
+        assert!((f - 0.8).abs() < 0.02, "{f}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let bad = |t: f32, k: Option<usize>, p: Option<f32>| {
+            Sampling {
+                temperature: t,
+                top_k: k,
+                top_p: p,
+            }
+            .validate()
+            .is_err()
+        };
+        assert!(bad(f32::NAN, None, None));
+        assert!(bad(-1.0, None, None));
+        assert!(bad(1.0, Some(0), None));
+        assert!(bad(1.0, None, Some(0.0)));
+        assert!(bad(1.0, None, Some(1.5)));
+        assert!(!bad(0.0, Some(5), Some(0.9)));
+    }
+}

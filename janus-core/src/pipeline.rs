@@ -1,0 +1,197 @@
+//! The `Janus` handle: one loaded model with its tokenizer and prompt format, serving many calls.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+
+use crate::config::JanusConfig;
+use crate::device::Backend;
+use crate::error::{Error, Result};
+use crate::generate::image::{ImageGenOptions, decode_tokens, generate_tokens};
+use crate::load::ComputeDType;
+use crate::model::JanusModel;
+use crate::processor::prompt::PromptFormat;
+use crate::tokenizer::JanusTokenizer;
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Where to run.
+    pub backend: Backend,
+    /// The dtype weights are converted to and computed in.
+    pub dtype: ComputeDType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            backend: Backend::Cpu,
+            dtype: ComputeDType::F32,
+        }
+    }
+}
+
+/// A grid of image tokens (row-major ids) and its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageTokens {
+    /// The ids, `rows · cols` of them, row by row.
+    pub ids: Vec<u32>,
+    /// Rows of the grid.
+    pub rows: usize,
+    /// Columns of the grid.
+    pub cols: usize,
+}
+
+/// One generated image.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    /// The pixels.
+    pub image: image::RgbImage,
+    /// The image tokens it was decoded from.
+    pub tokens: ImageTokens,
+    /// The seed of the call that made it.
+    pub seed: u64,
+}
+
+impl GeneratedImage {
+    /// Writes the image as PNG.
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        self.image
+            .save_with_format(path, image::ImageFormat::Png)
+            .map_err(|e| match e {
+                image::ImageError::IoError(io) => Error::io(path, io),
+                other => Error::InvalidInput(format!("{}: {other}", path.display())),
+            })
+    }
+}
+
+/// A loaded Janus model, ready to understand and generate.
+#[derive(Debug)]
+pub struct Janus {
+    dir: PathBuf,
+    device: Device,
+    model: JanusModel,
+    tokenizer: JanusTokenizer,
+    prompt: PromptFormat,
+}
+
+impl Janus {
+    /// Loads a model folder (either layout) onto the chosen backend.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let device = options.backend.device()?;
+        Self::load_on(dir, &device, options.dtype)
+    }
+
+    /// Loads a model folder onto a given device.
+    pub fn load_on(dir: &Path, device: &Device, dtype: ComputeDType) -> Result<Self> {
+        let tokenizer = JanusTokenizer::from_dir(dir)?;
+        let model = JanusModel::load(dir, device, dtype)?;
+        let vocab = model.config.text.vocab_size;
+        if tokenizer.vocab_size() > vocab {
+            return Err(Error::Tokenizer(format!(
+                "the tokenizer has {} tokens, more than the model's vocabulary of {vocab}",
+                tokenizer.vocab_size()
+            )));
+        }
+        let prompt = PromptFormat::from_dir(dir, model.config.layout, &tokenizer)?;
+        Ok(Janus {
+            dir: dir.to_path_buf(),
+            device: device.clone(),
+            model,
+            tokenizer,
+            prompt,
+        })
+    }
+
+    /// The folder the model came from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &JanusConfig {
+        &self.model.config
+    }
+
+    /// The networks.
+    pub fn model(&self) -> &JanusModel {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &JanusTokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat format.
+    pub fn prompt_format(&self) -> &PromptFormat {
+        &self.prompt
+    }
+
+    /// Replaces the chat format (for example to change the role names).
+    pub fn set_prompt_format(&mut self, format: PromptFormat) {
+        self.prompt = format;
+    }
+
+    /// Token ids of the generation prompt for `prompt`: BOS, the chat-formatted text, and
+    /// `<begin_of_image>`.
+    pub fn generation_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let text = self.prompt.generation_prompt(prompt)?;
+        let mut ids = self.tokenizer.encode(&text, true)?;
+        ids.push(self.tokenizer.special().begin_of_image);
+        Ok(ids)
+    }
+
+    /// Generates `options.count` images of `prompt`.
+    pub fn generate(&self, prompt: &str, options: &ImageGenOptions) -> Result<Vec<GeneratedImage>> {
+        self.generate_with_progress(prompt, options, &mut |_, _| true)
+    }
+
+    /// [`generate`](Self::generate), calling `progress(step, total)` after every image-token step;
+    /// returning `false` cancels with [`Error::Cancelled`].
+    pub fn generate_with_progress(
+        &self,
+        prompt: &str,
+        options: &ImageGenOptions,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        let ids = self.generation_ids(prompt)?;
+        let pad = self.tokenizer.special().pad;
+        let grids = generate_tokens(&self.model, &ids, pad, options, progress)?;
+        let images = decode_tokens(&self.model, &grids)?;
+        let g = self.model.config.vq.grid;
+        Ok(grids
+            .into_iter()
+            .zip(images)
+            .map(|(ids, image)| GeneratedImage {
+                image,
+                tokens: ImageTokens {
+                    ids,
+                    rows: g,
+                    cols: g,
+                },
+                seed: options.seed,
+            })
+            .collect())
+    }
+
+    /// Decodes an image-token grid to pixels.
+    pub fn decode_image(&self, tokens: &ImageTokens) -> Result<image::RgbImage> {
+        let g = self.model.config.vq.grid;
+        if tokens.rows != g || tokens.cols != g || tokens.ids.len() != g * g {
+            return Err(Error::InvalidInput(format!(
+                "a {}×{} grid of {} ids; this model decodes {g}×{g} grids",
+                tokens.rows,
+                tokens.cols,
+                tokens.ids.len()
+            )));
+        }
+        let mut images = decode_tokens(&self.model, std::slice::from_ref(&tokens.ids))?;
+        Ok(images.remove(0))
+    }
+}

@@ -1,0 +1,3 @@
+//! Turning user input into model input: prompts (chat formats, templates) and images.
+
+pub mod prompt;

@@ -1,0 +1,227 @@
+//! Text-to-image generation against the reference: prompt ids, the CFG logits of the first
+//! steps, greedy image tokens (one and two images per call) and decoded pixels, in both layouts;
+//! seeds, cancellation and bad input.
+
+mod common;
+
+use burn::tensor::module::embedding;
+use burn::tensor::{Int, Tensor, TensorData};
+use common::*;
+use janus_core::generate::image::{ImageGenOptions, unconditional_ids};
+use janus_core::generate::sampling::Sampling;
+use janus_core::pipeline::{ImageTokens, Janus};
+use janus_core::{ComputeDType, Error};
+
+fn load(dir: &std::path::Path) -> Janus {
+    Janus::load_on(dir, &device(), ComputeDType::F32).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn greedy(count: usize) -> ImageGenOptions {
+    ImageGenOptions {
+        count,
+        cfg_weight: 5.0,
+        sampling: Sampling::GREEDY,
+        seed: 0,
+    }
+}
+
+fn as_u32(t: &RefTensor) -> Vec<u32> {
+    t.values.iter().map(|&v| v as u32).collect()
+}
+
+/// Largest per-channel difference between an image and a reference `[1, h, w, 3]` u8 array.
+fn max_pixel_diff(img: &image::RgbImage, want: &RefTensor) -> f64 {
+    assert_eq!(
+        [img.height() as usize, img.width() as usize, 3],
+        want.shape[1..],
+        "image size"
+    );
+    img.as_raw()
+        .iter()
+        .zip(&want.values)
+        .map(|(&a, &b)| (f64::from(a) - b).abs())
+        .fold(0.0, f64::max)
+}
+
+/// The first two CFG steps, teacher-forced, against the reference's gen-head logits.
+fn check_first_steps(
+    janus: &Janus,
+    ids: &[u32],
+    r_tokens: &[u32],
+    cond: &RefTensor,
+    uncond: &RefTensor,
+) -> f64 {
+    let model = janus.model();
+    let llm = &model.llm;
+    let pad = janus.tokenizer().special().pad;
+    let rows = [ids.to_vec(), unconditional_ids(ids, pad)];
+    let mut cache = llm.new_cache(ids.len() + 2);
+    let h = llm.forward(llm.embed(&rows).unwrap(), &mut cache).unwrap();
+    let mut last = h.narrow(1, ids.len() - 1, 1);
+    let steps = cond.shape[1];
+    let v = cond.shape[2];
+    let mut worst: f64 = 0.0;
+    for (s, &token) in r_tokens.iter().enumerate().take(steps) {
+        let (_, logits) = values(model.heads.gen_head.forward(last.clone()));
+        for (row, want) in [(0, cond), (1, uncond)] {
+            let got = &logits[row * v..(row + 1) * v];
+            let exp = &want.values[s * v..(s + 1) * v];
+            let d = got
+                .iter()
+                .zip(exp)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            worst = worst.max(d);
+        }
+        let tok = i64::from(token);
+        let idx =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![tok, tok], [2, 1]), janus.device());
+        let emb = model
+            .heads
+            .gen_aligner
+            .forward(embedding(model.heads.gen_embed.clone(), idx));
+        last = llm.forward(emb, &mut cache).unwrap();
+    }
+    worst
+}
+
+#[test]
+fn hf_greedy_generation_matches_transformers() {
+    for dir in ["hf-tiny", "hf-tiny-bf16-sharded"] {
+        let janus = load(&fixture(dir));
+        let r = read_reference(&fixture(dir).join("expected/multimodal.safetensors"));
+        let ids = janus.generation_ids("a photo of a cat").unwrap();
+        assert_eq!(ids, as_u32(&r["gen_input_ids"]), "{dir}: prompt ids");
+        let pad = janus.tokenizer().special().pad;
+        assert_eq!(
+            unconditional_ids(&ids, pad),
+            as_u32(&r["gen_uncond_input_ids"])
+        );
+
+        let want = as_u32(&r["gen_tokens"]);
+        let d_logits = check_first_steps(
+            &janus,
+            &ids,
+            &want,
+            &r["gen_cond_logits"],
+            &r["gen_uncond_logits"],
+        );
+        assert!(
+            d_logits < 1e-4,
+            "{dir}: gen-head logits differ by {d_logits}"
+        );
+
+        for count in [1, 2] {
+            let images = janus.generate("a photo of a cat", &greedy(count)).unwrap();
+            assert_eq!(images.len(), count);
+            for img in &images {
+                assert_eq!(img.tokens.ids, want, "{dir}: tokens (count {count})");
+                let d = max_pixel_diff(&img.image, &r["gen_image_u8"]);
+                assert!(d <= 1.0, "{dir}: pixels differ by {d}");
+            }
+        }
+        println!("{dir}: gen-head logits max |Δ| {d_logits:.2e}; tokens equal; pixels within 1");
+    }
+}
+
+#[test]
+fn original_greedy_generation_matches_the_official_code() {
+    let janus = load(&original_checkpoint("safetensors"));
+    let r = read_reference(&fixture("original-tiny/expected/generate.safetensors"));
+    let ids = janus.generation_ids("a photo of a cat").unwrap();
+    let input = id_rows(&r["input_ids"]);
+    assert_eq!(ids, input[0], "prompt ids");
+    let pad = janus.tokenizer().special().pad;
+    assert_eq!(unconditional_ids(&ids, pad), input[1]);
+
+    let want = as_u32(&r["tokens"]);
+    assert_eq!(want.len(), 576);
+    let d_logits = check_first_steps(&janus, &ids, &want, &r["cond_logits"], &r["uncond_logits"]);
+    assert!(d_logits < 1e-4, "gen-head logits differ by {d_logits}");
+
+    let images = janus.generate("a photo of a cat", &greedy(1)).unwrap();
+    let got = &images[0].tokens.ids;
+    let margins = &r["margins"].values;
+    let differ: Vec<usize> = (0..576).filter(|&i| got[i] != want[i]).collect();
+    if let Some(&first) = differ.first() {
+        panic!(
+            "{} of 576 tokens differ, the first at step {first} (reference top-2 margin there {:.2e})",
+            differ.len(),
+            margins[first]
+        );
+    }
+    assert_eq!((images[0].tokens.rows, images[0].tokens.cols), (24, 24));
+    let d = max_pixel_diff(&images[0].image, &r["image_u8"]);
+    println!(
+        "original: gen-head logits max |Δ| {d_logits:.2e}; 576 tokens equal; pixels max |Δ| {d}"
+    );
+    assert!(d <= 1.0, "pixels differ by {d}");
+}
+
+#[test]
+fn seeds_reproduce_and_images_have_their_own_streams() {
+    let janus = load(&fixture("hf-tiny"));
+    let opts = |count, seed| ImageGenOptions {
+        count,
+        seed,
+        ..ImageGenOptions::default()
+    };
+    let tokens = |o: ImageGenOptions| {
+        janus
+            .generate("a portrait", &o)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.tokens.ids)
+            .collect::<Vec<_>>()
+    };
+    let one = tokens(opts(1, 11));
+    let two = tokens(opts(2, 11));
+    assert_eq!(one, tokens(opts(1, 11)), "same seed, same image");
+    assert_eq!(two[0], one[0], "count 2 starts with the count-1 image");
+    assert_ne!(two[0], two[1], "each image has its own stream");
+    assert_ne!(one, tokens(opts(1, 12)), "another seed, another image");
+}
+
+#[test]
+fn generation_can_be_cancelled() {
+    let janus = load(&fixture("hf-tiny"));
+    let mut seen = 0;
+    let err = janus
+        .generate_with_progress("a cat", &greedy(1), &mut |step, total| {
+            assert_eq!(total, 16);
+            seen = step;
+            step < 3
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(seen, 3);
+}
+
+#[test]
+fn bad_generation_input_is_a_typed_error() {
+    let janus = load(&fixture("hf-tiny"));
+    fn invalid<T>(r: Result<T, Error>) -> bool {
+        matches!(r, Err(Error::InvalidInput(_)))
+    }
+    assert!(invalid(janus.generate("   ", &greedy(1))));
+    assert!(invalid(janus.generate("a cat", &greedy(0))));
+    let mut nan = greedy(1);
+    nan.cfg_weight = f32::NAN;
+    assert!(invalid(janus.generate("a cat", &nan)));
+    let mut hot = greedy(1);
+    hot.sampling.temperature = -1.0;
+    assert!(invalid(janus.generate("a cat", &hot)));
+
+    let codes = janus.config().vq.codebook_size as u32;
+    let g = janus.config().vq.grid;
+    let grid = |ids: Vec<u32>, rows, cols| ImageTokens { ids, rows, cols };
+    assert!(invalid(janus.decode_image(&grid(vec![codes; g * g], g, g))));
+    assert!(invalid(janus.decode_image(&grid(vec![0; g * g - 1], g, g))));
+    assert!(invalid(janus.decode_image(&grid(
+        vec![0; 2 * g * g],
+        2 * g,
+        g
+    ))));
+    let img = janus.decode_image(&grid(vec![1; g * g], g, g)).unwrap();
+    assert_eq!(img.width() as usize, janus.config().vq.image_size());
+}
