@@ -47,3 +47,57 @@ fn original_decode_matches_official_vq16() {
     println!("official VQ-16 decode: corner max |Δ| {d_tl:.2e} / {d_br:.2e}");
     assert!(d_tl < 1e-3 && d_br < 1e-3, "{d_tl} {d_br}");
 }
+
+#[test]
+fn original_encode_matches_the_official_quantizer() {
+    use janus_core::generate::image::encode_pixels;
+    let device = device();
+    let model = JanusModel::load(
+        &original_checkpoint("safetensors"),
+        &device,
+        ComputeDType::F32,
+    )
+    .unwrap();
+    let und = read_reference(&fixture("original-tiny/expected/understand.safetensors"));
+    let r = read_reference(&fixture("original-tiny/expected/vq_preprocess.safetensors"));
+    // The encoder input: the 48×48 understanding image upscaled 8× (nearest), (u8/255 − 0.5)/0.5.
+    let small = &und["image_small_u8"];
+    let (h, w) = (small.shape[0], small.shape[1]);
+    let s = 384;
+    let mut chw = vec![0f32; 3 * s * s];
+    for y in 0..s {
+        for x in 0..s {
+            for c in 0..3 {
+                let v = small.values[((y * h / s) * w + x * w / s) * 3 + c] as f32;
+                chw[c * s * s + y * s + x] = (v / 255.0 - 0.5) / 0.5;
+            }
+        }
+    }
+    let got = encode_pixels(&model, &[chw]).unwrap().remove(0);
+    let want: Vec<u32> = r["encode_tokens"]
+        .values
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    let gaps = &r["encode_gaps"].values;
+    assert_eq!(got.len(), want.len());
+    let mut ties = 0;
+    for i in 0..want.len() {
+        if got[i] != want[i] {
+            // Only a recorded near-tie may pick the other code.
+            assert!(
+                gaps[i] < 1e-3,
+                "position {i}: {} vs {} (gap {:e})",
+                got[i],
+                want[i],
+                gaps[i]
+            );
+            ties += 1;
+        }
+    }
+    println!(
+        "official quantizer: {} of {} codes equal ({ties} near-ties differ)",
+        want.len() - ties,
+        want.len()
+    );
+}

@@ -191,6 +191,43 @@ pub fn decode_tokens(model: &JanusModel, grids: &[Vec<u32>]) -> Result<Vec<image
     Ok(out)
 }
 
+/// Token grids of images already at the VQ input size (`[-1, 1]` pixels, `[batch, 3, s, s]`
+/// as a flat CHW buffer per image), with the official quantizer: the nearest code by distance
+/// between l2-normalised latents and codebook.
+pub fn encode_pixels(model: &JanusModel, images: &[Vec<f32>]) -> Result<Vec<Vec<u32>>> {
+    let vq = &model.vq;
+    let s = vq.config.image_size();
+    let c = vq.config.in_channels;
+    if images.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(bad) = images.iter().find(|img| img.len() != c * s * s) {
+        return Err(Error::InvalidInput(format!(
+            "an image of {} values, expected {c}×{s}×{s}",
+            bad.len()
+        )));
+    }
+    let device = vq.codebook.device();
+    let flat: Vec<f32> = images.iter().flatten().copied().collect();
+    let x = Tensor::<4>::from_data(
+        TensorData::new(flat, [images.len(), c, s, s]),
+        (&device, vq.codebook.dtype()),
+    );
+    let latent = vq.encode_latent(x);
+    let per_image = latent.dims()[2] * latent.dims()[3];
+    let ids: Vec<i64> = vq
+        .code_distances(latent)
+        .argmin(1)
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec()
+        .map_err(|e| Error::InvalidInput(format!("reading codes: {e:?}")))?;
+    Ok(ids
+        .chunks(per_image)
+        .map(|c| c.iter().map(|&i| i as u32).collect())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
