@@ -7,7 +7,7 @@ use burn::tensor::Device;
 use crate::config::JanusConfig;
 use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::generate::image::{ImageGenOptions, decode_tokens, generate_tokens};
+use crate::generate::image::{ImageGenOptions, decode_tokens, generate_tokens_batch};
 use crate::load::ComputeDType;
 use crate::model::JanusModel;
 use crate::processor::prompt::PromptFormat;
@@ -160,24 +160,53 @@ impl Janus {
         options: &ImageGenOptions,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        let ids = self.generation_ids(prompt)?;
+        let mut all = self.generate_batch_with_progress(&[prompt], options, progress)?;
+        Ok(all.remove(0))
+    }
+
+    /// Generates `options.count` images for each prompt, in one batch. Every image equals what
+    /// its prompt gives alone with the same options (same backend and dtype).
+    pub fn generate_batch(
+        &self,
+        prompts: &[&str],
+        options: &ImageGenOptions,
+    ) -> Result<Vec<Vec<GeneratedImage>>> {
+        self.generate_batch_with_progress(prompts, options, &mut |_, _| true)
+    }
+
+    /// [`generate_batch`](Self::generate_batch) with a progress callback that can cancel.
+    pub fn generate_batch_with_progress(
+        &self,
+        prompts: &[&str],
+        options: &ImageGenOptions,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<Vec<GeneratedImage>>> {
+        let ids = prompts
+            .iter()
+            .map(|p| self.generation_ids(p))
+            .collect::<Result<Vec<_>>>()?;
         let pad = self.tokenizer.special().pad;
-        let grids = generate_tokens(&self.model, &ids, pad, options, progress)?;
-        let images = decode_tokens(&self.model, &grids)?;
+        let grids = generate_tokens_batch(&self.model, &ids, pad, options, progress)?;
         let g = self.model.config.vq.grid;
-        Ok(grids
+        grids
             .into_iter()
-            .zip(images)
-            .map(|(ids, image)| GeneratedImage {
-                image,
-                tokens: ImageTokens {
-                    ids,
-                    rows: g,
-                    cols: g,
-                },
-                seed: options.seed,
+            .map(|per_prompt| {
+                let images = decode_tokens(&self.model, &per_prompt)?;
+                Ok(per_prompt
+                    .into_iter()
+                    .zip(images)
+                    .map(|(ids, image)| GeneratedImage {
+                        image,
+                        tokens: ImageTokens {
+                            ids,
+                            rows: g,
+                            cols: g,
+                        },
+                        seed: options.seed,
+                    })
+                    .collect())
             })
-            .collect())
+            .collect()
     }
 
     /// Decodes an image-token grid to pixels.

@@ -180,6 +180,21 @@ fn seeds_reproduce_and_images_have_their_own_streams() {
     assert_eq!(two[0], one[0], "count 2 starts with the count-1 image");
     assert_ne!(two[0], two[1], "each image has its own stream");
     assert_ne!(one, tokens(opts(1, 12)), "another seed, another image");
+
+    // Saved as PNG, the pixels come back unchanged.
+    let img = janus
+        .generate("a portrait", &opts(1, 11))
+        .unwrap()
+        .remove(0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.png");
+    img.save_png(&path).unwrap();
+    let back = image::open(&path).unwrap().to_rgb8();
+    assert_eq!(back, img.image);
+    let err = img
+        .save_png(&dir.path().join("missing/out.png"))
+        .unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
 }
 
 #[test]
@@ -224,4 +239,41 @@ fn bad_generation_input_is_a_typed_error() {
     ))));
     let img = janus.decode_image(&grid(vec![1; g * g], g, g)).unwrap();
     assert_eq!(img.width() as usize, janus.config().vq.image_size());
+}
+
+#[test]
+fn a_batch_of_prompts_gives_what_each_prompt_gives_alone() {
+    let janus = load(&fixture("hf-tiny"));
+    let prompts = [
+        "a photo of a cat",
+        "a portrait of a young girl, film grained",
+        "sky",
+    ];
+    for opts in [
+        greedy(2),
+        ImageGenOptions {
+            count: 2,
+            seed: 5,
+            ..ImageGenOptions::default()
+        },
+    ] {
+        let batch = janus.generate_batch(&prompts, &opts).unwrap();
+        assert_eq!(batch.len(), prompts.len());
+        for (prompt, images) in prompts.iter().zip(&batch) {
+            let alone = janus.generate(prompt, &opts).unwrap();
+            assert_eq!(images.len(), 2);
+            for (a, b) in images.iter().zip(&alone) {
+                assert_eq!(a.tokens.ids, b.tokens.ids, "{prompt:?}");
+                let d = a
+                    .image
+                    .as_raw()
+                    .iter()
+                    .zip(b.image.as_raw())
+                    .map(|(&x, &y)| x.abs_diff(y))
+                    .max()
+                    .unwrap();
+                assert!(d <= 1, "{prompt:?}: pixels differ by {d}");
+            }
+        }
+    }
 }

@@ -75,15 +75,33 @@ pub fn generate_tokens(
     opts: &ImageGenOptions,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<Vec<Vec<u32>>> {
+    let mut all = generate_tokens_batch(model, &[ids.to_vec()], pad, opts, progress)?;
+    Ok(all.remove(0))
+}
+
+/// [`generate_tokens`] for several prompts at once: `opts.count` grids per prompt. Prompts of
+/// different lengths are left-padded and their padding masked, and image `i` of every prompt
+/// samples from stream `i` of the seed, so each prompt gets the images it gets alone.
+pub fn generate_tokens_batch(
+    model: &JanusModel,
+    prompts: &[Vec<u32>],
+    pad: u32,
+    opts: &ImageGenOptions,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Vec<Vec<Vec<u32>>>> {
     opts.validate()?;
     let llm = &model.llm;
     let heads = &model.heads;
+    let k = prompts.len();
+    if k == 0 {
+        return Err(Error::InvalidInput("no prompt".into()));
+    }
     let p = opts.count;
     let n = model.config.vq.num_tokens();
-    let t = ids.len();
-    if t < 2 {
+    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if prompts.iter().any(|ids| ids.len() < 2) {
         return Err(Error::InvalidInput(
-            "the generation prompt is too short".into(),
+            "a generation prompt is too short".into(),
         ));
     }
     let max_len = llm.config().max_position_embeddings;
@@ -92,21 +110,52 @@ pub fn generate_tokens(
             "the prompt ({t} tokens) and {n} image tokens exceed the context of {max_len}"
         )));
     }
-    // One prefill for the conditional and unconditional rows, then shared by every image.
-    let rows = [ids.to_vec(), unconditional_ids(ids, pad)];
+    // Conditional rows of every prompt, then their unconditional rows, left-padded to `t`.
+    let mut rows = Vec::with_capacity(2 * k);
+    let mut pads = Vec::with_capacity(2 * k);
+    for uncond in [false, true] {
+        for ids in prompts {
+            let row = if uncond {
+                unconditional_ids(ids, pad)
+            } else {
+                ids.clone()
+            };
+            let fill = t - row.len();
+            pads.push(fill);
+            rows.push(
+                std::iter::repeat_n(pad, fill)
+                    .chain(row)
+                    .collect::<Vec<u32>>(),
+            );
+        }
+    }
+    // One prefill for all of them, then shared by every image of a prompt.
     let mut cache = llm.new_cache(t + n);
+    cache.set_left_padding(pads);
     let hidden = llm.forward(llm.embed(&rows)?, &mut cache)?;
-    let order: Vec<usize> = (0..2 * p).map(|r| usize::from(r >= p)).collect();
+    // Row order from here: image i of prompt j, conditional (j·p + i), then unconditional.
+    let images = k * p;
+    let order: Vec<usize> = (0..2 * images)
+        .map(|r| {
+            let (half, r) = (r / images, r % images);
+            half * k + r / p
+        })
+        .collect();
     cache.select_rows(&order);
     let device = hidden.device();
     let pick = Tensor::<1, Int>::from_data(
-        TensorData::new(order.iter().map(|&r| r as i64).collect::<Vec<_>>(), [2 * p]),
+        TensorData::new(
+            order.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+            [2 * images],
+        ),
         &device,
     );
     let mut last = hidden.narrow(1, t - 1, 1).select(0, pick);
 
-    let mut rngs: Vec<_> = (0..p as u64).map(|i| stream(opts.seed, i)).collect();
-    let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(n); p];
+    let mut rngs: Vec<_> = (0..images)
+        .map(|r| stream(opts.seed, (r % p) as u64))
+        .collect();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(n); images];
     let w = opts.cfg_weight;
     for step in 0..n {
         let logits = heads.gen_head.forward(last);
@@ -116,10 +165,10 @@ pub fn generate_tokens(
             .convert::<f32>()
             .try_into_vec()
             .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
-        let mut next = Vec::with_capacity(2 * p);
+        let mut next = Vec::with_capacity(2 * images);
         for (i, rng) in rngs.iter_mut().enumerate() {
             let c = &host[i * v..(i + 1) * v];
-            let u = &host[(p + i) * v..(p + i + 1) * v];
+            let u = &host[(images + i) * v..(images + i + 1) * v];
             let mixed: Vec<f32> = c.iter().zip(u).map(|(&c, &u)| u + w * (c - u)).collect();
             let tok = sample(&mixed, &opts.sampling, rng) as u32;
             tokens[i].push(tok);
@@ -133,13 +182,18 @@ pub fn generate_tokens(
         }
         // The same token goes to an image's conditional and unconditional rows.
         next.extend_from_within(..);
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(next, [2 * p, 1]), &device);
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(next, [2 * images, 1]), &device);
         let emb = heads
             .gen_aligner
             .forward(embedding(heads.gen_embed.clone(), idx));
         last = llm.forward(emb, &mut cache)?;
     }
-    Ok(tokens)
+    let mut grouped = Vec::with_capacity(k);
+    let mut it = tokens.into_iter();
+    for _ in 0..k {
+        grouped.push(it.by_ref().take(p).collect());
+    }
+    Ok(grouped)
 }
 
 /// Decodes token grids to RGB8 images as the reference does:

@@ -13,6 +13,7 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
     len: usize,
     capacity_hint: usize,
+    left_pad: Vec<usize>,
 }
 
 impl KvCache {
@@ -23,6 +24,7 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
             capacity_hint: capacity.max(1),
+            left_pad: Vec::new(),
         }
     }
 
@@ -34,6 +36,17 @@ impl KvCache {
     /// Whether no position is held yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Declares that row `r` of the batch starts with `pads[r]` padding positions (prompts of
+    /// different lengths, left-padded to one length).
+    pub fn set_left_padding(&mut self, pads: Vec<usize>) {
+        self.left_pad = pads;
+    }
+
+    /// Padding positions at the start of each row (empty: none).
+    pub fn left_padding(&self) -> &[usize] {
+        &self.left_pad
     }
 
     /// Rows of the batch the cache holds, once anything is held.
@@ -101,6 +114,9 @@ impl KvCache {
     /// Keeps the rows `rows` of the batch, in that order (a row may repeat): one prefill can serve
     /// several sequences that continue differently.
     pub fn select_rows(&mut self, rows: &[usize]) {
+        if !self.left_pad.is_empty() {
+            self.left_pad = rows.iter().map(|&r| self.left_pad[r]).collect();
+        }
         for (k, v) in self.layers.iter_mut().flatten() {
             let device = k.device();
             let idx = Tensor::<1, burn::tensor::Int>::from_data(

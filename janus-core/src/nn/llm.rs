@@ -5,7 +5,7 @@
 use burn::tensor::activation::silu;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -39,7 +39,8 @@ impl RmsNorm {
     }
 }
 
-/// Rotary tables for a run of positions, `[1, 1, t, head_dim]`.
+/// Rotary tables for a run of positions, `[rows, 1, t, head_dim]` (one row when every sequence
+/// is at the same position).
 struct Rope {
     cos: Tensor<4>,
     sin: Tensor<4>,
@@ -47,29 +48,45 @@ struct Rope {
 
 impl Rope {
     /// cos/sin of `position · inv_freq`, computed in f32 as transformers does
-    /// (`inv_freq = 1 / θ^(2i/d)`, `emb = cat(freqs, freqs)`).
-    fn new(start: usize, t: usize, head_dim: usize, theta: f64, x: &Tensor<4>) -> Self {
+    /// (`inv_freq = 1 / θ^(2i/d)`, `emb = cat(freqs, freqs)`). Row `r` starts at
+    /// `start − left_pad[r]` (its padding does not count as positions).
+    fn new(
+        start: usize,
+        t: usize,
+        left_pad: &[usize],
+        head_dim: usize,
+        theta: f64,
+        x: &Tensor<4>,
+    ) -> Self {
         let half = head_dim / 2;
         let base = theta as f32;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        let mut cos = Vec::with_capacity(t * head_dim);
-        let mut sin = Vec::with_capacity(t * head_dim);
-        for p in start..start + t {
-            let p = p as f32;
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    let a = p * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+        let offsets: Vec<usize> = if left_pad.iter().all(|&p| p == 0) {
+            vec![0]
+        } else {
+            left_pad.to_vec()
+        };
+        let rows = offsets.len();
+        let mut cos = Vec::with_capacity(rows * t * head_dim);
+        let mut sin = Vec::with_capacity(rows * t * head_dim);
+        for &pad in &offsets {
+            for p in start..start + t {
+                let p = p.saturating_sub(pad) as f32;
+                for _ in 0..2 {
+                    for f in &inv_freq {
+                        let a = p * f;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
                 }
             }
         }
         let opts = (&x.device(), x.dtype());
         Rope {
-            cos: Tensor::from_data(TensorData::new(cos, [1, 1, t, head_dim]), opts),
-            sin: Tensor::from_data(TensorData::new(sin, [1, 1, t, head_dim]), opts),
+            cos: Tensor::from_data(TensorData::new(cos, [rows, 1, t, head_dim]), opts),
+            sin: Tensor::from_data(TensorData::new(sin, [rows, 1, t, head_dim]), opts),
         }
     }
 
@@ -121,10 +138,12 @@ impl DecoderLayer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: Tensor<3>,
         rope: &Rope,
+        mask: Option<&Tensor<4, Bool>>,
         cache: &mut KvCache,
         layer: usize,
         c: &TextConfig,
@@ -160,7 +179,11 @@ impl DecoderLayer {
             softcap: None,
             is_causal: true,
         };
-        let o = attention(q, k, v, None, None, options)
+        let mask = mask.map(|m| {
+            let [b, _, t, s] = m.dims();
+            m.clone().expand([b, h, t, s])
+        });
+        let o = attention(q, k, v, mask, None, options)
             .swap_dims(1, 2)
             .reshape([b, t, h * hd]);
         let x = x + self.o_proj.forward(o);
@@ -249,7 +272,9 @@ impl Llm {
     }
 
     /// Runs the decoder over `x` (`[batch, t, hidden]`) after the positions held in `cache`,
-    /// appending to it. Returns the hidden states after the final norm.
+    /// appending to it. Returns the hidden states after the final norm. Rows the cache marks as
+    /// left-padded ([`KvCache::set_left_padding`]) ignore their padding positions and count
+    /// their positions from the first real token.
     pub fn forward(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
         let [b, t, d] = x.dims();
         if d != self.config.hidden_size || t == 0 {
@@ -265,13 +290,29 @@ impl Llm {
                 "the cache holds {k} rows, the input has {b}"
             )));
         }
+        let pads = cache.left_padding().to_vec();
+        if !pads.is_empty() && pads.len() != b {
+            return Err(Error::InvalidInput(format!(
+                "left padding given for {} rows, the input has {b}",
+                pads.len()
+            )));
+        }
         let start = cache.len();
         let c = &self.config;
         let probe: Tensor<4> = x.clone().narrow(1, 0, 1).unsqueeze();
-        let rope = Rope::new(start, t, c.head_dim, c.rope_theta, &probe);
+        let rope = Rope::new(start, t, &pads, c.head_dim, c.rope_theta, &probe);
+        // Padding keys are hidden from every query of their row.
+        let mask = pads.iter().any(|&p| p > 0).then(|| {
+            let total = start + t;
+            let flags: Vec<bool> = pads
+                .iter()
+                .flat_map(|&p| (0..t).flat_map(move |_| (0..total).map(move |j| j < p)))
+                .collect();
+            Tensor::<4, Bool>::from_data(TensorData::new(flags, [b, 1, t, total]), &x.device())
+        });
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &rope, cache, i, c);
+            x = layer.forward(x, &rope, mask.as_ref(), cache, i, c);
         }
         cache.advance(t);
         Ok(self.norm.forward(x))
