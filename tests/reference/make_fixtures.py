@@ -18,6 +18,10 @@ PYTHONPATH for the steps that need the official DeepSeek code):
                      [transformers 4.57.1 + official code]
   check-tokenizer    re-check tokenize.json against transformers 4.57.1's AutoTokenizer and the Python
                      binding of tokenizers 0.22.x (= the Rust crate janus-core uses) [4.57.1 env]
+  preprocess         image decoding and preprocessing references: tests/fixtures/preprocess/ (configs,
+                     encoded files, expected.safetensors) from transformers 5.24's JanusImageProcessor,
+                     Pillow and torchvision, and (re-running itself as `preprocess-original` under
+                     transformers 4.57.1 + official code) the official VLMImageProcessor [5.24 env]
   all                everything above, plus gen_original.py
 
 See tests/reference/README.md for the exact environment and commands.
@@ -1381,6 +1385,299 @@ def original_vq_and_preprocess(model, proc, out_dir, common_meta) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# Image preprocessing and decoding (tests/fixtures/preprocess/)
+# ------------------------------------------------------------------------------------------------
+PREPROCESS_DIR = FIXTURES / "preprocess"
+PRE_SEED = 1000               # synthetic_image seeds of the preprocessing sources: PRE_SEED + case index
+
+# (name, width, height): sources for the tiny (64 x 64) processors, covering wide / tall, up- and
+# downscaling, truncation vs round-half-even of the short side (128x31: 15.5 -> 15 vs 16), the
+# min_size floor (1x40, 200x13), Pillow's vertical-first pass order (40x200: the height shrinks by
+# more than twice as many pixels as the width) and an image already at the model size.
+PRE_TINY_CASES = [
+    ("w37h23", 37, 23), ("w23h37", 23, 37), ("w100h41", 100, 41), ("w13h50", 13, 50),
+    ("w50h13", 50, 13), ("w7h5", 7, 5), ("w150h70", 150, 70), ("w1h40", 1, 40),
+    ("w200h13", 200, 13), ("w128h31", 128, 31), ("w40h200", 40, 200), ("w64h64", 64, 64),
+    ("w65h64", 65, 64),
+]
+# Sources for the official processor at its real size (original-tiny/preprocessor_config.json,
+# image_size 384): only the resized content (not the padding) is stored, to keep the file small.
+# (w20h450 runs Pillow's vertical pass first.)
+PRE_384_CASES = [
+    ("w9h50", 9, 50), ("w300h41", 300, 41), ("w400h30", 400, 30), ("w20h450", 20, 450), ("w40h7", 40, 7),
+]
+# Short side -> size, centre crop (preprocess_for_vq): (name, width, height, size).
+# (51x32 and 53x32 at 32: no resize, crop offsets round(9.5) = 10 and round(10.5) = 10.)
+PRE_VQ_CASES = [
+    ("w37h23", 37, 23, 64), ("w100h41", 100, 41, 64), ("w23h37", 23, 37, 64), ("w150h70", 150, 70, 64),
+    ("w51h32", 51, 32, 32), ("w53h32", 53, 32, 32), ("w32h53", 32, 53, 32), ("w37h23", 37, 23, 16),
+]
+# The processor configurations: (name, folder, layout).  original-64 = original-tiny at image size 64;
+# the *-clip folders give only the size, so every other setting is the class default (CLIP mean/std,
+# background (122, 116, 104)).
+PRE_CONFIGS = [
+    ("original-64", PREPROCESS_DIR / "original-64", "original"),
+    ("original-clip", PREPROCESS_DIR / "original-clip", "original"),
+    ("hf-tiny", HF_F32, "hf"),
+    ("hf-clip", PREPROCESS_DIR / "hf-clip", "hf"),
+]
+PRE_PIL_BACKEND_CASES = ["allvals", "w37h23", "w40h200", "w128h31"]   # JanusImageProcessorPil (hf-tiny)
+PRE_NON_SQUARE_PIXEL_CASE = "w37h23"   # the case whose pixel_values (and padded image) the *-clip configs store
+
+
+def pre_source(name: str):
+    """The deterministic source image of a preprocessing case (HWC uint8)."""
+    import numpy as np
+
+    if name == "allvals":
+        # 64 x 64: every uint8 value in every channel (the 64 x 64 processors leave it unresized)
+        i = np.arange(64 * 64).reshape(64, 64)
+        return np.stack([i % 256, (i * 7 + 85) % 256, (255 - i) % 256], axis=-1).astype(np.uint8)
+    sizes = {n: (w, h) for n, w, h in PRE_TINY_CASES + PRE_384_CASES}
+    sizes.update({n: (w, h) for n, w, h, _ in PRE_VQ_CASES})
+    names = sorted(sizes)
+    w, h = sizes[name]
+    return synthetic_image(h, w, PRE_SEED + names.index(name))
+
+
+def write_preprocess_configs() -> None:
+    cfg = read_json(ORIGINAL_DIR / "preprocessor_config.json")
+    cfg["image_size"] = 64
+    write_json(PREPROCESS_DIR / "original-64" / "preprocessor_config.json", cfg)
+    write_json(PREPROCESS_DIR / "original-clip" / "preprocessor_config.json",
+               {"image_processor_type": "VLMImageProcessor", "image_size": 64})
+    write_json(PREPROCESS_DIR / "hf-clip" / "processor_config.json",
+               {"image_processor": {"image_processor_type": "JanusImageProcessor",
+                                    "size": {"height": 64, "width": 64}},
+                "processor_class": "JanusProcessor"})
+
+
+def cmd_preprocess_original(args) -> None:
+    """Child step (transformers 4.57.1 + official code): the official VLMImageProcessor outputs, as .npz."""
+    import numpy as np
+    from PIL import Image
+
+    from janus.models.image_processing_vlm import VLMImageProcessor
+
+    out = {}
+    procs = {"original-384": VLMImageProcessor.from_pretrained(str(ORIGINAL_DIR))}
+    for name, folder, layout in PRE_CONFIGS:
+        if layout == "original":
+            procs[name] = VLMImageProcessor.from_pretrained(str(folder))
+    for name, ip in procs.items():
+        bg = tuple(int(x * 255) for x in ip.image_mean)
+        assert tuple(ip.background_color) == bg, (name, ip.background_color, bg)
+        cases = PRE_384_CASES if name == "original-384" else PRE_TINY_CASES + [("allvals", 64, 64)]
+        for case, w, h in cases:
+            src = pre_source(case)
+            pil = Image.fromarray(src)
+            padded = np.ascontiguousarray(ip.resize(pil).transpose(1, 2, 0))          # HWC uint8
+            pv = ip([pil], return_tensors="pt").pixel_values[0].numpy()
+            assert padded.dtype == np.uint8 and pv.dtype == np.float32, (padded.dtype, pv.dtype)
+            # pixel_values is an elementwise function of the padded image: recompute it the numpy way
+            x = (padded.transpose(2, 0, 1).astype(np.float64) * ip.rescale_factor).astype(np.float32)
+            if ip.do_normalize:
+                x = (x - np.array(ip.image_mean, np.float32)[:, None, None]) / np.array(ip.image_std, np.float32)[:, None, None]
+            assert np.array_equal(x, pv), (name, case)
+            out[f"{name}.{case}.padded_u8"] = padded
+            out[f"{name}.{case}.pixel_values"] = pv
+    np.savez(args.out, **out)
+
+
+def pre_encoded_files(src) -> "list[tuple[str, bytes]]":
+    """Small encoded images (name with extension, bytes) for the decoding tests, written by Pillow."""
+    import io
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    def save(im, fmt, **kw):
+        b = io.BytesIO()
+        im.save(b, fmt, **kw)
+        return b.getvalue()
+
+    def png16(arr, color_type):
+        # Pillow cannot write 16-bit RGB PNGs: a minimal encoder (one IDAT, filter 0)
+        h, w = arr.shape[:2]
+        raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+        def chunk(t, d):
+            return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+    rgb = Image.fromarray(src)
+    h, w = src.shape[:2]
+    alpha = ((np.arange(h * w).reshape(h, w) * 37) % 256).astype(np.uint8)
+    rgba = Image.fromarray(np.dstack([src, alpha]), "RGBA")
+    grey = rgb.convert("L")
+    la = Image.fromarray(np.dstack([np.asarray(grey), alpha]), "LA")
+    pal = rgb.quantize(colors=16, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    wide = np.asarray(src, np.uint16) * 257 + np.arange(w, dtype=np.uint16)[None, :, None]
+    grey16 = (np.arange(h * w, dtype=np.uint32).reshape(h, w) * 997 % 65536).astype(np.uint16)
+    return [
+        ("rgb.png", save(rgb, "PNG")),
+        ("rgba.png", save(rgba, "PNG")),
+        ("grey.png", save(grey, "PNG")),
+        ("grey_alpha.png", save(la, "PNG")),
+        ("palette.png", save(pal, "PNG")),
+        ("palette_transparency.png", save(pal, "PNG", transparency=3)),
+        ("grey16.png", save(Image.fromarray(grey16), "PNG")),
+        ("rgb16.png", png16(wide, 2)),
+        ("rgb_q90_420.jpg", save(rgb, "JPEG", quality=90, subsampling=2)),
+        ("rgb_q90_444.jpg", save(rgb, "JPEG", quality=90, subsampling=0)),
+        ("grey_q90.jpg", save(grey, "JPEG", quality=90)),
+        ("rgb.bmp", save(rgb, "BMP")),
+        ("palette.bmp", save(pal, "BMP")),
+        ("rgba.bmp", save(rgba, "BMP")),
+        ("rgb_lossless.webp", save(rgb, "WEBP", lossless=True)),
+        ("rgba_lossless.webp", save(rgba, "WEBP", lossless=True)),
+        ("rgb_q80.webp", save(rgb, "WEBP", quality=80, method=4)),
+    ]
+
+
+def cmd_preprocess(args) -> None:
+    import io
+    import tempfile
+
+    import numpy as np
+    import PIL
+    import torch
+    import torchvision
+    import torchvision.transforms as T
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    torch_setup()
+    write_preprocess_configs()
+    tensors: dict = {}
+
+    def put(name, arr):
+        arr = np.ascontiguousarray(arr)
+        tensors[name] = torch.from_numpy(arr.copy())
+
+    # -- official VLMImageProcessor (child process: transformers 4.57.1 + official code) -----------
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "original.npz"
+        run_step("preprocess-original", official_env(args), ["--out", str(npz)])
+        orig = dict(np.load(npz))
+
+    # -- transformers 5 JanusImageProcessor (torchvision backend, as AutoImageProcessor loads it) ----
+    hf = {}
+    for name, folder, layout in PRE_CONFIGS:
+        if layout != "hf":
+            continue
+        ip = AutoImageProcessor.from_pretrained(str(folder))
+        assert type(ip).__name__ == "JanusImageProcessor", type(ip)
+        bg = tuple(int(x * 255) for x in ip.image_mean)
+        assert tuple(ip.background_color) == bg, (name, ip.background_color, bg)
+        for case, w, h in PRE_TINY_CASES + [("allvals", 64, 64)]:
+            pil = Image.fromarray(pre_source(case))
+            pv = ip(images=[pil], return_tensors="pt").pixel_values[0]
+            padded = ip(images=[pil], do_rescale=False, do_normalize=False, return_tensors="pt").pixel_values[0]
+            assert padded.dtype == torch.uint8 and pv.dtype == torch.float32, (padded.dtype, pv.dtype)
+            hf[f"{name}.{case}.padded_u8"] = padded.permute(1, 2, 0).contiguous().numpy()
+            hf[f"{name}.{case}.pixel_values"] = pv.numpy()
+
+    # the PIL backend of the same class (backend="pil", or no torchvision): Pillow bicubic and numpy
+    # arithmetic with transformers' rounding
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    ip = JanusImageProcessorPil.from_pretrained(str(HF_F32))
+    for case in PRE_PIL_BACKEND_CASES:
+        pil = Image.fromarray(pre_source(case))
+        pv = ip(images=[pil], return_tensors="np").pixel_values[0]
+        padded = ip(images=[pil], do_rescale=False, do_normalize=False, return_tensors="np").pixel_values[0]
+        assert padded.dtype == np.uint8 and pv.dtype == np.float32, (padded.dtype, pv.dtype)
+        hf[f"hf-tiny-pil.{case}.padded_u8"] = padded.transpose(1, 2, 0)
+        hf[f"hf-tiny-pil.{case}.pixel_values"] = pv
+
+    everything = {**orig, **hf}
+    for name, arr in sorted(everything.items()):
+        cfg, case, kind = name.split(".")
+        if cfg == "original-384":
+            # keep only the resized content of the padded 384 x 384 image (expand2square offsets)
+            w, h = {n: (a, b) for n, a, b in PRE_384_CASES}[case]
+            if kind != "padded_u8":
+                continue
+            size = 384
+            nw, nh = (size, max(int(h / max(w, h) * size), 14)) if w >= h else (max(int(w / max(w, h) * size), 14), size)
+            top, left = ((size - nh) // 2, 0) if w > h else (0, (size - nw) // 2)
+            content = arr[top:top + nh, left:left + nw]
+            outside = arr.copy()
+            outside[top:top + nh, left:left + nw] = 127
+            assert (outside == 127).all(), case            # the padding is the background colour
+            put(f"{cfg}.{case}.content_u8", content)
+            put(f"{cfg}.{case}.content_top_left", np.array([top, left], np.int64))
+            continue
+        if kind == "pixel_values" and case != "allvals" and not (
+                cfg.endswith("-clip") and case == PRE_NON_SQUARE_PIXEL_CASE):
+            continue
+        if kind == "padded_u8" and cfg.endswith("-clip") and case not in ("allvals", PRE_NON_SQUARE_PIXEL_CASE):
+            continue
+        put(name, arr)
+    for case, w, h in PRE_TINY_CASES + PRE_384_CASES + [("allvals", 64, 64)]:
+        put(f"src.{case}", pre_source(case))
+
+    # -- VQ input: torchvision Resize(size) (PIL bicubic) + CenterCrop(size), (u8/255 - 0.5)/0.5 ----
+    for case, w, h, size in PRE_VQ_CASES:
+        src = pre_source(case)
+        put(f"src.{case}", src)
+        crop_pil = T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.BICUBIC,
+                                               antialias=True)(Image.fromarray(src)))
+        crop = np.asarray(crop_pil)
+        put(f"vq{size}.{case}.crop_u8", crop)
+        if case == "w37h23" and size == 64:
+            x = (torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+            put(f"vq{size}.{case}.pixel_values", x.numpy())
+
+    # -- decoding: Pillow's Image.open(f).convert("RGB") of small encoded files ---------------------
+    decode_dir = PREPROCESS_DIR / "decode"
+    if decode_dir.exists():
+        shutil.rmtree(decode_dir)
+    decode_dir.mkdir(parents=True)
+    dsrc = synthetic_image(17, 23, PRE_SEED + 500)
+    for fname, data in pre_encoded_files(dsrc):
+        (decode_dir / fname).write_bytes(data)
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert rgb.shape == (17, 23, 3), (fname, rgb.shape)
+        put(f"decode.{fname}", rgb)
+
+    meta = {
+        "layout": "preprocessing references; tensor names are <config>.<case>.<kind>",
+        "src.<case>": "source image, HWC uint8 (synthetic_image(H, W, PRE_SEED + index) or the all-values 64x64 "
+                      "image); the case name gives width and height",
+        "original-64 / original-clip": "official VLMImageProcessor (deepseek-ai/Janus, transformers 4.57.1, "
+                                       "Pillow bicubic) from tests/fixtures/preprocess/<config>/",
+        "original-384": "official VLMImageProcessor from tests/fixtures/original-tiny (image_size 384): "
+                        "content_u8 = the resized image inside the padded square, content_top_left = its offset "
+                        "(the rest of the square is the background 127)",
+        "hf-tiny / hf-clip": "transformers JanusImageProcessor (torchvision backend, AutoImageProcessor) from "
+                             "tests/fixtures/hf-tiny and tests/fixtures/preprocess/hf-clip, CPU",
+        "hf-tiny-pil": "transformers JanusImageProcessorPil (the PIL backend) from tests/fixtures/hf-tiny",
+        "padded_u8": "the resized and padded image, HWC uint8 (official: VLMImageProcessor.resize; transformers: "
+                     "do_rescale=False, do_normalize=False)",
+        "pixel_values": "the processor's pixel_values[0], CHW float32 (stored for the allvals image, and for "
+                        f"{PRE_NON_SQUARE_PIXEL_CASE} with the *-clip configs; elsewhere it is the same "
+                        "elementwise map of padded_u8)",
+        "vq<size>.<case>": "torchvision Resize(size, BICUBIC, antialias) + CenterCrop(size) on the PIL image: "
+                           "crop_u8 HWC uint8, pixel_values = (u8/255 - 0.5)/0.5 CHW float32",
+        "decode.<file>": "Pillow Image.open(tests/fixtures/preprocess/decode/<file>).convert('RGB'), HWC uint8",
+        "versions": f"Pillow {PIL.__version__}, torchvision {torchvision.__version__}, "
+                    + ", ".join(f"{k} {v}" for k, v in env_versions().items()),
+        "official_code_commit": official_commit(),
+    }
+    save_expected(PREPROCESS_DIR / "expected.safetensors", tensors, meta)
+    size = (PREPROCESS_DIR / "expected.safetensors").stat().st_size
+    print(f"preprocess: {len(tensors)} tensors, expected.safetensors {size / 1e6:.2f} MB")
+    if size > 1_500_000:
+        raise SystemExit("tests/fixtures/preprocess/expected.safetensors is over 1.5 MB")
+
+
+# ------------------------------------------------------------------------------------------------
 # Cross-check of the tokenizer with transformers 4.57 and tokenizers 0.22 (the Rust crate's version)
 # ------------------------------------------------------------------------------------------------
 def cmd_check_tokenizer(args) -> None:
@@ -1465,6 +1762,7 @@ def cmd_all(args) -> None:
     subprocess.run(gen, check=True)
     run_step("original-expected", env, cache_args)
     run_step("check-tokenizer", env)
+    cmd_preprocess(args)
     print(f"all fixtures written in {time.perf_counter() - t0:.0f} s")
 
 
@@ -1478,14 +1776,18 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default=None, help="gen_original.py cache root (default: $JANUS_FIXTURE_CACHE "
                                                  "or ~/.cache/janus-rs-fixtures)")
     sub.add_parser("check-tokenizer")
-    p = sub.add_parser("all")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--tf457", default=os.environ.get("JANUS_TF457", DEFAULT_TF457),
-                   help="pip --target folder holding transformers 4.57.1 (default %(default)s)")
-    p.add_argument("--janus-src", default=os.environ.get("JANUS_OFFICIAL_SRC", DEFAULT_JANUS_SRC),
-                   help="folder with the official deepseek-ai/Janus sources (default %(default)s)")
-    p.add_argument("--janus-git", default=os.environ.get("JANUS_OFFICIAL_GIT", DEFAULT_JANUS_GIT),
-                   help="bare git mirror of deepseek-ai/Janus, extracted into --janus-src if that is empty")
+    p = sub.add_parser("preprocess-original")
+    p.add_argument("--out", required=True, help=".npz the official-processor outputs are written to")
+    for name in ("preprocess", "all"):
+        p = sub.add_parser(name)
+        if name == "all":
+            p.add_argument("--cache", default=None)
+        p.add_argument("--tf457", default=os.environ.get("JANUS_TF457", DEFAULT_TF457),
+                       help="pip --target folder holding transformers 4.57.1 (default %(default)s)")
+        p.add_argument("--janus-src", default=os.environ.get("JANUS_OFFICIAL_SRC", DEFAULT_JANUS_SRC),
+                       help="folder with the official deepseek-ai/Janus sources (default %(default)s)")
+        p.add_argument("--janus-git", default=os.environ.get("JANUS_OFFICIAL_GIT", DEFAULT_JANUS_GIT),
+                       help="bare git mirror of deepseek-ai/Janus, extracted into --janus-src if that is empty")
     args = ap.parse_args(argv)
     {
         "tokenizer": cmd_tokenizer,
@@ -1493,6 +1795,8 @@ def main(argv=None) -> None:
         "original-manifest": cmd_original_manifest,
         "original-expected": cmd_original_expected,
         "check-tokenizer": cmd_check_tokenizer,
+        "preprocess-original": cmd_preprocess_original,
+        "preprocess": cmd_preprocess,
         "all": cmd_all,
     }[args.cmd](args)
 
