@@ -40,3 +40,8 @@ pub use error::{Error, Result, WeightMismatch};
 pub use load::{Checkpoint, ComputeDType};
 pub use model::JanusModel;
 pub use tokenizer::{JanusTokenizer, SpecialTokens};
+
+/// The README's Rust examples, compiled as doc tests so that they stay correct.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;

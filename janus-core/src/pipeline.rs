@@ -7,7 +7,9 @@ use burn::tensor::Device;
 use crate::config::JanusConfig;
 use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::generate::image::{ImageGenOptions, decode_tokens, generate_tokens_batch};
+use crate::generate::image::{
+    ImageGenOptions, decode_tokens, encode_pixels, generate_tokens_batch,
+};
 use crate::load::ComputeDType;
 use crate::model::JanusModel;
 use crate::processor::prompt::PromptFormat;
@@ -207,6 +209,23 @@ impl Janus {
                     .collect())
             })
             .collect()
+    }
+
+    /// The VQ token grid of an image: its short side resized to the VQ input size (bicubic),
+    /// centre-cropped to a square, scaled to [-1, 1], encoded, and quantised with the official
+    /// quantizer (nearest l2-normalised code).
+    pub fn encode_image(&self, image: &image::RgbImage) -> Result<ImageTokens> {
+        if image.width() == 0 || image.height() == 0 {
+            return Err(Error::InvalidInput("the image has no pixels".into()));
+        }
+        let vq = &self.model.config.vq;
+        let pixels = crate::processor::image::preprocess_for_vq(image, vq.image_size());
+        let ids = encode_pixels(&self.model, &[pixels])?.remove(0);
+        Ok(ImageTokens {
+            ids,
+            rows: vq.grid,
+            cols: vq.grid,
+        })
     }
 
     /// Decodes an image-token grid to pixels.

@@ -239,6 +239,28 @@ fn bad_generation_input_is_a_typed_error() {
     ))));
     let img = janus.decode_image(&grid(vec![1; g * g], g, g)).unwrap();
     assert_eq!(img.width() as usize, janus.config().vq.image_size());
+    assert!(invalid(janus.encode_image(&image::RgbImage::new(0, 0))));
+}
+
+#[test]
+fn encode_decode_round_trip_on_the_token_grid() {
+    // Decoding a grid and encoding the pixels again gives a grid of the same shape; a
+    // non-square image of another size is resized and cropped first.
+    let janus = load(&fixture("hf-tiny"));
+    let g = janus.config().vq.grid;
+    let grid = ImageTokens {
+        ids: (0..(g * g) as u32).collect(),
+        rows: g,
+        cols: g,
+    };
+    let img = janus.decode_image(&grid).unwrap();
+    let tokens = janus.encode_image(&img).unwrap();
+    assert_eq!((tokens.rows, tokens.cols, tokens.ids.len()), (g, g, g * g));
+    let codes = janus.config().vq.codebook_size as u32;
+    assert!(tokens.ids.iter().all(|&t| t < codes));
+    let wide = image::RgbImage::from_fn(97, 41, |x, y| image::Rgb([x as u8, y as u8, 7]));
+    assert_eq!(janus.encode_image(&wide).unwrap().ids.len(), g * g);
+    assert_eq!(janus.encode_image(&img).unwrap(), tokens, "deterministic");
 }
 
 #[test]

@@ -12,6 +12,15 @@ fn tokens(t: &RefTensor, device: &janus_core::Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids, [t.shape[0], t.shape[1]]), device)
 }
 
+fn original_model(device: &janus_core::Device) -> JanusModel {
+    JanusModel::load(
+        &original_checkpoint("safetensors"),
+        device,
+        ComputeDType::F32,
+    )
+    .unwrap()
+}
+
 #[test]
 fn hf_decode_matches_transformers() {
     let device = device();
@@ -29,12 +38,7 @@ fn hf_decode_matches_transformers() {
 #[test]
 fn original_decode_matches_official_vq16() {
     let device = device();
-    let model = JanusModel::load(
-        &original_checkpoint("safetensors"),
-        &device,
-        ComputeDType::F32,
-    )
-    .unwrap();
+    let model = original_model(&device);
     let r = read_reference(&fixture("original-tiny/expected/generate.safetensors"));
     let img = model.vq.decode(tokens(&r["tokens"], &device));
     assert_eq!(img.dims(), [1, 3, 384, 384]);
@@ -52,12 +56,7 @@ fn original_decode_matches_official_vq16() {
 fn original_encode_matches_the_official_quantizer() {
     use janus_core::generate::image::encode_pixels;
     let device = device();
-    let model = JanusModel::load(
-        &original_checkpoint("safetensors"),
-        &device,
-        ComputeDType::F32,
-    )
-    .unwrap();
+    let model = original_model(&device);
     let und = read_reference(&fixture("original-tiny/expected/understand.safetensors"));
     let r = read_reference(&fixture("original-tiny/expected/vq_preprocess.safetensors"));
     // The encoder input: the 48×48 understanding image upscaled 8× (nearest), (u8/255 − 0.5)/0.5.

@@ -184,6 +184,37 @@ pub struct Level {
     pub resample: Option<Conv>,
 }
 
+impl Level {
+    /// `{prefix}.res.{j}` (the first maps `channels[0]` to `channels[1]`), `{prefix}.attn.{j}`
+    /// after each when `attn`, and `{prefix}.{resample}.conv`.
+    fn load(
+        w: &mut Weights<'_>,
+        prefix: &str,
+        blocks: usize,
+        channels: [usize; 2],
+        attn: bool,
+        resample: Option<&str>,
+    ) -> Self {
+        let [mut c_in, c_out] = channels;
+        let mut res = Vec::with_capacity(blocks);
+        let mut attns = Vec::new();
+        for j in 0..blocks {
+            res.push(ResBlock::load(w, &format!("{prefix}.res.{j}"), c_in, c_out));
+            c_in = c_out;
+            if attn {
+                attns.push(AttnBlock::load(w, &format!("{prefix}.attn.{j}"), c_out));
+            }
+        }
+        let resample =
+            resample.map(|name| Conv::load(w, &format!("{prefix}.{name}.conv"), c_out, c_out, 3));
+        Level {
+            res,
+            attn: attns,
+            resample,
+        }
+    }
+}
+
 /// The middle: ResNet, attention, ResNet.
 #[derive(Debug, Clone)]
 pub struct Mid {
@@ -291,38 +322,16 @@ impl VqModel {
         let mut block_in = ch;
         for (i, &m) in mult.iter().enumerate() {
             let block_out = ch * m;
-            let mut res = Vec::new();
-            let mut attn = Vec::new();
-            for j in 0..c.num_res_blocks {
-                res.push(ResBlock::load(
-                    w,
-                    &format!("{e}.conv_blocks.{i}.res.{j}"),
-                    block_in,
-                    block_out,
-                ));
-                block_in = block_out;
-                if i == n - 1 {
-                    attn.push(AttnBlock::load(
-                        w,
-                        &format!("{e}.conv_blocks.{i}.attn.{j}"),
-                        block_in,
-                    ));
-                }
-            }
-            let resample = (i != n - 1).then(|| {
-                Conv::load(
-                    w,
-                    &format!("{e}.conv_blocks.{i}.downsample.conv"),
-                    block_in,
-                    block_in,
-                    3,
-                )
-            });
-            levels.push(Level {
-                res,
-                attn,
-                resample,
-            });
+            let last = i == n - 1;
+            levels.push(Level::load(
+                w,
+                &format!("{e}.conv_blocks.{i}"),
+                c.num_res_blocks,
+                [block_in, block_out],
+                last,
+                (!last).then_some("downsample"),
+            ));
+            block_in = block_out;
         }
         let latent_out = if c.double_latent {
             2 * c.latent_channels
@@ -346,38 +355,15 @@ impl VqModel {
         for k in 0..n {
             let level = n - 1 - k;
             let block_out = ch * mult[level];
-            let mut res = Vec::new();
-            let mut attn = Vec::new();
-            for j in 0..=c.num_res_blocks {
-                res.push(ResBlock::load(
-                    w,
-                    &format!("{d}.conv_blocks.{k}.res.{j}"),
-                    block_in,
-                    block_out,
-                ));
-                block_in = block_out;
-                if level == n - 1 {
-                    attn.push(AttnBlock::load(
-                        w,
-                        &format!("{d}.conv_blocks.{k}.attn.{j}"),
-                        block_in,
-                    ));
-                }
-            }
-            let resample = (level != 0).then(|| {
-                Conv::load(
-                    w,
-                    &format!("{d}.conv_blocks.{k}.upsample.conv"),
-                    block_in,
-                    block_in,
-                    3,
-                )
-            });
-            levels.push(Level {
-                res,
-                attn,
-                resample,
-            });
+            levels.push(Level::load(
+                w,
+                &format!("{d}.conv_blocks.{k}"),
+                c.num_res_blocks + 1,
+                [block_in, block_out],
+                level == n - 1,
+                (level != 0).then_some("upsample"),
+            ));
+            block_in = block_out;
         }
         let decoder = Trunk {
             conv_in,
