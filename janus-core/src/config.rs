@@ -175,7 +175,7 @@ pub struct JanusConfig {
 // JSON access helpers that name the file and key in their errors.
 
 pub(crate) struct Obj<'a> {
-    file: &'a Path,
+    pub(crate) file: &'a Path,
     path: String,
     map: &'a Map<String, Value>,
 }
@@ -195,7 +195,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn key_path(&self, key: &str) -> String {
+    pub(crate) fn key_path(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_string()
         } else {
@@ -203,7 +203,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn err(&self, key: &str, msg: &str) -> Error {
+    pub(crate) fn err(&self, key: &str, msg: &str) -> Error {
         Error::config(self.file, format!("key `{}`: {msg}", self.key_path(key)))
     }
 
@@ -304,6 +304,47 @@ impl<'a> Obj<'a> {
                 .map(Some)
                 .ok_or_else(|| self.err(key, "expected a list of non-negative integers")),
             Some(_) => Err(self.err(key, "expected a list")),
+        }
+    }
+
+    /// A list of three finite numbers.
+    pub(crate) fn opt_triple(&self, key: &str) -> Result<Option<[f64; 3]>> {
+        let Some(v) = self.map.get(key).filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let bad = || self.err(key, "expected a list of 3 numbers");
+        let list = v.as_array().ok_or_else(bad)?;
+        if list.len() != 3 {
+            return Err(bad());
+        }
+        let mut out = [0f64; 3];
+        for (o, x) in out.iter_mut().zip(list) {
+            *o = x.as_f64().filter(|f| f.is_finite()).ok_or_else(bad)?;
+        }
+        Ok(Some(out))
+    }
+
+    /// transformers' `size`: an integer, or `{"height": S, "width": S}`.
+    pub(crate) fn opt_square_size(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.map.get(key).filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        if v.is_number() {
+            return self.opt_usize(key);
+        }
+        let size = self.obj(key)?;
+        let (h, w) = (size.opt_usize("height")?, size.opt_usize("width")?);
+        match (h, w) {
+            (Some(h), Some(w)) if h == w => Ok(Some(h)),
+            (Some(h), Some(w)) => Err(Error::Unsupported(format!(
+                "{}: {} is {h}x{w}; the Janus image processor needs a square size",
+                self.file.display(),
+                self.key_path(key)
+            ))),
+            _ => Err(self.err(
+                key,
+                "expected an integer or {\"height\": S, \"width\": S} (the Janus image processor needs both)",
+            )),
         }
     }
 
