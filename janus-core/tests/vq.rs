@@ -60,18 +60,10 @@ fn original_encode_matches_the_official_quantizer() {
     let und = read_reference(&fixture("original-tiny/expected/understand.safetensors"));
     let r = read_reference(&fixture("original-tiny/expected/vq_preprocess.safetensors"));
     // The encoder input: the 48×48 understanding image upscaled 8× (nearest), (u8/255 − 0.5)/0.5.
-    let small = &und["image_small_u8"];
-    let (h, w) = (small.shape[0], small.shape[1]);
-    let s = 384;
-    let mut chw = vec![0f32; 3 * s * s];
-    for y in 0..s {
-        for x in 0..s {
-            for c in 0..3 {
-                let v = small.values[((y * h / s) * w + x * w / s) * 3 + c] as f32;
-                chw[c * s * s + y * s + x] = (v / 255.0 - 0.5) / 0.5;
-            }
-        }
-    }
+    let chw: Vec<f32> = upscaled_pixels(&und["image_small_u8"], 384)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
     let got = encode_pixels(&model, &[chw]).unwrap().remove(0);
     let want: Vec<u32> = r["encode_tokens"]
         .values

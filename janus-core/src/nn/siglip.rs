@@ -1,6 +1,11 @@
-//! The SigLIP ViT of the understanding path (weights; see `JANUS-SPEC` §6.2 for its computation).
+//! The SigLIP ViT of the understanding path, as the official tower computes it: patch embedding,
+//! learned absolute positions (no class token), pre-norm blocks with exact-erf GELU MLPs, and the
+//! final LayerNorm, whose output is the feature map (the attention-pool head is not used).
 
 use burn::tensor::Tensor;
+use burn::tensor::activation::gelu;
+use burn::tensor::module::{attention, conv2d};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 
 use crate::config::VisionConfig;
 use crate::load::Weights;
@@ -41,7 +46,51 @@ pub struct SigLip {
     pub config: VisionConfig,
 }
 
+impl Block {
+    fn forward(&self, x: Tensor<3>, heads: usize) -> Tensor<3> {
+        let [b, n, w] = x.dims();
+        let hd = w / heads;
+        let qkv = self
+            .qkv
+            .forward(self.norm1.forward(x.clone()))
+            .reshape([b, n, 3, heads, hd])
+            .permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, n, hd]);
+        let options = AttentionModuleOptions {
+            scale: Some(1.0 / (hd as f64).sqrt()),
+            softcap: None,
+            is_causal: false,
+        };
+        let o = attention(part(0), part(1), part(2), None, None, options)
+            .swap_dims(1, 2)
+            .reshape([b, n, w]);
+        let x = x + self.proj.forward(o);
+        let h = self
+            .fc2
+            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+        x + h
+    }
+}
+
 impl SigLip {
+    /// Features `[batch, patches, width]` of normalised images `[batch, channels, size, size]`.
+    pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
+        let c = &self.config;
+        let p = c.patch_size;
+        let x = conv2d(
+            pixels,
+            self.patch_weight.clone(),
+            Some(self.patch_bias.clone()),
+            ConvOptions::new([p, p], [0, 0], [1, 1], 1),
+        );
+        let [b, w, gh, gw] = x.dims();
+        let mut x = x.reshape([b, w, gh * gw]).swap_dims(1, 2) + self.pos_embed.clone();
+        for block in &self.blocks {
+            x = block.forward(x, c.num_attention_heads);
+        }
+        self.norm.forward(x)
+    }
+
     pub(crate) fn load(w: &mut Weights<'_>, c: &VisionConfig) -> Self {
         let p = "vision_model.vision_tower";
         let (width, eps) = (c.hidden_size, c.layer_norm_eps);

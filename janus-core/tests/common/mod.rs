@@ -108,3 +108,19 @@ pub fn max_abs_diff(shape: &[usize], got: &[f64], want: &RefTensor) -> f64 {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max)
 }
+
+/// The official understanding fixture's input image: the 48×48 `image_small_u8` upscaled to
+/// `size` (nearest, as `np.repeat` does), as CHW values `(u8/255 − 0.5)/0.5`.
+pub fn upscaled_pixels(small: &RefTensor, size: usize) -> Vec<f64> {
+    let (h, w) = (small.shape[0], small.shape[1]);
+    let mut chw = vec![0f64; 3 * size * size];
+    for y in 0..size {
+        for x in 0..size {
+            for c in 0..3 {
+                let v = small.values[((y * h / size) * w + x * w / size) * 3 + c];
+                chw[c * size * size + y * size + x] = (v / 255.0 - 0.5) / 0.5;
+            }
+        }
+    }
+    chw
+}
