@@ -10,8 +10,10 @@ use crate::error::{Error, Result};
 use crate::generate::image::{
     ImageGenOptions, decode_tokens, encode_pixels, generate_tokens_batch,
 };
+use crate::generate::text::{TextGenOptions, decode, embed_with_images, expand_image_tokens};
 use crate::load::ComputeDType;
 use crate::model::JanusModel;
+use crate::processor::image::{ImageProcessorConfig, preprocess_for_understanding};
 use crate::processor::prompt::PromptFormat;
 use crate::tokenizer::JanusTokenizer;
 
@@ -67,6 +69,17 @@ impl GeneratedImage {
     }
 }
 
+/// The answer to a question about images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The answer text (special tokens left out).
+    pub text: String,
+    /// The new token ids, with the EOS id last when generation stopped on it.
+    pub token_ids: Vec<u32>,
+    /// Length of the prompt after image-token expansion.
+    pub prompt_tokens: usize,
+}
+
 /// A loaded Janus model, ready to understand and generate.
 #[derive(Debug)]
 pub struct Janus {
@@ -75,6 +88,7 @@ pub struct Janus {
     model: JanusModel,
     tokenizer: JanusTokenizer,
     prompt: PromptFormat,
+    images: ImageProcessorConfig,
 }
 
 impl Janus {
@@ -96,12 +110,14 @@ impl Janus {
             )));
         }
         let prompt = PromptFormat::from_dir(dir, model.config.layout, &tokenizer)?;
+        let images = ImageProcessorConfig::from_dir(dir, model.config.layout)?;
         Ok(Janus {
             dir: dir.to_path_buf(),
             device: device.clone(),
             model,
             tokenizer,
             prompt,
+            images,
         })
     }
 
@@ -138,6 +154,93 @@ impl Janus {
     /// Replaces the chat format (for example to change the role names).
     pub fn set_prompt_format(&mut self, format: PromptFormat) {
         self.prompt = format;
+    }
+
+    /// Token ids of the understanding prompt for a question about `images` images, each
+    /// placeholder expanded to `<begin_of_image>`, one `<image_placeholder>` per image token and
+    /// `<end_of_image>`.
+    pub fn understanding_ids(&self, question: &str, images: usize) -> Result<Vec<u32>> {
+        let text = self.prompt.understanding_prompt(question, images)?;
+        let ids = self.tokenizer.encode(&text, true)?;
+        let sp = self.tokenizer.special();
+        Ok(expand_image_tokens(
+            &ids,
+            sp.image_placeholder,
+            sp.begin_of_image,
+            sp.end_of_image,
+            self.model.config.vision.num_patches(),
+        ))
+    }
+
+    /// Answers a question about images (greedy by default).
+    pub fn understand(
+        &self,
+        images: &[image::RgbImage],
+        question: &str,
+        options: &TextGenOptions,
+    ) -> Result<Answer> {
+        self.understand_stream(images, question, options, &mut |_| true)
+    }
+
+    /// [`understand`](Self::understand), passing each new piece of text to `on_text` as it is
+    /// produced; returning `false` cancels with [`Error::Cancelled`].
+    pub fn understand_stream(
+        &self,
+        images: &[image::RgbImage],
+        question: &str,
+        options: &TextGenOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        options.validate()?;
+        let ids = self.understanding_ids(question, images.len())?;
+        let features = if images.is_empty() {
+            None
+        } else {
+            let size = self.images.image_size;
+            let mut flat = Vec::with_capacity(images.len() * 3 * size * size);
+            for img in images {
+                if img.width() == 0 || img.height() == 0 {
+                    return Err(Error::InvalidInput("an image has no pixels".into()));
+                }
+                flat.extend(preprocess_for_understanding(img, &self.images));
+            }
+            let pixels = burn::tensor::Tensor::<4>::from_data(
+                burn::tensor::TensorData::new(flat, [images.len(), 3, size, size]),
+                (&self.device, self.model.llm.dtype()),
+            );
+            Some(
+                self.model
+                    .heads
+                    .aligner
+                    .forward(self.model.vision.forward(pixels)),
+            )
+        };
+        let sp = *self.tokenizer.special();
+        let embeds = embed_with_images(&self.model, &ids, sp.image_placeholder, features)?;
+        let mut shown = String::new();
+        let mut tokens = Vec::new();
+        let tokenizer = &self.tokenizer;
+        let new = decode(&self.model, embeds, sp.eos, options, &mut |tok| {
+            tokens.push(tok);
+            match tokenizer.decode(&tokens, true) {
+                // Hold back text that ends inside a multi-byte character.
+                Ok(text)
+                    if !text.ends_with('\u{fffd}')
+                        && text.len() > shown.len()
+                        && text.starts_with(shown.as_str()) =>
+                {
+                    let piece = text[shown.len()..].to_string();
+                    shown = text;
+                    on_text(&piece)
+                }
+                _ => true,
+            }
+        })?;
+        Ok(Answer {
+            text: self.tokenizer.decode(&new, true)?,
+            token_ids: new,
+            prompt_tokens: ids.len(),
+        })
     }
 
     /// Token ids of the generation prompt for `prompt`: BOS, the chat-formatted text, and

@@ -2,3 +2,4 @@
 
 pub mod image;
 pub mod sampling;
+pub mod text;

@@ -241,6 +241,11 @@ impl Llm {
         &self.config
     }
 
+    /// The compute dtype of the weights.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.embed_tokens.dtype()
+    }
+
     /// A cache sized for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         KvCache::new(self.config.num_hidden_layers, capacity)

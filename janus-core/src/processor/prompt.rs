@@ -16,12 +16,18 @@ use crate::config::{Layout, read_json};
 use crate::error::{Error, Result};
 use crate::tokenizer::{JanusTokenizer, strings};
 
+/// The system prompt of the reference processors for understanding (the same for Janus and
+/// Janus-Pro).
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.";
+
 /// The checkpoint's way of writing a conversation.
 #[derive(Debug, Clone)]
 pub struct PromptFormat {
     template: Option<(PathBuf, String)>,
     user: String,
     assistant: String,
+    /// The system prompt put before understanding prompts (empty: none).
+    system: String,
 }
 
 /// Where a chat template is kept, by the transformers version that saved it.
@@ -72,6 +78,33 @@ impl PromptFormat {
             Layout::HuggingFace => find_template(dir)?,
             Layout::Original => None,
         };
+        // The official processor always uses its system prompt for understanding; transformers'
+        // only when `use_default_system_prompt` says so.
+        let system = match layout {
+            Layout::Original => DEFAULT_SYSTEM_PROMPT.to_string(),
+            Layout::HuggingFace => {
+                let path = dir.join("processor_config.json");
+                let on = if path.is_file() {
+                    match read_json(&path)?.get("use_default_system_prompt") {
+                        None | Some(Value::Null) => false,
+                        Some(Value::Bool(b)) => *b,
+                        Some(_) => {
+                            return Err(Error::config(
+                                &path,
+                                "key `use_default_system_prompt`: expected true or false",
+                            ));
+                        }
+                    }
+                } else {
+                    false
+                };
+                if on {
+                    DEFAULT_SYSTEM_PROMPT.to_string()
+                } else {
+                    String::new()
+                }
+            }
+        };
         let special = tokenizer.special();
         let (user, assistant) = if special.user.is_some() && special.assistant.is_some() {
             (strings::USER, strings::ASSISTANT)
@@ -82,6 +115,7 @@ impl PromptFormat {
             template,
             user: user.into(),
             assistant: assistant.into(),
+            system,
         })
     }
 
@@ -89,6 +123,12 @@ impl PromptFormat {
     pub fn with_roles(mut self, user: &str, assistant: &str) -> Self {
         self.user = user.into();
         self.assistant = assistant.into();
+        self
+    }
+
+    /// Uses another system prompt for understanding (empty: none).
+    pub fn with_system_prompt(mut self, system: &str) -> Self {
+        self.system = system.into();
         self
     }
 
@@ -111,6 +151,56 @@ impl PromptFormat {
             }
             None => Ok(format!("{}: {prompt}\n\n{}:", self.user, self.assistant)),
         }
+    }
+}
+
+impl PromptFormat {
+    /// The prompt for a question about `images` images, ending with the assistant's cue.
+    /// `<image_placeholder>` tags in the question are the images' places (their count must equal
+    /// `images`); without tags, each image gets one placeholder on its own line before the
+    /// question.
+    pub fn understanding_prompt(&self, question: &str, images: usize) -> Result<String> {
+        let question = question.trim();
+        let tags = question.matches(strings::IMAGE_PLACEHOLDER).count();
+        if tags > 0 && tags != images {
+            return Err(Error::InvalidInput(format!(
+                "the question has {tags} image placeholders but {images} images were given"
+            )));
+        }
+        if question.is_empty() && images == 0 {
+            return Err(Error::InvalidInput("the question is empty".into()));
+        }
+        let body = match &self.template {
+            Some((path, source)) => {
+                let content = if tags > 0 || images == 0 {
+                    serde_json::json!(question)
+                } else {
+                    let mut items: Vec<Value> = (0..images)
+                        .map(|_| serde_json::json!({"type": "image"}))
+                        .collect();
+                    items.push(serde_json::json!({"type": "text", "text": question}));
+                    Value::Array(items)
+                };
+                let messages = serde_json::json!([{"role": "user", "content": content}]);
+                render(path, source, &messages, true)?
+            }
+            None => {
+                let content = if tags > 0 {
+                    question.to_string()
+                } else {
+                    format!(
+                        "{}{question}",
+                        format!("{}\n", strings::IMAGE_PLACEHOLDER).repeat(images)
+                    )
+                };
+                format!("{}: {}\n\n{}:", self.user, content.trim(), self.assistant)
+            }
+        };
+        Ok(if self.system.is_empty() {
+            body
+        } else {
+            format!("{}\n\n{body}", self.system)
+        })
     }
 }
 
@@ -148,11 +238,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sft_understanding_prompt_and_placeholders() {
+        let f = PromptFormat {
+            template: None,
+            user: "<|User|>".into(),
+            assistant: "<|Assistant|>".into(),
+            system: "SYS".into(),
+        };
+        assert_eq!(
+            f.understanding_prompt("What is it?", 1).unwrap(),
+            "SYS\n\n<|User|>: <image_placeholder>\nWhat is it?\n\n<|Assistant|>:"
+        );
+        assert_eq!(
+            f.understanding_prompt("<image_placeholder> vs <image_placeholder>?", 2)
+                .unwrap(),
+            "SYS\n\n<|User|>: <image_placeholder> vs <image_placeholder>?\n\n<|Assistant|>:"
+        );
+        let bad = |r: Result<String>| matches!(r, Err(Error::InvalidInput(_)));
+        assert!(bad(f.understanding_prompt("<image_placeholder> only", 2)));
+        assert!(bad(f.understanding_prompt(
+            "<image_placeholder> <image_placeholder>",
+            1
+        )));
+        assert!(bad(f.understanding_prompt("  ", 0)));
+    }
+
+    #[test]
     fn sft_generation_prompt() {
         let f = PromptFormat {
             template: None,
             user: "<|User|>".into(),
             assistant: "<|Assistant|>".into(),
+            system: String::new(),
         };
         assert_eq!(
             f.generation_prompt("  a cat \n").unwrap(),
@@ -178,12 +295,14 @@ mod tests {
             )),
             user: String::new(),
             assistant: String::new(),
+            system: String::new(),
         };
         assert_eq!(f.generation_prompt("hi").unwrap(), "[user]hi>");
         let f = PromptFormat {
             template: Some(("t.jinja".into(), "{% for m in messages %}".into())),
             user: String::new(),
             assistant: String::new(),
+            system: String::new(),
         };
         assert!(matches!(
             f.generation_prompt("hi"),
