@@ -70,7 +70,7 @@ impl GeneratedImage {
 }
 
 /// The answer to a question about images.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     /// The answer text (special tokens left out).
     pub text: String,
@@ -78,6 +78,12 @@ pub struct Answer {
     pub token_ids: Vec<u32>,
     /// Length of the prompt after image-token expansion.
     pub prompt_tokens: usize,
+    /// Time spent encoding the images.
+    pub vision_time: std::time::Duration,
+    /// Time to run the prompt and pick the first token.
+    pub prefill_time: std::time::Duration,
+    /// Time for the tokens after the first.
+    pub decode_time: std::time::Duration,
 }
 
 /// A loaded Janus model, ready to understand and generate.
@@ -193,6 +199,7 @@ impl Janus {
     ) -> Result<Answer> {
         options.validate()?;
         let ids = self.understanding_ids(question, images.len())?;
+        let started = std::time::Instant::now();
         let features = if images.is_empty() {
             None
         } else {
@@ -215,6 +222,7 @@ impl Janus {
                     .forward(self.model.vision.forward(pixels)),
             )
         };
+        let vision_time = started.elapsed();
         let sp = *self.tokenizer.special();
         let embeds = embed_with_images(&self.model, &ids, sp.image_placeholder, features)?;
         let mut shown = String::new();
@@ -237,9 +245,12 @@ impl Janus {
             }
         })?;
         Ok(Answer {
-            text: self.tokenizer.decode(&new, true)?,
-            token_ids: new,
+            text: self.tokenizer.decode(&new.ids, true)?,
+            token_ids: new.ids,
             prompt_tokens: ids.len(),
+            vision_time,
+            prefill_time: new.prefill,
+            decode_time: new.decode,
         })
     }
 

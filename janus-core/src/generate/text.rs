@@ -121,16 +121,28 @@ pub fn embed_with_images(
     Ok(Tensor::cat(pieces, 1))
 }
 
+/// What a decoding run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The new ids, with the EOS id last when it stopped on it.
+    pub ids: Vec<u32>,
+    /// Time to run the prompt and pick the first token.
+    pub prefill: std::time::Duration,
+    /// Time for the tokens after the first.
+    pub decode: std::time::Duration,
+}
+
 /// Decodes from prompt embeddings: each new token is passed to `on_token` (return `false` to
-/// cancel); stops after `eos` or `max_new_tokens`. Returns the new ids (EOS last when it
-/// stopped on it).
+/// cancel); stops after `eos` or `max_new_tokens`.
 pub fn decode(
     model: &JanusModel,
     prompt: Tensor<3>,
     eos: u32,
     opts: &TextGenOptions,
     on_token: &mut dyn FnMut(u32) -> bool,
-) -> Result<Vec<u32>> {
+) -> Result<Decoded> {
+    let started = std::time::Instant::now();
+    let mut first: Option<std::time::Duration> = None;
     opts.validate()?;
     let llm = &model.llm;
     let t = prompt.dims()[1];
@@ -165,11 +177,16 @@ pub fn decode(
         }
         let tok = sample(&logits, &opts.sampling, &mut rng) as u32;
         out.push(tok);
+        let prefill = *first.get_or_insert_with(|| started.elapsed());
         if !on_token(tok) {
             return Err(Error::Cancelled);
         }
         if tok == eos || out.len() == opts.max_new_tokens {
-            return Ok(out);
+            return Ok(Decoded {
+                ids: out,
+                prefill,
+                decode: started.elapsed().saturating_sub(prefill),
+            });
         }
         hidden = llm.forward(llm.embed(&[vec![tok]])?, &mut cache)?;
     }
