@@ -14,7 +14,8 @@ use crate::generate::text::{TextGenOptions, decode, embed_with_images, expand_im
 use crate::load::ComputeDType;
 use crate::model::JanusModel;
 use crate::processor::image::{ImageProcessorConfig, preprocess_for_understanding};
-use crate::processor::prompt::PromptFormat;
+pub use crate::processor::prompt::Role;
+use crate::processor::prompt::{PromptFormat, TurnText};
 use crate::tokenizer::JanusTokenizer;
 
 /// How to load a model.
@@ -84,6 +85,40 @@ pub struct Answer {
     pub prefill_time: std::time::Duration,
     /// Time for the tokens after the first.
     pub decode_time: std::time::Duration,
+}
+
+/// One turn of a conversation: who speaks, the text, and the images it carries.
+///
+/// `<image_placeholder>` tags in `content` are the images' places (their count must equal the
+/// turn's images); without tags, each image gets one placeholder on its own line before the text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// The speaker.
+    pub role: Role,
+    /// The text.
+    pub content: String,
+    /// The turn's images, in the order of their placeholders.
+    pub images: Vec<image::RgbImage>,
+}
+
+impl Turn {
+    /// A user turn.
+    pub fn user(content: impl Into<String>, images: Vec<image::RgbImage>) -> Self {
+        Turn {
+            role: Role::User,
+            content: content.into(),
+            images,
+        }
+    }
+
+    /// An assistant turn (an earlier answer).
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Turn {
+            role: Role::Assistant,
+            content: content.into(),
+            images: Vec::new(),
+        }
+    }
 }
 
 /// A loaded Janus model, ready to understand and generate.
@@ -166,8 +201,17 @@ impl Janus {
     /// placeholder expanded to `<begin_of_image>`, one `<image_placeholder>` per image token and
     /// `<end_of_image>`.
     pub fn understanding_ids(&self, question: &str, images: usize) -> Result<Vec<u32>> {
-        let text = self.prompt.understanding_prompt(question, images)?;
-        let ids = self.tokenizer.encode(&text, true)?;
+        self.prompt_ids(&self.prompt.understanding_prompt(question, images)?)
+    }
+
+    /// Token ids of a conversation's prompt (see [`chat`](Self::chat)), image placeholders
+    /// expanded as in [`understanding_ids`](Self::understanding_ids).
+    pub fn conversation_ids(&self, turns: &[Turn]) -> Result<Vec<u32>> {
+        self.prompt_ids(&self.prompt.conversation_prompt(&turn_texts(turns))?)
+    }
+
+    fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.tokenizer.encode(text, true)?;
         let sp = self.tokenizer.special();
         Ok(expand_image_tokens(
             &ids,
@@ -199,12 +243,46 @@ impl Janus {
     ) -> Result<Answer> {
         options.validate()?;
         let ids = self.understanding_ids(question, images.len())?;
+        let images: Vec<&image::RgbImage> = images.iter().collect();
+        self.answer(&ids, &images, options, on_text)
+    }
+
+    /// The assistant's next turn in a conversation: turns alternate user, assistant, user, …,
+    /// starting and ending with a user turn; each turn's images fill its own placeholders.
+    pub fn chat(&self, turns: &[Turn], options: &TextGenOptions) -> Result<Answer> {
+        self.chat_stream(turns, options, &mut |_| true)
+    }
+
+    /// [`chat`](Self::chat), passing each new piece of text to `on_text` as it is produced;
+    /// returning `false` cancels with [`Error::Cancelled`].
+    pub fn chat_stream(
+        &self,
+        turns: &[Turn],
+        options: &TextGenOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        options.validate()?;
+        let ids = self.conversation_ids(turns)?;
+        let images: Vec<&image::RgbImage> = turns.iter().flat_map(|t| t.images.iter()).collect();
+        self.answer(&ids, &images, options, on_text)
+    }
+
+    /// Encodes the images, places their features at the prompt's image tokens and decodes.
+    fn answer(
+        &self,
+        ids: &[u32],
+        images: &[&image::RgbImage],
+        options: &TextGenOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
         let started = std::time::Instant::now();
-        let features = if images.is_empty() {
+        let count = images.len();
+        let images = images.iter().copied();
+        let features = if count == 0 {
             None
         } else {
             let size = self.images.image_size;
-            let mut flat = Vec::with_capacity(images.len() * 3 * size * size);
+            let mut flat = Vec::with_capacity(count * 3 * size * size);
             for img in images {
                 if img.width() == 0 || img.height() == 0 {
                     return Err(Error::InvalidInput("an image has no pixels".into()));
@@ -212,7 +290,7 @@ impl Janus {
                 flat.extend(preprocess_for_understanding(img, &self.images));
             }
             let pixels = burn::tensor::Tensor::<4>::from_data(
-                burn::tensor::TensorData::new(flat, [images.len(), 3, size, size]),
+                burn::tensor::TensorData::new(flat, [count, 3, size, size]),
                 (&self.device, self.model.llm.dtype()),
             );
             Some(
@@ -224,7 +302,7 @@ impl Janus {
         };
         let vision_time = started.elapsed();
         let sp = *self.tokenizer.special();
-        let embeds = embed_with_images(&self.model, &ids, sp.image_placeholder, features)?;
+        let embeds = embed_with_images(&self.model, ids, sp.image_placeholder, features)?;
         let mut shown = String::new();
         let mut tokens = Vec::new();
         let tokenizer = &self.tokenizer;
@@ -356,4 +434,16 @@ impl Janus {
         let mut images = decode_tokens(&self.model, std::slice::from_ref(&tokens.ids))?;
         Ok(images.remove(0))
     }
+}
+
+/// The prompt's view of a conversation's turns.
+fn turn_texts(turns: &[Turn]) -> Vec<TurnText<'_>> {
+    turns
+        .iter()
+        .map(|t| TurnText {
+            role: t.role,
+            content: &t.content,
+            images: t.images.len(),
+        })
+        .collect()
 }

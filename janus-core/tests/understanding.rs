@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use janus_core::generate::text::TextGenOptions;
-use janus_core::pipeline::Janus;
+use janus_core::pipeline::{Janus, Turn};
+use janus_core::processor::image::{ImageProcessorConfig, preprocess_for_understanding};
 use janus_core::{ComputeDType, Error};
 
 fn load(dir: &std::path::Path) -> Janus {
@@ -91,6 +92,124 @@ fn original_understanding_matches_the_official_code() {
     check_answer(&answer.token_ids, &want, janus.tokenizer().special().eos);
     assert_eq!(streamed, answer.text);
     assert_eq!(answer.prompt_tokens, 676);
+}
+
+/// A multi-turn conversation with two non-square images (one placed before the text, one by a
+/// tag), against `expected/chat.safetensors`: the prompt ids, the processor's `pixel_values`, the
+/// logits of all eight greedy steps (teacher-forced) and the greedy tokens themselves.
+fn check_chat(dir: &std::path::Path, expected: &std::path::Path) {
+    let janus = load(dir);
+    let r = read_reference(expected);
+    let turns = [
+        Turn::user("Describe the first image.", vec![rgb(&r["image_a_u8"])]),
+        Turn::assistant("A red disc on a gradient."),
+        Turn::user(
+            "Here is another one: <image_placeholder>\nWhat changed?",
+            vec![rgb(&r["image_b_u8"])],
+        ),
+    ];
+    let ids = janus.conversation_ids(&turns).unwrap();
+    assert_eq!(ids, u32s(&r["input_ids"]), "prompt ids");
+
+    // Preprocessing: max |Δ| ≤ 1e-6 (both processors are matched bit for bit here).
+    let cfg = ImageProcessorConfig::from_dir(dir, janus.config().layout).unwrap();
+    let pixels: Vec<f64> = turns
+        .iter()
+        .flat_map(|t| &t.images)
+        .flat_map(|img| preprocess_for_understanding(img, &cfg))
+        .map(f64::from)
+        .collect();
+    let pv = &r["pixel_values"];
+    let d = max_abs_diff(&pv.shape, &pixels, pv);
+    eprintln!("{}: pixel_values max |Δ| {d:.2e}", dir.display());
+    assert!(d <= 1e-6, "pixel_values differ by {d}");
+
+    // Teacher-forced logits of the greedy steps: max |Δ| ≤ 1e-4.
+    let model = janus.model();
+    let want = u32s(&r["greedy_ids"]);
+    let size = cfg.image_size;
+    let pixels = burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(
+            pixels.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            [2, 3, size, size],
+        ),
+        (&device(), model.llm.dtype()),
+    );
+    let features = model.heads.aligner.forward(model.vision.forward(pixels));
+    let mut full = ids.clone();
+    full.extend(&want[..want.len() - 1]);
+    let sp = *janus.tokenizer().special();
+    let embeds = janus_core::generate::text::embed_with_images(
+        model,
+        &full,
+        sp.image_placeholder,
+        Some(features),
+    )
+    .unwrap();
+    let mut cache = model.llm.new_cache(full.len());
+    let hidden = model.llm.forward(embeds, &mut cache).unwrap();
+    let logits = model
+        .llm
+        .logits(hidden.narrow(1, ids.len() - 1, want.len()));
+    let (shape, got) = values(logits);
+    let d = max_abs_diff(&shape, &got, &r["greedy_logits"]);
+    eprintln!("{}: greedy-step logits max |Δ| {d:.2e}", dir.display());
+    assert!(d <= 1e-4, "greedy-step logits differ by {d}");
+
+    let mut streamed = String::new();
+    let answer = janus
+        .chat_stream(&turns, &greedy(want.len()), &mut |s| {
+            streamed.push_str(s);
+            true
+        })
+        .unwrap();
+    assert_eq!(answer.prompt_tokens, ids.len());
+    check_answer(&answer.token_ids, &want, sp.eos);
+    assert_eq!(streamed, answer.text);
+}
+
+#[test]
+fn hf_multi_turn_two_image_chat_matches_transformers() {
+    check_chat(
+        &fixture("hf-tiny"),
+        &fixture("hf-tiny/expected/chat.safetensors"),
+    );
+}
+
+#[test]
+fn original_multi_turn_two_image_chat_matches_the_official_code() {
+    check_chat(
+        &original_checkpoint("safetensors"),
+        &fixture("original-tiny/expected/chat.safetensors"),
+    );
+}
+
+#[test]
+fn malformed_conversations_are_typed_errors() {
+    let janus = load(&fixture("hf-tiny"));
+    let img = image::RgbImage::new(8, 8);
+    let q = Turn::user("what?", vec![]);
+    let a = Turn::assistant("that.");
+    for turns in [
+        vec![],
+        vec![a.clone()],
+        vec![q.clone(), a.clone()],
+        vec![q.clone(), q.clone()],
+        vec![Turn::user(
+            "<image_placeholder>",
+            vec![img.clone(), img.clone()],
+        )],
+        vec![Turn::user("", vec![])],
+    ] {
+        let err = janus.chat(&turns, &greedy(2)).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{turns:?}: {err}");
+    }
+    let err = janus
+        .chat(&[q, a, Turn::user("and?", vec![img])], &greedy(3))
+        .map(|_| ())
+        .and_then(|_| janus.chat_stream(&[Turn::user("x", vec![])], &greedy(3), &mut |_| false))
+        .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
 }
 
 #[test]

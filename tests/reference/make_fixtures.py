@@ -16,6 +16,11 @@ PYTHONPATH for the steps that need the official DeepSeek code):
   original-expected  load the weights written by gen_original.py (all three variants), check they are
                      identical, write tests/fixtures/original-tiny/expected/*.safetensors
                      [transformers 4.57.1 + official code]
+  chat-hf            multi-turn, two-image understanding with the hf-tiny checkpoint: prompt, ids,
+                     pixel_values, 8 greedy tokens and their logits -> hf-tiny/expected/chat.safetensors
+                     [transformers 5.24 env]
+  chat-original      the same conversation with the official code on the gen_original.py checkpoint
+                     -> original-tiny/expected/chat.safetensors [transformers 4.57.1 + official code]
   check-tokenizer    re-check tokenize.json against transformers 4.57.1's AutoTokenizer and the Python
                      binding of tokenizers 0.22.x (= the Rust crate janus-core uses) [4.57.1 env]
   preprocess         image decoding and preprocessing references: tests/fixtures/preprocess/ (configs,
@@ -1712,6 +1717,157 @@ def cmd_check_tokenizer(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Multi-turn, two-image understanding (both layouts): expected/chat.safetensors
+# ------------------------------------------------------------------------------------------------
+CHAT_STEPS = 8                # greedy tokens of the chat fixture
+CHAT_FIRST = "Describe the first image."
+CHAT_REPLY = "A red disc on a gradient."
+# the second user turn places its image with an explicit tag; the first candidate whose greedy
+# steps all have top-2 margins >= MIN_MARGIN in both layouts is used
+CHAT_SECOND = ["Here is another one: <image_placeholder>\nWhat changed?",
+               "And this one? <image_placeholder>\nCompare the two.",
+               "<image_placeholder>\nWhat is different here?"]
+
+
+def chat_images():
+    """Two non-square inputs: a wide 40x64 and a tall 72x48 synthetic image."""
+    return synthetic_image(40, 64, INPUT_SEED + 3), synthetic_image(72, 48, INPUT_SEED + 4)
+
+
+def greedy_by_full_forward(forward, steps: int):
+    """`steps` argmax tokens, each chosen from a full forward pass over the prompt and the tokens so far
+    (no cache, no early stop at EOS); returns (ids [1, steps], logits [1, steps, V])."""
+    import torch
+
+    ids, logits = [], []
+    for _ in range(steps):
+        last = forward(ids)[:, -1]
+        logits.append(last)
+        ids.append(int(last.argmax(-1)[0]))
+    return torch.tensor([ids], dtype=torch.int64), torch.stack(logits, dim=1)
+
+
+def chat_record(prompt: str, input_ids, pixel_values, greedy, logits, extra_meta: dict, out: Path) -> float:
+    import torch
+
+    margins = top2_margins(logits.numpy())
+    tensors = {"input_ids": input_ids.to(torch.int64), "pixel_values": pixel_values.float().contiguous(),
+               "greedy_ids": greedy, "greedy_logits": logits.float().contiguous()}
+    a, b = chat_images()
+    tensors["image_a_u8"] = torch.from_numpy(a.copy())
+    tensors["image_b_u8"] = torch.from_numpy(b.copy())
+    meta = {
+        "prompt": prompt,
+        "turns": json.dumps([["user", CHAT_FIRST, "image_a"], ["assistant", CHAT_REPLY],
+                             ["user", extra_meta.pop("second"), "image_b"]]),
+        "input_ids": "processor output: prompt with each <image_placeholder> expanded to <begin_of_image> "
+                     "+ N x <image_placeholder> + <end_of_image>",
+        "pixel_values": "the processor's pixel_values of image_a and image_b, [2, 3, S, S]",
+        "greedy_ids": f"{CHAT_STEPS} argmax tokens, each from a full forward pass (no early stop at EOS)",
+        "greedy_logits": "the logits that chose greedy_ids; the first row is the first-step logits",
+        "stat_min_margin_greedy": float(margins.min()),
+        **extra_meta,
+        **{f"version_{k}": v for k, v in env_versions().items()},
+    }
+    save_expected(out, tensors, meta)
+    return float(margins.min())
+
+
+def hf_chat(model, processor, second: str):
+    import torch
+
+    a, b = chat_images()
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CHAT_FIRST}]},
+        {"role": "assistant", "content": CHAT_REPLY},
+        {"role": "user", "content": second},
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[a, b], return_tensors="pt")
+    ids, pv = inputs["input_ids"], inputs["pixel_values"].float()
+    assert pv.shape[0] == 2, pv.shape
+
+    def forward(new):
+        full = torch.cat([ids, torch.tensor([new], dtype=torch.int64)], dim=1) if new else ids
+        with torch.no_grad():
+            return model(input_ids=full, pixel_values=pv).logits
+
+    greedy, logits = greedy_by_full_forward(forward, CHAT_STEPS)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=inputs["attention_mask"], pixel_values=pv,
+                             max_new_tokens=CHAT_STEPS, do_sample=False, generation_mode="text")[:, ids.shape[1]:]
+    n = gen.shape[1]
+    assert torch.equal(gen[0], greedy[0, :n]), (gen, greedy)
+    return prompt, ids, pv, greedy, logits
+
+
+def cmd_chat_hf(args) -> None:
+    torch_setup()
+    from transformers import AutoProcessor
+
+    model = hf_load(HF_F32)
+    processor = AutoProcessor.from_pretrained(str(HF_F32))
+    for second in CHAT_SECOND:
+        prompt, ids, pv, greedy, logits = hf_chat(model, processor, second)
+        worst = float(top2_margins(logits.numpy()).min())
+        print(f"hf chat {second!r}: margin {worst:.4g}")
+        if worst >= MIN_MARGIN:
+            break
+    else:
+        raise SystemExit("hf chat: no candidate has all margins >= MIN_MARGIN")
+    chat_record(prompt, ids, pv, greedy, logits, {
+        "second": second, "layout": "transformers JanusForConditionalGeneration, AutoProcessor of hf-tiny",
+        "compute": "float32, CPU, eager attention, 1 thread"}, HF_F32 / "expected" / "chat.safetensors")
+
+
+def cmd_chat_original(args) -> None:
+    torch = torch_setup()
+    from PIL import Image
+    from janus.models import VLChatProcessor
+
+    cache = fixture_cache(args) / "original-tiny" / "safetensors"
+    model = load_official(cache)
+    proc = VLChatProcessor.from_pretrained(str(cache))
+    a, b = chat_images()
+    for second in CHAT_SECOND:
+        conversation = [
+            {"role": USER, "content": f"{IMAGE}\n{CHAT_FIRST}", "images": ["a"]},
+            {"role": ASSISTANT, "content": CHAT_REPLY},
+            {"role": USER, "content": second, "images": ["b"]},
+            {"role": ASSISTANT, "content": ""},
+        ]
+        prep = proc(conversations=conversation, images=[Image.fromarray(a), Image.fromarray(b)],
+                    force_batchify=True)
+        pv = prep.pixel_values.float()                          # [1, 2, 3, 384, 384]
+        with torch.no_grad():
+            emb = model.prepare_inputs_embeds(input_ids=prep.input_ids.clone(), pixel_values=pv,
+                                              images_seq_mask=prep.images_seq_mask,
+                                              images_emb_mask=prep.images_emb_mask)
+        lm = model.language_model
+
+        def forward(new):
+            e = emb
+            if new:
+                e = torch.cat([emb, lm.get_input_embeddings()(torch.tensor([new]))], dim=1)
+            with torch.no_grad():
+                return lm(inputs_embeds=e).logits
+
+        greedy, logits = greedy_by_full_forward(forward, CHAT_STEPS)
+        worst = float(top2_margins(logits.numpy()).min())
+        print(f"original chat {second!r}: margin {worst:.4g}")
+        if worst >= MIN_MARGIN:
+            break
+    else:
+        raise SystemExit("original chat: no candidate has all margins >= MIN_MARGIN")
+    chat_record(prep.sft_format[0], prep.input_ids, pv[0], greedy, logits, {
+        "second": second,
+        "layout": "original DeepSeek MultiModalityCausalLM + VLChatProcessor (official code, transformers 4.57.1)",
+        "weights": "gen_original.py output (bfloat16 values) upcast to float32",
+        "official_code_commit": official_commit(),
+        "compute": "float32, CPU, eager attention, 1 thread"}, ORIGINAL_DIR / "expected" / "chat.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
 # Orchestration
 # ------------------------------------------------------------------------------------------------
 DEFAULT_TF457 = "/opt/tf457"
@@ -1762,6 +1918,8 @@ def cmd_all(args) -> None:
     subprocess.run(gen, check=True)
     run_step("original-expected", env, cache_args)
     run_step("check-tokenizer", env)
+    run_step("chat-hf")
+    run_step("chat-original", env, cache_args)
     cmd_preprocess(args)
     print(f"all fixtures written in {time.perf_counter() - t0:.0f} s")
 
@@ -1776,6 +1934,9 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default=None, help="gen_original.py cache root (default: $JANUS_FIXTURE_CACHE "
                                                  "or ~/.cache/janus-rs-fixtures)")
     sub.add_parser("check-tokenizer")
+    sub.add_parser("chat-hf")
+    p = sub.add_parser("chat-original")
+    p.add_argument("--cache", default=None)
     p = sub.add_parser("preprocess-original")
     p.add_argument("--out", required=True, help=".npz the official-processor outputs are written to")
     for name in ("preprocess", "all"):
@@ -1795,6 +1956,8 @@ def main(argv=None) -> None:
         "original-manifest": cmd_original_manifest,
         "original-expected": cmd_original_expected,
         "check-tokenizer": cmd_check_tokenizer,
+        "chat-hf": cmd_chat_hf,
+        "chat-original": cmd_chat_original,
         "preprocess-original": cmd_preprocess_original,
         "preprocess": cmd_preprocess,
         "all": cmd_all,

@@ -154,46 +154,130 @@ impl PromptFormat {
     }
 }
 
+/// Who speaks a turn of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The person asking.
+    User,
+    /// The model.
+    Assistant,
+}
+
+/// One turn of a conversation as the prompt sees it: who speaks, the text, and how many images
+/// the turn carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnText<'a> {
+    /// The speaker.
+    pub role: Role,
+    /// The text, possibly with `<image_placeholder>` tags.
+    pub content: &'a str,
+    /// Images attached to this turn.
+    pub images: usize,
+}
+
+impl TurnText<'_> {
+    /// The turn's text with one placeholder per image: its own tags when it has any (their count
+    /// must equal the images'), otherwise one placeholder per image, each on its own line, before
+    /// the text.
+    fn placed(&self, index: usize) -> Result<String> {
+        let content = self.content.trim();
+        let tags = content.matches(strings::IMAGE_PLACEHOLDER).count();
+        if tags > 0 && tags != self.images {
+            return Err(Error::InvalidInput(format!(
+                "turn {index} has {tags} image placeholders but {} images",
+                self.images
+            )));
+        }
+        if content.is_empty() && self.images == 0 {
+            return Err(Error::InvalidInput(format!("turn {index} is empty")));
+        }
+        Ok(if tags > 0 {
+            content.to_string()
+        } else {
+            let tags = format!("{}\n", strings::IMAGE_PLACEHOLDER).repeat(self.images);
+            format!("{tags}{content}").trim().to_string()
+        })
+    }
+}
+
 impl PromptFormat {
     /// The prompt for a question about `images` images, ending with the assistant's cue.
     /// `<image_placeholder>` tags in the question are the images' places (their count must equal
     /// `images`); without tags, each image gets one placeholder on its own line before the
     /// question.
     pub fn understanding_prompt(&self, question: &str, images: usize) -> Result<String> {
-        let question = question.trim();
-        let tags = question.matches(strings::IMAGE_PLACEHOLDER).count();
-        if tags > 0 && tags != images {
-            return Err(Error::InvalidInput(format!(
-                "the question has {tags} image placeholders but {images} images were given"
-            )));
+        self.conversation_prompt(&[TurnText {
+            role: Role::User,
+            content: question,
+            images,
+        }])
+    }
+
+    /// The prompt for a conversation, ending with the assistant's cue: turns alternate between
+    /// user and assistant, starting and ending with the user. Each turn places its images as
+    /// [`understanding_prompt`](Self::understanding_prompt) does. In the SFT format a user turn
+    /// ends with a blank line and an assistant turn with the end-of-sentence token, as in the
+    /// official `deepseek` template.
+    pub fn conversation_prompt(&self, turns: &[TurnText<'_>]) -> Result<String> {
+        if turns.is_empty() {
+            return Err(Error::InvalidInput("the conversation is empty".into()));
         }
-        if question.is_empty() && images == 0 {
-            return Err(Error::InvalidInput("the question is empty".into()));
+        for (i, turn) in turns.iter().enumerate() {
+            let want = if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            };
+            if turn.role != want {
+                return Err(Error::InvalidInput(format!(
+                    "turn {i} is a {:?} turn: turns must alternate user, assistant, user, …",
+                    turn.role
+                )));
+            }
+        }
+        if turns.len() % 2 == 0 {
+            return Err(Error::InvalidInput(
+                "the conversation must end with a user turn".into(),
+            ));
         }
         let body = match &self.template {
             Some((path, source)) => {
-                let content = if tags > 0 || images == 0 {
-                    serde_json::json!(question)
-                } else {
-                    let mut items: Vec<Value> = (0..images)
-                        .map(|_| serde_json::json!({"type": "image"}))
-                        .collect();
-                    items.push(serde_json::json!({"type": "text", "text": question}));
-                    Value::Array(items)
-                };
-                let messages = serde_json::json!([{"role": "user", "content": content}]);
-                render(path, source, &messages, true)?
+                let mut messages = Vec::with_capacity(turns.len());
+                for (i, turn) in turns.iter().enumerate() {
+                    let role = match turn.role {
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    };
+                    let content = turn.content.trim();
+                    let tags = content.matches(strings::IMAGE_PLACEHOLDER).count();
+                    // Validates the turn (empty, tag count).
+                    turn.placed(i)?;
+                    let content = if tags > 0 || turn.images == 0 {
+                        serde_json::json!(content)
+                    } else {
+                        // The template's own way of placing images: image items before the text.
+                        let mut items: Vec<Value> = (0..turn.images)
+                            .map(|_| serde_json::json!({"type": "image"}))
+                            .collect();
+                        items.push(serde_json::json!({"type": "text", "text": content}));
+                        Value::Array(items)
+                    };
+                    messages.push(serde_json::json!({"role": role, "content": content}));
+                }
+                render(path, source, &Value::Array(messages), true)?
             }
             None => {
-                let content = if tags > 0 {
-                    question.to_string()
-                } else {
-                    format!(
-                        "{}{question}",
-                        format!("{}\n", strings::IMAGE_PLACEHOLDER).repeat(images)
-                    )
-                };
-                format!("{}: {}\n\n{}:", self.user, content.trim(), self.assistant)
+                let mut out = String::new();
+                for (i, turn) in turns.iter().enumerate() {
+                    let (role, sep) = match turn.role {
+                        Role::User => (&self.user, "\n\n"),
+                        Role::Assistant => (&self.assistant, strings::EOS),
+                    };
+                    out.push_str(&format!("{role}: {}{sep}", turn.placed(i)?));
+                }
+                out.push_str(&self.assistant);
+                out.push(':');
+                out
             }
         };
         Ok(if self.system.is_empty() {
@@ -261,6 +345,51 @@ mod tests {
             1
         )));
         assert!(bad(f.understanding_prompt("  ", 0)));
+    }
+
+    #[test]
+    fn sft_conversation_prompt_follows_the_deepseek_template() {
+        let f = PromptFormat {
+            template: None,
+            user: "<|User|>".into(),
+            assistant: "<|Assistant|>".into(),
+            system: "SYS".into(),
+        };
+        let turns = [
+            TurnText {
+                role: Role::User,
+                content: " Describe this. ",
+                images: 1,
+            },
+            TurnText {
+                role: Role::Assistant,
+                content: "A disc.",
+                images: 0,
+            },
+            TurnText {
+                role: Role::User,
+                content: "And <image_placeholder>?",
+                images: 1,
+            },
+        ];
+        assert_eq!(
+            f.conversation_prompt(&turns).unwrap(),
+            format!(
+                "SYS\n\n<|User|>: <image_placeholder>\nDescribe this.\n\n<|Assistant|>: A disc.{}<|User|>: And <image_placeholder>?\n\n<|Assistant|>:",
+                strings::EOS
+            )
+        );
+        let bad = |t: &[TurnText]| matches!(f.conversation_prompt(t), Err(Error::InvalidInput(_)));
+        assert!(bad(&[]));
+        assert!(bad(&turns[..2]), "ends with the assistant");
+        assert!(bad(&turns[1..]), "starts with the assistant");
+        assert!(
+            bad(&[turns[0], turns[0], turns[2]]),
+            "two user turns in a row"
+        );
+        let mut wrong = turns;
+        wrong[2].images = 2;
+        assert!(bad(&wrong), "tag count differs from the turn's images");
     }
 
     #[test]
