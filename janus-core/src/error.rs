@@ -75,6 +75,10 @@ pub enum Error {
     /// The model or feature is not supported by this implementation.
     #[error("unsupported: {0}")]
     Unsupported(String),
+
+    /// A model could not be found in the Hugging Face cache or downloaded from the hub.
+    #[error("hub: {0}")]
+    Hub(String),
 }
 
 /// The difference between the tensors a checkpoint holds and those the model needs.

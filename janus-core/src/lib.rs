@@ -26,6 +26,8 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod generate;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod load;
 pub mod model;
 pub mod nn;

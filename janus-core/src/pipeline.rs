@@ -322,8 +322,13 @@ impl Janus {
                 _ => true,
             }
         })?;
+        let text = self.tokenizer.decode(&new.ids, true)?;
+        // Text held back at the end (a final U+FFFD that no later token completed).
+        if text.len() > shown.len() && text.starts_with(shown.as_str()) {
+            on_text(&text[shown.len()..]);
+        }
         Ok(Answer {
-            text: self.tokenizer.decode(&new.ids, true)?,
+            text,
             token_ids: new.ids,
             prompt_tokens: ids.len(),
             vision_time,

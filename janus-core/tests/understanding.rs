@@ -48,13 +48,22 @@ fn hf_understanding_matches_transformers() {
             .unwrap();
         assert_eq!(ids, u32s(&r["mm_input_ids"]), "{dir}: prompt ids");
         let want = u32s(&r["mm_greedy_ids"]);
+        let mut streamed = String::new();
         let answer = janus
-            .understand(
+            .understand_stream(
                 &[rgb(&r["image_u8"])],
                 "What is shown in this image?",
                 &greedy(want.len()),
+                &mut |s| {
+                    streamed.push_str(s);
+                    true
+                },
             )
             .unwrap();
+        assert_eq!(
+            streamed, answer.text,
+            "{dir}: the pieces add up to the answer"
+        );
         assert_eq!(answer.prompt_tokens, ids.len());
         check_answer(&answer.token_ids, &want, janus.tokenizer().special().eos);
     }

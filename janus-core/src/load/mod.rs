@@ -402,6 +402,21 @@ impl<'a> Weights<'a> {
             ));
         }
         let data = convert(bytes, &info.dtype, self.dtype, shape);
+        #[cfg(unix)]
+        if let TensorSource::Mapped { map, start, end } = &info.source {
+            // The stored bytes are no longer needed: let the kernel drop their pages so that the
+            // mapped file does not add to the resident memory while the model loads.
+            // SAFETY: the map is a read-only, never-written file mapping, and no reference into
+            // the range is alive (`bytes` is not used past `convert`); discarded pages are read
+            // from the file again if a later access needs them.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    *start,
+                    *end - *start,
+                )
+            };
+        }
         Ok(Tensor::from_data(data, (&self.device, self.dtype.burn())))
     }
 

@@ -235,7 +235,7 @@ impl PromptFormat {
                 )));
             }
         }
-        if turns.len() % 2 == 0 {
+        if turns.len().is_multiple_of(2) {
             return Err(Error::InvalidInput(
                 "the conversation must end with a user turn".into(),
             ));

@@ -1,0 +1,334 @@
+//! The janus-core side of the benchmark harness (`bench/run.py` drives it, side by side with
+//! `bench/bench_torch.py`): one task per process, one JSON object on stdout.
+//!
+//! ```text
+//! cargo bench -p janus-core --bench pipeline -- --model DIR --task TASK [options]
+//!   --task load|understand|generate|vq_decode|siglip
+//!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
+//!   --image PNG            understanding / siglip input (required for those)
+//!   --question TEXT        understanding question
+//!   --prompt TEXT          generation prompt
+//!   --new-tokens N         greedy tokens after the prefill (32)
+//!   --parallel N           images per generate call (1: one CFG pair)
+//!   --steps S              image-token steps to time (32; the model's full count runs the VQ decoder too)
+//!   --repeat R             timed repetitions of vq_decode / siglip after one warm-up (3)
+//! ```
+//!
+//! Threads: the CPU backend uses rayon's global pool (`RAYON_NUM_THREADS`, else every core).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use janus_core::generate::image::ImageGenOptions;
+use janus_core::generate::sampling::Sampling;
+use janus_core::generate::text::{TextGenOptions, decode, embed_with_images};
+use janus_core::pipeline::{ImageTokens, Janus};
+use janus_core::processor::image::{
+    ImageProcessorConfig, open_image, preprocess_for_understanding,
+};
+use janus_core::{Backend, ComputeDType, Error};
+use serde_json::{Value, json};
+
+const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip \
+[--dtype f32|f16|bf16] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
+[--parallel N] [--steps S] [--repeat R]";
+
+/// The default question (the same as `bench/bench_torch.py`'s).
+const QUESTION: &str =
+    "What is shown in this image? Describe the colors, the shapes and the objects in detail.";
+/// The default generation prompt (the same as `bench/bench_torch.py`'s).
+const PROMPT: &str = "A watercolor painting of a red fox sitting in a snowy forest at sunrise.";
+
+struct Args {
+    model: PathBuf,
+    task: String,
+    dtype: ComputeDType,
+    backend: Backend,
+    image: Option<PathBuf>,
+    question: String,
+    prompt: String,
+    new_tokens: usize,
+    parallel: usize,
+    steps: usize,
+    repeat: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mut args = Args {
+        model: PathBuf::new(),
+        task: String::new(),
+        dtype: ComputeDType::F32,
+        backend: Backend::Cpu,
+        image: None,
+        question: QUESTION.to_string(),
+        prompt: PROMPT.to_string(),
+        new_tokens: 32,
+        parallel: 1,
+        steps: 32,
+        repeat: 3,
+    };
+    while let Some(flag) = it.next() {
+        // `cargo bench` passes `--bench` to harness-less benches.
+        if flag == "--bench" {
+            continue;
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let number = |v: &str| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{flag}: not a count: {v}"))
+        };
+        match flag.as_str() {
+            "--model" => args.model = value.into(),
+            "--task" => args.task = value,
+            "--dtype" => {
+                args.dtype = match value.as_str() {
+                    "f32" => ComputeDType::F32,
+                    "f16" => ComputeDType::F16,
+                    "bf16" => ComputeDType::BF16,
+                    other => return Err(format!("--dtype: unknown dtype {other}")),
+                }
+            }
+            "--backend" => args.backend = value.parse().map_err(|e: Error| e.to_string())?,
+            "--image" => args.image = Some(value.into()),
+            "--question" => args.question = value,
+            "--prompt" => args.prompt = value,
+            "--new-tokens" => args.new_tokens = number(&value)?,
+            "--parallel" => args.parallel = number(&value)?,
+            "--steps" => args.steps = number(&value)?,
+            "--repeat" => args.repeat = number(&value)?,
+            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+        }
+    }
+    if args.model.as_os_str().is_empty() || args.task.is_empty() {
+        return Err(USAGE.into());
+    }
+    Ok(args)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process in MiB (Linux: `VmHWM`).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn pixels(janus: &Janus, args: &Args) -> Result<(Vec<f32>, usize), String> {
+    let path = args.image.as_ref().ok_or("this task needs --image")?;
+    let image = open_image(path).map_err(|e| e.to_string())?;
+    let cfg = ImageProcessorConfig::from_dir(janus.dir(), janus.config().layout)
+        .map_err(|e| e.to_string())?;
+    Ok((preprocess_for_understanding(&image, &cfg), cfg.image_size))
+}
+
+fn understand(janus: &Janus, args: &Args) -> Result<Value, String> {
+    let model = janus.model();
+    let (flat, size) = pixels(janus, args)?;
+    let ids = janus
+        .understanding_ids(&args.question, 1)
+        .map_err(|e| e.to_string())?;
+    let question_tokens = janus
+        .tokenizer()
+        .encode(&args.question, false)
+        .map_err(|e| e.to_string())?
+        .len();
+    let started = Instant::now();
+    let pixels = burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(flat, [1, 3, size, size]),
+        (janus.device(), model.llm.dtype()),
+    );
+    let features = model.heads.aligner.forward(model.vision.forward(pixels));
+    // Wait for the device before reading the clock.
+    let _ = features.clone().narrow(1, 0, 1).into_data();
+    let vision = started.elapsed();
+    let sp = *janus.tokenizer().special();
+    let embeds = embed_with_images(model, &ids, sp.image_placeholder, Some(features))
+        .map_err(|e| e.to_string())?;
+    let options = TextGenOptions {
+        max_new_tokens: args.new_tokens,
+        ..TextGenOptions::default()
+    };
+    // No EOS id stops the run: every timed run produces exactly `new_tokens` tokens.
+    let mut marks = Vec::with_capacity(args.new_tokens);
+    let out = decode(model, embeds, u32::MAX, &options, &mut |_| {
+        marks.push(started.elapsed());
+        true
+    })
+    .map_err(|e| e.to_string())?;
+    let steps: Vec<f64> = marks.windows(2).map(|w| ms(w[1] - w[0])).collect();
+    let decode_total: f64 = steps.iter().sum();
+    Ok(json!({
+        "prompt_tokens": ids.len(),
+        "question_tokens": question_tokens,
+        "new_tokens": out.ids.len(),
+        "vision_ms": ms(vision),
+        "prefill_ms": marks.first().map(|&d| ms(d)),
+        "decode_ms_total": decode_total,
+        "decode_tokens_per_s": steps.len() as f64 / (decode_total / 1e3),
+        "decode_step_ms_median": median(steps),
+        "token_ids": out.ids,
+    }))
+}
+
+fn generate(janus: &Janus, args: &Args) -> Result<Value, String> {
+    let options = ImageGenOptions {
+        count: args.parallel,
+        sampling: Sampling {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+        },
+        seed: 0,
+        ..ImageGenOptions::default()
+    };
+    let total = janus.config().vq.grid * janus.config().vq.grid;
+    let steps = args.steps.min(total);
+    let mut marks = Vec::with_capacity(steps);
+    let started = Instant::now();
+    let result = janus.generate_with_progress(&args.prompt, &options, &mut |s, _| {
+        marks.push(started.elapsed());
+        steps == total || s < steps
+    });
+    let end = started.elapsed();
+    match result {
+        Ok(_) if steps == total => {}
+        Err(Error::Cancelled) if steps < total => {}
+        Ok(_) => return Err("generation did not stop at --steps".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    let per_step: Vec<f64> = marks.windows(2).map(|w| ms(w[1] - w[0])).collect();
+    let min = per_step.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = per_step.iter().copied().fold(0.0, f64::max);
+    let mut out = json!({
+        "step_min_ms": min,
+        "step_max_ms": max,
+        "prompt_tokens": janus.generation_ids(&args.prompt).map_err(|e| e.to_string())?.len(),
+        "parallel": args.parallel,
+        "batch_rows": 2 * args.parallel,
+        "steps": marks.len(),
+        "prefill_ms": marks.first().map(|&d| ms(d)),
+        "ms_per_step": median(per_step),
+        "total_ms": ms(end),
+    });
+    if steps == total {
+        out["vq_decode_ms"] = json!(marks.last().map(|&d| ms(end - d)));
+    }
+    Ok(out)
+}
+
+fn repeated(args: &Args, mut run: impl FnMut() -> Result<(), String>) -> Result<Value, String> {
+    run()?;
+    let mut times = Vec::with_capacity(args.repeat);
+    for _ in 0..args.repeat.max(1) {
+        let t = Instant::now();
+        run()?;
+        times.push(ms(t.elapsed()));
+    }
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = times.iter().copied().fold(0.0, f64::max);
+    Ok(json!({ "ms": median(times.clone()), "min_ms": min, "max_ms": max, "runs_ms": times }))
+}
+
+fn vq_decode(janus: &Janus, args: &Args) -> Result<Value, String> {
+    let vq = &janus.config().vq;
+    let g = vq.grid;
+    // A fixed pseudo-random grid (64-bit LCG).
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let ids = (0..g * g)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) % vq.codebook_size as u64) as u32
+        })
+        .collect();
+    let tokens = ImageTokens {
+        ids,
+        rows: g,
+        cols: g,
+    };
+    repeated(args, || {
+        janus
+            .decode_image(&tokens)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn siglip(janus: &Janus, args: &Args) -> Result<Value, String> {
+    let model = janus.model();
+    let (flat, size) = pixels(janus, args)?;
+    repeated(args, || {
+        let pixels = burn::tensor::Tensor::<4>::from_data(
+            burn::tensor::TensorData::new(flat.clone(), [1, 3, size, size]),
+            (janus.device(), model.llm.dtype()),
+        );
+        let features = model.heads.aligner.forward(model.vision.forward(pixels));
+        features.into_data();
+        Ok(())
+    })
+}
+
+fn run(args: &Args) -> Result<Value, String> {
+    let device = args.backend.device().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut janus = Janus::load_on(&args.model, &device, args.dtype).map_err(|e| e.to_string())?;
+    let load_s = started.elapsed().as_secs_f64();
+    // The PyTorch side prompts both layouts without a system prompt.
+    janus.set_prompt_format(janus.prompt_format().clone().with_system_prompt(""));
+    let mut out = match args.task.as_str() {
+        "load" => json!({}),
+        "understand" => understand(&janus, args)?,
+        "generate" => generate(&janus, args)?,
+        "vq_decode" => vq_decode(&janus, args)?,
+        "siglip" => siglip(&janus, args)?,
+        other => return Err(format!("unknown task {other}\n{USAGE}")),
+    };
+    out["impl"] = json!("janus-rs");
+    out["task"] = json!(args.task);
+    out["backend"] = json!(format!("{:?}", args.backend).to_lowercase());
+    out["dtype"] = json!(format!("{:?}", args.dtype).to_lowercase());
+    out["threads"] = json!(
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+    );
+    out["load_s"] = json!(load_s);
+    out["peak_rss_mb"] = json!(peak_rss_mb());
+    Ok(out)
+}
+
+fn main() -> std::process::ExitCode {
+    let result = parse_args().and_then(|args| run(&args));
+    match result {
+        Ok(v) => {
+            println!("{v}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
