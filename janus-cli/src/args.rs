@@ -1,0 +1,183 @@
+//! The command line: subcommands and their flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Janus and Janus-Pro: image understanding and text-to-image generation.
+#[derive(Debug, Parser)]
+#[command(name = "janus", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Answer a question about one or more images.
+    Understand(UnderstandArgs),
+    /// Generate images from text prompts.
+    Generate(GenerateArgs),
+    /// Turn an image into its grid of VQ image tokens.
+    EncodeImage(EncodeArgs),
+    /// Turn a grid of VQ image tokens back into an image.
+    DecodeImage(DecodeArgs),
+}
+
+/// Flags every subcommand takes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// A model folder (Hugging Face or original DeepSeek layout) or a hub id such as
+    /// deepseek-community/Janus-Pro-1B.
+    #[arg(long, value_name = "DIR|ORG/NAME")]
+    pub model: String,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
+    /// The dtype the weights are computed in.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// Print no progress on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `janus understand`.
+#[derive(Debug, Args)]
+pub struct UnderstandArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// An image file; repeat for several. They fill the prompt's <image_placeholder> tags in
+    /// order, or, when it has none, each gets a placeholder line before the prompt.
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<PathBuf>,
+    /// The question.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+    /// Most new tokens to produce.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 takes the most likely token (greedy, the default).
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    pub temperature: f32,
+    /// Sample only from the most likely tokens whose probability reaches P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Sample only from the K most likely tokens.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Penalty for tokens already produced (1 = none).
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
+    pub repetition_penalty: f32,
+    /// Random seed of the sampling.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Print one JSON object {text, token_ids, prompt_tokens} at the end instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `janus generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// What to draw; repeat for several prompts (generated in one batch).
+    #[arg(long = "prompt", value_name = "TEXT", required = true)]
+    pub prompts: Vec<String>,
+    /// The PNG to write. With several prompts or images: <stem>_<i>.png beside it, i counting
+    /// over prompts, then images.
+    #[arg(long, value_name = "PATH.png")]
+    pub out: PathBuf,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub count: usize,
+    /// Classifier-free guidance weight.
+    #[arg(long, default_value_t = 5.0, value_name = "W")]
+    pub cfg_weight: f32,
+    /// Sampling temperature; 0 takes the most likely token (deterministic).
+    #[arg(long, default_value_t = 1.0, value_name = "T")]
+    pub temperature: f32,
+    /// Sample only from the K most likely tokens.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Sample only from the most likely tokens whose probability reaches P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Random seed (a random one when not given; --json reports it).
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Print one JSON object {images, tokens, grid, seed} instead of the paths.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `janus encode-image`.
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The image file.
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// Print one JSON object {tokens, grid} instead of the grid as rows of ids.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `janus decode-image`.
+#[derive(Debug, Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The JSON of `encode-image --json` or of `generate --json` (its first image).
+    #[arg(long, value_name = "FILE.json")]
+    pub tokens: PathBuf,
+    /// The PNG to write.
+    #[arg(long, value_name = "PATH.png")]
+    pub out: PathBuf,
+}
+
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// Burn's CPU backend.
+    Cpu,
+    /// A GPU through wgpu (build with the `wgpu` feature).
+    Wgpu,
+    /// An NVIDIA GPU (build with the `cuda` feature).
+    Cuda,
+}
+
+impl From<BackendArg> for janus_core::Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Cpu => janus_core::Backend::Cpu,
+            BackendArg::Wgpu => janus_core::Backend::Wgpu,
+            BackendArg::Cuda => janus_core::Backend::Cuda,
+        }
+    }
+}
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl From<DTypeArg> for janus_core::ComputeDType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => janus_core::ComputeDType::F32,
+            DTypeArg::F16 => janus_core::ComputeDType::F16,
+            DTypeArg::Bf16 => janus_core::ComputeDType::BF16,
+        }
+    }
+}

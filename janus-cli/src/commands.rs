@@ -1,0 +1,256 @@
+//! What each subcommand does.
+
+use std::io::Write;
+use std::time::Instant;
+
+use janus_core::generate::image::ImageGenOptions;
+use janus_core::generate::sampling::Sampling;
+use janus_core::generate::text::TextGenOptions;
+use janus_core::hub::HubEvent;
+use janus_core::pipeline::{Janus, LoadOptions};
+use janus_core::processor::image::open_image;
+use janus_core::tokenizer::strings::IMAGE_PLACEHOLDER;
+
+use crate::args::{Command, Common, DecodeArgs, EncodeArgs, GenerateArgs, UnderstandArgs};
+use crate::error::{CliError, Result};
+use crate::formats::{
+    EncodeJson, GenerateJson, UnderstandJson, check_output, output_paths, read_tokens, save_png,
+};
+use crate::progress::Progress;
+
+/// Runs one subcommand.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Understand(args) => understand(args),
+        Command::Generate(args) => generate(args),
+        Command::EncodeImage(args) => encode_image(args),
+        Command::DecodeImage(args) => decode_image(args),
+    }
+}
+
+/// Finds (or downloads) the model and loads it.
+fn load(common: &Common, progress: &mut Progress) -> Result<Janus> {
+    let dir = {
+        let mut on_hub = |event: HubEvent<'_>| progress.hub(event);
+        janus_core::hub::resolve(&common.model, Some(&mut on_hub))?
+    };
+    progress.stage(&format!("loading {}", dir.display()));
+    let started = Instant::now();
+    let options = LoadOptions {
+        backend: common.backend.into(),
+        dtype: common.dtype.into(),
+    };
+    let janus = Janus::load(&dir, &options)?;
+    progress.done(&format!(
+        "loaded {} in {:.1} s",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(janus)
+}
+
+fn understand(args: UnderstandArgs) -> Result<()> {
+    let mut progress = Progress::new(args.common.quiet);
+    // Bad input fails before the model loads.
+    let tags = args.prompt.matches(IMAGE_PLACEHOLDER).count();
+    if tags > 0 && tags != args.images.len() {
+        return Err(janus_core::Error::InvalidInput(format!(
+            "the prompt has {tags} {IMAGE_PLACEHOLDER} tags but {} --image files were given",
+            args.images.len()
+        ))
+        .into());
+    }
+    let images = args
+        .images
+        .iter()
+        .map(|p| open_image(p))
+        .collect::<janus_core::Result<Vec<_>>>()?;
+    let options = TextGenOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        ..TextGenOptions::default()
+    };
+    options.validate()?;
+
+    let janus = load(&args.common, &mut progress)?;
+    progress.stage("reading the prompt");
+    let answer = if args.json {
+        janus.understand(&images, &args.prompt, &options)?
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        let mut failed = None;
+        let mut first = true;
+        let result = janus.understand_stream(&images, &args.prompt, &options, &mut |piece| {
+            if first {
+                progress.clear();
+                first = false;
+            }
+            match stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(CliError::Stdout(e));
+        }
+        let answer = result?;
+        writeln!(stdout).map_err(CliError::Stdout)?;
+        answer
+    };
+    let new = answer.token_ids.len();
+    let decode_rate = if new > 1 && !answer.decode_time.is_zero() {
+        format!(
+            ", {:.1} tokens/s",
+            (new - 1) as f64 / answer.decode_time.as_secs_f64()
+        )
+    } else {
+        String::new()
+    };
+    progress.done(&format!(
+        "{} prompt tokens, {new} new; vision {:.2} s, prefill {:.2} s, decode {:.2} s{decode_rate}",
+        answer.prompt_tokens,
+        answer.vision_time.as_secs_f64(),
+        answer.prefill_time.as_secs_f64(),
+        answer.decode_time.as_secs_f64(),
+    ));
+    if args.json {
+        print_json(&UnderstandJson {
+            text: &answer.text,
+            token_ids: &answer.token_ids,
+            prompt_tokens: answer.prompt_tokens,
+        })?;
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let mut progress = Progress::new(args.common.quiet);
+    let paths = output_paths(&args.out, args.prompts.len(), args.count)?;
+    let options = ImageGenOptions {
+        count: args.count,
+        cfg_weight: args.cfg_weight,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
+        seed: args.seed.unwrap_or_else(random_seed),
+    };
+    if options.count == 0 {
+        return Err(CliError::Invalid("--count must be at least 1".into()));
+    }
+    options.sampling.validate()?;
+    if args.prompts.iter().any(|p| p.trim().is_empty()) {
+        return Err(janus_core::Error::InvalidInput("a --prompt is empty".into()).into());
+    }
+
+    let janus = load(&args.common, &mut progress)?;
+    let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let batch = janus.generate_batch_with_progress(&prompts, &options, &mut |step, total| {
+        progress.count("image tokens", step as u64, total as u64, false);
+        if step >= total {
+            progress.stage("decoding the image tokens (VQ)");
+        }
+        true
+    })?;
+    let images: Vec<_> = batch.into_iter().flatten().collect();
+    for (image, path) in images.iter().zip(&paths) {
+        save_png(&image.image, path)?;
+    }
+    progress.done(&format!(
+        "{} image{} in {:.1} s (seed {})",
+        images.len(),
+        if images.len() == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64(),
+        options.seed
+    ));
+    let written: Vec<String> = paths
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    if args.json {
+        let grid = images
+            .first()
+            .map_or([0, 0], |g| [g.tokens.rows, g.tokens.cols]);
+        print_json(&GenerateJson {
+            images: written,
+            tokens: images.into_iter().map(|g| g.tokens.ids).collect(),
+            grid,
+            seed: options.seed,
+        })
+    } else {
+        print_lines(&written)
+    }
+}
+
+fn encode_image(args: EncodeArgs) -> Result<()> {
+    let mut progress = Progress::new(args.common.quiet);
+    let image = open_image(&args.image)?;
+    let janus = load(&args.common, &mut progress)?;
+    progress.stage("encoding the image (VQ)");
+    let tokens = janus.encode_image(&image)?;
+    progress.clear();
+    if args.json {
+        print_json(&EncodeJson {
+            tokens: &tokens.ids,
+            grid: [tokens.rows, tokens.cols],
+        })
+    } else {
+        let rows: Vec<String> = tokens
+            .ids
+            .chunks(tokens.cols.max(1))
+            .map(|row| row.iter().map(u32::to_string).collect::<Vec<_>>().join(" "))
+            .collect();
+        print_lines(&rows)
+    }
+}
+
+fn decode_image(args: DecodeArgs) -> Result<()> {
+    let mut progress = Progress::new(args.common.quiet);
+    let tokens = read_tokens(&args.tokens)?;
+    check_output(&args.out)?;
+    let janus = load(&args.common, &mut progress)?;
+    progress.stage("decoding the image tokens (VQ)");
+    let image = janus.decode_image(&tokens)?;
+    save_png(&image, &args.out)?;
+    progress.clear();
+    print_lines(&[args.out.to_string_lossy().into_owned()])
+}
+
+/// A seed for a run that names none, exact in any JSON reader (below 2^53).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(t.as_nanos());
+    }
+    hasher.write_u32(std::process::id());
+    hasher.finish() & ((1 << 53) - 1)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string(value)
+        .map_err(|e| CliError::Invalid(format!("cannot write JSON: {e}")))?;
+    print_lines(&[text])
+}
+
+fn print_lines(lines: &[String]) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    for line in lines {
+        writeln!(stdout, "{line}").map_err(CliError::Stdout)?;
+    }
+    stdout.flush().map_err(CliError::Stdout)
+}

@@ -1,0 +1,166 @@
+//! The JSON the commands print and read, and the names of the images `generate` writes.
+
+use std::path::{Path, PathBuf};
+
+use janus_core::pipeline::ImageTokens;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CliError, Result};
+
+/// `understand --json`.
+#[derive(Debug, Serialize)]
+pub struct UnderstandJson<'a> {
+    /// The answer.
+    pub text: &'a str,
+    /// The new token ids, with the EOS id last when generation stopped on it.
+    pub token_ids: &'a [u32],
+    /// Prompt length after image-token expansion.
+    pub prompt_tokens: usize,
+}
+
+/// `generate --json`.
+#[derive(Debug, Serialize)]
+pub struct GenerateJson {
+    /// The files written, in order.
+    pub images: Vec<String>,
+    /// Each image's tokens, row-major.
+    pub tokens: Vec<Vec<u32>>,
+    /// `[rows, cols]` of every image's grid.
+    pub grid: [usize; 2],
+    /// The seed used.
+    pub seed: u64,
+}
+
+/// `encode-image --json`.
+#[derive(Debug, Serialize)]
+pub struct EncodeJson<'a> {
+    /// The tokens, row-major.
+    pub tokens: &'a [u32],
+    /// `[rows, cols]`.
+    pub grid: [usize; 2],
+}
+
+/// What `decode-image --tokens` reads: the encode-image JSON (a flat list) or the generate JSON
+/// (one list per image).
+#[derive(Debug, Deserialize)]
+struct TokenFile {
+    tokens: TokenList,
+    grid: [usize; 2],
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenList {
+    Flat(Vec<u32>),
+    PerImage(Vec<Vec<u32>>),
+}
+
+/// Reads a token grid from the JSON of `encode-image --json` or `generate --json` (its first
+/// image).
+pub fn read_tokens(path: &Path) -> Result<ImageTokens> {
+    let bad = |message: String| CliError::TokenFile {
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| janus_core::Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let file: TokenFile = serde_json::from_slice(&bytes).map_err(|e| {
+        bad(format!(
+            "expected the JSON of encode-image or generate, {{\"tokens\": [...], \"grid\": [rows, cols]}}: {e}"
+        ))
+    })?;
+    let ids = match file.tokens {
+        TokenList::Flat(ids) => ids,
+        TokenList::PerImage(images) => images
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("`tokens` lists no image".into()))?,
+    };
+    if ids.is_empty() {
+        return Err(bad("`tokens` is empty".into()));
+    }
+    let [rows, cols] = file.grid;
+    if rows.checked_mul(cols) != Some(ids.len()) {
+        return Err(bad(format!(
+            "{} tokens do not fill the {rows}×{cols} grid",
+            ids.len()
+        )));
+    }
+    Ok(ImageTokens { ids, rows, cols })
+}
+
+/// The files `generate` writes for `prompts` prompts of `count` images each: `out` itself for
+/// one image, else `<stem>_<i>.png` beside it with `i` counting over prompts, then images.
+pub fn output_paths(out: &Path, prompts: usize, count: usize) -> Result<Vec<PathBuf>> {
+    check_output(out)?;
+    let n = prompts * count;
+    if n == 1 {
+        return Ok(vec![out.to_path_buf()]);
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((0..n)
+        .map(|i| out.with_file_name(format!("{stem}_{i}.png")))
+        .collect())
+}
+
+/// Fails early when `out` cannot be a file in an existing folder.
+pub fn check_output(out: &Path) -> Result<()> {
+    if out.file_name().is_none() || out.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(CliError::Invalid(format!(
+            "--out {}: expected a file name such as image.png",
+            out.display()
+        )));
+    }
+    if out.is_dir() {
+        return Err(CliError::Invalid(format!(
+            "--out {} is a folder; expected a file name such as image.png",
+            out.display()
+        )));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(CliError::Write {
+            path: out.to_path_buf(),
+            message: format!("the folder {} does not exist", parent.display()),
+        });
+    }
+    Ok(())
+}
+
+/// Writes an image as PNG.
+pub fn save_png(image: &image::RgbImage, path: &Path) -> Result<()> {
+    image
+        .save_with_format(path, image::ImageFormat::Png)
+        .map_err(|e| CliError::Write {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_names_count_over_prompts_then_images() {
+        let dir = std::env::temp_dir();
+        let out = dir.join("cat.png");
+        assert_eq!(output_paths(&out, 1, 1).unwrap(), vec![out.clone()]);
+        let names: Vec<String> = output_paths(&out, 2, 2)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["cat_0.png", "cat_1.png", "cat_2.png", "cat_3.png"]);
+        assert!(output_paths(&dir.join("missing-folder-x/cat.png"), 1, 1).is_err());
+        assert!(output_paths(&dir, 1, 1).is_err());
+    }
+}

@@ -1,0 +1,811 @@
+//! The `janus` binary end to end on the committed tiny checkpoints, in both layouts, against the
+//! reference outputs of the fixtures (token ids equal, pixels within 1), and its error paths.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+// ---------------------------------------------------------------- fixtures and references
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// The original-layout checkpoint that `scripts/setup.sh` writes (too large to commit).
+fn original_checkpoint() -> PathBuf {
+    let cache = std::env::var_os("JANUS_FIXTURE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/janus-rs-fixtures")
+        });
+    let dir = cache.join("original-tiny/safetensors");
+    assert!(
+        dir.join("config.json").is_file(),
+        "{} is missing: run `bash scripts/setup.sh` (it writes the original-layout test checkpoint)",
+        dir.display()
+    );
+    dir
+}
+
+/// A reference tensor: shape and values.
+struct Ref {
+    shape: Vec<usize>,
+    values: Vec<f64>,
+}
+
+impl Ref {
+    fn u32s(&self) -> Vec<u32> {
+        self.values.iter().map(|&v| v as u32).collect()
+    }
+    fn u8s(&self) -> Vec<u8> {
+        self.values.iter().map(|&v| v as u8).collect()
+    }
+}
+
+fn read_reference(path: &Path) -> HashMap<String, Ref> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data();
+            let values: Vec<f64> = match view.dtype() {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+                    .collect(),
+                safetensors::Dtype::I64 => data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::U8 => data.iter().map(|&b| f64::from(b)).collect(),
+                other => panic!("{name}: unexpected dtype {other:?}"),
+            };
+            let shape = view.shape().to_vec();
+            (name, Ref { shape, values })
+        })
+        .collect()
+}
+
+fn eos(model: &Path) -> u32 {
+    janus_core::JanusTokenizer::from_dir(model)
+        .expect("tokenizer")
+        .special()
+        .eos
+}
+
+/// Writes an HWC u8 image as PNG.
+fn write_png(path: &Path, width: usize, height: usize, rgb: Vec<u8>) {
+    image::RgbImage::from_raw(width as u32, height as u32, rgb)
+        .expect("image size")
+        .save(path)
+        .expect("write png");
+}
+
+/// The official understanding input: the 48×48 `image_small_u8` repeated to `size` (nearest).
+fn upscaled(small: &Ref, size: usize) -> Vec<u8> {
+    let (h, w) = (small.shape[0], small.shape[1]);
+    let mut out = Vec::with_capacity(size * size * 3);
+    for y in 0..size {
+        for x in 0..size {
+            let at = ((y * h / size) * w + x * w / size) * 3;
+            out.extend(small.values[at..at + 3].iter().map(|&v| v as u8));
+        }
+    }
+    out
+}
+
+/// Largest channel difference between a PNG and a reference HWC u8 image.
+fn max_pixel_diff(png: &Path, want: &[u8]) -> u8 {
+    let got = image::open(png)
+        .unwrap_or_else(|e| panic!("{}: {e}", png.display()))
+        .to_rgb8();
+    assert_eq!(got.as_raw().len(), want.len(), "{}: size", png.display());
+    got.as_raw()
+        .iter()
+        .zip(want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0)
+}
+
+/// `got` is the reference's greedy continuation, cut after an EOS.
+fn check_answer(got: &[u32], want: &[u32], eos: u32) {
+    let n = want
+        .iter()
+        .position(|&t| t == eos)
+        .map_or(want.len(), |i| i + 1);
+    assert_eq!(got, &want[..n], "answer tokens");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+// ---------------------------------------------------------------- running the binary
+
+/// Runs `janus` with `args` (offline, quiet unless `-q` is left out by the caller's args).
+fn janus_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_janus"));
+    cmd.args(args).env("HF_HUB_OFFLINE", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run janus")
+}
+
+fn janus(args: &[&str]) -> Output {
+    janus_env(args, &[])
+}
+
+/// Runs a command that must succeed and returns its stdout.
+fn ok(args: &[&str]) -> String {
+    let out = janus(args);
+    assert!(
+        out.status.success(),
+        "janus {args:?} failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs a command that must succeed and parses its stdout as one JSON object.
+fn ok_json(args: &[&str]) -> Value {
+    let stdout = ok(args);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: not one JSON value: {e}"))
+}
+
+/// A failed run: exit 1, nothing on stdout, one `error:` line closing stderr, no panic.
+fn assert_fails(out: &Output, mentions: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr: {stderr}");
+    assert!(out.stdout.is_empty(), "stdout: {:?}", out.stdout);
+    // Progress lines may come first; the error is one line, the last.
+    let errors = stderr.lines().filter(|l| l.starts_with("error")).count();
+    assert_eq!(errors, 1, "stderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    assert!(
+        stderr.contains(mentions),
+        "stderr lacks {mentions:?}: {stderr}"
+    );
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an id list")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+// ---------------------------------------------------------------- understand
+
+const QUESTION: &str = "What is shown in this image?";
+
+#[test]
+fn understand_hf_matches_the_reference() {
+    for dir in ["hf-tiny", "hf-tiny-bin-sharded-bf16"] {
+        let model = fixture(dir);
+        // The bin fixture shares its weights' reference with the bf16 safetensors one.
+        let reference = if dir == "hf-tiny" {
+            "hf-tiny"
+        } else {
+            "hf-tiny-bf16-sharded"
+        };
+        let r = read_reference(&fixture(reference).join("expected/multimodal.safetensors"));
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("image.png");
+        let shape = &r["image_u8"].shape;
+        write_png(&img, shape[1], shape[0], r["image_u8"].u8s());
+        let want = r["mm_greedy_ids"].u32s();
+        let n = want.len().to_string();
+        let args = [
+            "understand",
+            "--model",
+            path_str(&model),
+            "--image",
+            path_str(&img),
+            "--prompt",
+            QUESTION,
+            "--max-new-tokens",
+            &n,
+        ];
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let v = ok_json(&with_json);
+        let got = ids(&v["token_ids"]);
+        check_answer(&got, &want, eos(&model));
+        assert_eq!(
+            v["prompt_tokens"].as_u64(),
+            Some(r["mm_input_ids"].shape[1] as u64),
+            "{dir}: prompt tokens"
+        );
+        let text = v["text"].as_str().expect("text").to_string();
+        assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+
+        // Streamed: the same answer (text held back inside a character aside), then a newline.
+        let streamed = ok(&args);
+        assert!(streamed.ends_with('\n'), "{streamed:?}");
+        assert!(
+            text.starts_with(streamed.trim_end_matches('\n')),
+            "{streamed:?} vs {text:?}"
+        );
+        // The explicit placeholder form is the same prompt.
+        let tagged = format!("<image_placeholder>\n{QUESTION}");
+        let mut tagged_args = with_json.clone();
+        tagged_args[6] = &tagged;
+        assert_eq!(ok_json(&tagged_args), v, "{dir}: tagged prompt");
+    }
+}
+
+#[test]
+fn understand_original_matches_the_official_code() {
+    let model = original_checkpoint();
+    let r = read_reference(&fixture("original-tiny/expected/understand.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("image.png");
+    write_png(&img, 384, 384, upscaled(&r["image_small_u8"], 384));
+    let want = r["greedy_ids"].u32s();
+    let n = want.len().to_string();
+    let v = ok_json(&[
+        "understand",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--image",
+        path_str(&img),
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        &n,
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    check_answer(&ids(&v["token_ids"]), &want, eos(&model));
+    assert_eq!(
+        v["prompt_tokens"].as_u64(),
+        Some(r["input_ids"].shape[1] as u64)
+    );
+}
+
+// ---------------------------------------------------------------- generate
+
+#[test]
+fn generate_hf_matches_the_reference_with_one_and_several_images() {
+    let model = fixture("hf-tiny");
+    let r = read_reference(&fixture("hf-tiny/expected/multimodal.safetensors"));
+    let want = r["gen_tokens"].u32s();
+    let pixels = r["gen_image_u8"].u8s();
+    let tmp = tempfile::tempdir().unwrap();
+
+    let out = tmp.path().join("cat.png");
+    let v = ok_json(&[
+        "generate",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--temperature",
+        "0",
+        "--out",
+        path_str(&out),
+        "--json",
+    ]);
+    assert_eq!(v["images"], json!([path_str(&out)]));
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 1);
+    assert_eq!(ids(&v["tokens"][0]), want);
+    let grid = ids(&v["grid"]);
+    assert_eq!(grid.len(), 2);
+    assert_eq!((grid[0] * grid[1]) as usize, want.len());
+    assert!(v["seed"].is_u64(), "{v}");
+    let d = max_pixel_diff(&out, &pixels);
+    assert!(d <= 1, "pixels differ by {d}");
+    let files: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert_eq!(files.len(), 1, "exactly --out is written");
+
+    // Two prompts × two images, in one batch: cat_0 … cat_3, each the reference (greedy).
+    let v = ok_json(&[
+        "generate",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--prompt",
+        "a photo of a cat",
+        "--count",
+        "2",
+        "--cfg-weight",
+        "5",
+        "--temperature",
+        "0",
+        "--seed",
+        "3",
+        "--out",
+        path_str(&out),
+        "--json",
+    ]);
+    let names: Vec<PathBuf> = (0..4)
+        .map(|i| tmp.path().join(format!("cat_{i}.png")))
+        .collect();
+    assert_eq!(
+        v["images"],
+        json!(names.iter().map(|p| path_str(p)).collect::<Vec<_>>())
+    );
+    assert_eq!(v["seed"], json!(3));
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(ids(&v["tokens"][i]), want, "image {i}");
+        let d = max_pixel_diff(name, &pixels);
+        assert!(d <= 1, "image {i}: pixels differ by {d}");
+    }
+
+    // Without --json: the paths written, one a line.
+    let listed = ok(&[
+        "generate",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--count",
+        "2",
+        "--temperature",
+        "0",
+        "--out",
+        path_str(&tmp.path().join("dog.png")),
+    ]);
+    let expected: Vec<String> = (0..2)
+        .map(|i| path_str(&tmp.path().join(format!("dog_{i}.png"))).to_string())
+        .collect();
+    assert_eq!(listed.lines().collect::<Vec<_>>(), expected);
+}
+
+#[test]
+fn generate_with_sampling_reproduces_its_seed() {
+    let model = fixture("hf-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a.png");
+    let run = |seed: Option<&str>| {
+        let mut args = vec![
+            "generate",
+            "-q",
+            "--model",
+            path_str(&model),
+            "--prompt",
+            "a portrait",
+            "--top-k",
+            "50",
+            "--out",
+            path_str(&out),
+            "--json",
+        ];
+        if let Some(s) = seed {
+            args.extend(["--seed", s]);
+        }
+        ok_json(&args)
+    };
+    let first = run(None);
+    let seed = first["seed"].as_u64().expect("the seed used").to_string();
+    let again = run(Some(&seed));
+    assert_eq!(
+        again["tokens"], first["tokens"],
+        "the reported seed reproduces"
+    );
+}
+
+#[test]
+fn generate_original_matches_the_official_code() {
+    let model = original_checkpoint();
+    let r = read_reference(&fixture("original-tiny/expected/generate.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cat.png");
+    let v = ok_json(&[
+        "generate",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--temperature",
+        "0",
+        "--out",
+        path_str(&out),
+        "--json",
+    ]);
+    let want = r["tokens"].u32s();
+    assert_eq!(ids(&v["tokens"][0]), want);
+    let grid = ids(&v["grid"]);
+    assert_eq!((grid[0] * grid[1]) as usize, want.len());
+    let d = max_pixel_diff(&out, &r["image_u8"].u8s());
+    assert!(d <= 1, "pixels differ by {d}");
+
+    // decode-image on the generate JSON decodes its first image: the reference pixels.
+    let json_path = tmp.path().join("gen.json");
+    std::fs::write(&json_path, v.to_string()).unwrap();
+    let decoded = tmp.path().join("decoded.png");
+    ok(&[
+        "decode-image",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        path_str(&json_path),
+        "--out",
+        path_str(&decoded),
+    ]);
+    let d = max_pixel_diff(&decoded, &r["image_u8"].u8s());
+    assert!(d <= 1, "decoded pixels differ by {d}");
+}
+
+// ---------------------------------------------------------------- encode-image / decode-image
+
+/// `clip((x + 1) / 2 · 255, 0, 255)` truncated, NCHW floats to HWC u8 (the reference's formula).
+fn to_u8_hwc(t: &Ref) -> Vec<u8> {
+    let (c, h, w) = (t.shape[1], t.shape[2], t.shape[3]);
+    let mut out = Vec::with_capacity(h * w * c);
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..c {
+                let v = t.values[ch * h * w + y * w + x];
+                out.push(((v + 1.0) / 2.0 * 255.0).clamp(0.0, 255.0) as u8);
+            }
+        }
+    }
+    out
+}
+
+fn grid_of(n: usize) -> usize {
+    let g = (n as f64).sqrt().round() as usize;
+    assert_eq!(g * g, n, "a square grid");
+    g
+}
+
+#[test]
+fn decode_image_hf_matches_the_reference() {
+    let model = fixture("hf-tiny");
+    let r = read_reference(&fixture("hf-tiny/expected/multimodal.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    for (tokens, pixels) in [
+        (r["vq_tokens"].u32s(), to_u8_hwc(&r["vq_decoded"])),
+        (r["gen_tokens"].u32s(), r["gen_image_u8"].u8s()),
+    ] {
+        let g = grid_of(tokens.len());
+        let file = tmp.path().join("tokens.json");
+        std::fs::write(&file, json!({"tokens": tokens, "grid": [g, g]}).to_string()).unwrap();
+        let out = tmp.path().join("decoded.png");
+        let stdout = ok(&[
+            "decode-image",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            path_str(&file),
+            "--out",
+            path_str(&out),
+        ]);
+        assert_eq!(stdout.trim_end(), path_str(&out));
+        let d = max_pixel_diff(&out, &pixels);
+        assert!(d <= 1, "pixels differ by {d}");
+    }
+}
+
+#[test]
+fn encode_image_original_matches_the_official_quantizer() {
+    let model = original_checkpoint();
+    let und = read_reference(&fixture("original-tiny/expected/understand.safetensors"));
+    let r = read_reference(&fixture("original-tiny/expected/vq_preprocess.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("image.png");
+    write_png(&img, 384, 384, upscaled(&und["image_small_u8"], 384));
+    let v = ok_json(&[
+        "encode-image",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--image",
+        path_str(&img),
+        "--json",
+    ]);
+    assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    let got = ids(&v["tokens"]);
+    let want = r["encode_tokens"].u32s();
+    assert_eq!(got.len(), want.len());
+    let g = grid_of(want.len()) as u64;
+    assert_eq!(v["grid"], json!([g, g]));
+    let gaps = &r["encode_gaps"].values;
+    for i in 0..want.len() {
+        // Only a recorded near-tie may pick the other code.
+        assert!(
+            got[i] == want[i] || gaps[i] < 1e-3,
+            "position {i}: {} vs {} (gap {:e})",
+            got[i],
+            want[i],
+            gaps[i]
+        );
+    }
+
+    // Its JSON feeds decode-image; the text form lists the same grid row by row.
+    let file = tmp.path().join("tokens.json");
+    std::fs::write(&file, v.to_string()).unwrap();
+    let out = tmp.path().join("decoded.png");
+    ok(&[
+        "decode-image",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        path_str(&file),
+        "--out",
+        path_str(&out),
+    ]);
+    assert!(image::open(&out).is_ok());
+    let text = ok(&[
+        "encode-image",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--image",
+        path_str(&img),
+    ]);
+    let rows: Vec<Vec<u32>> = text
+        .lines()
+        .map(|l| l.split(' ').map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len() as u64, g);
+    assert_eq!(rows.concat(), got);
+}
+
+#[test]
+fn encode_image_hf_gives_a_grid_that_decodes() {
+    let model = fixture("hf-tiny");
+    let r = read_reference(&fixture("hf-tiny/expected/multimodal.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("image.png");
+    let shape = &r["image_u8"].shape;
+    write_png(&img, shape[1], shape[0], r["image_u8"].u8s());
+    let v = ok_json(&[
+        "encode-image",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--image",
+        path_str(&img),
+        "--json",
+    ]);
+    let tokens = ids(&v["tokens"]);
+    // The grid is the one the decoder reads (the reference's token grids have its size).
+    assert_eq!(tokens.len(), r["vq_tokens"].values.len());
+    let g = grid_of(tokens.len()) as u64;
+    assert_eq!(v["grid"], json!([g, g]));
+    let file = tmp.path().join("tokens.json");
+    std::fs::write(&file, v.to_string()).unwrap();
+    ok(&[
+        "decode-image",
+        "-q",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        path_str(&file),
+        "--out",
+        path_str(&tmp.path().join("out.png")),
+    ]);
+}
+
+// ---------------------------------------------------------------- the hub cache
+
+/// A Hugging Face cache under `home/hub` holding `repo` with the files of a fixture folder.
+fn fake_hub_cache(home: &Path, repo: &str, fixture_dir: &str) {
+    let folder = home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let rev = "4f1c0e0d6a8b9c7d5e3f2a1b0c9d8e7f6a5b4c3d";
+    let snap = folder.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), rev).unwrap();
+    for entry in std::fs::read_dir(fixture(fixture_dir)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, snap.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_hub_id_is_found_in_the_cache_offline() {
+    let home = tempfile::tempdir().unwrap();
+    fake_hub_cache(home.path(), "tiny-org/janus-tiny", "hf-tiny");
+    let hf_home = path_str(home.path());
+    let r = read_reference(&fixture("hf-tiny/expected/multimodal.safetensors"));
+    let tokens = r["gen_tokens"].u32s();
+    let g = grid_of(tokens.len());
+    let file = home.path().join("tokens.json");
+    std::fs::write(&file, json!({"tokens": tokens, "grid": [g, g]}).to_string()).unwrap();
+    let out = home.path().join("out.png");
+    let run = |model: &str| {
+        janus_env(
+            &[
+                "decode-image",
+                "-q",
+                "--model",
+                model,
+                "--tokens",
+                path_str(&file),
+                "--out",
+                path_str(&out),
+            ],
+            &[("HF_HOME", hf_home), ("HF_HUB_OFFLINE", "1")],
+        )
+    };
+    let found = run("tiny-org/janus-tiny");
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let d = max_pixel_diff(&out, &r["gen_image_u8"].u8s());
+    assert!(d <= 1, "pixels differ by {d}");
+
+    assert_fails(&run("tiny-org/not-there"), "tiny-org/not-there");
+}
+
+// ---------------------------------------------------------------- errors
+
+#[test]
+fn bad_input_fails_with_one_line() {
+    let model = fixture("hf-tiny");
+    let m = path_str(&model);
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("image.png");
+    write_png(&img, 8, 8, vec![128; 8 * 8 * 3]);
+    let im = path_str(&img);
+
+    // A model folder that is not there.
+    let missing = tmp.path().join("no-model");
+    assert_fails(
+        &janus(&[
+            "understand",
+            "--model",
+            path_str(&missing),
+            "--image",
+            im,
+            "--prompt",
+            "what?",
+        ]),
+        "no-model",
+    );
+    // A folder that is not a model.
+    assert_fails(
+        &janus(&[
+            "encode-image",
+            "--model",
+            path_str(tmp.path()),
+            "--image",
+            im,
+        ]),
+        path_str(tmp.path()),
+    );
+    // An image that is not there, and one that is not an image.
+    let garbage = tmp.path().join("garbage.png");
+    std::fs::write(&garbage, b"not an image at all").unwrap();
+    for bad in [tmp.path().join("none.png"), garbage] {
+        assert_fails(
+            &janus(&[
+                "understand",
+                "--model",
+                m,
+                "--image",
+                path_str(&bad),
+                "--prompt",
+                "what?",
+            ]),
+            path_str(&bad),
+        );
+        assert_fails(
+            &janus(&["encode-image", "--model", m, "--image", path_str(&bad)]),
+            path_str(&bad),
+        );
+    }
+    // Placeholders and images that do not match.
+    assert_fails(
+        &janus(&[
+            "understand",
+            "--model",
+            m,
+            "--image",
+            im,
+            "--prompt",
+            "<image_placeholder> and <image_placeholder>?",
+        ]),
+        "placeholder",
+    );
+    // Malformed token files.
+    let out = tmp.path().join("out.png");
+    for (name, content) in [
+        ("broken.json", "{\"tokens\": [1, 2,"),
+        ("shape.json", "{\"tokens\": [1, 2, 3], \"grid\": [2, 2]}"),
+        ("kind.json", "{\"tokens\": \"abc\", \"grid\": [1, 1]}"),
+        ("empty.json", "{\"tokens\": [], \"grid\": [0, 0]}"),
+        ("binary.json", "\u{1}\u{2}\u{3}"),
+    ] {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, content).unwrap();
+        assert_fails(
+            &janus(&[
+                "decode-image",
+                "--model",
+                m,
+                "--tokens",
+                path_str(&file),
+                "--out",
+                path_str(&out),
+            ]),
+            name,
+        );
+    }
+    assert!(!out.exists());
+    // Output into a folder that does not exist.
+    assert_fails(
+        &janus(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "a cat",
+            "--out",
+            path_str(&tmp.path().join("nope/cat.png")),
+        ]),
+        "nope",
+    );
+    // Bad option values.
+    assert_fails(
+        &janus(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "a cat",
+            "--temperature=-1",
+            "--out",
+            path_str(&out),
+        ]),
+        "temperature",
+    );
+}
+
+#[test]
+fn usage_errors_exit_with_2() {
+    for args in [
+        &["generate", "--model", "x"][..],
+        &[
+            "understand",
+            "--model",
+            "x",
+            "--prompt",
+            "p",
+            "--dtype",
+            "f64",
+        ],
+        &[
+            "understand",
+            "--model",
+            "x",
+            "--prompt",
+            "p",
+            "--backend",
+            "tpu",
+        ],
+        &["frobnicate"],
+    ] {
+        let out = janus(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+    }
+}
