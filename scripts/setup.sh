@@ -35,6 +35,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -c "import numpy" 2>/dev/null || "$VENV/bin/pip" install -q "numpy>=1.26"
+# maturin, pytest, Pillow and safetensors for the Python package's build and tests.
+"$VENV/bin/pip" install -q --disable-pip-version-check -r janus-py/requirements-dev.txt
 
 export JANUS_FIXTURE_CACHE="${JANUS_FIXTURE_CACHE:-$HOME/.cache/janus-rs-fixtures}"
 "$VENV/bin/python" tests/reference/gen_original.py --cache "$JANUS_FIXTURE_CACHE"

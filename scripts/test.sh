@@ -11,5 +11,12 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 
+# The Python package, built into the test virtual environment, and its tests. janus-core gets the
+# test profile's optimisation so that maturin reuses what `cargo test` built.
+VENV="${JANUS_VENV:-$HOME/.cache/janus-rs-venv}"
+(cd janus-py && VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" maturin develop -q \
+  --config 'profile.dev.package.janus-core.opt-level=3')
+"$VENV/bin/python" -m pytest -q janus-py/tests
+
 # wgpu on whatever Vulkan device there is (lavapipe on a machine without a GPU).
 JANUS_TEST_DEVICE=wgpu cargo test -p janus-core --no-default-features --features wgpu --test llm_parity

@@ -1,0 +1,436 @@
+//! The `Janus` class: a loaded model and its calls, each run with the interpreter detached.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyMapping, PyString, PyTuple};
+
+use janus_core::pipeline::{self, LoadOptions, Role, Turn};
+use janus_core::{Backend, Error};
+
+use crate::errors::{self, guarded, invalid_input, keep_going};
+use crate::images::{image_arg, images_arg, to_pil, tokens_arg, tokens_to_numpy, type_name};
+use crate::options::{TextArgs, image_options, parse_dtype, sampling};
+use crate::results::{Answer, GeneratedImage};
+use crate::stream::TextStream;
+
+// The model is shared with background threads and used with the interpreter detached.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<pipeline::Janus>();
+};
+
+/// A loaded Janus or Janus-Pro model: answers questions about images and generates images.
+///
+/// Load it with ``Janus.load``. Every call releases the GIL while the model runs, so other
+/// Python threads keep going; one model can serve calls from several threads.
+#[pyclass(frozen, module = "janus_rs", name = "Janus")]
+pub(crate) struct Janus {
+    inner: Arc<pipeline::Janus>,
+    backend: Backend,
+    dtype: String,
+}
+
+/// The model argument: a folder path (str or os.PathLike), or a Hugging Face id (`org/name`)
+/// given as a str.
+fn model_arg(model: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    if model.is_instance_of::<PyString>() || model.hasattr("__fspath__")? {
+        return model.extract();
+    }
+    Err(PyTypeError::new_err(format!(
+        "model must be a folder path (str or os.PathLike) or a Hugging Face id, not {}",
+        type_name(model)
+    )))
+}
+
+/// The folder of a model: an existing folder as is; otherwise a hub id looked up in the
+/// Hugging Face cache and downloaded into it when missing.
+fn resolve_model(model: &Path) -> Result<PathBuf, Error> {
+    if model.is_dir() {
+        return Ok(model.to_path_buf());
+    }
+    match model.to_str() {
+        Some(id) => janus_core::hub::resolve(id, None),
+        None => Err(Error::MissingFile {
+            dir: model.to_path_buf(),
+            message: "no such model folder".into(),
+        }),
+    }
+}
+
+/// The turns of a conversation: a list of mappings with `role`, `content` and optional `images`.
+fn conversation_arg(py: Python<'_>, conversation: &Bound<'_, PyAny>) -> PyResult<Vec<Turn>> {
+    if !(conversation.is_instance_of::<PyList>() || conversation.is_instance_of::<PyTuple>()) {
+        return Err(PyTypeError::new_err(format!(
+            "conversation must be a list of turns ({{\"role\": ..., \"content\": ..., \"images\": [...]}}), not {}",
+            type_name(conversation)
+        )));
+    }
+    let mut turns = Vec::new();
+    for (i, item) in conversation.try_iter()?.enumerate() {
+        let item = item?;
+        let turn = item.cast::<PyMapping>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "turn {i} must be a dict with \"role\" and \"content\", not {}",
+                type_name(&item)
+            ))
+        })?;
+        let field = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+            if turn.contains(key)? {
+                Ok(Some(turn.get_item(key)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let role: String = match field("role")? {
+            Some(r) => r.extract()?,
+            None => return Err(invalid_input(py, format!("turn {i} has no \"role\""))),
+        };
+        let role = match role.as_str() {
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(invalid_input(
+                    py,
+                    format!("turn {i}: role must be \"user\" or \"assistant\", not {other:?}"),
+                ));
+            }
+        };
+        let content: String = match field("content")? {
+            Some(c) => c.extract()?,
+            None => return Err(invalid_input(py, format!("turn {i} has no \"content\""))),
+        };
+        let images = images_arg(py, field("images")?.as_ref())?;
+        turns.push(Turn {
+            role,
+            content,
+            images,
+        });
+    }
+    Ok(turns)
+}
+
+/// The prompts of a `generate` call: one string, or a list or tuple of them.
+fn prompts_arg(py: Python<'_>, prompt: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    if prompt.is_instance_of::<PyString>() {
+        return Ok(vec![prompt.extract()?]);
+    }
+    if prompt.is_instance_of::<PyList>() || prompt.is_instance_of::<PyTuple>() {
+        let prompts = prompt
+            .try_iter()?
+            .map(|p| p?.extract::<String>())
+            .collect::<PyResult<Vec<_>>>()?;
+        if prompts.is_empty() {
+            return Err(invalid_input(py, "the list of prompts is empty"));
+        }
+        return Ok(prompts);
+    }
+    Err(PyTypeError::new_err(format!(
+        "prompt must be a str or a list of str, not {}",
+        type_name(prompt)
+    )))
+}
+
+impl Janus {
+    /// Runs a text generation with the interpreter detached, checking for Ctrl-C at each piece.
+    fn answer(
+        &self,
+        py: Python<'_>,
+        run: impl FnOnce(
+            &pipeline::Janus,
+            &mut dyn FnMut(&str) -> bool,
+        ) -> Result<pipeline::Answer, Error>
+        + Send,
+    ) -> PyResult<Answer> {
+        let janus = &*self.inner;
+        let mut interrupt = None;
+        let result =
+            py.detach(|| guarded(|| run(janus, &mut |_| keep_going(&mut interrupt, |_| Ok(true)))));
+        errors::finish(py, result, interrupt).map(Answer::from)
+    }
+}
+
+#[pymethods]
+impl Janus {
+    /// Loads a model: a folder (Hugging Face or original DeepSeek layout), or a Hugging Face id
+    /// (``"org/name"``) found in the Hugging Face cache or downloaded into it
+    /// (``HF_HUB_OFFLINE=1`` forbids downloading).
+    ///
+    /// ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype`` is
+    /// ``"f32"``, ``"f16"`` or ``"bf16"``.
+    #[staticmethod]
+    #[pyo3(signature = (model, backend = "cpu", dtype = "f32"))]
+    fn load(
+        py: Python<'_>,
+        model: &Bound<'_, PyAny>,
+        backend: &str,
+        dtype: &str,
+    ) -> PyResult<Self> {
+        let backend: Backend = backend.parse().map_err(|e| errors::to_py(py, e))?;
+        let compute = parse_dtype(dtype).ok_or_else(|| {
+            invalid_input(
+                py,
+                format!("unknown dtype {dtype:?} (expected f32, f16 or bf16)"),
+            )
+        })?;
+        let model = model_arg(model)?;
+        let options = LoadOptions {
+            backend,
+            dtype: compute,
+        };
+        let result =
+            py.detach(|| guarded(|| pipeline::Janus::load(&resolve_model(&model)?, &options)));
+        let inner = errors::finish(py, result, None)?;
+        Ok(Janus {
+            inner: Arc::new(inner),
+            backend,
+            dtype: dtype.to_ascii_lowercase(),
+        })
+    }
+
+    /// The folder the model was loaded from.
+    #[getter]
+    fn dir(&self) -> &Path {
+        self.inner.dir()
+    }
+
+    /// The backend it runs on (``"cpu"``, ``"wgpu"`` or ``"cuda"``).
+    #[getter]
+    fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+            Backend::Cuda => "cuda",
+        }
+    }
+
+    /// The dtype it computes in.
+    #[getter]
+    fn dtype(&self) -> &str {
+        &self.dtype
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let repr = |s: &str| PyString::new(py, s).repr().map(|r| r.to_string());
+        Ok(format!(
+            "Janus(dir={}, backend={}, dtype={})",
+            repr(&self.inner.dir().display().to_string())?,
+            repr(self.backend())?,
+            repr(&self.dtype)?
+        ))
+    }
+
+    /// Answers a question about images (one image, a list, or None).
+    ///
+    /// Each image is a ``PIL.Image.Image``, a path, or a numpy uint8 array of shape
+    /// (height, width, 3). ``<image_placeholder>`` tags in the question mark the images' places
+    /// (one per image, in order); without tags each image comes before the question. Greedy by
+    /// default; ``temperature > 0`` samples (``seed`` None picks a random seed).
+    #[pyo3(signature = (images, question, max_new_tokens = 512, temperature = 0.0, top_p = None,
+                        top_k = None, repetition_penalty = 1.0, seed = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn understand(
+        &self,
+        py: Python<'_>,
+        images: Option<&Bound<'_, PyAny>>,
+        question: String,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+    ) -> PyResult<Answer> {
+        let images = images_arg(py, images)?;
+        let options = TextArgs {
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            seed,
+        }
+        .options();
+        self.answer(py, move |janus, on_text| {
+            janus.understand_stream(&images, &question, &options, on_text)
+        })
+    }
+
+    /// ``understand`` as an iterator of text pieces, produced while the model runs.
+    ///
+    /// Closing the returned stream (or dropping it) cancels the generation; after the last
+    /// piece its ``answer`` holds the whole ``Answer``.
+    #[pyo3(signature = (images, question, max_new_tokens = 512, temperature = 0.0, top_p = None,
+                        top_k = None, repetition_penalty = 1.0, seed = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn understand_stream(
+        &self,
+        py: Python<'_>,
+        images: Option<&Bound<'_, PyAny>>,
+        question: String,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+    ) -> PyResult<TextStream> {
+        let images = images_arg(py, images)?;
+        let options = TextArgs {
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            seed,
+        }
+        .options();
+        let janus = Arc::clone(&self.inner);
+        TextStream::start(Box::new(move |on_text| {
+            janus.understand_stream(&images, &question, &options, on_text)
+        }))
+    }
+
+    /// The assistant's next turn in a conversation.
+    ///
+    /// ``conversation`` is a list of turns ``{"role": "user" | "assistant", "content": str,
+    /// "images": [...]}`` (``images`` optional, as in ``understand``), alternating user and
+    /// assistant, starting and ending with a user turn.
+    #[pyo3(signature = (conversation, max_new_tokens = 512, temperature = 0.0, top_p = None,
+                        top_k = None, repetition_penalty = 1.0, seed = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        conversation: &Bound<'_, PyAny>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+    ) -> PyResult<Answer> {
+        let turns = conversation_arg(py, conversation)?;
+        let options = TextArgs {
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            seed,
+        }
+        .options();
+        self.answer(py, move |janus, on_text| {
+            janus.chat_stream(&turns, &options, on_text)
+        })
+    }
+
+    /// ``chat`` as an iterator of text pieces (see ``understand_stream``).
+    #[pyo3(signature = (conversation, max_new_tokens = 512, temperature = 0.0, top_p = None,
+                        top_k = None, repetition_penalty = 1.0, seed = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat_stream(
+        &self,
+        py: Python<'_>,
+        conversation: &Bound<'_, PyAny>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+    ) -> PyResult<TextStream> {
+        let turns = conversation_arg(py, conversation)?;
+        let options = TextArgs {
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            seed,
+        }
+        .options();
+        let janus = Arc::clone(&self.inner);
+        TextStream::start(Box::new(move |on_text| {
+            janus.chat_stream(&turns, &options, on_text)
+        }))
+    }
+
+    /// Generates images from a prompt (or a list of prompts, run as one batch).
+    ///
+    /// Returns ``count`` images per prompt, prompt by prompt. ``cfg_weight`` is the
+    /// classifier-free guidance weight; ``temperature`` 0 takes the argmax; ``seed`` None picks
+    /// a random seed (each image reports it). ``progress(step, total)`` is called after every
+    /// image-token step; returning False (any false value but None) cancels with ``Cancelled``.
+    #[pyo3(signature = (prompt, count = 1, cfg_weight = 5.0, temperature = 1.0, top_k = None,
+                        top_p = None, seed = None, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        count: usize,
+        cfg_weight: f32,
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        seed: Option<u64>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Vec<GeneratedImage>> {
+        let prompts = prompts_arg(py, prompt)?;
+        let options = image_options(count, cfg_weight, sampling(temperature, top_k, top_p), seed);
+        let janus = &*self.inner;
+        let mut interrupt = None;
+        let result = py.detach(|| {
+            let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            guarded(|| {
+                janus.generate_batch_with_progress(&prompts, &options, &mut |step, total| {
+                    keep_going(&mut interrupt, |py| match &progress {
+                        None => Ok(true),
+                        Some(callback) => {
+                            let ret = callback.bind(py).call1((step, total))?;
+                            Ok(ret.is_none() || ret.is_truthy()?)
+                        }
+                    })
+                })
+            })
+        });
+        let batches = errors::finish(py, result, interrupt)?;
+        batches
+            .iter()
+            .flatten()
+            .map(|g| GeneratedImage::new(py, g))
+            .collect()
+    }
+
+    /// The VQ token grid of an image: a numpy int32 array of shape (rows, cols).
+    ///
+    /// The image (PIL, path or numpy, as in ``understand``) is resized on its short side and
+    /// centre-cropped to the VQ model's input size first.
+    fn encode_image<'py>(
+        &self,
+        py: Python<'py>,
+        image: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let image = image_arg(py, image)?;
+        let janus = &*self.inner;
+        let result = py.detach(|| guarded(|| janus.encode_image(&image)));
+        let tokens = errors::finish(py, result, None)?;
+        tokens_to_numpy(py, &tokens)
+    }
+
+    /// Decodes a token grid (a 2-D integer array of shape (rows, cols)) to a PIL image.
+    fn decode_image<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let tokens = tokens_arg(py, tokens)?;
+        let janus = &*self.inner;
+        let result = py.detach(|| guarded(|| janus.decode_image(&tokens)));
+        let image = errors::finish(py, result, None)?;
+        to_pil(py, &image)
+    }
+}

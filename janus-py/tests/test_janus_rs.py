@@ -1,0 +1,424 @@
+"""The Python package against the committed reference outputs (the same ones the Rust tests use),
+plus image inputs, errors, GIL release, cancellation and streaming."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import pathlib
+import threading
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+from safetensors.numpy import load_file
+
+import janus_rs
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+QUESTION = "What is shown in this image?"
+CAT = "a photo of a cat"
+
+
+def original_dir() -> pathlib.Path:
+    """The original-layout checkpoint that scripts/setup.sh writes into the fixture cache."""
+    cache = os.environ.get("JANUS_FIXTURE_CACHE") or os.path.expanduser("~/.cache/janus-rs-fixtures")
+    path = pathlib.Path(cache) / "original-tiny" / "safetensors"
+    assert (path / "config.json").is_file(), f"{path} is missing: run `bash scripts/setup.sh`"
+    return path
+
+
+def reference(path: pathlib.Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))
+
+
+def eos_id(model_dir: pathlib.Path) -> int:
+    """The end-of-sentence id, from the model's tokenizer files."""
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    eos = config["eos_token"]
+    eos = eos["content"] if isinstance(eos, dict) else eos
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    return next(t["id"] for t in tokenizer["added_tokens"] if t["content"] == eos)
+
+
+def check_answer(got: list[int], want: np.ndarray, eos: int) -> None:
+    """`got` is the reference's greedy continuation, cut after its first end-of-sentence."""
+    want = [int(t) for t in want.reshape(-1)]
+    n = want.index(eos) + 1 if eos in want else len(want)
+    assert got == want[:n]
+
+
+def upscaled(small: np.ndarray, size: int) -> np.ndarray:
+    """The 48x48 understanding image of the official fixture, upscaled (nearest) to `size`."""
+    h, w, _ = small.shape
+    ys = np.arange(size) * h // size
+    xs = np.arange(size) * w // size
+    return np.ascontiguousarray(small[ys][:, xs])
+
+
+def pixel_diff(image: PIL.Image.Image, want: np.ndarray) -> int:
+    got = np.asarray(image, dtype=np.int16)
+    assert got.shape == want.shape, "image size"
+    return int(np.abs(got - want.astype(np.int16)).max())
+
+
+_models: dict[tuple[str, str], janus_rs.Janus] = {}
+
+
+def model(path: pathlib.Path, dtype: str = "f32") -> janus_rs.Janus:
+    key = (str(path), dtype)
+    if key not in _models:
+        _models[key] = janus_rs.Janus.load(path, dtype=dtype)
+    return _models[key]
+
+
+@pytest.fixture(scope="module")
+def hf() -> janus_rs.Janus:
+    return model(FIXTURES / "hf-tiny")
+
+
+@pytest.fixture(scope="module")
+def hf_ref() -> dict[str, np.ndarray]:
+    return reference(FIXTURES / "hf-tiny" / "expected" / "multimodal.safetensors")
+
+
+# --- understanding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hf-tiny", "hf-tiny-bf16-sharded"])
+def test_hf_understanding_matches_transformers(name: str) -> None:
+    m = model(FIXTURES / name)
+    r = reference(FIXTURES / name / "expected" / "multimodal.safetensors")
+    want = r["mm_greedy_ids"]
+    answer = m.understand(PIL.Image.fromarray(r["image_u8"]), QUESTION, max_new_tokens=want.size)
+    assert isinstance(answer, janus_rs.Answer)
+    assert answer.prompt_tokens == r["mm_input_ids"].size
+    check_answer(answer.token_ids, want, eos_id(FIXTURES / name))
+    assert str(answer) == answer.text
+    assert repr(answer).startswith("Answer(text=")
+
+
+def test_original_understanding_matches_the_official_code() -> None:
+    m = model(original_dir())
+    r = reference(FIXTURES / "original-tiny" / "expected" / "understand.safetensors")
+    want = r["greedy_ids"]
+    image = upscaled(r["image_small_u8"], 384)
+    # The 384-pixel vision tower takes a while: another thread runs meanwhile.
+    advanced, elapsed, answer = count_while(
+        lambda: m.understand(image, QUESTION, max_new_tokens=want.size)
+    )
+    assert answer.prompt_tokens == r["input_ids"].size
+    check_answer(answer.token_ids, want, eos_id(original_dir()))
+    assert advanced > 100, f"the other thread ran {advanced} times (x100) in {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_multi_turn_chat_matches_the_reference(layout: str) -> None:
+    if layout == "hf":
+        path, expected = FIXTURES / "hf-tiny", FIXTURES / "hf-tiny" / "expected" / "chat.safetensors"
+    else:
+        path, expected = original_dir(), FIXTURES / "original-tiny" / "expected" / "chat.safetensors"
+    m = model(path)
+    r = reference(expected)
+    want = r["greedy_ids"]
+    conversation = [
+        {"role": "user", "content": "Describe the first image.", "images": [r["image_a_u8"]]},
+        {"role": "assistant", "content": "A red disc on a gradient."},
+        {
+            "role": "user",
+            "content": "Here is another one: <image_placeholder>\nWhat changed?",
+            "images": PIL.Image.fromarray(r["image_b_u8"]),
+        },
+    ]
+    if layout == "hf":
+        stream = m.chat_stream(conversation, max_new_tokens=want.size)
+        pieces = list(stream)
+        answer = stream.answer
+        assert answer is not None and "".join(pieces) == answer.text
+    else:
+        answer = m.chat(conversation, max_new_tokens=want.size)
+    assert answer.prompt_tokens == r["input_ids"].size
+    check_answer(answer.token_ids, want, eos_id(path))
+
+
+def test_every_image_form_gives_the_same_answer(hf, hf_ref, tmp_path) -> None:
+    pixels = hf_ref["image_u8"]
+    want = hf.understand(pixels, QUESTION, max_new_tokens=3).token_ids
+    png = tmp_path / "image.png"
+    PIL.Image.fromarray(pixels).save(png)
+    rgba = PIL.Image.fromarray(np.dstack([pixels, np.full(pixels.shape[:2], 7, np.uint8)]))
+    # A strided view: every other column of an image twice as wide.
+    wide = np.repeat(pixels, 2, axis=1)[:, ::2]
+    assert not wide.flags["C_CONTIGUOUS"]
+    for image in [PIL.Image.fromarray(pixels), rgba, str(png), png, [png], (wide,)]:
+        assert hf.understand(image, QUESTION, max_new_tokens=3).token_ids == want, repr(image)
+    # Placeholders: explicit tags take the images in order, like one image before the question.
+    tagged = hf.understand([pixels], f"<image_placeholder>\n{QUESTION}", max_new_tokens=3)
+    assert tagged.token_ids == want
+    # No image at all.
+    assert hf.understand(None, "Hello", max_new_tokens=2).prompt_tokens > 0
+    assert hf.understand([], "Hello", max_new_tokens=2).prompt_tokens > 0
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hf-tiny", "hf-tiny-bf16-sharded"])
+def test_hf_greedy_generation_matches_transformers(name: str) -> None:
+    m = model(FIXTURES / name)
+    r = reference(FIXTURES / name / "expected" / "multimodal.safetensors")
+    want = r["gen_tokens"].reshape(-1)
+    for count in [1, 2]:
+        images = m.generate(CAT, count=count, temperature=0.0, seed=0)
+        assert len(images) == count
+        for g in images:
+            assert isinstance(g, janus_rs.GeneratedImage)
+            assert g.tokens.dtype == np.int32 and g.tokens.ndim == 2
+            assert g.tokens.size == want.size
+            assert g.tokens.reshape(-1).tolist() == want.tolist()
+            assert g.image.mode == "RGB"
+            assert pixel_diff(g.image, r["gen_image_u8"][0]) <= 1
+            assert g.seed == 0
+
+
+def test_original_greedy_generation_matches_the_official_code() -> None:
+    m = model(original_dir())
+    r = reference(FIXTURES / "original-tiny" / "expected" / "generate.safetensors")
+    want = r["tokens"].reshape(-1)
+    (g,) = m.generate(CAT, temperature=0.0, seed=0)
+    assert g.tokens.shape[0] * g.tokens.shape[1] == want.size
+    differ = np.flatnonzero(g.tokens.reshape(-1) != want)
+    assert differ.size == 0, f"{differ.size} tokens differ, the first at step {differ[:1]}"
+    assert pixel_diff(g.image, r["image_u8"][0]) <= 1
+
+
+def test_decode_image_matches_the_reference(hf, hf_ref) -> None:
+    grid = hf.generate(CAT, temperature=0.0, seed=0)[0].tokens
+    want = hf_ref["gen_tokens"].reshape(grid.shape)
+    for tokens in [want, want.astype(np.uint16), want.tolist()]:
+        assert pixel_diff(hf.decode_image(tokens), hf_ref["gen_image_u8"][0]) <= 1
+
+
+def test_encode_image_matches_the_official_quantizer() -> None:
+    m = model(original_dir())
+    und = reference(FIXTURES / "original-tiny" / "expected" / "understand.safetensors")
+    r = reference(FIXTURES / "original-tiny" / "expected" / "vq_preprocess.safetensors")
+    got = m.encode_image(upscaled(und["image_small_u8"], 384))
+    assert got.dtype == np.int32 and got.ndim == 2
+    want = r["encode_tokens"].reshape(-1)
+    gaps = r["encode_gaps"].reshape(-1)
+    differ = np.flatnonzero(got.reshape(-1) != want)
+    # Only a recorded near-tie may pick the other code.
+    assert np.all(gaps[differ] < 1e-3), differ
+
+
+def test_round_trip_and_batches(hf) -> None:
+    image = hf.decode_image(np.arange(16, dtype=np.int64).reshape(4, 4) % 100)
+    tokens = hf.encode_image(image)
+    assert np.array_equal(hf.encode_image(image), tokens)
+    # A list of prompts: `count` images per prompt, prompt by prompt, each as its prompt alone.
+    prompts = [CAT, "sky"]
+    batch = hf.generate(prompts, count=2, seed=5)
+    assert len(batch) == 4
+    for i, prompt in enumerate(prompts):
+        alone = hf.generate(prompt, count=2, seed=5)
+        for a, b in zip(batch[2 * i : 2 * i + 2], alone):
+            assert np.array_equal(a.tokens, b.tokens)
+
+
+def test_seeds(hf) -> None:
+    tokens = lambda imgs: [g.tokens.tolist() for g in imgs]  # noqa: E731
+    assert tokens(hf.generate("a portrait", seed=11)) == tokens(hf.generate("a portrait", seed=11))
+    assert tokens(hf.generate("a portrait", seed=11)) != tokens(hf.generate("a portrait", seed=12))
+    seeds = {hf.generate("a portrait")[0].seed for _ in range(3)}
+    assert len(seeds) == 3, "seed=None picks a random seed, reported on the image"
+    (g,) = hf.generate("a portrait", seed=7)
+    assert repr(g).startswith("GeneratedImage(") and "seed=7" in repr(g)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_errors_are_typed(hf, hf_ref, tmp_path) -> None:
+    with pytest.raises(janus_rs.MissingFileError) as e:
+        janus_rs.Janus.load(tmp_path / "missing")
+    assert isinstance(e.value, janus_rs.JanusError) and isinstance(e.value, OSError)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(janus_rs.JanusError):
+        janus_rs.Janus.load(tmp_path / "empty")
+    with pytest.raises(janus_rs.InvalidInputError):
+        janus_rs.Janus.load(FIXTURES / "hf-tiny", dtype="f64")
+    with pytest.raises(janus_rs.InvalidInputError):
+        janus_rs.Janus.load(FIXTURES / "hf-tiny", backend="tpu")
+    with pytest.raises(TypeError):
+        janus_rs.Janus.load(42)
+
+    img = hf_ref["image_u8"]
+    # Placeholder count and image count disagree.
+    with pytest.raises(janus_rs.InvalidInputError) as e:
+        hf.understand(img, "<image_placeholder> and <image_placeholder>", max_new_tokens=2)
+    assert isinstance(e.value, ValueError) and "placeholder" in str(e.value)
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.understand(None, "<image_placeholder> what?", max_new_tokens=2)
+    # Bad numpy images.
+    for bad in [img[:, :, 0], np.dstack([img, img[:, :, :1]]), img.astype(np.float32), img[:0]]:
+        with pytest.raises(janus_rs.InvalidInputError):
+            hf.understand(bad, QUESTION, max_new_tokens=2)
+    with pytest.raises(TypeError):
+        hf.understand(42, QUESTION)
+    with pytest.raises(janus_rs.IoError) as e:
+        hf.understand(tmp_path / "missing.png", QUESTION)
+    assert isinstance(e.value, FileNotFoundError) and e.value.filename.endswith("missing.png")
+    not_an_image = tmp_path / "x.png"
+    not_an_image.write_bytes(b"hello")
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.understand(not_an_image, QUESTION)
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.understand(img, QUESTION, max_new_tokens=0)
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.understand(img, QUESTION, temperature=-1.0)
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.understand(img, QUESTION, max_new_tokens=5000)
+    # Conversations.
+    for bad in [[], [{"role": "assistant", "content": "hi"}], [{"role": "bot", "content": "hi"}],
+                [{"content": "hi"}], [{"role": "user"}]]:
+        with pytest.raises(janus_rs.InvalidInputError):
+            hf.chat(bad, max_new_tokens=2)
+    with pytest.raises(TypeError):
+        hf.chat(["hi"])
+    # Generation and token grids.
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.generate("   ")
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.generate(CAT, count=0)
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.generate([])
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.generate(CAT, cfg_weight=float("nan"))
+    with pytest.raises(TypeError):
+        hf.generate(3)
+    for grid in [np.zeros((4, 3), np.int32), np.zeros(16, np.int32), np.full((4, 4), -1),
+                 np.zeros((4, 4), np.float32), np.full((4, 4), 10**6)]:
+        with pytest.raises(janus_rs.InvalidInputError):
+            hf.decode_image(grid)
+
+
+# --- threads, cancellation, streaming -----------------------------------------------------------
+
+
+def count_while(call) -> tuple[int, float, object]:
+    """How often another Python thread ran during the middle half of `call` (away from its
+    start and end, where the interpreter may hand the other thread a time slice anyway)."""
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if n % 100 == 0:
+                stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    time.sleep(0.05)
+    try:
+        start = time.perf_counter()
+        result = call()
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+    elapsed = end - start
+    lo, hi = start + elapsed / 4, end - elapsed / 4
+    return sum(lo < t < hi for t in stamps), elapsed, result
+
+
+def test_long_calls_release_the_gil(hf) -> None:
+    # 32 images of 4 prompts in one call: long enough to measure.
+    advanced, elapsed, images = count_while(lambda: hf.generate([CAT] * 4, count=8, seed=1))
+    assert len(images) == 32
+    assert elapsed > 0.2, "the call is too short to tell"
+    assert advanced > 100, f"the other thread ran {advanced} times (x100) in {elapsed:.2f} s"
+    # The same with a progress callback, which attaches to the interpreter at every step.
+    advanced, elapsed, _ = count_while(
+        lambda: hf.generate([CAT] * 4, count=8, seed=1, progress=lambda s, t: None)
+    )
+    assert advanced > 100, f"the other thread ran {advanced} times (x100) in {elapsed:.2f} s"
+
+
+def test_calls_from_several_threads_agree(hf, hf_ref) -> None:
+    want = hf.understand(hf_ref["image_u8"], QUESTION, max_new_tokens=4).token_ids
+    results: list[list[int]] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(hf.understand(hf_ref["image_u8"], QUESTION, max_new_tokens=4).token_ids)
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [want] * 3
+
+
+def test_progress_can_cancel(hf, hf_ref) -> None:
+    total_steps = hf_ref["gen_tokens"].size
+    seen: list[tuple[int, int]] = []
+
+    def progress(step: int, total: int) -> bool:
+        seen.append((step, total))
+        return step < 3
+
+    with pytest.raises(janus_rs.Cancelled):
+        hf.generate(CAT, progress=progress)
+    assert seen[-1] == (3, total_steps)
+
+    # A callback that returns nothing goes on to the end.
+    steps: list[int] = []
+    assert len(hf.generate(CAT, progress=lambda s, t: steps.append(s))) == 1
+    assert steps[-1] == total_steps
+
+    # An exception raised by the callback stops the call and comes out as it is.
+    def boom(step: int, total: int) -> bool:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        hf.generate(CAT, progress=boom)
+
+
+def test_ctrl_c_cancels(hf) -> None:
+    def progress(step: int, total: int) -> None:
+        if step == 2:
+            _thread.interrupt_main()  # as if Ctrl-C were pressed
+
+    with pytest.raises(janus_rs.Cancelled) as e:
+        hf.generate(CAT, progress=progress)
+    assert isinstance(e.value.__cause__, KeyboardInterrupt)
+
+
+def test_stream_pieces_and_close(hf, hf_ref) -> None:
+    img = hf_ref["image_u8"]
+    answer = hf.understand(img, QUESTION, max_new_tokens=16)
+    with hf.understand_stream(img, QUESTION, max_new_tokens=16) as stream:
+        pieces = [p for p in stream]
+    assert "".join(pieces) == answer.text
+    assert stream.answer is not None and stream.answer.token_ids == answer.token_ids
+
+    # Closing early stops the generation; the stream then ends.
+    stream = hf.understand_stream(img, QUESTION, max_new_tokens=64)
+    first = next(stream, None)
+    stream.close()
+    assert list(stream) == []
+    assert stream.answer is None
+    assert first is None or answer.text.startswith(first)
+
+    # Errors surface from the iterator.
+    with pytest.raises(janus_rs.InvalidInputError):
+        list(hf.understand_stream(img, "<image_placeholder> <image_placeholder>"))
+    # Dropping an unfinished stream is fine.
+    hf.understand_stream(img, QUESTION, max_new_tokens=64)
