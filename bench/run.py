@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Run the janus-rs benchmarks side by side with PyTorch and write BENCHMARKS.md.
+
+Each task runs as its own process, alternately on the Rust side (the `pipeline` bench of
+janus-core, built with `cargo bench --no-run`) and the PyTorch side (`bench_torch.py`, transformers'
+Janus), `--runs` times each, on the same checkpoint folder, input files, thread count and dtype.
+Every record is appended to a JSON-lines file; the Markdown report gives medians, min-max and the
+ratio to PyTorch.
+
+    /opt/refenv/bin/python bench/run.py                      # everything, 5 runs, all cores, f32
+    /opt/refenv/bin/python bench/run.py --tasks understand,generate1 --runs 3
+
+Checkpoints come from bench/make_checkpoints.py (run it first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# name -> (bench task, extra flags, the metrics reported for it: (key, label, unit, lower_is_better))
+TASKS = {
+    "load": ("load", [], [("load_s", "load", "s", True)]),
+    "understand": ("understand", ["--image", "{image}"], [
+        ("vision_ms", "SigLIP + aligner inside the prefill", "ms", True),
+        ("prefill_ms", "prefill (time to first token)", "ms", True),
+        ("decode_tokens_per_s", "decode (tokens 2..32)", "tokens/s", False),
+    ]),
+    "generate1": ("generate", ["--parallel", "1", "--steps", "32"], [
+        ("prefill_ms", "generate, CFG pair: prefill + first token", "ms", True),
+        ("ms_per_step", "generate, CFG pair (2 rows): per image-token step", "ms", True),
+    ]),
+    "generate4": ("generate", ["--parallel", "4", "--steps", "32"], [
+        ("prefill_ms", "generate, 4 images: prefill + first tokens", "ms", True),
+        ("ms_per_step", "generate, 4 images (8 rows): per image-token step", "ms", True),
+    ]),
+    "vq_decode": ("vq_decode", ["--repeat", "3"], [("ms", "VQ decode of one 24×24 grid", "ms", True)]),
+    "siglip": ("siglip", ["--image", "{image}", "--repeat", "3"], [("ms", "SigLIP + aligner, one image", "ms", True)]),
+    "full_image": ("generate", ["--parallel", "1", "--steps", "576"], [
+        ("total_ms", "one whole image: 576 steps + VQ decode", "ms", True),
+        ("vq_decode_ms", "VQ decode inside it", "ms", True),
+    ]),
+}
+DEFAULT_TASKS = "load,understand,generate1,generate4,vq_decode,siglip"
+
+
+def cache_dir(args) -> Path:
+    if args.cache:
+        return Path(args.cache).expanduser()
+    env = os.environ.get("JANUS_BENCH_CACHE")
+    return Path(env).expanduser() if env else Path("~/.cache/janus-rs-bench").expanduser()
+
+
+def write_image(path: Path) -> None:
+    """The shared 384×384 input: smooth gradients, a disc and a bar (deterministic)."""
+    import numpy as np
+    from PIL import Image
+
+    if path.exists():
+        return
+    y, x = np.mgrid[0:384, 0:384].astype(np.float64)
+    img = np.stack([255 * x / 383, 255 * y / 383, 127.5 + 127.5 * np.sin(2 * np.pi * (x + y) / 288)], -1)
+    img[(x - 238) ** 2 + (y - 154) ** 2 < 84 ** 2] = [230, 40, 60]
+    img[288:326, 38:192] = [20, 200, 90]
+    Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(path)
+
+
+def rust_binary(args) -> Path:
+    """Builds the `pipeline` bench (release profile) and returns its executable."""
+    if args.rust_bin:
+        return Path(args.rust_bin)
+    cmd = ["cargo", "bench", "-p", "janus-core", "--bench", "pipeline", "--no-run", "--message-format=json"]
+    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and \
+                msg["target"]["name"] == "pipeline":
+            return Path(msg["executable"])
+    raise SystemExit("cargo did not report the pipeline bench executable")
+
+
+def run_one(cmd: list[str], env: dict) -> dict:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    rec["process_s"] = time.perf_counter() - t
+    return rec
+
+
+def memory_bandwidth_gbs() -> float:
+    """Copy bandwidth (read + write bytes per second) of a 1 GiB float32 buffer, best of 5."""
+    import numpy as np
+
+    a = np.ones(1 << 28, dtype=np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "kernel": platform.release(), "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def fmt(v: float) -> str:
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def summarize(values: list[float]) -> str:
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def report(records: list[dict], args, meta: dict) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `bench/run.py` (see `bench/README.md` for what each figure times); rerun with",
+        f"`{meta['command']}`.",
+        "",
+        f"- Date: {meta['date']}",
+        f"- Machine: {meta['machine'].get('cpu', '?')}, {meta['machine']['cores']} cores, "
+        f"{meta['machine'].get('memory_gib', '?')} GiB RAM; memory copy bandwidth "
+        f"{meta['bandwidth_gbs']:.1f} GB/s (read + write, 1 GiB buffer)",
+        f"- Checkpoint: `{meta['model']}` (random weights at Janus-Pro-1B size, bf16 on disk)",
+        f"- Threads: {args.threads} on both sides; compute dtype {args.dtype}; {args.runs} runs per "
+        "task, each its own process, Rust and PyTorch alternating",
+        f"- janus-rs: burn CPU backend (flex, rayon, SIMD), release build; PyTorch: "
+        f"{meta.get('torch_versions', '?')}, eager, sdpa attention",
+        "",
+        "Median (min–max). Ratio: how many times faster janus-rs is (>1 = faster).",
+        "",
+        "| Figure | janus-rs | PyTorch | Ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    by = {}
+    for r in records:
+        by.setdefault((r["bench"], r["impl"]), []).append(r)
+    mem_rows = []
+    for name in args.tasks.split(","):
+        _, _, metrics = TASKS[name]
+        rust = by.get((name, "janus-rs"), [])
+        torch = by.get((name, "torch"), [])
+        for key, label, unit, lower in metrics:
+            a = [r[key] for r in rust if r.get(key) is not None]
+            b = [r[key] for r in torch if r.get(key) is not None]
+            if not a or not b:
+                continue
+            ma, mb = statistics.median(a), statistics.median(b)
+            ratio = (mb / ma) if lower else (ma / mb)
+            lines.append(f"| {label} ({unit}) | {summarize(a)} | {summarize(b)} | {ratio:.2f}× |")
+        if rust and torch:
+            mem_rows.append((name, [r["peak_rss_mb"] for r in rust], [r["peak_rss_mb"] for r in torch]))
+    lines += ["", "Peak RSS of the process (MiB, `VmHWM`), by task:", "",
+              "| Task | janus-rs | PyTorch |", "|---|---:|---:|"]
+    for name, a, b in mem_rows:
+        lines.append(f"| {name} | {summarize(a)} | {summarize(b)} |")
+    lines += ["", f"Weights in the compute dtype: {meta['weight_bytes_compute'] / 2**20:.0f} MiB "
+                  f"({meta['params']:,} parameters × {meta['dtype_bytes']} bytes).", ""]
+    und = [r for r in records if r["bench"] == "understand"]
+    ids = {r["impl"]: r.get("token_ids") for r in und}
+    if ids.get("janus-rs") and ids.get("torch"):
+        same = ids["janus-rs"] == ids["torch"]
+        lines.append(f"Greedy understanding tokens of the two sides {'agree' if same else 'DIFFER'} "
+                     f"({len(ids['torch'])} tokens).")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=None, help="checkpoint cache (default $JANUS_BENCH_CACHE or ~/.cache/janus-rs-bench)")
+    ap.add_argument("--model", default="pro-1b-hf", help="folder in the cache (default %(default)s)")
+    ap.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, of {','.join(TASKS)} (default %(default)s)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--rust-bin", default=None, help="prebuilt pipeline bench executable")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--records", default=str(HERE / "results.jsonl"), help="raw records (JSON lines)")
+    args = ap.parse_args(argv)
+    for t in args.tasks.split(","):
+        if t not in TASKS:
+            raise SystemExit(f"unknown task {t}")
+
+    cache = cache_dir(args)
+    model = cache / args.model
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"{model} is missing: run bench/make_checkpoints.py first")
+    image = cache / "input-384.png"
+    write_image(image)
+    rust = rust_binary(args)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    py = sys.executable
+
+    records = []
+    for name in args.tasks.split(","):
+        task, extra, _ = TASKS[name]
+        extra = [e.format(image=image) for e in extra]
+        for i in range(args.runs):
+            sides = [
+                ("janus-rs", [str(rust), "--model", str(model), "--task", task, "--dtype", args.dtype, *extra]),
+                ("torch", [py, str(HERE / "bench_torch.py"), "--model", str(model), "--task", task,
+                           "--dtype", args.dtype, "--threads", str(args.threads), *extra]),
+            ]
+            if i % 2 == 1:
+                sides.reverse()
+            for impl, cmd in sides:
+                rec = run_one(cmd, env)
+                rec["impl"] = "janus-rs" if impl == "janus-rs" else "torch"
+                rec["bench"] = name
+                rec["run"] = i
+                records.append(rec)
+                print(f"{name} run {i} {impl}: " + json.dumps({k: v for k, v in rec.items()
+                                                              if k not in ("token_ids", "versions", "runs_ms")}),
+                      flush=True)
+    with open(args.records, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+    bench_json = json.loads((model / "BENCH.json").read_text()) if (model / "BENCH.json").exists() else {}
+    params = int(bench_json.get("parameters", bench_json.get("params", 0)) or 0)
+    dtype_bytes = 4 if args.dtype == "f32" else 2
+    torch_rec = next((r for r in records if r["impl"] == "torch"), {})
+    meta = {
+        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "bandwidth_gbs": memory_bandwidth_gbs(),
+        "model": args.model,
+        "params": params,
+        "dtype_bytes": dtype_bytes,
+        "weight_bytes_compute": params * dtype_bytes,
+        "torch_versions": ", ".join(f"{k} {v}" for k, v in (torch_rec.get("versions") or {}).items()),
+    }
+    text = report(records, args, meta)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
