@@ -41,6 +41,7 @@ TASKS = {
     "generate1": ("generate", ["--parallel", "1", "--steps", "32"], [
         ("prefill_ms", "generate, CFG pair: prefill + first token", "ms", True),
         ("ms_per_step", "generate, CFG pair (2 rows): per image-token step", "ms", True),
+        ("load_s", "model load (bf16 file → f32), in the same runs", "s", True),
     ]),
     "generate4": ("generate", ["--parallel", "4", "--steps", "32"], [
         ("prefill_ms", "generate, 4 images: prefill + first tokens", "ms", True),
@@ -53,7 +54,8 @@ TASKS = {
         ("vq_decode_ms", "VQ decode inside it", "ms", True),
     ]),
 }
-DEFAULT_TASKS = "load,understand,generate1,generate4,vq_decode,siglip"
+DEFAULT_TASKS = "understand,generate1,generate4,vq_decode,siglip,load"
+BANDWIDTH: dict = {}
 
 
 def cache_dir(args) -> Path:
@@ -128,6 +130,19 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def shown_args(argv: list[str]) -> list[str]:
+    """The command line without machine-specific paths (`--rust-bin X`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--rust-bin":
+            skip = True
+        elif not a.startswith("--rust-bin="):
+            out.append(a)
+    return out
 
 
 def fmt(v: float) -> str:
@@ -245,6 +260,12 @@ def main(argv=None) -> None:
                 print(f"{name} run {i} {impl}: " + json.dumps({k: v for k, v in rec.items()
                                                               if k not in ("token_ids", "versions", "runs_ms")}),
                       flush=True)
+        write_outputs(records, args, argv, model)
+
+
+def write_outputs(records: list[dict], args, argv, model: Path) -> None:
+    """Writes the raw records and the report (after every task, so a cut-short run still leaves
+    what it measured)."""
     with open(args.records, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -254,10 +275,10 @@ def main(argv=None) -> None:
     dtype_bytes = 4 if args.dtype == "f32" else 2
     torch_rec = next((r for r in records if r["impl"] == "torch"), {})
     meta = {
-        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/run.py " + " ".join(shown_args(argv if argv is not None else sys.argv[1:])),
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
-        "bandwidth_gbs": memory_bandwidth_gbs(),
+        "bandwidth_gbs": BANDWIDTH.setdefault("gbs", memory_bandwidth_gbs()),
         "model": args.model,
         "params": params,
         "dtype_bytes": dtype_bytes,
@@ -266,7 +287,7 @@ def main(argv=None) -> None:
     }
     text = report(records, args, meta)
     Path(args.out).write_text(text)
-    print(text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
