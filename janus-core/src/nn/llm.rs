@@ -207,7 +207,7 @@ pub struct Llm {
     embed_tokens: Tensor<2>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Tensor<2>,
+    lm_head: Linear,
     config: TextConfig,
 }
 
@@ -231,7 +231,7 @@ impl Llm {
             embed_tokens,
             layers,
             norm,
-            lm_head: lm_head.transpose(),
+            lm_head: Linear::from_weight(lm_head),
             config: c.clone(),
         }
     }
@@ -325,6 +325,6 @@ impl Llm {
 
     /// Text logits `[batch, t, vocab]` for hidden states from [`forward`](Self::forward).
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        burn::tensor::module::linear(hidden, self.lm_head.clone(), None)
+        self.lm_head.forward(hidden)
     }
 }
