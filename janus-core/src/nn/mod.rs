@@ -170,7 +170,7 @@ mod tests {
             let input =
                 Tensor::<3>::from_data(TensorData::new(x.clone(), [1, rows, d_in]), &device)
                     .expand([2, rows, d_in]);
-            let y: Vec<f32> = layer.forward(input).into_data().to_vec().unwrap();
+            let y: Vec<f32> = layer.forward(input).into_data().try_to_vec().unwrap();
             assert_eq!(y.len(), 2 * rows * d_out);
             for r in 0..rows {
                 for o in 0..d_out {
