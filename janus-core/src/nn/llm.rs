@@ -3,8 +3,7 @@
 //! an untied `lm_head`.
 
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, embedding};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::embedding;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use crate::config::TextConfig;
@@ -174,16 +173,7 @@ impl DecoderLayer {
         } else {
             (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh))
         };
-        let options = AttentionModuleOptions {
-            scale: Some(1.0 / (hd as f64).sqrt()),
-            softcap: None,
-            is_causal: true,
-        };
-        let mask = mask.map(|m| {
-            let [b, _, t, s] = m.dims();
-            m.clone().expand([b, h, t, s])
-        });
-        let o = attention(q, k, v, mask, None, options)
+        let o = super::attention::causal(q, k, v, mask, 1.0 / (hd as f64).sqrt())
             .swap_dims(1, 2)
             .reshape([b, t, h * hd]);
         let x = x + self.o_proj.forward(o);

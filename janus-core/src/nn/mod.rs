@@ -2,9 +2,11 @@
 //! files, prompts or sampling: weights come in through [`Weights`](crate::load::Weights) by their
 //! canonical names, activations go in and out as tensors.
 
+mod attention;
 pub mod heads;
 pub mod kv_cache;
 pub mod llm;
+mod matvec;
 pub mod siglip;
 pub mod vq;
 
@@ -17,10 +19,11 @@ use crate::load::Weights;
 /// A linear layer, `y = x·Wᵀ + b`, with `W` kept as the file stores it (`[out, in]`, never
 /// copied).
 ///
-/// The product is written one of three ways, all the same mathematics, picked by how many rows
-/// `x` has once its leading axes are folded: one row is a matrix–vector product over `W`'s
-/// contiguous rows; a few rows (decoding several sequences) run as `W·Xᵀ`, which streams `W`
-/// once for all of them; many rows (a prompt) run as `X·Wᵀ`. Folding the leading axes ourselves
+/// The product is written one of several ways, all the same mathematics, picked by how many rows
+/// `x` has once its leading axes are folded: on the CPU backend one to four rows (decoding) run
+/// as matrix–vector products split across threads ([`matvec`]); otherwise one row is a
+/// matrix–vector product over `W`'s contiguous rows, a few rows run as `W·Xᵀ`, which streams
+/// `W` once for all of them, and many rows (a prompt) run as `X·Wᵀ`. Folding the leading axes ourselves
 /// also keeps backends from materialising a broadcast copy of `W` for a batched product.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -58,7 +61,9 @@ impl Linear {
         let rows: usize = dims[..D - 1].iter().product();
         let d_out = self.weight.dims()[0];
         let x = x.reshape([rows, d_in]);
-        let y = if (2..=FEW_ROWS).contains(&rows) {
+        let y = if matvec::applies(&x.device(), rows) {
+            matvec::forward(x, &self.weight)
+        } else if (2..=FEW_ROWS).contains(&rows) {
             self.weight.clone().matmul(x.transpose()).transpose()
         } else {
             x.matmul(self.weight.clone().transpose())
