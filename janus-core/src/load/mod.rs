@@ -458,62 +458,91 @@ fn same_shape(expected: &[usize], found: &[usize]) -> bool {
     strip(expected) == strip(found)
 }
 
-/// Converts little-endian stored bytes to the compute dtype.
+/// Converts little-endian stored bytes to the compute dtype, in parallel chunks (the output
+/// pages are first touched by the threads that fill them).
 fn convert(bytes: &[u8], from: &StoredDType, to: ComputeDType, shape: Vec<usize>) -> TensorData {
-    fn to_f32(bytes: &[u8], from: &StoredDType) -> Vec<f32> {
-        match from {
-            StoredDType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            StoredDType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            StoredDType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            StoredDType::F64 => bytes
-                .chunks_exact(8)
-                .map(|c| {
-                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-                })
-                .collect(),
-            StoredDType::Other(_) => Vec::new(),
-        }
-    }
+    use half::{bf16, f16};
+    let u16_at = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
+    let f32_at = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    let f64_at =
+        |c: &[u8]| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32;
     match (to, from) {
-        (ComputeDType::F32, _) => TensorData::new(to_f32(bytes, from), shape),
-        (ComputeDType::F16, StoredDType::F16) => TensorData::new(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                .collect::<Vec<_>>(),
+        (ComputeDType::F32, StoredDType::F32) => {
+            TensorData::new(map_elems(bytes, 4, f32_at), shape)
+        }
+        (ComputeDType::F32, StoredDType::BF16) => TensorData::new(
+            map_elems(bytes, 2, |c| bf16::from_bits(u16_at(c)).to_f32()),
             shape,
         ),
-        (ComputeDType::F16, _) => TensorData::new(
-            to_f32(bytes, from)
-                .into_iter()
-                .map(half::f16::from_f32)
-                .collect::<Vec<_>>(),
+        (ComputeDType::F32, StoredDType::F16) => TensorData::new(
+            map_elems(bytes, 2, |c| f16::from_bits(u16_at(c)).to_f32()),
             shape,
         ),
-        (ComputeDType::BF16, StoredDType::BF16) => TensorData::new(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                .collect::<Vec<_>>(),
+        (ComputeDType::F32, StoredDType::F64) => {
+            TensorData::new(map_elems(bytes, 8, f64_at), shape)
+        }
+        (ComputeDType::F16, StoredDType::F16) => {
+            TensorData::new(map_elems(bytes, 2, |c| f16::from_bits(u16_at(c))), shape)
+        }
+        (ComputeDType::F16, StoredDType::BF16) => TensorData::new(
+            map_elems(bytes, 2, |c| {
+                f16::from_f32(bf16::from_bits(u16_at(c)).to_f32())
+            }),
             shape,
         ),
-        (ComputeDType::BF16, _) => TensorData::new(
-            to_f32(bytes, from)
-                .into_iter()
-                .map(half::bf16::from_f32)
-                .collect::<Vec<_>>(),
+        (ComputeDType::F16, StoredDType::F32) => {
+            TensorData::new(map_elems(bytes, 4, |c| f16::from_f32(f32_at(c))), shape)
+        }
+        (ComputeDType::F16, StoredDType::F64) => {
+            TensorData::new(map_elems(bytes, 8, |c| f16::from_f32(f64_at(c))), shape)
+        }
+        (ComputeDType::BF16, StoredDType::BF16) => {
+            TensorData::new(map_elems(bytes, 2, |c| bf16::from_bits(u16_at(c))), shape)
+        }
+        (ComputeDType::BF16, StoredDType::F16) => TensorData::new(
+            map_elems(bytes, 2, |c| {
+                bf16::from_f32(f16::from_bits(u16_at(c)).to_f32())
+            }),
             shape,
         ),
+        (ComputeDType::BF16, StoredDType::F32) => {
+            TensorData::new(map_elems(bytes, 4, |c| bf16::from_f32(f32_at(c))), shape)
+        }
+        (ComputeDType::BF16, StoredDType::F64) => {
+            TensorData::new(map_elems(bytes, 8, |c| bf16::from_f32(f64_at(c))), shape)
+        }
+        // Rejected before reading (no element size).
+        (ComputeDType::F32, StoredDType::Other(_)) => TensorData::new(Vec::<f32>::new(), shape),
+        (ComputeDType::F16, StoredDType::Other(_)) => TensorData::new(Vec::<f16>::new(), shape),
+        (ComputeDType::BF16, StoredDType::Other(_)) => TensorData::new(Vec::<bf16>::new(), shape),
     }
+}
+
+/// `f` over each `size`-byte element of `bytes`, large inputs split across rayon's pool.
+fn map_elems<T, F>(bytes: &[u8], size: usize, f: F) -> Vec<T>
+where
+    T: Copy + Default + Send,
+    F: Fn(&[u8]) -> T + Sync,
+{
+    use rayon::prelude::*;
+    /// Elements per parallel chunk (a few hundred KiB of output).
+    const CHUNK: usize = 1 << 16;
+    let n = bytes.len() / size;
+    let mut out = vec![T::default(); n];
+    if n < 2 * CHUNK {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(size)) {
+            *o = f(c);
+        }
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(bytes.par_chunks(CHUNK * size))
+            .for_each(|(o, b)| {
+                for (o, c) in o.iter_mut().zip(b.chunks_exact(size)) {
+                    *o = f(c);
+                }
+            });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -526,6 +555,26 @@ mod tests {
         assert!(same_shape(&[4, 3], &[1, 4, 3]));
         assert!(!same_shape(&[4, 3], &[3, 4]));
         assert!(!same_shape(&[4, 1], &[4]));
+    }
+
+    /// Large tensors convert in parallel chunks; every element must land in its place.
+    #[test]
+    fn parallel_conversion_keeps_order() {
+        let n = 5 * (1 << 16) + 123;
+        let bits: Vec<u16> = (0..n)
+            .map(|i| ((i * 2654435761usize) >> 7) as u16 & 0x7f7f)
+            .collect();
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let d = convert(&bytes, &StoredDType::BF16, ComputeDType::F32, vec![n]);
+        let got: Vec<f32> = d.try_to_vec().unwrap();
+        assert_eq!(got.len(), n);
+        for (i, (g, b)) in got.iter().zip(&bits).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                half::bf16::from_bits(*b).to_f32().to_bits(),
+                "element {i}"
+            );
+        }
     }
 
     #[test]

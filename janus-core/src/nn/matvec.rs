@@ -64,25 +64,13 @@ fn blocked(x: &Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     Tensor::cat(pieces, 1)
 }
 
-#[cfg(feature = "flex")]
 fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-#[cfg(not(feature = "flex"))]
-fn threads() -> usize {
-    1
-}
-
-#[cfg(feature = "flex")]
 fn run_parallel(x: &Tensor<2>, shares: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
     use rayon::prelude::*;
     shares.into_par_iter().map(|w| blocked(x, w)).collect()
-}
-
-#[cfg(not(feature = "flex"))]
-fn run_parallel(x: &Tensor<2>, shares: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
-    shares.into_iter().map(|w| blocked(x, w)).collect()
 }
 
 #[cfg(test)]
