@@ -54,6 +54,19 @@ impl Backend {
     }
 }
 
+/// Whether `device` is the CPU backend (flex), whose memory is the process's own.
+pub(crate) fn is_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        *device == Device::flex()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// The default device: the CPU backend when compiled in, else the first enabled backend.
 pub fn default_device() -> Device {
     #[cfg(feature = "flex")]

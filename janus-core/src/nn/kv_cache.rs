@@ -5,7 +5,7 @@
 //! step never copies the whole cache. The batch axis serves several rows at once (the CFG
 //! conditional/unconditional pair, several images).
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor, TensorData};
 
 /// The keys and values of every layer for the positions processed so far.
 #[derive(Debug)]
@@ -87,9 +87,8 @@ impl KvCache {
                     .capacity_hint
                     .max(end)
                     .max(old.as_ref().map_or(0, |(k, _)| 2 * k.dims()[2]));
-                let opts = (&k.device(), k.dtype());
-                let mut kc = Tensor::zeros([b, h, cap, d], opts);
-                let mut vc = Tensor::zeros([b, h, cap, d], opts);
+                let mut kc = zeroed([b, h, cap, d], &k);
+                let mut vc = zeroed([b, h, cap, d], &k);
                 if let Some((ko, vo)) = old {
                     kc = kc.slice_assign(
                         [0..b, 0..h, 0..start, 0..d],
@@ -114,6 +113,13 @@ impl KvCache {
     /// Keeps the rows `rows` of the batch, in that order (a row may repeat): one prefill can serve
     /// several sequences that continue differently.
     pub fn select_rows(&mut self, rows: &[usize]) {
+        let unchanged = self.batch() == Some(rows.len())
+            && rows.iter().enumerate().all(|(i, &r)| i == r)
+            && (self.left_pad.is_empty() || self.left_pad.len() == rows.len());
+        if unchanged {
+            // Every row in place: no copy of the buffers.
+            return;
+        }
         if !self.left_pad.is_empty() {
             self.left_pad = rows.iter().map(|&r| self.left_pad[r]).collect();
         }
@@ -134,5 +140,22 @@ impl KvCache {
     /// Marks `t` more positions as held (after every layer has appended them).
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
+    }
+}
+
+/// A zero buffer on `like`'s device and dtype. On the CPU backend an f32 buffer comes from a
+/// zeroed allocation whose pages the system maps only as positions are written, so reserving a
+/// whole image's positions up front costs nothing until they are used (a backend-made zero
+/// tensor is written out in full, twice on the CPU backend).
+fn zeroed(shape: [usize; 4], like: &Tensor<4>) -> Tensor<4> {
+    let device = like.device();
+    if like.dtype() == DType::F32 && crate::device::is_cpu(&device) {
+        let n = shape.iter().product();
+        Tensor::from_data(
+            TensorData::new(vec![0.0f32; n], shape),
+            (&device, DType::F32),
+        )
+    } else {
+        Tensor::zeros(shape, (&device, like.dtype()))
     }
 }

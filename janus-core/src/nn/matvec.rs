@@ -19,15 +19,7 @@ const BLOCK_OUTPUTS: usize = 256;
 
 /// Whether `device` runs products this way (the CPU backend only; GPUs want one large kernel).
 pub(crate) fn applies(device: &Device, rows: usize) -> bool {
-    #[cfg(feature = "flex")]
-    {
-        (1..=MAX_ROWS).contains(&rows) && *device == Device::flex()
-    }
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (device, rows);
-        false
-    }
+    (1..=MAX_ROWS).contains(&rows) && crate::device::is_cpu(device)
 }
 
 /// `x·Wᵀ` for `x` `[rows, in]` and `w` `[out, in]` (row-major), `[rows, out]`.

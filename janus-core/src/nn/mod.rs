@@ -33,7 +33,7 @@ pub struct Linear {
 
 /// Most rows that use the `W·Xᵀ` form (measured crossover on the CPU backend: beyond about a
 /// hundred rows `X·Wᵀ` is faster).
-const FEW_ROWS: usize = 64;
+const FEW_ROWS: usize = 128;
 
 impl Linear {
     /// Loads `{prefix}.weight` (`[out, in]` in the file) and, if `bias`, `{prefix}.bias`.
