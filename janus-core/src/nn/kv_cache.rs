@@ -5,7 +5,7 @@
 //! step never copies the whole cache. The batch axis serves several rows at once (the CFG
 //! conditional/unconditional pair, several images).
 
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 /// The keys and values of every layer for the positions processed so far.
 #[derive(Debug)]
@@ -123,17 +123,25 @@ impl KvCache {
         if !self.left_pad.is_empty() {
             self.left_pad = rows.iter().map(|&r| self.left_pad[r]).collect();
         }
+        let len = self.len;
+        let n = rows.len();
+        // Only the held positions are copied; the new buffers keep the old capacity.
+        let pick = |t: &Tensor<4>, idx: Tensor<1, Int>| {
+            let [b, h, cap, d] = t.dims();
+            let fresh = zeroed([n, h, cap, d], t);
+            if len == 0 {
+                return fresh;
+            }
+            let held = t.clone().slice([0..b, 0..h, 0..len, 0..d]).select(0, idx);
+            fresh.slice_assign([0..n, 0..h, 0..len, 0..d], held)
+        };
         for (k, v) in self.layers.iter_mut().flatten() {
-            let device = k.device();
-            let idx = Tensor::<1, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(
-                    rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
-                    [rows.len()],
-                ),
-                &device,
+            let idx = Tensor::<1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [n]),
+                &k.device(),
             );
-            *k = k.clone().select(0, idx.clone());
-            *v = v.clone().select(0, idx);
+            *k = pick(k, idx.clone());
+            *v = pick(v, idx);
         }
     }
 
