@@ -56,6 +56,7 @@ TASKS = {
 }
 DEFAULT_TASKS = "understand,generate1,generate4,vq_decode,siglip,load"
 BANDWIDTH: dict = {}
+NOTES_MARKER = "<!-- notes: kept by bench/run.py -->"
 
 
 def cache_dir(args) -> Path:
@@ -166,8 +167,10 @@ def report(records: list[dict], args, meta: dict) -> str:
         "",
         f"- Date: {meta['date']}",
         f"- Machine: {meta['machine'].get('cpu', '?')}, {meta['machine']['cores']} cores, "
-        f"{meta['machine'].get('memory_gib', '?')} GiB RAM; memory copy bandwidth "
-        f"{meta['bandwidth_gbs']:.1f} GB/s (read + write, 1 GiB buffer)",
+        f"{meta['machine'].get('memory_gib', '?')} GiB RAM; memory read bandwidth "
+        f"{meta['read_range']} GB/s ({meta['read_threads']} threads summing a filled 1 GiB buffer, "
+        f"the `bandwidth` task, sampled before each task), copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s "
+        "(numpy, read + write)",
         f"- Checkpoint: `{meta['model']}` (random weights at Janus-Pro-1B size, bf16 on disk)",
         f"- Threads: {args.threads} on both sides; compute dtype {args.dtype}; {args.runs} runs per "
         "task, each its own process, Rust and PyTorch alternating",
@@ -203,6 +206,17 @@ def report(records: list[dict], args, meta: dict) -> str:
         lines.append(f"| {name} | {summarize(a)} | {summarize(b)} |")
     lines += ["", f"Weights in the compute dtype: {meta['weight_bytes_compute'] / 2**20:.0f} MiB "
                   f"({meta['params']:,} parameters × {meta['dtype_bytes']} bytes).", ""]
+    floors = meta.get("floors") or []
+    if floors:
+        lines += ["Memory floor of a decoding step: the weights it reads once, at the median read bandwidth "
+                  "above.", "",
+                  "| Step | weights read (GB) | floor (ms) | janus-rs median (ms) | PyTorch median (ms) |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, gb, rust_ms, torch_ms in floors:
+            floor = gb / meta["read_gbs"] * 1e3
+            cell = lambda v: fmt(v) if v is not None else "–"
+            lines.append(f"| {label} | {gb:.2f} | {fmt(floor)} | {cell(rust_ms)} | {cell(torch_ms)} |")
+        lines.append("")
     und = [r for r in records if r["bench"] == "understand"]
     ids = {r["impl"]: r.get("token_ids") for r in und}
     if ids.get("janus-rs") and ids.get("torch"):
@@ -241,6 +255,8 @@ def main(argv=None) -> None:
 
     records = []
     for name in args.tasks.split(","):
+        # The read bandwidth of a shared machine drifts: sample it with every task.
+        BANDWIDTH.setdefault("reads", []).append(run_one([str(rust), "--task", "bandwidth"], env))
         task, extra, _ = TASKS[name]
         extra = [e.format(image=image) for e in extra]
         for i in range(args.runs):
@@ -279,15 +295,52 @@ def write_outputs(records: list[dict], args, argv, model: Path) -> None:
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "bandwidth_gbs": BANDWIDTH.setdefault("gbs", memory_bandwidth_gbs()),
+        "read_gbs": statistics.median(r["read_gbs"] for r in BANDWIDTH["reads"]),
+        "read_range": summarize([r["read_gbs"] for r in BANDWIDTH["reads"]]),
+        "read_threads": BANDWIDTH["reads"][0]["threads"],
         "model": args.model,
         "params": params,
         "dtype_bytes": dtype_bytes,
         "weight_bytes_compute": params * dtype_bytes,
         "torch_versions": ", ".join(f"{k} {v}" for k, v in (torch_rec.get("versions") or {}).items()),
     }
+    meta["floors"] = decode_floors(records, bench_json, dtype_bytes)
     text = report(records, args, meta)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    # Hand-written analysis below the marker survives a rerun.
+    if out.exists() and NOTES_MARKER in out.read_text():
+        text += "\n" + NOTES_MARKER + out.read_text().split(NOTES_MARKER, 1)[1]
+    out.write_text(text)
     print(text, flush=True)
+
+
+def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: int) -> list:
+    """(label, GB read per step, janus-rs and PyTorch median ms) for the decoding steps measured."""
+    parts = bench_json.get("parameters_by_component") or {}
+    dims = bench_json.get("dims") or {}
+    if not parts or not dims:
+        return []
+    # One embedding row is read per token, not the table.
+    stack = parts["language_model"] - dims["vocab_size"] * dims["hidden_size"]
+    text_gb = (stack + parts["lm_head"]) * dtype_bytes / 1e9
+    image_gb = (stack + parts["generation_head"] + parts["generation_aligner"]) * dtype_bytes / 1e9
+
+    def med(bench, key, impl, invert=False):
+        v = [r[key] for r in records if r["bench"] == bench and r["impl"] == impl and r.get(key)]
+        if not v:
+            return None
+        m = statistics.median(v)
+        return 1e3 / m if invert else m
+
+    rows = []
+    if any(r["bench"] == "understand" for r in records):
+        rows.append(("understanding, one token (1 row)", text_gb,
+                     med("understand", "decode_tokens_per_s", "janus-rs", True),
+                     med("understand", "decode_tokens_per_s", "torch", True)))
+    for bench, label in (("generate1", "generation, CFG pair (2 rows)"), ("generate4", "generation, 4 images (8 rows)")):
+        if any(r["bench"] == bench for r in records):
+            rows.append((label, image_gb, med(bench, "ms_per_step", "janus-rs"), med(bench, "ms_per_step", "torch")))
+    return rows
 
 
 if __name__ == "__main__":

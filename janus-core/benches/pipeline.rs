@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo bench -p janus-core --bench pipeline -- --model DIR --task TASK [options]
-//!   --task load|understand|generate|vq_decode|siglip
+//!   --task load|understand|generate|vq_decode|siglip|bandwidth
+//!                          (bandwidth: memory read speed of the thread pool, no model needed)
 //!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
 //!   --image PNG            understanding / siglip input (required for those)
 //!   --question TEXT        understanding question
@@ -29,7 +30,7 @@ use janus_core::processor::image::{
 use janus_core::{Backend, ComputeDType, Error};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip \
+const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip|bandwidth \
 [--dtype f32|f16|bf16] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
 [--parallel N] [--steps S] [--repeat R]";
 
@@ -102,7 +103,7 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }
-    if args.model.as_os_str().is_empty() || args.task.is_empty() {
+    if args.task.is_empty() || (args.model.as_os_str().is_empty() && args.task != "bandwidth") {
         return Err(USAGE.into());
     }
     Ok(args)
@@ -289,7 +290,37 @@ fn siglip(janus: &Janus, args: &Args) -> Result<Value, String> {
     })
 }
 
+/// Read bandwidth of rayon's pool over a filled 1 GiB buffer (best of 5): the speed at which
+/// a decoding step can stream weights, so weight bytes ÷ this is a step's floor.
+fn bandwidth() -> Value {
+    use rayon::prelude::*;
+    let data = vec![1.0f32; 1 << 28];
+    let bytes = (data.len() * 4) as f64;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        // Integer sums of the bit patterns: associative, so the loop vectorises and the figure
+        // is the memory's, not the adder's.
+        let sum = data
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u32, |a, x| a.wrapping_add(x.to_bits())))
+            .reduce(|| 0, u32::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    json!({
+        "task": "bandwidth",
+        "impl": "janus-rs",
+        "read_gbs": bytes / best / 1e9,
+        "buffer_bytes": bytes,
+        "threads": rayon::current_num_threads(),
+    })
+}
+
 fn run(args: &Args) -> Result<Value, String> {
+    if args.task == "bandwidth" {
+        return Ok(bandwidth());
+    }
     let device = args.backend.device().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut janus = Janus::load_on(&args.model, &device, args.dtype).map_err(|e| e.to_string())?;

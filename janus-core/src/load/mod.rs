@@ -529,6 +529,7 @@ where
     const CHUNK: usize = 1 << 16;
     let n = bytes.len() / size;
     let mut out = vec![T::default(); n];
+    prefer_huge_pages(&mut out);
     if n < 2 * CHUNK {
         for (o, c) in out.iter_mut().zip(bytes.chunks_exact(size)) {
             *o = f(c);
@@ -543,6 +544,37 @@ where
             });
     }
     out
+}
+
+/// Asks Linux to back a large, not yet touched weight buffer with transparent huge pages where
+/// the system allows them on request (`enabled` = `madvise`): 2 MiB faults instead of 512 small
+/// ones while it fills, and fewer TLB misses each time a decoding step streams it.
+fn prefer_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let len = std::mem::size_of_val(buf);
+        if len < 2 * HUGE {
+            return;
+        }
+        let start = buf.as_mut_ptr() as usize;
+        let first = start.next_multiple_of(HUGE);
+        let last = (start + len) / HUGE * HUGE;
+        if last > first {
+            // SAFETY: the range lies inside `buf`, which this function borrows mutably; the
+            // advice changes how its pages are backed, never their contents. A refusal (old
+            // kernel, THP off) leaves ordinary pages, so the result is ignored.
+            let _ = unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 #[cfg(test)]
