@@ -173,7 +173,7 @@ def report(records: list[dict], args, meta: dict) -> str:
         "(numpy, read + write)",
         f"- Checkpoint: `{meta['model']}` (random weights at Janus-Pro-1B size, bf16 on disk)",
         f"- Threads: {args.threads} on both sides; compute dtype {args.dtype}; {args.runs} runs per "
-        "task, each its own process, Rust and PyTorch alternating",
+        f"task ({args.full_image_runs} of `full_image`), each its own process, Rust and PyTorch alternating",
         f"- janus-rs: burn CPU backend (flex, rayon, SIMD), release build; PyTorch: "
         f"{meta.get('torch_versions', '?')}, eager, sdpa attention",
         "",
@@ -233,6 +233,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="pro-1b-hf", help="folder in the cache (default %(default)s)")
     ap.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, of {','.join(TASKS)} (default %(default)s)")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--full-image-runs", type=int, default=1,
+                    help="runs of the full_image task, which takes minutes per run (default %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--rust-bin", default=None, help="prebuilt pipeline bench executable")
@@ -259,7 +261,8 @@ def main(argv=None) -> None:
         BANDWIDTH.setdefault("reads", []).append(run_one([str(rust), "--task", "bandwidth"], env))
         task, extra, _ = TASKS[name]
         extra = [e.format(image=image) for e in extra]
-        for i in range(args.runs):
+        runs = args.full_image_runs if name == "full_image" else args.runs
+        for i in range(runs):
             sides = [
                 ("janus-rs", [str(rust), "--model", str(model), "--task", task, "--dtype", args.dtype, *extra]),
                 ("torch", [py, str(HERE / "bench_torch.py"), "--model", str(model), "--task", task,
