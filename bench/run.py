@@ -175,7 +175,8 @@ def report(records: list[dict], args, meta: dict) -> str:
         f"- Threads: {args.threads} on both sides; compute dtype {args.dtype}; {args.runs} runs per "
         f"task ({args.full_image_runs} of `full_image`), each its own process, Rust and PyTorch alternating",
         f"- janus-rs: burn CPU backend (flex, rayon, SIMD), release build; PyTorch: "
-        f"{meta.get('torch_versions', '?')}, eager, sdpa attention",
+        + ("DeepSeek's official Janus code, " if args.torch_impl == "official" else "transformers' Janus, ")
+        + f"{meta.get('torch_versions', '?')}, eager, sdpa attention",
         "",
         "Median (min–max). Ratio: how many times faster janus-rs is (>1 = faster).",
         "",
@@ -237,6 +238,9 @@ def main(argv=None) -> None:
                     help="runs of the full_image task, which takes minutes per run (default %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--torch-impl", default="hf", choices=["hf", "official"],
+                    help="PyTorch side: transformers' Janus (hf) or DeepSeek's code (official; use an "
+                         "original-layout --model and put the code on PYTHONPATH)")
     ap.add_argument("--rust-bin", default=None, help="prebuilt pipeline bench executable")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--records", default=str(HERE / "results.jsonl"), help="raw records (JSON lines)")
@@ -266,7 +270,8 @@ def main(argv=None) -> None:
             sides = [
                 ("janus-rs", [str(rust), "--model", str(model), "--task", task, "--dtype", args.dtype, *extra]),
                 ("torch", [py, str(HERE / "bench_torch.py"), "--model", str(model), "--task", task,
-                           "--dtype", args.dtype, "--threads", str(args.threads), *extra]),
+                           "--impl", args.torch_impl, "--dtype", args.dtype, "--threads", str(args.threads),
+                           *extra]),
             ]
             if i % 2 == 1:
                 sides.reverse()
