@@ -328,10 +328,19 @@ def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: int) -> li
     dims = bench_json.get("dims") or {}
     if not parts or not dims:
         return []
-    # One embedding row is read per token, not the table.
-    stack = parts["language_model"] - dims["vocab_size"] * dims["hidden_size"]
-    text_gb = (stack + parts["lm_head"]) * dtype_bytes / 1e9
-    image_gb = (stack + parts["generation_head"] + parts["generation_aligner"]) * dtype_bytes / 1e9
+    # One embedding row is read per token, not the table. The original layout counts `lm_head`
+    # (untied, vocab × hidden) inside `language_model`; the transformers layout lists it apart.
+    table = dims["vocab_size"] * dims["hidden_size"]
+    lm_head = parts.get("lm_head")
+    if lm_head is None:
+        lm_head = table
+        stack = parts["language_model"] - table - lm_head
+    else:
+        stack = parts["language_model"] - table
+    gen = parts.get("generation_head", parts.get("gen_head", 0)) + \
+        parts.get("generation_aligner", parts.get("gen_aligner", 0))
+    text_gb = (stack + lm_head) * dtype_bytes / 1e9
+    image_gb = (stack + gen) * dtype_bytes / 1e9
 
     def med(bench, key, impl, invert=False):
         v = [r[key] for r in records if r["bench"] == bench and r["impl"] == impl and r.get(key)]
