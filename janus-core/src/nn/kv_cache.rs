@@ -113,9 +113,8 @@ impl KvCache {
     /// Keeps the rows `rows` of the batch, in that order (a row may repeat): one prefill can serve
     /// several sequences that continue differently.
     pub fn select_rows(&mut self, rows: &[usize]) {
-        let unchanged = self.batch() == Some(rows.len())
-            && rows.iter().enumerate().all(|(i, &r)| i == r)
-            && (self.left_pad.is_empty() || self.left_pad.len() == rows.len());
+        let unchanged =
+            self.batch() == Some(rows.len()) && rows.iter().enumerate().all(|(i, &r)| i == r);
         if unchanged {
             // Every row in place: no copy of the buffers.
             return;

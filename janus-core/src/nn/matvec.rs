@@ -9,6 +9,7 @@
 //! product, so the result is the same mathematics as `x.matmul(w.transpose())`.
 
 use burn::tensor::{Device, Tensor};
+use rayon::prelude::*;
 
 /// Most rows of `x` this path serves; beyond, `W·Xᵀ` is faster.
 pub(crate) const MAX_ROWS: usize = 4;
@@ -25,7 +26,7 @@ pub(crate) fn applies(device: &Device, rows: usize) -> bool {
 /// `x·Wᵀ` for `x` `[rows, in]` and `w` `[out, in]` (row-major), `[rows, out]`.
 pub(crate) fn forward(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     let out = w.dims()[0];
-    let parts = threads().min(out.div_ceil(64)).max(1);
+    let parts = rayon::current_num_threads().min(out.div_ceil(64)).max(1);
     if parts == 1 {
         return blocked(&x, w.clone());
     }
@@ -33,7 +34,8 @@ pub(crate) fn forward(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     let shares: Vec<Tensor<2>> = (0..parts)
         .map(|p| w.clone().narrow(0, p * per, per.min(out - p * per)))
         .collect();
-    Tensor::cat(run_parallel(&x, shares), 1)
+    let pieces: Vec<Tensor<2>> = shares.into_par_iter().map(|w| blocked(&x, w)).collect();
+    Tensor::cat(pieces, 1)
 }
 
 /// One thread's share. With several rows of `x`, `W` goes in blocks of at most
@@ -54,15 +56,6 @@ fn blocked(x: &Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         start += n;
     }
     Tensor::cat(pieces, 1)
-}
-
-fn threads() -> usize {
-    rayon::current_num_threads()
-}
-
-fn run_parallel(x: &Tensor<2>, shares: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
-    use rayon::prelude::*;
-    shares.into_par_iter().map(|w| blocked(x, w)).collect()
 }
 
 #[cfg(test)]

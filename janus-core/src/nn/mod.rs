@@ -21,10 +21,10 @@ use crate::load::Weights;
 ///
 /// The product is written one of several ways, all the same mathematics, picked by how many rows
 /// `x` has once its leading axes are folded: on the CPU backend one to four rows (decoding) run
-/// as matrix–vector products split across threads ([`matvec`]); otherwise one row is a
-/// matrix–vector product over `W`'s contiguous rows, a few rows run as `W·Xᵀ`, which streams
-/// `W` once for all of them, and many rows (a prompt) run as `X·Wᵀ`. Folding the leading axes ourselves
-/// also keeps backends from materialising a broadcast copy of `W` for a batched product.
+/// as matrix–vector products split across threads; otherwise one row is a matrix–vector product
+/// over `W`'s contiguous rows, a few rows run as `W·Xᵀ`, which streams `W` once for all of them,
+/// and many rows (a prompt) run as `X·Wᵀ`. Folding the leading axes here also keeps backends from
+/// materialising a broadcast copy of `W` for a batched product.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor<2>,
@@ -49,7 +49,8 @@ impl Linear {
         Linear { weight, bias }
     }
 
-    /// A layer over an `[out, in]` weight without bias (a tied head).
+    /// A layer without bias over an `[out, in]` weight already loaded (`lm_head`, which may be
+    /// the embedding table when the config ties them).
     pub(crate) fn from_weight(weight: Tensor<2>) -> Self {
         Linear { weight, bias: None }
     }
@@ -151,13 +152,13 @@ impl Mlp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData};
+    use burn::tensor::TensorData;
 
-    /// Every row count takes one of the three forms of [`Linear::forward`]; each must give
-    /// `x·Wᵀ + b` as a plain triple loop computes it.
+    /// Every row count takes one of the forms of [`Linear::forward`]; each must give `x·Wᵀ + b`
+    /// as a plain triple loop computes it.
     #[test]
     fn linear_forms_agree_with_the_definition() {
-        let device = Device::flex();
+        let device = crate::device::default_device();
         let (d_in, d_out) = (37, 23);
         let value = |i: usize| ((i * 7919) % 113) as f32 / 113.0 - 0.5;
         let w: Vec<f32> = (0..d_out * d_in).map(value).collect();
