@@ -19,6 +19,11 @@ PYTHONPATH for the steps that need the official DeepSeek code):
   chat-hf            multi-turn, two-image understanding with the hf-tiny checkpoint: prompt, ids,
                      pixel_values, 8 greedy tokens and their logits -> hf-tiny/expected/chat.safetensors
                      [transformers 5.24 env]
+  hf-v4              tests/fixtures/hf-tiny-v4/: the bf16 tensors saved by transformers 4.57.1 as its
+                     conversion script saves a checkpoint (chat_template.json, preprocessor_config.json, ...)
+                     [transformers 4.57.1 first on PYTHONPATH]
+  prompts            expected/prompts.json of hf-tiny and hf-tiny-v4: prompt text and ids of understanding,
+                     chat and generation cases through the processor [transformers 5.24 env]
   chat-original      the same conversation with the official code on the gen_original.py checkpoint
                      -> original-tiny/expected/chat.safetensors [transformers 4.57.1 + official code]
   check-tokenizer    re-check tokenize.json against transformers 4.57.1's AutoTokenizer and the Python
@@ -56,13 +61,14 @@ HF_F32 = FIXTURES / "hf-tiny"
 HF_BF16_SHARDED = FIXTURES / "hf-tiny-bf16-sharded"
 HF_BIN = FIXTURES / "hf-tiny-bin"
 HF_BIN_SHARDED_BF16 = FIXTURES / "hf-tiny-bin-sharded-bf16"
+HF_V4 = FIXTURES / "hf-tiny-v4"
 
 # ------------------------------------------------------------------------------------------------
 # Seeds and sizes (all fixture randomness flows from these numbers)
 # ------------------------------------------------------------------------------------------------
-HF_SEED = 20250136            # torch.Generator seed for the transformers-layout weights; of the seeds
-                              # 20250127..36 tried, the one with the largest smallest top-2 margin (0.066)
-                              # over all expected logits
+HF_SEED = 20250141            # torch.Generator seed for the transformers-layout weights; of the seeds
+                              # 20250136..43 tried (with the conversion script's template and default system
+                              # prompt), the first whose top-2 margins are all >= MIN_MARGIN
 ORIGINAL_SEED = 20241019      # numpy PCG64 seed for the original-layout weights (gen_original.py); of the
                               # seeds 20241018..26 whose LLM/understanding margins are all > 1e-2, the one
                               # whose greedy image generation meets its first near-tie (< 1e-2) latest (step 188)
@@ -515,25 +521,54 @@ def prompt_rows(tok_encode) -> "list[list[int]]":
 # ------------------------------------------------------------------------------------------------
 # Layout A: transformers (model_type "janus")
 # ------------------------------------------------------------------------------------------------
-# The DeepSeek SFT format (JANUS-SPEC §4.1) as a chat template; written for this fixture (every
-# literal is emitted through {{ }} so that whitespace control cannot eat it).
-HF_CHAT_TEMPLATE = (
-    "{%- set seps = ['\\n\\n', '" + EOS + "'] -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] | lower == 'user' -%}{{ '" + USER + ": ' }}"
-    "{%- elif message['role'] | lower == 'assistant' -%}{{ '" + ASSISTANT + ": ' }}"
-    "{%- else -%}{{ message['role'] | capitalize + ': ' }}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
-    "{%- else -%}{%- for content in message['content'] -%}"
-    "{%- if content['type'] == 'image' -%}"
-    "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}{{ '" + IMAGE + "' }}"
-    "{%- if not loop.last -%}{{ '\\n' }}{%- endif -%}"
-    "{%- elif content['type'] == 'text' -%}{{ content['text'] | trim }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] | lower == 'assistant' -%}{{ seps[1] }}{%- else -%}{{ seps[0] }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + ":' }}{%- endif -%}"
-)
+# The chat template of every converted deepseek-community checkpoint: the `CHAT_TEMPLATE` constant of
+# transformers' convert_janus_weights_to_hf.py, copied verbatim into janus_chat_template.py (the script
+# is not in the transformers wheel).
+sys.path.insert(0, str(HERE))
+from janus_chat_template import CHAT_TEMPLATE as HF_CHAT_TEMPLATE  # noqa: E402
+
+# Renderings that transformers' own tests (tests/models/janus/test_processing_janus.py) expect from that
+# template; checked before any fixture is written, so a wrong copy cannot produce fixtures.
+HF_TEMPLATE_CHECKS = [
+    ([{"role": "user", "content": [{"type": "text", "text": "What is shown in this image?"}, {"type": "image"}]}],
+     "<|User|>: What is shown in this image?\n<image_placeholder>\n\n<|Assistant|>:"),
+    ([{"role": "user", "content": [{"type": "text", "text": "Compare this image"}, {"type": "image"},
+                                   {"type": "text", "text": "with this image"}, {"type": "image"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "The first image is an equation, the second is a pie chart."}]},
+      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What about this third image? To which of the previous to is it more similar?"}]}],
+     "<|User|>: Compare this image\n<image_placeholder>\nwith this image\n<image_placeholder>\n\n<|Assistant|>: "
+     "The first image is an equation, the second is a pie chart.<｜end▁of▁sentence｜><|User|>: <image_placeholder>\n"
+     "What about this third image? To which of the previous to is it more similar?\n\n<|Assistant|>:"),
+]
+
+
+def check_hf_template(processor) -> None:
+    for messages, want in HF_TEMPLATE_CHECKS:
+        got = processor.apply_chat_template(messages, add_generation_prompt=True)
+        if got != want:
+            raise SystemExit(f"the chat template renders {got!r}, transformers' tests expect {want!r}")
+
+
+def api_parts(text: str, images: int) -> list:
+    """janus-rs' rule for turning a turn's text and image count into typed content parts: without
+    <image_placeholder> tags, one image part per image and then the text; with tags, the text split at each
+    tag into text and image parts in order; every text part trimmed, empty ones left out."""
+    def text_part(t):
+        t = t.strip()
+        return [{"type": "text", "text": t}] if t else []
+    if IMAGE not in text:
+        return [{"type": "image"}] * images + text_part(text)
+    pieces = text.split(IMAGE)
+    assert len(pieces) - 1 == images, (text, images)
+    parts = text_part(pieces[0])
+    for piece in pieces[1:]:
+        parts += [{"type": "image"}] + text_part(piece)
+    return parts
+
+
+def api_messages(turns: list) -> list:
+    """[(role, text, images)] -> transformers messages with typed parts."""
+    return [{"role": role, "content": api_parts(text, n)} for role, text, n in turns]
 
 
 HF_TEXT = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -624,10 +659,14 @@ def hf_processor(tokenizer):
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], min_size=14,
         do_normalize=True, rescale_factor=1 / 255,
     )
-    return JanusProcessor(
+    # As convert_janus_weights_to_hf.py builds it (chat template, default system prompt on), with this
+    # model's image-token count.
+    processor = JanusProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=HF_CHAT_TEMPLATE,
-        use_default_system_prompt=False, num_image_tokens=HF_VISION["num_image_tokens"],
+        use_default_system_prompt=True, num_image_tokens=HF_VISION["num_image_tokens"],
     )
+    check_hf_template(processor)
+    return processor
 
 
 def torch_save_sharded(state_dict: "OrderedDict", folder: Path, n_shards: int) -> None:
@@ -842,7 +881,7 @@ def hf_extra_expected(model, tokenizer, processor, ids, folder, label) -> dict:
     out["image_u8"] = torch.from_numpy(image.copy())
 
     # -- understanding ---------------------------------------------------------------------------
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]}]
+    messages = api_messages([("user", "What is shown in this image?", 1)])
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == f"{USER}: {IMAGE}\nWhat is shown in this image?\n\n{ASSISTANT}:", repr(prompt)
     inputs = processor(text=prompt, images=image, return_tensors="pt")
@@ -870,7 +909,8 @@ def hf_extra_expected(model, tokenizer, processor, ids, folder, label) -> dict:
     stats["mm_min_margin_greedy"] = float(top2_margins(mm_logits[0, L - 1:L - 1 + S_STEPS].numpy()).min())
 
     # -- text-to-image generation (greedy, CFG) --------------------------------------------------
-    gprompt = processor.apply_chat_template([{"role": "user", "content": "a photo of a cat"}], add_generation_prompt=True)
+    gprompt = processor.apply_chat_template(api_messages([("user", "a photo of a cat", 0)]), add_generation_prompt=True)
+    assert gprompt == f"{USER}: a photo of a cat\n\n{ASSISTANT}:", repr(gprompt)
     ginputs = processor(text=gprompt, generation_mode="image", return_tensors="pt")
     gen_ids = ginputs["input_ids"]
     assert gen_ids[0, 0].item() == ids[BOS] and gen_ids[0, -1].item() == ids[BOI]
@@ -915,6 +955,8 @@ def hf_extra_expected(model, tokenizer, processor, ids, folder, label) -> dict:
         "weights": f"{folder.name}" + (" (bfloat16 values, upcast to float32)" if label == "bf16" else " (float32)"),
         "compute": "float32, CPU, eager attention, 1 thread",
         "prompt_understanding": prompt,
+        "use_default_system_prompt": "true: the processor puts its default system prompt before the "
+                                     "understanding prompt (mm_input_ids include it)",
         "prompt_generation": gprompt + BOI,
         "guidance_scale": w,
         "image_u8": "synthetic_image(64, 64, seed 7), HWC",
@@ -1777,11 +1819,7 @@ def hf_chat(model, processor, second: str):
     import torch
 
     a, b = chat_images()
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CHAT_FIRST}]},
-        {"role": "assistant", "content": CHAT_REPLY},
-        {"role": "user", "content": second},
-    ]
+    messages = api_messages([("user", CHAT_FIRST, 1), ("assistant", CHAT_REPLY, 0), ("user", second, 1)])
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=[a, b], return_tensors="pt")
     ids, pv = inputs["input_ids"], inputs["pixel_values"].float()
@@ -1868,6 +1906,142 @@ def cmd_chat_original(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# A checkpoint as transformers 4.x converted the deepseek-community ones, and prompt ids of both forms
+# ------------------------------------------------------------------------------------------------
+def cmd_hf_v4(args) -> None:
+    """tests/fixtures/hf-tiny-v4/ written by transformers 4.57.1 the way convert_janus_weights_to_hf.py
+    writes a converted checkpoint (chat template in chat_template.json, preprocessor_config.json,
+    special_tokens_map.json, 4.x config.json), holding the tensors of hf-tiny-bf16-sharded."""
+    torch = torch_setup()
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import (AutoTokenizer, JanusConfig, JanusForConditionalGeneration, JanusImageProcessor,
+                              JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig)
+
+    assert transformers.__version__.startswith("4."), transformers.__version__
+    ids = special_ids_from_tokenizer_json(TOKENIZER_DIR / "tokenizer.json")
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(TOKENIZER_DIR), model_max_length=16384,
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI})
+    image_processor = JanusImageProcessor(
+        size={"height": HF_VISION["image_size"], "width": HF_VISION["image_size"]},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], min_size=14, do_normalize=True,
+        rescale_factor=1 / 255)
+    processor = JanusProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               chat_template=HF_CHAT_TEMPLATE, use_default_system_prompt=True)
+    hf_fresh_dir(HF_V4)
+    # save_jinja_files=False: the chat_template.json form, the 4.x default when the hub checkpoints
+    # were converted
+    processor.save_pretrained(str(HF_V4), save_jinja_files=False)
+    assert (HF_V4 / "chat_template.json").is_file() and not (HF_V4 / "chat_template.jinja").exists()
+
+    text = {k: v for k, v in HF_TEXT.items()}
+    config = JanusConfig(
+        text_config=LlamaConfig(vocab_size=len(tokenizer), rope_theta=10000.0, tie_word_embeddings=False,
+                                attention_bias=False, mlp_bias=False, bos_token_id=ids[BOS],
+                                eos_token_id=ids[EOS], pad_token_id=ids[PAD], **text),
+        vision_config=JanusVisionConfig(**HF_VISION), vq_config=JanusVQVAEConfig(**HF_VQ),
+        image_token_id=ids[IMAGE], tie_word_embeddings=False)
+    model = JanusForConditionalGeneration(config).to(torch.bfloat16)
+    state = {}
+    for f in sorted(HF_BF16_SHARDED.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    # the generation settings the conversion script sets
+    gen = model.generation_config
+    gen._from_model_config = False
+    gen.temperature = 1
+    gen.guidance_scale = 5
+    gen.pad_token_id = ids[PAD]
+    gen.bos_token_id = ids[BOS]
+    gen.eos_token_id = ids[EOS]
+    gen.generation_kwargs = {"boi_token_id": ids[BOI]}
+    model.save_pretrained(str(HF_V4), safe_serialization=True)
+    written = load_file(str(HF_V4 / "model.safetensors"))
+    assert written.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(written[k], v), k
+    print(f"{HF_V4.name}: written by transformers {transformers.__version__}: "
+          + ", ".join(sorted(f.name for f in HF_V4.iterdir())))
+
+
+# The prompt cases of expected/prompts.json: what janus-rs is asked (turns of (role, text, images), or a
+# generation prompt) -> the messages by api_parts -> the processor's text and input_ids.
+PROMPT_CASES = [
+    ("one image", "understand", [("user", "What is shown in this image?", 1)]),
+    ("two images before the text", "understand", [("user", "  Compare the two pictures. ", 2)]),
+    ("two images placed by tags", "understand",
+     [("user", "Compare <image_placeholder> with\n<image_placeholder>, please.", 2)]),
+    ("a tag first", "understand", [("user", "<image_placeholder>\nWhat is different here?", 1)]),
+    ("no image", "understand", [("user", "Hello there!", 0)]),
+    ("three turns, two images", "understand",
+     [("user", CHAT_FIRST, 1), ("assistant", CHAT_REPLY, 0),
+      ("user", "Here is another one: <image_placeholder>\nWhat changed?", 1)]),
+    ("generation", "generate", [("user", "a photo of a cat", 0)]),
+    ("another generation prompt", "generate", [("user", " a red fox in the snow ", 0)]),
+]
+
+
+def prompt_record(processor, folder: Path) -> dict:
+    import numpy as np
+
+    cases = []
+    for name, mode, turns in PROMPT_CASES:
+        messages = api_messages(turns)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        n_images = sum(n for _, _, n in turns)
+        images = [synthetic_image(HF_VISION["image_size"], HF_VISION["image_size"], INPUT_SEED + 10 + i)
+                  for i in range(n_images)] or None
+        mode_kw = "text" if mode == "understand" else "image"
+        out = processor(text=text, images=images, generation_mode=mode_kw, return_tensors="np")
+        input_ids = np.asarray(out["input_ids"])[0].tolist()
+        cases.append({"name": name, "mode": mode,
+                      "turns": [{"role": r, "text": t, "images": n} for r, t, n in turns],
+                      "messages": messages, "chat_template_output": text, "input_ids": input_ids})
+    gens = [c["input_ids"] for c in cases if c["mode"] == "generate"]
+    assert gens[0] != gens[1], "two generation prompts gave the same ids"
+    return {
+        "description": "Prompt ids for janus-rs' understanding/chat and generation calls on this folder: each case's "
+                       "turns become `messages` (typed parts, the rule in make_fixtures.py api_parts), then "
+                       "`processor.apply_chat_template(messages, add_generation_prompt=True)` and "
+                       "`processor(text=..., images=<one per image part>, generation_mode='text' | 'image').input_ids` "
+                       "(image placeholders expanded, default system prompt in text mode, <begin_of_image> appended "
+                       "in image mode).",
+        "processor": f"AutoProcessor.from_pretrained('{folder.name}'"
+                     + (f", num_image_tokens={HF_VISION['num_image_tokens']})" if folder == HF_V4 else ")"),
+        "versions": env_versions(),
+        "cases": cases,
+    }
+
+
+def cmd_prompts(args) -> None:
+    """expected/prompts.json for hf-tiny (chat_template.jinja, transformers 5.x files) and hf-tiny-v4
+    (chat_template.json, transformers 4.x files), with transformers 5.24's processor; also checks that
+    transformers 5.24 loads hf-tiny-v4 to exactly the tensors of hf-tiny-bf16-sharded."""
+    import torch
+    from transformers import AutoProcessor, JanusForConditionalGeneration
+
+    torch_setup()
+    v4 = JanusForConditionalGeneration.from_pretrained(str(HF_V4), dtype=torch.bfloat16)
+    ref = state_dict_of_folder(HF_BF16_SHARDED)
+    sd = v4.state_dict()
+    assert sorted(sd) == sorted(ref), set(sd) ^ set(ref)
+    for k, v in ref.items():
+        assert torch.equal(sd[k], v), k
+    del v4
+    for folder, kwargs in ((HF_F32, {}), (HF_V4, {"num_image_tokens": HF_VISION["num_image_tokens"]})):
+        processor = AutoProcessor.from_pretrained(str(folder), **kwargs)
+        assert processor.use_default_system_prompt is True, folder
+        assert processor.num_image_tokens == HF_VISION["num_image_tokens"], folder
+        check_hf_template(processor)
+        record = prompt_record(processor, folder)
+        (folder / "expected").mkdir(exist_ok=True)
+        write_json(folder / "expected" / "prompts.json", record, sort_keys=False)
+        print(f"{folder.name}: {len(record['cases'])} prompt cases")
+
+
+# ------------------------------------------------------------------------------------------------
 # Orchestration
 # ------------------------------------------------------------------------------------------------
 DEFAULT_TF457 = "/opt/tf457"
@@ -1919,6 +2093,8 @@ def cmd_all(args) -> None:
     run_step("original-expected", env, cache_args)
     run_step("check-tokenizer", env)
     run_step("chat-hf")
+    run_step("hf-v4", dict(os.environ, PYTHONPATH=str(args.tf457)))
+    run_step("prompts")
     run_step("chat-original", env, cache_args)
     cmd_preprocess(args)
     print(f"all fixtures written in {time.perf_counter() - t0:.0f} s")
@@ -1935,6 +2111,8 @@ def main(argv=None) -> None:
                                                  "or ~/.cache/janus-rs-fixtures)")
     sub.add_parser("check-tokenizer")
     sub.add_parser("chat-hf")
+    sub.add_parser("hf-v4")
+    sub.add_parser("prompts")
     p = sub.add_parser("chat-original")
     p.add_argument("--cache", default=None)
     p = sub.add_parser("preprocess-original")
@@ -1957,6 +2135,8 @@ def main(argv=None) -> None:
         "original-expected": cmd_original_expected,
         "check-tokenizer": cmd_check_tokenizer,
         "chat-hf": cmd_chat_hf,
+        "hf-v4": cmd_hf_v4,
+        "prompts": cmd_prompts,
         "chat-original": cmd_chat_original,
         "preprocess-original": cmd_preprocess_original,
         "preprocess": cmd_preprocess,
