@@ -87,9 +87,14 @@ fn check_first_steps(
 
 #[test]
 fn hf_greedy_generation_matches_transformers() {
-    for dir in ["hf-tiny", "hf-tiny-bf16-sharded"] {
+    // hf-tiny-v4 holds hf-tiny-bf16-sharded's tensors in the files transformers 4.x writes.
+    for (dir, expected) in [
+        ("hf-tiny", "hf-tiny"),
+        ("hf-tiny-bf16-sharded", "hf-tiny-bf16-sharded"),
+        ("hf-tiny-v4", "hf-tiny-bf16-sharded"),
+    ] {
         let janus = load(&fixture(dir));
-        let r = read_reference(&fixture(dir).join("expected/multimodal.safetensors"));
+        let r = read_reference(&fixture(expected).join("expected/multimodal.safetensors"));
         let ids = janus.generation_ids("a photo of a cat").unwrap();
         assert_eq!(ids, as_u32(&r["gen_input_ids"]), "{dir}: prompt ids");
         let pad = janus.tokenizer().special().pad;
@@ -121,6 +126,22 @@ fn hf_greedy_generation_matches_transformers() {
             }
         }
         println!("{dir}: gen-head logits max |Δ| {d_logits:.2e}; tokens equal; pixels within 1");
+    }
+}
+
+/// The prompt reaches the model: two prompts give different prompt ids and different images
+/// (greedy, so only the prompt differs).
+#[test]
+fn different_prompts_give_different_images() {
+    for dir in ["hf-tiny", "hf-tiny-v4"] {
+        let janus = load(&fixture(dir));
+        let a = janus.generation_ids("a photo of a cat").unwrap();
+        let b = janus.generation_ids("a red fox in the snow").unwrap();
+        assert_ne!(a, b, "{dir}: prompt ids");
+        let ia = janus.generate("a photo of a cat", &greedy(1)).unwrap();
+        let ib = janus.generate("a red fox in the snow", &greedy(1)).unwrap();
+        assert_ne!(ia[0].tokens.ids, ib[0].tokens.ids, "{dir}: image tokens");
+        assert_ne!(ia[0].image, ib[0].image, "{dir}: pixels");
     }
 }
 

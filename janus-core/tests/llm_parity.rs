@@ -89,6 +89,13 @@ fn hf_safetensors_bf16_sharded() {
     hf("hf-tiny-bf16-sharded", "hf-tiny-bf16-sharded");
 }
 
+/// The files of transformers 4.x (`rope_theta`, `preprocessor_config.json`, …) holding the
+/// tensors of `hf-tiny-bf16-sharded`.
+#[test]
+fn hf_transformers_4_files() {
+    hf("hf-tiny-v4", "hf-tiny-bf16-sharded");
+}
+
 #[test]
 fn hf_pickle_f32() {
     hf("hf-tiny-bin", "hf-tiny");

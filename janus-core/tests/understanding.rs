@@ -40,9 +40,14 @@ fn check_answer(got: &[u32], want: &[u32], eos: u32) {
 
 #[test]
 fn hf_understanding_matches_transformers() {
-    for dir in ["hf-tiny", "hf-tiny-bf16-sharded"] {
+    // hf-tiny-v4 holds hf-tiny-bf16-sharded's tensors in the files transformers 4.x writes.
+    for (dir, expected) in [
+        ("hf-tiny", "hf-tiny"),
+        ("hf-tiny-bf16-sharded", "hf-tiny-bf16-sharded"),
+        ("hf-tiny-v4", "hf-tiny-bf16-sharded"),
+    ] {
         let janus = load(&fixture(dir));
-        let r = read_reference(&fixture(dir).join("expected/multimodal.safetensors"));
+        let r = read_reference(&fixture(expected).join("expected/multimodal.safetensors"));
         let ids = janus
             .understanding_ids("What is shown in this image?", 1)
             .unwrap();
@@ -66,6 +71,53 @@ fn hf_understanding_matches_transformers() {
         );
         assert_eq!(answer.prompt_tokens, ids.len());
         check_answer(&answer.token_ids, &want, janus.tokenizer().special().eos);
+    }
+}
+
+/// `expected/prompts.json`: understanding, conversation and generation prompt ids through
+/// transformers' processor and the checkpoint's own chat template, in both file forms
+/// (`chat_template.jinja` from transformers 5, `chat_template.json` from transformers 4).
+#[test]
+fn hf_prompt_ids_equal_the_processors() {
+    for dir in ["hf-tiny", "hf-tiny-v4"] {
+        let janus = load(&fixture(dir));
+        let path = fixture(dir).join("expected/prompts.json");
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let cases = record["cases"].as_array().unwrap();
+        assert!(cases.len() >= 8, "{dir}: {} cases", cases.len());
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let want: Vec<u32> = case["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let turns: Vec<Turn> = case["turns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    let text = t["text"].as_str().unwrap();
+                    let images =
+                        vec![image::RgbImage::new(2, 2); t["images"].as_u64().unwrap() as usize];
+                    match t["role"].as_str().unwrap() {
+                        "user" => Turn::user(text, images),
+                        "assistant" => Turn::assistant(text),
+                        other => panic!("{other}"),
+                    }
+                })
+                .collect();
+            let got = match case["mode"].as_str().unwrap() {
+                "generate" => janus.generation_ids(&turns[0].content).unwrap(),
+                _ if turns.len() == 1 => janus
+                    .understanding_ids(&turns[0].content, turns[0].images.len())
+                    .unwrap(),
+                _ => janus.conversation_ids(&turns).unwrap(),
+            };
+            assert_eq!(got, want, "{dir}: {name}");
+        }
     }
 }
 

@@ -5,13 +5,21 @@
 //!   `<|Assistant|>` when the tokenizer defines those tokens (Janus-Pro) and to `User` /
 //!   `Assistant` otherwise (Janus-1.3B), and can be overridden.
 //! * Hugging Face layout: the chat template saved with the checkpoint (`chat_template.jinja`,
-//!   `chat_template.json`, `processor_config.json` or `tokenizer_config.json`), rendered as is;
-//!   without one, the SFT format.
+//!   `chat_template.json`, `processor_config.json` or `tokenizer_config.json`), rendered as
+//!   transformers renders it ([`chat_template`](super::chat_template)), with each turn's content
+//!   as a list of typed parts; without a template, the SFT format.
+//!
+//! A turn's text becomes typed parts this way: without `<image_placeholder>` tags, one image part
+//! per image and then the text; with tags, the text is split at each tag into text and image parts
+//! in order. Each text part is trimmed (so whitespace next to a tag is dropped: the template puts
+//! images on lines of their own) and empty ones are left out. A rendered prompt that lost any of
+//! the text parts, or whose image placeholders do not match the images, is an error.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::chat_template::{ChatTemplate, Message, Part};
 use crate::config::{Layout, read_json};
 use crate::error::{Error, Result};
 use crate::tokenizer::{JanusTokenizer, strings};
@@ -23,7 +31,9 @@ pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful language and vision a
 /// The checkpoint's way of writing a conversation.
 #[derive(Debug, Clone)]
 pub struct PromptFormat {
-    template: Option<(PathBuf, String)>,
+    template: Option<ChatTemplate>,
+    /// The tokenizer's image placeholder string.
+    image_token: String,
     user: String,
     assistant: String,
     /// The system prompt put before understanding prompts (empty: none).
@@ -75,7 +85,14 @@ impl PromptFormat {
     /// Reads the chat format of a model folder.
     pub fn from_dir(dir: &Path, layout: Layout, tokenizer: &JanusTokenizer) -> Result<Self> {
         let template = match layout {
-            Layout::HuggingFace => find_template(dir)?,
+            Layout::HuggingFace => match find_template(dir)? {
+                Some((path, source)) => Some(ChatTemplate::new(
+                    &path,
+                    &source,
+                    tokenizer.template_tokens(),
+                )?),
+                None => None,
+            },
             Layout::Original => None,
         };
         // The official processor always uses its system prompt for understanding; transformers'
@@ -113,6 +130,7 @@ impl PromptFormat {
         };
         Ok(PromptFormat {
             template,
+            image_token: tokenizer.image_token().to_string(),
             user: user.into(),
             assistant: assistant.into(),
             system,
@@ -145,9 +163,14 @@ impl PromptFormat {
             return Err(Error::InvalidInput("the prompt is empty".into()));
         }
         match &self.template {
-            Some((path, source)) => {
-                let messages = serde_json::json!([{"role": "user", "content": prompt}]);
-                render(path, source, &messages, true)
+            Some(template) => {
+                let messages = [Message {
+                    role: "user",
+                    content: vec![Part::Text { text: prompt }],
+                }];
+                let text = template.render(&messages, true)?;
+                self.check_rendered(template, &text, &messages, None)?;
+                Ok(text)
             }
             None => Ok(format!("{}: {prompt}\n\n{}:", self.user, self.assistant)),
         }
@@ -175,11 +198,9 @@ pub struct TurnText<'a> {
     pub images: usize,
 }
 
-impl TurnText<'_> {
-    /// The turn's text with one placeholder per image: its own tags when it has any (their count
-    /// must equal the images'), otherwise one placeholder per image, each on its own line, before
-    /// the text.
-    fn placed(&self, index: usize) -> Result<String> {
+impl<'a> TurnText<'a> {
+    /// Checks the turn: not empty, and as many tags as images when it has tags.
+    fn check(&self, index: usize) -> Result<()> {
         let content = self.content.trim();
         let tags = content.matches(strings::IMAGE_PLACEHOLDER).count();
         if tags > 0 && tags != self.images {
@@ -191,6 +212,40 @@ impl TurnText<'_> {
         if content.is_empty() && self.images == 0 {
             return Err(Error::InvalidInput(format!("turn {index} is empty")));
         }
+        Ok(())
+    }
+
+    /// The turn as typed parts (the rule in the module documentation).
+    fn parts(&self, index: usize) -> Result<Vec<Part<'a>>> {
+        self.check(index)?;
+        let text = |t: &'a str| {
+            let t = t.trim();
+            (!t.is_empty()).then_some(Part::Text { text: t })
+        };
+        let mut parts = Vec::new();
+        if self.content.contains(strings::IMAGE_PLACEHOLDER) {
+            for (i, piece) in self.content.split(strings::IMAGE_PLACEHOLDER).enumerate() {
+                if i > 0 {
+                    parts.push(Part::Image);
+                }
+                parts.extend(text(piece));
+            }
+        } else {
+            parts.extend(std::iter::repeat_n(Part::Image, self.images));
+            parts.extend(text(self.content));
+        }
+        Ok(parts)
+    }
+}
+
+impl TurnText<'_> {
+    /// The turn's text with one placeholder per image: its own tags when it has any (their count
+    /// must equal the images'), otherwise one placeholder per image, each on its own line, before
+    /// the text.
+    fn placed(&self, index: usize) -> Result<String> {
+        self.check(index)?;
+        let content = self.content.trim();
+        let tags = content.matches(strings::IMAGE_PLACEHOLDER).count();
         Ok(if tags > 0 {
             content.to_string()
         } else {
@@ -204,7 +259,8 @@ impl PromptFormat {
     /// The prompt for a question about `images` images, ending with the assistant's cue.
     /// `<image_placeholder>` tags in the question are the images' places (their count must equal
     /// `images`); without tags, each image gets one placeholder on its own line before the
-    /// question.
+    /// question. With a chat template, the question becomes typed parts as the module
+    /// documentation says.
     pub fn understanding_prompt(&self, question: &str, images: usize) -> Result<String> {
         self.conversation_prompt(&[TurnText {
             role: Role::User,
@@ -241,30 +297,22 @@ impl PromptFormat {
             ));
         }
         let body = match &self.template {
-            Some((path, source)) => {
+            Some(template) => {
                 let mut messages = Vec::with_capacity(turns.len());
                 for (i, turn) in turns.iter().enumerate() {
                     let role = match turn.role {
                         Role::User => "user",
                         Role::Assistant => "assistant",
                     };
-                    let content = turn.content.trim();
-                    let tags = content.matches(strings::IMAGE_PLACEHOLDER).count();
-                    // Validates the turn (empty, tag count).
-                    turn.placed(i)?;
-                    let content = if tags > 0 || turn.images == 0 {
-                        serde_json::json!(content)
-                    } else {
-                        // The template's own way of placing images: image items before the text.
-                        let mut items: Vec<Value> = (0..turn.images)
-                            .map(|_| serde_json::json!({"type": "image"}))
-                            .collect();
-                        items.push(serde_json::json!({"type": "text", "text": content}));
-                        Value::Array(items)
-                    };
-                    messages.push(serde_json::json!({"role": role, "content": content}));
+                    messages.push(Message {
+                        role,
+                        content: turn.parts(i)?,
+                    });
                 }
-                render(path, source, &Value::Array(messages), true)?
+                let text = template.render(&messages, true)?;
+                let images = turns.iter().map(|t| t.images).sum();
+                self.check_rendered(template, &text, &messages, Some(images))?;
+                text
             }
             None => {
                 let mut out = String::new();
@@ -288,47 +336,63 @@ impl PromptFormat {
     }
 }
 
-/// Renders a chat template as transformers does (`messages`, `add_generation_prompt`, the special
-/// token strings as variables).
-fn render(
-    path: &Path,
-    source: &str,
-    messages: &Value,
-    add_generation_prompt: bool,
-) -> Result<String> {
-    let mut env = minijinja::Environment::new();
-    let syntax = minijinja::syntax::SyntaxConfig::builder()
-        .trim_blocks(true)
-        .lstrip_blocks(true)
-        .build()
-        .map_err(|e| Error::config(path, format!("chat template: {e}")))?;
-    env.set_syntax(syntax);
-    env.add_template("chat", source)
-        .map_err(|e| Error::config(path, format!("chat template: {e}")))?;
-    let tmpl = env
-        .get_template("chat")
-        .map_err(|e| Error::config(path, format!("chat template: {e}")))?;
-    tmpl.render(minijinja::context! {
-        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => strings::BOS,
-        eos_token => strings::EOS,
-    })
-    .map_err(|e| Error::config(path, format!("chat template: {e}")))
+impl PromptFormat {
+    /// Fails when the rendered prompt lost input: every text part must appear, in order, and
+    /// (when `images` is given) the prompt must hold exactly one image placeholder per image.
+    fn check_rendered(
+        &self,
+        template: &ChatTemplate,
+        rendered: &str,
+        messages: &[Message<'_>],
+        images: Option<usize>,
+    ) -> Result<()> {
+        let lost = |what: String| {
+            Error::config(
+                template.path(),
+                format!("chat template: the rendered prompt lost part of the input ({what})"),
+            )
+        };
+        let mut rest = rendered;
+        for (i, message) in messages.iter().enumerate() {
+            for part in &message.content {
+                if let Part::Text { text } = part {
+                    match rest.find(text) {
+                        Some(at) => rest = &rest[at + text.len()..],
+                        None => return Err(lost(format!("the text of turn {i}: {text:?}"))),
+                    }
+                }
+            }
+        }
+        if let Some(images) = images {
+            let found = rendered.matches(self.image_token.as_str()).count();
+            if found != images {
+                return Err(lost(format!(
+                    "{found} `{}` for {images} images",
+                    self.image_token
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sft_understanding_prompt_and_placeholders() {
-        let f = PromptFormat {
+    fn sft(system: &str) -> PromptFormat {
+        PromptFormat {
             template: None,
+            image_token: strings::IMAGE_PLACEHOLDER.into(),
             user: "<|User|>".into(),
             assistant: "<|Assistant|>".into(),
-            system: "SYS".into(),
-        };
+            system: system.into(),
+        }
+    }
+
+    #[test]
+    fn sft_understanding_prompt_and_placeholders() {
+        let f = sft("SYS");
         assert_eq!(
             f.understanding_prompt("What is it?", 1).unwrap(),
             "SYS\n\n<|User|>: <image_placeholder>\nWhat is it?\n\n<|Assistant|>:"
@@ -349,12 +413,7 @@ mod tests {
 
     #[test]
     fn sft_conversation_prompt_follows_the_deepseek_template() {
-        let f = PromptFormat {
-            template: None,
-            user: "<|User|>".into(),
-            assistant: "<|Assistant|>".into(),
-            system: "SYS".into(),
-        };
+        let f = sft("SYS");
         let turns = [
             TurnText {
                 role: Role::User,
@@ -394,12 +453,7 @@ mod tests {
 
     #[test]
     fn sft_generation_prompt() {
-        let f = PromptFormat {
-            template: None,
-            user: "<|User|>".into(),
-            assistant: "<|Assistant|>".into(),
-            system: String::new(),
-        };
+        let f = sft("");
         assert_eq!(
             f.generation_prompt("  a cat \n").unwrap(),
             "<|User|>: a cat\n\n<|Assistant|>:"
@@ -415,24 +469,116 @@ mod tests {
         ));
     }
 
+    /// The template of a Hugging Face-layout fixture written by transformers from the template
+    /// of its Janus conversion script (see tests/reference/README.md).
+    fn hf_template_format(system: &str) -> PromptFormat {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/hf-tiny/chat_template.jinja"
+        ));
+        let source = std::fs::read_to_string(path).unwrap();
+        with_template(path, &source, system)
+    }
+
+    fn with_template(path: &Path, source: &str, system: &str) -> PromptFormat {
+        let tokens = vec![
+            ("bos_token".to_string(), strings::BOS.to_string()),
+            ("eos_token".to_string(), strings::EOS.to_string()),
+        ];
+        PromptFormat {
+            template: Some(ChatTemplate::new(path, source, tokens).unwrap()),
+            ..sft(system)
+        }
+    }
+
     #[test]
-    fn templates_render_and_bad_ones_are_config_errors() {
-        let f = PromptFormat {
-            template: Some((
-                "t.jinja".into(),
-                "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | trim }}{% endfor %}{% if add_generation_prompt %}>{% endif %}".into(),
-            )),
-            user: String::new(),
-            assistant: String::new(),
-            system: String::new(),
-        };
-        assert_eq!(f.generation_prompt("hi").unwrap(), "[user]hi>");
-        let f = PromptFormat {
-            template: Some(("t.jinja".into(), "{% for m in messages %}".into())),
-            user: String::new(),
-            assistant: String::new(),
-            system: String::new(),
-        };
+    fn the_conversion_scripts_template_renders_typed_parts() {
+        let f = hf_template_format("SYS");
+        assert_eq!(
+            f.understanding_prompt("  What is it? ", 1).unwrap(),
+            "SYS\n\n<|User|>: <image_placeholder>\nWhat is it?\n\n<|Assistant|>:"
+        );
+        assert_eq!(
+            f.understanding_prompt("Compare <image_placeholder> \n with <image_placeholder>", 2)
+                .unwrap(),
+            "SYS\n\n<|User|>: Compare\n<image_placeholder>\nwith\n<image_placeholder>\n\n<|Assistant|>:"
+        );
+        let turns = [
+            TurnText {
+                role: Role::User,
+                content: "Describe this.",
+                images: 1,
+            },
+            TurnText {
+                role: Role::Assistant,
+                content: "A disc.",
+                images: 0,
+            },
+            TurnText {
+                role: Role::User,
+                content: "<image_placeholder>\nAnd this?",
+                images: 1,
+            },
+        ];
+        assert_eq!(
+            f.conversation_prompt(&turns).unwrap(),
+            format!(
+                "SYS\n\n<|User|>: <image_placeholder>\nDescribe this.\n\n<|Assistant|>: A disc.{}<|User|>: <image_placeholder>\nAnd this?\n\n<|Assistant|>:",
+                strings::EOS
+            )
+        );
+    }
+
+    #[test]
+    fn the_generation_prompt_carries_the_users_text() {
+        let f = hf_template_format("");
+        let a = f.generation_prompt(" a red fox ").unwrap();
+        assert_eq!(a, "<|User|>: a red fox\n\n<|Assistant|>:");
+        assert_ne!(a, f.generation_prompt("a blue bird").unwrap());
+    }
+
+    #[test]
+    fn a_template_that_loses_the_input_is_an_error() {
+        let path = Path::new("t.jinja");
+        // Content as a plain string only: typed parts render to nothing.
+        let strings_only = with_template(
+            path,
+            "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% endif %}{% endfor %}",
+            "",
+        );
+        for r in [
+            strings_only.generation_prompt("a red fox"),
+            strings_only.understanding_prompt("What is it?", 0),
+        ] {
+            let err = r.unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{err:?}");
+            assert!(err.to_string().contains("lost"), "{err}");
+        }
+        // Text kept, images dropped.
+        let no_images = with_template(
+            path,
+            "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}",
+            "",
+        );
+        assert_eq!(no_images.understanding_prompt("hi", 0).unwrap(), "hi");
+        let err = no_images.understanding_prompt("hi", 1).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("0 `<image_placeholder>` for 1 images"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_templates_are_config_errors() {
+        let err =
+            ChatTemplate::new("t.jinja".as_ref(), "{% for m in messages %}", vec![]).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }));
+        let f = with_template(
+            "t.jinja".as_ref(),
+            "{{ messages[0]['content'].nope() }}",
+            "",
+        );
         assert!(matches!(
             f.generation_prompt("hi"),
             Err(Error::Config { .. })
