@@ -151,6 +151,7 @@ impl Janus {
             )));
         }
         let prompt = PromptFormat::from_dir(dir, model.config.layout, &tokenizer)?;
+        check_processor_image_tokens(dir, model.config.vision.num_patches())?;
         let images = ImageProcessorConfig::from_dir(dir, model.config.layout)?;
         Ok(Janus {
             dir: dir.to_path_buf(),
@@ -438,6 +439,26 @@ impl Janus {
         }
         let mut images = decode_tokens(&self.model, std::slice::from_ref(&tokens.ids))?;
         Ok(images.remove(0))
+    }
+}
+
+/// Prompts get one image token per vision patch; a processor config that names another count
+/// (`num_image_tokens`, which the reference processors expand by) describes another model.
+fn check_processor_image_tokens(dir: &Path, patches: usize) -> Result<()> {
+    let path = dir.join("processor_config.json");
+    if !path.is_file() {
+        return Ok(());
+    }
+    match crate::config::read_json(&path)?.get("num_image_tokens") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(v) if v.as_u64() == Some(patches as u64) => Ok(()),
+        Some(v) => Err(Error::config(
+            &path,
+            format!(
+                "key `num_image_tokens` is {v}, but the vision encoder of config.json gives \
+                 {patches} tokens per image"
+            ),
+        )),
     }
 }
 

@@ -54,7 +54,13 @@ pub struct SpecialTokens {
 pub struct JanusTokenizer {
     inner: tokenizers::Tokenizer,
     special: SpecialTokens,
-    add_bos: bool,
+    /// How special tokens are added: by `add_bos_token`/`add_eos_token` of the tokenizer config
+    /// (transformers 4's Llama tokenizer), or, when the config names neither, by the
+    /// post-processor of `tokenizer.json` (transformers 5).
+    specials: AddSpecial,
+    /// The special-token strings by their config names (`bos_token`, …, `image_token`), as
+    /// transformers' `special_tokens_map` offers them to chat templates.
+    named: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for JanusTokenizer {
@@ -64,6 +70,16 @@ impl std::fmt::Debug for JanusTokenizer {
             .field("special", &self.special)
             .finish()
     }
+}
+
+/// Where the special tokens of an encoding come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AddSpecial {
+    /// `add_bos_token` / `add_eos_token` of `tokenizer_config.json` (absent ones take the Llama
+    /// tokenizer's defaults: BOS yes, EOS no).
+    Flags { bos: bool, eos: bool },
+    /// `tokenizer.json`'s post-processor.
+    PostProcessor,
 }
 
 /// A token named in a config file: a plain string or `{"content": "..."}`.
@@ -97,15 +113,33 @@ impl JanusTokenizer {
         };
         let tok_config = read("tokenizer_config.json")?;
         let special_map = read("special_tokens_map.json")?;
+        // transformers 5 writes the image tokens as top-level keys; 4.x inside an
+        // `extra_special_tokens` map.
         let named = |key: &str| -> Option<String> {
-            token_string(tok_config.as_ref().and_then(|c| c.get(key)))
-                .or_else(|| token_string(special_map.as_ref().and_then(|c| c.get(key))))
+            let from = |c: &Option<Value>| {
+                let c = c.as_ref()?;
+                token_string(c.get(key))
+                    .or_else(|| token_string(c.get("extra_special_tokens")?.get(key)))
+            };
+            from(&tok_config).or_else(|| from(&special_map))
         };
-        let add_bos = tok_config
-            .as_ref()
-            .and_then(|c| c.get("add_bos_token"))
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
+        let flag = |key: &str| -> Result<Option<bool>> {
+            match tok_config.as_ref().and_then(|c| c.get(key)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Bool(b)) => Ok(Some(*b)),
+                Some(_) => Err(Error::config(
+                    dir.join("tokenizer_config.json"),
+                    format!("key `{key}`: expected true or false"),
+                )),
+            }
+        };
+        let specials = match (flag("add_bos_token")?, flag("add_eos_token")?) {
+            (None, None) => AddSpecial::PostProcessor,
+            (bos, eos) => AddSpecial::Flags {
+                bos: bos.unwrap_or(true),
+                eos: eos.unwrap_or(false),
+            },
+        };
         let id = |s: &str| inner.token_to_id(s);
         let require = |what: &str, s: &str| -> Result<u32> {
             id(s).ok_or_else(|| {
@@ -114,6 +148,10 @@ impl JanusTokenizer {
         };
         let bos_s = named("bos_token").unwrap_or_else(|| strings::BOS.to_string());
         let eos_s = named("eos_token").unwrap_or_else(|| strings::EOS.to_string());
+        let image_s =
+            named("image_token").unwrap_or_else(|| strings::IMAGE_PLACEHOLDER.to_string());
+        let boi_s = named("boi_token").unwrap_or_else(|| strings::BEGIN_OF_IMAGE.to_string());
+        let eoi_s = named("eoi_token").unwrap_or_else(|| strings::END_OF_IMAGE.to_string());
         // The reference fills CFG rows with `<｜▁pad▁｜>` whatever `pad_token` says.
         let pad = match id(strings::PAD) {
             Some(p) => p,
@@ -127,17 +165,45 @@ impl JanusTokenizer {
             bos: require("beginning of sentence", &bos_s)?,
             eos: require("end of sentence", &eos_s)?,
             pad,
-            image_placeholder: require("image placeholder", strings::IMAGE_PLACEHOLDER)?,
-            begin_of_image: require("begin of image", strings::BEGIN_OF_IMAGE)?,
-            end_of_image: require("end of image", strings::END_OF_IMAGE)?,
+            image_placeholder: require("image placeholder", &image_s)?,
+            begin_of_image: require("begin of image", &boi_s)?,
+            end_of_image: require("end of image", &eoi_s)?,
             user: id(strings::USER),
             assistant: id(strings::ASSISTANT),
         };
+        let mut named_tokens = Vec::new();
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            if let Some(v) = named(key) {
+                named_tokens.push((key.to_string(), v));
+            }
+        }
+        for (key, v) in [
+            ("boi_token", boi_s),
+            ("eoi_token", eoi_s),
+            ("image_token", image_s),
+        ] {
+            named_tokens.push((key.to_string(), v));
+        }
         Ok(JanusTokenizer {
             inner,
             special,
-            add_bos,
+            specials,
+            named: named_tokens,
         })
+    }
+
+    /// The special-token strings a chat template sees as variables (`bos_token`, `eos_token`,
+    /// `pad_token`, `image_token`, …), as transformers passes its `special_tokens_map`.
+    pub fn template_tokens(&self) -> Vec<(String, String)> {
+        self.named.clone()
+    }
+
+    /// The string that stands for one image in a prompt (`<image_placeholder>`).
+    pub fn image_token(&self) -> &str {
+        self.named
+            .iter()
+            .find(|(k, _)| k == "image_token")
+            .map_or(strings::IMAGE_PLACEHOLDER, |(_, v)| v.as_str())
     }
 
     /// The special token ids.
@@ -155,18 +221,26 @@ impl JanusTokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// Token ids of `text`, with BOS first when `add_special` is set and the checkpoint's
-    /// tokenizer config asks for it (as transformers' Llama tokenizer does).
+    /// Token ids of `text`, with the special tokens the checkpoint's tokenizer adds when
+    /// `add_special` is set (BOS first for every Janus tokenizer), as transformers encodes.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let post = add_special && self.specials == AddSpecial::PostProcessor;
         let enc = self
             .inner
-            .encode(text, false)
+            .encode(text, post)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_special && self.add_bos {
+        let mut ids = Vec::with_capacity(enc.len() + 2);
+        let flags = match self.specials {
+            AddSpecial::Flags { bos, eos } if add_special => (bos, eos),
+            _ => (false, false),
+        };
+        if flags.0 {
             ids.push(self.special.bos);
         }
         ids.extend_from_slice(enc.get_ids());
+        if flags.1 {
+            ids.push(self.special.eos);
+        }
         Ok(ids)
     }
 

@@ -274,3 +274,20 @@ fn not_a_zip() {
     let err = load(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
 }
+
+/// A processor config whose image-token count is not the vision encoder's describes another
+/// model: prompts would be expanded wrongly, so loading fails and names the key.
+#[test]
+fn processor_image_token_count_must_match_the_model() {
+    let dir = copy_fixture("hf-tiny");
+    let path = dir.path().join("processor_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["num_image_tokens"] = 576.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err =
+        janus_core::pipeline::Janus::load_on(dir.path(), &common::device(), ComputeDType::F32)
+            .unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+    assert!(err.to_string().contains("num_image_tokens"), "{err}");
+}

@@ -68,12 +68,26 @@ fn special_ids_come_from_the_files() {
     );
 }
 
+/// The tokenizer files transformers 5 writes (no `add_bos_token`: BOS comes from the
+/// post-processor of `tokenizer.json`) and those transformers 4 writes (`add_bos_token`, the image
+/// tokens in an `extra_special_tokens` map) encode like the fixture tokenizer.
 #[test]
 fn model_folders_agree_with_the_tokenizer_fixture() {
-    let (_, reference) = cases();
-    for dir in ["hf-tiny", "hf-tiny-bin-sharded-bf16"] {
+    let (cases, reference) = cases();
+    for dir in ["hf-tiny", "hf-tiny-bin-sharded-bf16", "hf-tiny-v4"] {
         let tok = JanusTokenizer::from_dir(&fixture(dir)).unwrap();
         assert_eq!(tok.special(), reference.special(), "{dir}");
+        assert_eq!(tok.image_token(), "<image_placeholder>", "{dir}");
+        for case in cases["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                ids(&case["ids"]),
+                "{dir}: {text:?}"
+            );
+            let plain = ids(&case["ids_no_special"]);
+            assert_eq!(tok.encode(text, false).unwrap(), plain, "{dir}: {text:?}");
+        }
     }
 }
 
