@@ -88,10 +88,15 @@ def hf_ref() -> dict[str, np.ndarray]:
 # --- understanding -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["hf-tiny", "hf-tiny-bf16-sharded"])
-def test_hf_understanding_matches_transformers(name: str) -> None:
+# hf-tiny-v4 holds hf-tiny-bf16-sharded's tensors in the files transformers 4.x writes
+# (chat_template.json, preprocessor_config.json, ...).
+@pytest.mark.parametrize(
+    "name, expected",
+    [("hf-tiny", "hf-tiny"), ("hf-tiny-bf16-sharded", "hf-tiny-bf16-sharded"), ("hf-tiny-v4", "hf-tiny-bf16-sharded")],
+)
+def test_hf_understanding_matches_transformers(name: str, expected: str) -> None:
     m = model(FIXTURES / name)
-    r = reference(FIXTURES / name / "expected" / "multimodal.safetensors")
+    r = reference(FIXTURES / expected / "expected" / "multimodal.safetensors")
     want = r["mm_greedy_ids"]
     answer = m.understand(PIL.Image.fromarray(r["image_u8"]), QUESTION, max_new_tokens=want.size)
     assert isinstance(answer, janus_rs.Answer)
@@ -99,6 +104,22 @@ def test_hf_understanding_matches_transformers(name: str) -> None:
     check_answer(answer.token_ids, want, eos_id(FIXTURES / name))
     assert str(answer) == answer.text
     assert repr(answer).startswith("Answer(text=")
+
+
+@pytest.mark.parametrize("name", ["hf-tiny", "hf-tiny-v4"])
+def test_prompts_go_through_the_checkpoints_chat_template(name: str) -> None:
+    """The prompt lengths of transformers' processor with the checkpoint's own template
+    (expected/prompts.json), and the generation prompt reaches the model."""
+    m = model(FIXTURES / name)
+    cases = {c["name"]: c for c in json.loads((FIXTURES / name / "expected" / "prompts.json").read_text())["cases"]}
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    for case, images in (("one image", [image]), ("no image", [])):
+        (turn,) = cases[case]["turns"]
+        answer = m.understand(images, turn["text"], max_new_tokens=1)
+        assert answer.prompt_tokens == len(cases[case]["input_ids"]), case
+    cat = m.generate(CAT, temperature=0.0, seed=1)[0]
+    fox = m.generate("a red fox in the snow", temperature=0.0, seed=1)[0]
+    assert not np.array_equal(cat.tokens, fox.tokens), "two prompts gave the same image tokens"
 
 
 def test_original_understanding_matches_the_official_code() -> None:

@@ -372,6 +372,16 @@ static void check_hf(const char *model_dir, const char *out_dir) {
     MUST(janus_image_list_free(list));
     EXPECT_STATUS(janus_image_list_free(list), JANUS_ERR_INVALID_HANDLE);
 
+    /* The prompt reaches the model through the checkpoint's chat template: another prompt gives
+       other tokens (greedy, so nothing else differs). */
+    go = janus_generate_default_options();
+    go.temperature = 0.0f;
+    MUST(janus_generate(model, "a red fox in the snow", &go, &list));
+    CHECK(!ids_equal(list->images[0].tokens.ids,
+                     list->images[0].tokens.rows * list->images[0].tokens.cols, &gen_tokens),
+          "another prompt gave the reference's tokens of \"a photo of a cat\"");
+    MUST(janus_image_list_free(list));
+
     /* Cancelling generation from the progress callback. */
     progress_state stop = {0};
     stop.cancel_at = 3;
