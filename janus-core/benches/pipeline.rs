@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! cargo bench -p janus-core --bench pipeline -- --model DIR --task TASK [options]
-//!   --task load|understand|generate|vq_decode|siglip|bandwidth
-//!                          (bandwidth: memory read speed of the thread pool, no model needed)
+//!   --task load|understand|generate|vq_decode|siglip|bandwidth|kernels
+//!                          (bandwidth: memory read speed of the thread pool; kernels: the
+//!                          half-precision decode products on every kernel path; no model needed)
 //!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
 //!   --image PNG            understanding / siglip input (required for those)
 //!   --question TEXT        understanding question
@@ -30,7 +31,7 @@ use janus_core::processor::image::{
 use janus_core::{Backend, ComputeDType, Error};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip|bandwidth \
+const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip|bandwidth|kernels \
 [--dtype f32|f16|bf16] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
 [--parallel N] [--steps S] [--repeat R]";
 
@@ -103,7 +104,10 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }
-    if args.task.is_empty() || (args.model.as_os_str().is_empty() && args.task != "bandwidth") {
+    if args.task.is_empty()
+        || (args.model.as_os_str().is_empty()
+            && !["bandwidth", "kernels"].contains(&args.task.as_str()))
+    {
         return Err(USAGE.into());
     }
     Ok(args)
@@ -317,9 +321,55 @@ fn bandwidth() -> Value {
     })
 }
 
+/// The decode-shaped bf16/f16 products of `nn::kernels` on every path this CPU has, over the
+/// weight shapes of a Janus-Pro-1B layer (the MLP's 5632×2048 and the attention's 2048×2048),
+/// 1, 2 and 8 rows: milliseconds per product and the weight bytes read per second.
+fn kernels(repeat: usize) -> Value {
+    use janus_core::nn::kernels::{HalfKind, KernelPath, half_matvec};
+    let mut rows_out = Vec::new();
+    for (out, d_in) in [(5632usize, 2048usize), (2048, 2048)] {
+        // Several copies of the weight, used in turn, so that no run finds it in the cache.
+        let copies = 8;
+        let w: Vec<u16> = (0..copies * out * d_in)
+            .map(|i| half::bf16::from_f32(((i % 251) as f32 - 125.0) / 500.0).to_bits())
+            .collect();
+        for rows in [1usize, 2, 8] {
+            let x: Vec<f32> = (0..rows * d_in).map(|i| (i % 17) as f32 / 17.0).collect();
+            let mut y = vec![0.0f32; rows * out];
+            for path in KernelPath::available() {
+                for kind in [HalfKind::Bf16, HalfKind::F16] {
+                    let mut best = f64::INFINITY;
+                    for rep in 0..repeat.max(1) * copies {
+                        let c = rep % copies;
+                        let wc = &w[c * out * d_in..(c + 1) * out * d_in];
+                        let t = Instant::now();
+                        half_matvec(path, kind, &x, rows, wc, d_in, &mut y);
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    std::hint::black_box(&y);
+                    rows_out.push(json!({
+                        "shape": [out, d_in], "rows": rows, "path": path.name(),
+                        "weights": format!("{kind:?}").to_lowercase(),
+                        "ms": best * 1e3, "weight_gbs": (out * d_in * 2) as f64 / best / 1e9,
+                    }));
+                }
+            }
+        }
+    }
+    json!({
+        "task": "kernels",
+        "impl": "janus-rs",
+        "threads": rayon::current_num_threads(),
+        "results": rows_out,
+    })
+}
+
 fn run(args: &Args) -> Result<Value, String> {
     if args.task == "bandwidth" {
         return Ok(bandwidth());
+    }
+    if args.task == "kernels" {
+        return Ok(kernels(args.repeat));
     }
     let device = args.backend.device().map_err(|e| e.to_string())?;
     let started = Instant::now();

@@ -4,6 +4,7 @@
 
 mod attention;
 pub mod heads;
+pub mod kernels;
 pub mod kv_cache;
 pub mod llm;
 mod matvec;

@@ -1,0 +1,286 @@
+//! `y = x·Wᵀ` for one to [`MAX_ROWS`] f32 rows `x` and a weight `W` kept in bf16 or f16.
+//!
+//! `W` (`[out, in]`, row-major, the 16-bit patterns as stored) is split by output rows across
+//! rayon's pool. Each weight row is read once: its values are widened to f32 in registers (bf16
+//! by a 16-bit shift, exact; f16 by the F16C/AVX-512 conversion, exact) and multiplied into one
+//! f32 accumulator per row of `x`. The result is what the f32 product of the widened weights
+//! gives, up to summation order.
+
+use rayon::prelude::*;
+
+use super::dispatch::KernelPath;
+
+/// Most rows of `x` one call serves (a CFG pair of four images).
+pub const MAX_ROWS: usize = 8;
+
+/// How the 16-bit weights encode their values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HalfKind {
+    /// bfloat16: the upper half of an f32.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+/// Output rows of `W` one task computes (enough to amortise the task, small enough to spread a
+/// 2048-wide layer over the threads).
+const OUTPUTS_PER_TASK: usize = 64;
+
+/// `y[r·out + o] = Σᵢ x[r·d_in + i] · W[o·d_in + i]` for `rows` rows of `x`.
+///
+/// # Panics
+/// If `rows` is 0 or above [`MAX_ROWS`], or a slice's length does not match `rows`, `d_in` and
+/// the number of outputs `w.len() / d_in` (callers check shapes before).
+pub fn half_matvec(
+    path: KernelPath,
+    kind: HalfKind,
+    x: &[f32],
+    rows: usize,
+    w: &[u16],
+    d_in: usize,
+    y: &mut [f32],
+) {
+    assert!((1..=MAX_ROWS).contains(&rows), "rows {rows}");
+    assert!(d_in > 0 && w.len().is_multiple_of(d_in), "weight shape");
+    let out = w.len() / d_in;
+    assert_eq!(x.len(), rows * d_in, "x shape");
+    assert_eq!(y.len(), rows * out, "y shape");
+    assert!(path.supported(), "{path:?} is not supported on this CPU");
+    // Outputs transposed ([out, rows]) so that each task writes one contiguous piece.
+    let mut yt = vec![0.0f32; out * rows];
+    yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * OUTPUTS_PER_TASK;
+            for (k, acc) in chunk.chunks_exact_mut(rows).enumerate() {
+                let o = first + k;
+                dot_rows(path, kind, x, rows, &w[o * d_in..(o + 1) * d_in], acc);
+            }
+        });
+    for (o, acc) in yt.chunks_exact(rows).enumerate() {
+        for (r, v) in acc.iter().enumerate() {
+            y[r * out + o] = *v;
+        }
+    }
+}
+
+/// `acc[r] = x_r · wrow` for every row `r` of `x`.
+fn dot_rows(
+    path: KernelPath,
+    kind: HalfKind,
+    x: &[f32],
+    rows: usize,
+    wrow: &[u16],
+    acc: &mut [f32],
+) {
+    macro_rules! by_rows {
+        ($($f:tt)+) => {
+            match rows {
+                1 => $($f)+::<1>(kind, x, wrow, acc),
+                2 => $($f)+::<2>(kind, x, wrow, acc),
+                3 => $($f)+::<3>(kind, x, wrow, acc),
+                4 => $($f)+::<4>(kind, x, wrow, acc),
+                5 => $($f)+::<5>(kind, x, wrow, acc),
+                6 => $($f)+::<6>(kind, x, wrow, acc),
+                7 => $($f)+::<7>(kind, x, wrow, acc),
+                _ => $($f)+::<8>(kind, x, wrow, acc),
+            }
+        };
+    }
+    match path {
+        KernelPath::Portable => by_rows!(portable),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `half_matvec` checked that the CPU supports the path.
+        KernelPath::Avx2 => unsafe { by_rows!(x86::avx2) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512 => unsafe { by_rows!(x86::avx512) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable path exists on this architecture"),
+    }
+}
+
+/// The value of one stored weight.
+#[inline(always)]
+fn widen(kind: HalfKind, bits: u16) -> f32 {
+    match kind {
+        HalfKind::Bf16 => f32::from_bits(u32::from(bits) << 16),
+        HalfKind::F16 => half::f16::from_bits(bits).to_f32(),
+    }
+}
+
+fn portable<const R: usize>(kind: HalfKind, x: &[f32], wrow: &[u16], acc: &mut [f32]) {
+    let d_in = wrow.len();
+    let mut sums = [0.0f32; R];
+    for (i, &bits) in wrow.iter().enumerate() {
+        let w = widen(kind, bits);
+        for (r, s) in sums.iter_mut().enumerate() {
+            *s += x[r * d_in + i] * w;
+        }
+    }
+    acc[..R].copy_from_slice(&sums);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{HalfKind, widen};
+
+    /// 8 lanes: widen 8 stored values, one FMA per row of `x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn avx2<const R: usize>(
+        kind: HalfKind,
+        x: &[f32],
+        wrow: &[u16],
+        acc: &mut [f32],
+    ) {
+        let d_in = wrow.len();
+        let body = d_in / 8 * 8;
+        let mut sums = [_mm256_setzero_ps(); R];
+        let wp = wrow.as_ptr();
+        let xp = x.as_ptr();
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 8 <= d_in = wrow.len(), and row r of x holds d_in values.
+            unsafe {
+                let raw = _mm_loadu_si128(wp.add(i).cast());
+                let w = match kind {
+                    HalfKind::Bf16 => {
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+                    }
+                    HalfKind::F16 => _mm256_cvtph_ps(raw),
+                };
+                for (r, s) in sums.iter_mut().enumerate() {
+                    *s = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(r * d_in + i)), w, *s);
+                }
+            }
+            i += 8;
+        }
+        for (r, s) in sums.iter().enumerate() {
+            let hi = _mm256_extractf128_ps::<1>(*s);
+            let q = _mm_add_ps(_mm256_castps256_ps128(*s), hi);
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+            let mut total = _mm_cvtss_f32(q);
+            for j in body..d_in {
+                total += x[r * d_in + j] * widen(kind, wrow[j]);
+            }
+            acc[r] = total;
+        }
+    }
+
+    /// Widens 16 stored values.
+    #[inline(always)]
+    unsafe fn widen16(kind: HalfKind, p: *const u16) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable values at `p`.
+        unsafe {
+            let raw = _mm256_loadu_si256(p.cast());
+            match kind {
+                HalfKind::Bf16 => {
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+                }
+                HalfKind::F16 => _mm512_cvtph_ps(raw),
+            }
+        }
+    }
+
+    /// 16 values a step, one FMA per row of `x`: the weight row is read once for every row.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512<const R: usize>(
+        kind: HalfKind,
+        x: &[f32],
+        wrow: &[u16],
+        acc: &mut [f32],
+    ) {
+        let d_in = wrow.len();
+        let body = d_in / 16 * 16;
+        let mut sums = [_mm512_setzero_ps(); R];
+        let wp = wrow.as_ptr();
+        let xp = x.as_ptr();
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 <= d_in = wrow.len(), and row r of x holds d_in values.
+            unsafe {
+                let w = widen16(kind, wp.add(i));
+                for (r, s) in sums.iter_mut().enumerate() {
+                    *s = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(r * d_in + i)), w, *s);
+                }
+            }
+            i += 16;
+        }
+        for (r, s) in sums.iter().enumerate() {
+            let mut total = _mm512_reduce_add_ps(*s);
+            for j in body..d_in {
+                total += x[r * d_in + j] * widen(kind, wrow[j]);
+            }
+            acc[r] = total;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(kind: HalfKind, v: f32) -> u16 {
+        match kind {
+            HalfKind::Bf16 => half::bf16::from_f32(v).to_bits(),
+            HalfKind::F16 => half::f16::from_f32(v).to_bits(),
+        }
+    }
+
+    /// Every path this CPU has, both kinds, every row count, widths that are not a multiple of
+    /// any vector width and output counts that are not a multiple of a task: each result equals
+    /// `x·Wᵀ` computed in f64 from the widened weights.
+    #[test]
+    fn every_path_equals_the_definition() {
+        let value = |i: usize| ((i * 7919 + 13) % 211) as f32 / 211.0 - 0.5;
+        for path in KernelPath::available() {
+            for kind in [HalfKind::Bf16, HalfKind::F16] {
+                for (d_in, out) in [(1, 3), (15, 1), (17, 70), (67, 129), (300, 64)] {
+                    let w: Vec<u16> = (0..out * d_in).map(|i| encode(kind, value(i))).collect();
+                    for rows in 1..=MAX_ROWS {
+                        let x: Vec<f32> = (0..rows * d_in).map(|i| value(3 * i + 1)).collect();
+                        let mut y = vec![f32::NAN; rows * out];
+                        half_matvec(path, kind, &x, rows, &w, d_in, &mut y);
+                        for r in 0..rows {
+                            for o in 0..out {
+                                let (mut want, mut scale) = (0.0f64, 0.0f64);
+                                for i in 0..d_in {
+                                    let p = f64::from(x[r * d_in + i])
+                                        * f64::from(widen(kind, w[o * d_in + i]));
+                                    want += p;
+                                    scale += p.abs();
+                                }
+                                let got = f64::from(y[r * out + o]);
+                                assert!(
+                                    (got - want).abs() <= 1e-6 * scale.max(1.0),
+                                    "{path:?} {kind:?} rows {rows} in {d_in} out {out} \
+                                     [{r},{o}]: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The widening is exact: bf16 is the upper half of the f32, f16 converts without rounding.
+    #[test]
+    fn widening_is_exact() {
+        for bits in [
+            0u16, 1, 0x3f80, 0x7f7f, 0x8001, 0xc2f7, 0x7bff, 0x0400, 0x03ff,
+        ] {
+            assert_eq!(
+                widen(HalfKind::Bf16, bits),
+                half::bf16::from_bits(bits).to_f32()
+            );
+            assert_eq!(
+                widen(HalfKind::F16, bits).to_bits(),
+                half::f16::from_bits(bits).to_f32().to_bits()
+            );
+        }
+    }
+}
