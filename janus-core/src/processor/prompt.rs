@@ -236,9 +236,7 @@ impl<'a> TurnText<'a> {
         }
         Ok(parts)
     }
-}
 
-impl TurnText<'_> {
     /// The turn's text with one placeholder per image: its own tags when it has any (their count
     /// must equal the images'), otherwise one placeholder per image, each on its own line, before
     /// the text.

@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::dispatch::KernelPath;
+use crate::error::{Error, Result};
 
 /// Most rows of `x` one call serves (a CFG pair of four images).
 pub const MAX_ROWS: usize = 8;
@@ -28,9 +29,9 @@ const OUTPUTS_PER_TASK: usize = 64;
 
 /// `y[r·out + o] = Σᵢ x[r·d_in + i] · W[o·d_in + i]` for `rows` rows of `x`.
 ///
-/// # Panics
-/// If `rows` is 0 or above [`MAX_ROWS`], or a slice's length does not match `rows`, `d_in` and
-/// the number of outputs `w.len() / d_in` (callers check shapes before).
+/// # Errors
+/// [`Error::InvalidInput`] if `rows` is 0 or above [`MAX_ROWS`], a slice's length does not match
+/// `rows`, `d_in` and the number of outputs `w.len() / d_in`, or this CPU cannot run `path`.
 pub fn half_matvec(
     path: KernelPath,
     kind: HalfKind,
@@ -39,13 +40,25 @@ pub fn half_matvec(
     w: &[u16],
     d_in: usize,
     y: &mut [f32],
-) {
-    assert!((1..=MAX_ROWS).contains(&rows), "rows {rows}");
-    assert!(d_in > 0 && w.len().is_multiple_of(d_in), "weight shape");
+) -> Result<()> {
+    let bad = |msg: String| Err(Error::InvalidInput(format!("half_matvec: {msg}")));
+    if !(1..=MAX_ROWS).contains(&rows) {
+        return bad(format!("{rows} rows; 1 to {MAX_ROWS} are served"));
+    }
+    if d_in == 0 || !w.len().is_multiple_of(d_in) {
+        return bad(format!("{} weights are not rows of {d_in}", w.len()));
+    }
     let out = w.len() / d_in;
-    assert_eq!(x.len(), rows * d_in, "x shape");
-    assert_eq!(y.len(), rows * out, "y shape");
-    assert!(path.supported(), "{path:?} is not supported on this CPU");
+    if x.len() != rows * d_in || y.len() != rows * out {
+        return bad(format!(
+            "x has {} values and y {}, for {rows} rows of {d_in} inputs and {out} outputs",
+            x.len(),
+            y.len()
+        ));
+    }
+    if !path.supported() {
+        return bad(format!("this CPU cannot run the {} path", path.name()));
+    }
     // Outputs transposed ([out, rows]) so that each task writes one contiguous piece.
     let mut yt = vec![0.0f32; out * rows];
     yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
@@ -62,6 +75,7 @@ pub fn half_matvec(
             y[r * out + o] = *v;
         }
     }
+    Ok(())
 }
 
 /// `acc[r] = x_r · wrow` for every row `r` of `x`.
@@ -243,7 +257,7 @@ mod tests {
                     for rows in 1..=MAX_ROWS {
                         let x: Vec<f32> = (0..rows * d_in).map(|i| value(3 * i + 1)).collect();
                         let mut y = vec![f32::NAN; rows * out];
-                        half_matvec(path, kind, &x, rows, &w, d_in, &mut y);
+                        half_matvec(path, kind, &x, rows, &w, d_in, &mut y).unwrap();
                         for r in 0..rows {
                             for o in 0..out {
                                 let (mut want, mut scale) = (0.0f64, 0.0f64);
@@ -265,6 +279,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bad_shapes_are_typed_errors() {
+        let w = vec![0u16; 6];
+        let mut y = vec![0.0f32; 2];
+        let p = KernelPath::Portable;
+        let k = HalfKind::Bf16;
+        let bad = |r: Result<()>| matches!(r, Err(Error::InvalidInput(_)));
+        assert!(bad(half_matvec(p, k, &[], 0, &w, 3, &mut [])));
+        assert!(bad(half_matvec(p, k, &[0.0; 27], 9, &w, 3, &mut [0.0; 18])));
+        assert!(bad(half_matvec(p, k, &[0.0; 3], 1, &w, 4, &mut y)));
+        assert!(bad(half_matvec(p, k, &[0.0; 3], 1, &w, 0, &mut y)));
+        assert!(bad(half_matvec(p, k, &[0.0; 2], 1, &w, 3, &mut y)));
+        assert!(bad(half_matvec(p, k, &[0.0; 3], 1, &w, 3, &mut [0.0; 3])));
+        half_matvec(p, k, &[0.0; 3], 1, &w, 3, &mut y).unwrap();
     }
 
     /// The widening is exact: bf16 is the upper half of the f32, f16 converts without rounding.
