@@ -3,9 +3,11 @@
 
 Each task runs as its own process, alternately on the Rust side (the `pipeline` bench of
 janus-core, built with `cargo bench --no-run`) and the PyTorch side (`bench_torch.py`, transformers'
-Janus), `--runs` times each, on the same checkpoint folder, input files, thread count and dtype.
-Every record is appended to a JSON-lines file; the Markdown report gives medians, min-max and the
-ratio to PyTorch.
+Janus) in each of its dtypes (`--torch-dtypes`, default f32 and bf16: bf16 is the reference
+precision and PyTorch's fastest CPU path), `--runs` times each, on the same checkpoint folder, input
+files and thread count. janus-rs computes in `--dtype` with weights stored as `--weights`. Every
+record is appended to a JSON-lines file; the Markdown report gives medians, min-max and the ratio to
+each PyTorch dtype.
 
     /opt/refenv/bin/python bench/run.py                      # everything, 5 runs, all cores, f32
     /opt/refenv/bin/python bench/run.py --tasks understand,generate1 --runs 3
@@ -41,7 +43,7 @@ TASKS = {
     "generate1": ("generate", ["--parallel", "1", "--steps", "32"], [
         ("prefill_ms", "generate, CFG pair: prefill + first token", "ms", True),
         ("ms_per_step", "generate, CFG pair (2 rows): per image-token step", "ms", True),
-        ("load_s", "model load (bf16 file → f32), in the same runs", "s", True),
+        ("load_s", "model load, in the same runs", "s", True),
     ]),
     "generate4": ("generate", ["--parallel", "4", "--steps", "32"], [
         ("prefill_ms", "generate, 4 images: prefill + first tokens", "ms", True),
@@ -172,16 +174,19 @@ def report(records: list[dict], args, meta: dict) -> str:
         f"the `bandwidth` task, sampled before each task), copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s "
         "(numpy, read + write)",
         f"- Checkpoint: `{meta['model']}` (random weights at Janus-Pro-1B size, bf16 on disk)",
-        f"- Threads: {args.threads} on both sides; compute dtype {args.dtype}; {args.runs} runs per "
-        f"task ({args.full_image_runs} of `full_image`), each its own process, Rust and PyTorch alternating",
+        f"- Threads: {args.threads} on both sides; janus-rs computes in {args.dtype} with weights "
+        f"`--weights {args.weights}` (resolved: {meta.get('rust_weights', '?')}), PyTorch computes in "
+        f"{' and '.join(torch_dtypes(args))} (its bf16 weights upcast at load for f32); {args.runs} runs per "
+        f"task ({args.full_image_runs} of `full_image`), each its own process, the sides alternating",
         f"- janus-rs: burn CPU backend (flex, rayon, SIMD), release build; PyTorch: "
         + ("DeepSeek's official Janus code, " if args.torch_impl == "official" else "transformers' Janus, ")
         + f"{meta.get('torch_versions', '?')}, eager, sdpa attention",
         "",
-        "Median (min–max). Ratio: how many times faster janus-rs is (>1 = faster).",
+        "Median (min–max). Ratio: how many times faster janus-rs is than PyTorch in that dtype (>1 = faster).",
         "",
-        "| Figure | janus-rs | PyTorch | Ratio |",
-        "|---|---:|---:|---:|",
+        "| Figure | janus-rs | " + " | ".join(f"PyTorch {d}" for d in torch_dtypes(args)) + " | "
+        + " | ".join(f"Ratio vs {d}" for d in torch_dtypes(args)) + " |",
+        "|---|---:|" + "---:|" * (2 * len(torch_dtypes(args))),
     ]
     by = {}
     for r in records:
@@ -190,41 +195,53 @@ def report(records: list[dict], args, meta: dict) -> str:
     for name in args.tasks.split(","):
         _, _, metrics = TASKS[name]
         rust = by.get((name, "janus-rs"), [])
-        torch = by.get((name, "torch"), [])
+        torches = [by.get((name, f"torch-{d}"), []) for d in torch_dtypes(args)]
         for key, label, unit, lower in metrics:
             a = [r[key] for r in rust if r.get(key) is not None]
-            b = [r[key] for r in torch if r.get(key) is not None]
-            if not a or not b:
+            bs = [[r[key] for r in t if r.get(key) is not None] for t in torches]
+            if not a or not any(bs):
                 continue
-            ma, mb = statistics.median(a), statistics.median(b)
-            ratio = (mb / ma) if lower else (ma / mb)
-            lines.append(f"| {label} ({unit}) | {summarize(a)} | {summarize(b)} | {ratio:.2f}× |")
-        if rust and torch:
-            mem_rows.append((name, [r["peak_rss_mb"] for r in rust], [r["peak_rss_mb"] for r in torch]))
+            ma = statistics.median(a)
+            cells, ratios = [], []
+            for b in bs:
+                if not b:
+                    cells.append("–")
+                    ratios.append("–")
+                    continue
+                mb = statistics.median(b)
+                cells.append(summarize(b))
+                ratios.append(f"{(mb / ma) if lower else (ma / mb):.2f}×")
+            lines.append(f"| {label} ({unit}) | {summarize(a)} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        if rust:
+            mem_rows.append((name, [r["peak_rss_mb"] for r in rust], [[r["peak_rss_mb"] for r in t] for t in torches]))
     lines += ["", "Peak RSS of the process (MiB, `VmHWM`), by task:", "",
-              "| Task | janus-rs | PyTorch |", "|---|---:|---:|"]
-    for name, a, b in mem_rows:
-        lines.append(f"| {name} | {summarize(a)} | {summarize(b)} |")
-    lines += ["", f"Weights in the compute dtype: {meta['weight_bytes_compute'] / 2**20:.0f} MiB "
-                  f"({meta['params']:,} parameters × {meta['dtype_bytes']} bytes).", ""]
+              "| Task | janus-rs | " + " | ".join(f"PyTorch {d}" for d in torch_dtypes(args)) + " |",
+              "|---|---:|" + "---:|" * len(torch_dtypes(args))]
+    for name, a, bs in mem_rows:
+        lines.append(f"| {name} | {summarize(a)} | " + " | ".join(summarize(b) if b else "–" for b in bs) + " |")
+    lines += ["", f"Weights: {meta['params']:,} parameters; janus-rs holds {meta.get('rust_weight_mib', '?')} MiB "
+                  f"({meta.get('rust_weights', '?')}); in f32 they are {meta['params'] * 4 / 2**20:.0f} MiB, "
+                  f"in bf16 {meta['params'] * 2 / 2**20:.0f} MiB.", ""]
     floors = meta.get("floors") or []
     if floors:
         lines += ["Memory floor of a decoding step: the weights it reads once, at the median read bandwidth "
                   "above.", "",
-                  "| Step | weights read (GB) | floor (ms) | janus-rs median (ms) | PyTorch median (ms) |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| Step | janus-rs reads (GB) | floor (ms) | janus-rs median (ms) | "
+                  + " | ".join(f"PyTorch {d} median (ms)" for d in torch_dtypes(args)) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(torch_dtypes(args))]
         for label, gb, rust_ms, torch_ms in floors:
             floor = gb / meta["read_gbs"] * 1e3
             cell = lambda v: fmt(v) if v is not None else "–"
-            lines.append(f"| {label} | {gb:.2f} | {fmt(floor)} | {cell(rust_ms)} | {cell(torch_ms)} |")
+            lines.append(f"| {label} | {gb:.2f} | {fmt(floor)} | {cell(rust_ms)} | " + " | ".join(cell(t) for t in torch_ms) + " |")
         lines.append("")
     und = [r for r in records if r["bench"] == "understand"]
     ids = {r["impl"]: r.get("token_ids") for r in und}
-    if ids.get("janus-rs") and ids.get("torch"):
-        same = ids["janus-rs"] == ids["torch"]
-        lines.append(f"Greedy understanding tokens of the two sides {'agree' if same else 'DIFFER'} "
-                     f"({len(ids['torch'])} tokens).")
-        lines.append("")
+    for d in torch_dtypes(args):
+        if ids.get("janus-rs") and ids.get(f"torch-{d}"):
+            same = ids["janus-rs"] == ids[f"torch-{d}"]
+            lines.append(f"Greedy understanding tokens of janus-rs and PyTorch {d} {'agree' if same else 'DIFFER'} "
+                         f"({len(ids[f'torch-{d}'])} tokens).")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -237,7 +254,11 @@ def main(argv=None) -> None:
     ap.add_argument("--full-image-runs", type=int, default=1,
                     help="runs of the full_image task, which takes minutes per run (default %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="janus-rs compute dtype (default %(default)s)")
+    ap.add_argument("--weights", default="auto", choices=["auto", "f32", "bf16", "f16", "q8_0", "q4_0"],
+                    help="janus-rs weight storage (default %(default)s)")
+    ap.add_argument("--torch-dtypes", default="f32,bf16",
+                    help="PyTorch compute dtypes, each run as its own side (default %(default)s)")
     ap.add_argument("--torch-impl", default="hf", choices=["hf", "official"],
                     help="PyTorch side: transformers' Janus (hf) or DeepSeek's code (official; use an "
                          "original-layout --model and put the code on PYTHONPATH)")
@@ -267,17 +288,17 @@ def main(argv=None) -> None:
         extra = [e.format(image=image) for e in extra]
         runs = args.full_image_runs if name == "full_image" else args.runs
         for i in range(runs):
-            sides = [
-                ("janus-rs", [str(rust), "--model", str(model), "--task", task, "--dtype", args.dtype, *extra]),
-                ("torch", [py, str(HERE / "bench_torch.py"), "--model", str(model), "--task", task,
-                           "--impl", args.torch_impl, "--dtype", args.dtype, "--threads", str(args.threads),
-                           *extra]),
-            ]
+            sides = [("janus-rs", [str(rust), "--model", str(model), "--task", task, "--dtype", args.dtype,
+                                   "--weights", args.weights, *extra])]
+            for td in torch_dtypes(args):
+                sides.append((f"torch-{td}", [py, str(HERE / "bench_torch.py"), "--model", str(model), "--task", task,
+                                              "--impl", args.torch_impl, "--dtype", td, "--threads", str(args.threads),
+                                              *extra]))
             if i % 2 == 1:
                 sides.reverse()
             for impl, cmd in sides:
                 rec = run_one(cmd, env)
-                rec["impl"] = "janus-rs" if impl == "janus-rs" else "torch"
+                rec["impl"] = impl
                 rec["bench"] = name
                 rec["run"] = i
                 records.append(rec)
@@ -285,6 +306,10 @@ def main(argv=None) -> None:
                                                               if k not in ("token_ids", "versions", "runs_ms")}),
                       flush=True)
         write_outputs(records, args, argv, model)
+
+
+def torch_dtypes(args) -> list[str]:
+    return [d.strip() for d in args.torch_dtypes.split(",") if d.strip()]
 
 
 def write_outputs(records: list[dict], args, argv, model: Path) -> None:
@@ -297,7 +322,7 @@ def write_outputs(records: list[dict], args, argv, model: Path) -> None:
     bench_json = json.loads((model / "BENCH.json").read_text()) if (model / "BENCH.json").exists() else {}
     params = int(bench_json.get("parameters", bench_json.get("params", 0)) or 0)
     dtype_bytes = 4 if args.dtype == "f32" else 2
-    torch_rec = next((r for r in records if r["impl"] == "torch"), {})
+    torch_rec = next((r for r in records if r["impl"].startswith("torch")), {})
     meta = {
         "command": "python bench/run.py " + " ".join(shown_args(argv if argv is not None else sys.argv[1:])),
         "date": datetime.date.today().isoformat(),
@@ -312,7 +337,12 @@ def write_outputs(records: list[dict], args, argv, model: Path) -> None:
         "weight_bytes_compute": params * dtype_bytes,
         "torch_versions": ", ".join(f"{k} {v}" for k, v in (torch_rec.get("versions") or {}).items()),
     }
-    meta["floors"] = decode_floors(records, bench_json, dtype_bytes)
+    rust_rec = next((r for r in records if r["impl"] == "janus-rs" and r.get("weights")), {})
+    meta["rust_weights"] = rust_rec.get("weights", "?")
+    meta["rust_weight_mib"] = f"{rust_rec['weight_bytes'] / 2**20:.0f}" if rust_rec.get("weight_bytes") else "?"
+    # The bytes a decoding step reads on the Rust side: its weights' storage.
+    read_bytes = {"f32": 4, "bf16": 2, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}.get(meta["rust_weights"], dtype_bytes)
+    meta["floors"] = decode_floors(records, bench_json, read_bytes, torch_dtypes(args))
     text = report(records, args, meta)
     out = Path(args.out)
     # Hand-written analysis below the marker survives a rerun.
@@ -322,8 +352,9 @@ def write_outputs(records: list[dict], args, argv, model: Path) -> None:
     print(text, flush=True)
 
 
-def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: int) -> list:
-    """(label, GB read per step, janus-rs and PyTorch median ms) for the decoding steps measured."""
+def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: float, tds: list[str]) -> list:
+    """(label, GB janus-rs reads per step, janus-rs median ms, PyTorch median ms per dtype) for the
+    decoding steps measured."""
     parts = bench_json.get("parameters_by_component") or {}
     dims = bench_json.get("dims") or {}
     if not parts or not dims:
@@ -353,10 +384,11 @@ def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: int) -> li
     if any(r["bench"] == "understand" for r in records):
         rows.append(("understanding, one token (1 row)", text_gb,
                      med("understand", "decode_tokens_per_s", "janus-rs", True),
-                     med("understand", "decode_tokens_per_s", "torch", True)))
+                     [med("understand", "decode_tokens_per_s", f"torch-{d}", True) for d in tds]))
     for bench, label in (("generate1", "generation, CFG pair (2 rows)"), ("generate4", "generation, 4 images (8 rows)")):
         if any(r["bench"] == bench for r in records):
-            rows.append((label, image_gb, med(bench, "ms_per_step", "janus-rs"), med(bench, "ms_per_step", "torch")))
+            rows.append((label, image_gb, med(bench, "ms_per_step", "janus-rs"),
+                         [med(bench, "ms_per_step", f"torch-{d}") for d in tds]))
     return rows
 
 

@@ -55,6 +55,10 @@ typedef uint32_t janus_backend;
 // The dtype weights are converted to and computed in: one of the `JANUS_DTYPE_*` values.
 typedef uint32_t janus_dtype;
 
+// How weights are held in memory: one of the `JANUS_WEIGHTS_*` values. The compute dtype stays
+// `dtype`'s.
+typedef uint32_t janus_weights;
+
 // How to load a model. Initialise with `janus_load_default_options()`.
 typedef struct janus_load_options {
     // `sizeof(janus_load_options)`, set by `janus_load_default_options()`.
@@ -63,6 +67,9 @@ typedef struct janus_load_options {
     janus_backend backend;
     // The compute dtype (`JANUS_DTYPE_F32`).
     janus_dtype dtype;
+    // How weights are held in memory (`JANUS_WEIGHTS_AUTO`). Added after the first release:
+    // callers built against a header without it get the default.
+    janus_weights weights;
 } janus_load_options;
 
 // How to answer a question about images. Initialise with
@@ -204,6 +211,25 @@ typedef struct janus_image_list {
 // bfloat16 (slow on the CPU backend).
 #define JANUS_DTYPE_BF16 2
 
+// On the CPU, each weight in the half precision its file stores (bf16 or f16), else f32; on a
+// GPU, the compute dtype (the default). `janus_model_weights` tells what it resolved to.
+#define JANUS_WEIGHTS_AUTO 0
+
+// 32-bit float.
+#define JANUS_WEIGHTS_F32 1
+
+// bfloat16.
+#define JANUS_WEIGHTS_BF16 2
+
+// IEEE half precision.
+#define JANUS_WEIGHTS_F16 3
+
+// GGML's q8_0 (CPU, compute dtype f32).
+#define JANUS_WEIGHTS_Q8_0 4
+
+// GGML's q4_0 (CPU, compute dtype f32).
+#define JANUS_WEIGHTS_Q4_0 5
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -228,7 +254,7 @@ const char *janus_last_error(void);
 // Thread safety: safe from any thread.
 const char *janus_status_string(int status);
 
-// The default load options: CPU backend, f32.
+// The default load options: CPU backend, f32 compute, weights `auto`.
 //
 // Thread safety: safe from any thread.
 struct janus_load_options janus_load_default_options(void);
@@ -279,6 +305,18 @@ enum janus_status janus_model_free(struct janus_model *model);
 enum janus_status janus_model_grid(const struct janus_model *model,
                                    size_t *out_rows,
                                    size_t *out_cols);
+
+// How the model's weights are held in memory: a `JANUS_WEIGHTS_*` value other than
+// `JANUS_WEIGHTS_AUTO` (what `auto` resolved to: the storage of most of the weights' bytes).
+// `out_bytes`, if not NULL, receives the bytes the weights take.
+//
+// Thread safety: safe to call on one model from several threads at once.
+//
+// # Safety
+// `out_weights` is NULL or writable; `out_bytes` is NULL or writable.
+enum janus_status janus_model_weights(const struct janus_model *model,
+                                      janus_weights *out_weights,
+                                      size_t *out_bytes);
 
 // Answers a question about images. `images` holds `n_images` RGB8 images (NULL when
 // `n_images` is 0); `prompt` is the question (UTF-8), where `<image_placeholder>` tags place

@@ -36,9 +36,13 @@ pub struct Common {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     pub backend: BackendArg,
-    /// The dtype the weights are computed in.
+    /// The dtype activations are computed in.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
+    /// How weights are held in memory: auto keeps the half precision the files store on the CPU
+    /// (the compute dtype on a GPU); q8_0 and q4_0 quantize at load (CPU, --dtype f32).
+    #[arg(long, value_enum, default_value_t = WeightsArg::Auto)]
+    pub weights: WeightsArg,
     /// Print no progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -170,6 +174,38 @@ pub enum DTypeArg {
     F16,
     /// bfloat16.
     Bf16,
+}
+
+/// `--weights`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WeightsArg {
+    /// The files' own half precision on the CPU (bf16 or f16, else f32); the compute dtype on a GPU.
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// GGML's q8_0 (8.5 bits a weight).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// GGML's q4_0 (4.5 bits a weight).
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl From<WeightsArg> for janus_core::WeightFormat {
+    fn from(w: WeightsArg) -> Self {
+        match w {
+            WeightsArg::Auto => janus_core::WeightFormat::Auto,
+            WeightsArg::F32 => janus_core::WeightFormat::F32,
+            WeightsArg::Bf16 => janus_core::WeightFormat::Bf16,
+            WeightsArg::F16 => janus_core::WeightFormat::F16,
+            WeightsArg::Q8_0 => janus_core::WeightFormat::Q8_0,
+            WeightsArg::Q4_0 => janus_core::WeightFormat::Q4_0,
+        }
+    }
 }
 
 impl From<DTypeArg> for janus_core::ComputeDType {

@@ -39,12 +39,15 @@ fn load(common: &Common, progress: &mut Progress) -> Result<Janus> {
     let options = LoadOptions {
         backend: common.backend.into(),
         dtype: common.dtype.into(),
+        weights: common.weights.into(),
     };
     let janus = Janus::load(&dir, &options)?;
     progress.done(&format!(
-        "loaded {} in {:.1} s",
+        "loaded {} in {:.1} s (weights {}, {:.2} GB resident)",
         dir.display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        janus.weights(),
+        janus.storage().bytes as f64 / 1e9
     ));
     Ok(janus)
 }
@@ -130,6 +133,7 @@ fn understand(args: UnderstandArgs) -> Result<()> {
             text: &answer.text,
             token_ids: &answer.token_ids,
             prompt_tokens: answer.prompt_tokens,
+            weights: janus.weights().name(),
         })?;
     }
     Ok(())
@@ -190,6 +194,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             tokens: images.into_iter().map(|g| g.tokens.ids).collect(),
             grid,
             seed: options.seed,
+            weights: janus.weights().name(),
         })
     } else {
         print_lines(&written)
@@ -207,6 +212,7 @@ fn encode_image(args: EncodeArgs) -> Result<()> {
         print_json(&EncodeJson {
             tokens: &tokens.ids,
             grid: [tokens.rows, tokens.cols],
+            weights: janus.weights().name(),
         })
     } else {
         let rows: Vec<String> = tokens

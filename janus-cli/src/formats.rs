@@ -16,6 +16,8 @@ pub struct UnderstandJson<'a> {
     pub token_ids: &'a [u32],
     /// Prompt length after image-token expansion.
     pub prompt_tokens: usize,
+    /// How the weights were held in memory (`--weights` resolved).
+    pub weights: &'static str,
 }
 
 /// `generate --json`.
@@ -29,6 +31,8 @@ pub struct GenerateJson {
     pub grid: [usize; 2],
     /// The seed used.
     pub seed: u64,
+    /// How the weights were held in memory (`--weights` resolved).
+    pub weights: &'static str,
 }
 
 /// `encode-image --json`.
@@ -38,6 +42,8 @@ pub struct EncodeJson<'a> {
     pub tokens: &'a [u32],
     /// `[rows, cols]`.
     pub grid: [usize; 2],
+    /// How the weights were held in memory (`--weights` resolved).
+    pub weights: &'static str,
 }
 
 /// What `decode-image --tokens` reads: the encode-image JSON (a flat list) or the generate JSON

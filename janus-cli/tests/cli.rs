@@ -228,7 +228,14 @@ fn understand_hf_matches_the_reference() {
             "{dir}: prompt tokens"
         );
         let text = v["text"].as_str().expect("text").to_string();
-        assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 4, "{v}");
+        // `auto` keeps a checkpoint's half precision on the CPU; f32 files stay f32.
+        let stored = if dir.contains("bf16") || dir.contains("v4") {
+            "bf16"
+        } else {
+            "f32"
+        };
+        assert_eq!(v["weights"], stored, "{dir}");
 
         // Streamed: the same answer (text held back inside a character aside), then a newline.
         let streamed = ok(&args);
@@ -513,7 +520,8 @@ fn encode_image_original_matches_the_official_quantizer() {
         path_str(&img),
         "--json",
     ]);
-    assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+    assert_eq!(v["weights"], "bf16", "the original test checkpoint is bf16");
     let got = ids(&v["tokens"]);
     let want = r["encode_tokens"].u32s();
     assert_eq!(got.len(), want.len());
@@ -778,6 +786,40 @@ fn bad_input_fails_with_one_line() {
         ]),
         "temperature",
     );
+}
+
+/// Quantized weights compute in f32: any other compute dtype is an error (exit 1) before the
+/// model loads; an unknown storage is a usage error.
+#[test]
+fn weights_the_compute_dtype_cannot_use_are_errors() {
+    let model = fixture("hf-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("image.png");
+    write_png(&img, 8, 8, vec![128; 3 * 8 * 8]);
+    for weights in ["q8_0", "q4_0"] {
+        let out = janus(&[
+            "encode-image",
+            "--model",
+            path_str(&model),
+            "--image",
+            path_str(&img),
+            "--dtype",
+            "bf16",
+            "--weights",
+            weights,
+        ]);
+        assert_fails(&out, "--dtype f32");
+    }
+    let out = janus(&[
+        "encode-image",
+        "--model",
+        path_str(&model),
+        "--image",
+        path_str(&img),
+        "--weights",
+        "int3",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

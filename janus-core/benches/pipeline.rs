@@ -3,10 +3,14 @@
 //!
 //! ```text
 //! cargo bench -p janus-core --bench pipeline -- --model DIR --task TASK [options]
-//!   --task load|understand|generate|vq_decode|siglip|bandwidth|kernels
+//!   --task load|understand|generate|vq_decode|siglip|bandwidth|kernels|quality
+//!                          (quality: the model with --weights against the same checkpoint in f32:
+//!                          teacher-forced guided image logits over --steps and answer logits over
+//!                          --new-tokens, both greedy in f32)
 //!                          (bandwidth: memory read speed of the thread pool; kernels: the
 //!                          half-precision decode products on every kernel path; no model needed)
 //!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
+//!   --weights auto|f32|bf16|f16|q8_0|q4_0   weight storage (auto)
 //!   --image PNG            understanding / siglip input (required for those)
 //!   --question TEXT        understanding question
 //!   --prompt TEXT          generation prompt
@@ -21,6 +25,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use janus_core::generate::forced;
 use janus_core::generate::image::ImageGenOptions;
 use janus_core::generate::sampling::Sampling;
 use janus_core::generate::text::{TextGenOptions, decode, embed_with_images};
@@ -28,11 +33,11 @@ use janus_core::pipeline::{ImageTokens, Janus};
 use janus_core::processor::image::{
     ImageProcessorConfig, open_image, preprocess_for_understanding,
 };
-use janus_core::{Backend, ComputeDType, Error};
+use janus_core::{Backend, ComputeDType, Error, WeightFormat};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip|bandwidth|kernels \
-[--dtype f32|f16|bf16] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
+const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip|bandwidth|kernels|quality \
+[--dtype f32|f16|bf16] [--weights auto|f32|bf16|f16|q8_0|q4_0] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
 [--parallel N] [--steps S] [--repeat R]";
 
 /// The default question (the same as `bench/bench_torch.py`'s).
@@ -45,6 +50,7 @@ struct Args {
     model: PathBuf,
     task: String,
     dtype: ComputeDType,
+    weights: WeightFormat,
     backend: Backend,
     image: Option<PathBuf>,
     question: String,
@@ -61,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         model: PathBuf::new(),
         task: String::new(),
         dtype: ComputeDType::F32,
+        weights: WeightFormat::Auto,
         backend: Backend::Cpu,
         image: None,
         question: QUESTION.to_string(),
@@ -93,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--dtype: unknown dtype {other}")),
                 }
             }
+            "--weights" => args.weights = value.parse().map_err(|e: Error| e.to_string())?,
             "--backend" => args.backend = value.parse().map_err(|e: Error| e.to_string())?,
             "--image" => args.image = Some(value.into()),
             "--question" => args.question = value,
@@ -192,6 +200,82 @@ fn understand(janus: &Janus, args: &Args) -> Result<Value, String> {
         "decode_tokens_per_s": steps.len() as f64 / (decode_total / 1e3),
         "decode_step_ms_median": median(steps),
         "token_ids": out.ids,
+    }))
+}
+
+/// Top-1 agreement is counted over steps whose f32 top-2 margin exceeds this (random weights
+/// make near-ties).
+const QUALITY_MARGIN: f32 = 1e-2;
+
+fn agreement_json(a: &forced::Agreement) -> Value {
+    json!({
+        "mean_cosine": a.mean_cosine,
+        "min_cosine": a.min_cosine,
+        "top1_counted": a.counted,
+        "top1_agree": a.agree,
+        "top1_agreement": a.agree as f64 / a.counted.max(1) as f64,
+        "first_divergence": a.first_divergence,
+    })
+}
+
+/// `janus` (loaded with `--weights`) against the same checkpoint with f32 weights: greedy in f32,
+/// teacher-forced in the other.
+fn quality(janus: &Janus, args: &Args) -> Result<Value, String> {
+    let err = |e: Error| e.to_string();
+    let reference = Janus::load_on_with(
+        &args.model,
+        janus.device(),
+        ComputeDType::F32,
+        WeightFormat::F32,
+    )
+    .map_err(err)?;
+    let total = janus.config().vq.grid * janus.config().vq.grid;
+    let steps = args.steps.min(total);
+    let ids = janus.generation_ids(&args.prompt).map_err(err)?;
+    let pad = janus.tokenizer().special().pad;
+    let cfg = ImageGenOptions::default().cfg_weight;
+    let want = forced::image_logits(reference.model(), &ids, pad, cfg, steps, None).map_err(err)?;
+    let got = forced::image_logits(janus.model(), &ids, pad, cfg, steps, Some(&want.tokens))
+        .map_err(err)?;
+    let image = forced::agreement(&want, &got, QUALITY_MARGIN);
+
+    let mut text = Value::Null;
+    if args.image.is_some() {
+        let embeds = |j: &Janus| -> Result<burn::tensor::Tensor<3>, String> {
+            let (flat, size) = pixels(j, args)?;
+            let model = j.model();
+            let ids = j.understanding_ids(&args.question, 1).map_err(err)?;
+            let pixels = burn::tensor::Tensor::<4>::from_data(
+                burn::tensor::TensorData::new(flat, [1, 3, size, size]),
+                (j.device(), model.llm.dtype()),
+            );
+            let features = model.heads.aligner.forward(model.vision.forward(pixels));
+            let sp = *j.tokenizer().special();
+            embed_with_images(model, &ids, sp.image_placeholder, Some(features)).map_err(err)
+        };
+        let want = forced::text_logits(
+            reference.model(),
+            embeds(&reference)?,
+            args.new_tokens,
+            None,
+        )
+        .map_err(err)?;
+        let got = forced::text_logits(
+            janus.model(),
+            embeds(janus)?,
+            args.new_tokens,
+            Some(&want.tokens),
+        )
+        .map_err(err)?;
+        text = agreement_json(&forced::agreement(&want, &got, QUALITY_MARGIN));
+        text["steps"] = json!(args.new_tokens);
+    }
+    let mut image = agreement_json(&image);
+    image["steps"] = json!(steps);
+    Ok(json!({
+        "image": image,
+        "text": text,
+        "reference_weight_bytes": reference.storage().bytes,
     }))
 }
 
@@ -374,7 +458,8 @@ fn run(args: &Args) -> Result<Value, String> {
     }
     let device = args.backend.device().map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let mut janus = Janus::load_on(&args.model, &device, args.dtype).map_err(|e| e.to_string())?;
+    let mut janus = Janus::load_on_with(&args.model, &device, args.dtype, args.weights)
+        .map_err(|e| e.to_string())?;
     let load_s = started.elapsed().as_secs_f64();
     // The PyTorch side prompts both layouts without a system prompt.
     janus.set_prompt_format(janus.prompt_format().clone().with_system_prompt(""));
@@ -384,9 +469,12 @@ fn run(args: &Args) -> Result<Value, String> {
         "generate" => generate(&janus, args)?,
         "vq_decode" => vq_decode(&janus, args)?,
         "siglip" => siglip(&janus, args)?,
+        "quality" => quality(&janus, args)?,
         other => return Err(format!("unknown task {other}\n{USAGE}")),
     };
     out["impl"] = json!("janus-rs");
+    out["weights"] = json!(janus.weights().name());
+    out["weight_bytes"] = json!(janus.storage().bytes);
     out["task"] = json!(args.task);
     out["backend"] = json!(format!("{:?}", args.backend).to_lowercase());
     out["dtype"] = json!(format!("{:?}", args.dtype).to_lowercase());

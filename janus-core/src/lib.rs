@@ -39,8 +39,9 @@ pub use burn::tensor::Device;
 pub use config::{JanusConfig, Layout};
 pub use device::{Backend, default_device};
 pub use error::{Error, Result, WeightMismatch};
-pub use load::{Checkpoint, ComputeDType};
+pub use load::{Checkpoint, ComputeDType, WeightStorage};
 pub use model::JanusModel;
+pub use nn::weight::WeightFormat;
 pub use tokenizer::{JanusTokenizer, SpecialTokens};
 
 /// The README's Rust examples, compiled as doc tests so that they stay correct.

@@ -7,11 +7,12 @@ use burn::tensor::Device;
 
 use crate::config::JanusConfig;
 use crate::error::Result;
-use crate::load::{Checkpoint, ComputeDType, Weights};
+use crate::load::{Checkpoint, ComputeDType, WeightStorage, Weights, check_weight_format};
 use crate::nn::heads::Heads;
 use crate::nn::llm::Llm;
 use crate::nn::siglip::SigLip;
 use crate::nn::vq::VqModel;
+use crate::nn::weight::WeightFormat;
 
 /// All of a Janus checkpoint's networks, in the compute dtype on one device.
 #[derive(Debug, Clone)]
@@ -26,14 +27,28 @@ pub struct JanusModel {
     pub heads: Heads,
     /// The VQ image tokenizer.
     pub vq: VqModel,
+    /// How the weights are held in memory.
+    pub storage: WeightStorage,
 }
 
 impl JanusModel {
-    /// Reads `config.json` and the weights of a model folder (either layout).
+    /// Reads `config.json` and the weights of a model folder (either layout), with the
+    /// default weight storage ([`WeightFormat::Auto`]).
     pub fn load(dir: &Path, device: &Device, dtype: ComputeDType) -> Result<Self> {
+        Self::load_with(dir, device, dtype, WeightFormat::Auto)
+    }
+
+    /// [`load`](Self::load) with a chosen weight storage.
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        dtype: ComputeDType,
+        weights: WeightFormat,
+    ) -> Result<Self> {
+        check_weight_format(weights, device, dtype)?;
         let config = JanusConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(config, &ckpt, device, dtype)
+        Self::from_checkpoint(config, &ckpt, device, dtype, weights)
     }
 
     /// Builds the model from an opened checkpoint: first checks that the files hold exactly the
@@ -43,13 +58,15 @@ impl JanusModel {
         ckpt: &Checkpoint,
         device: &Device,
         dtype: ComputeDType,
+        weights: WeightFormat,
     ) -> Result<Self> {
-        let mut plan = Weights::new(ckpt, config.layout, device, dtype, true);
+        check_weight_format(weights, device, dtype)?;
+        let mut plan = Weights::new(ckpt, config.layout, device, dtype, weights, true);
         let _ = Self::build(&mut plan, &config);
         plan.finish()?;
-        let mut load = Weights::new(ckpt, config.layout, device, dtype, false);
-        let model = Self::build(&mut load, &config);
-        load.finish()?;
+        let mut load = Weights::new(ckpt, config.layout, device, dtype, weights, false);
+        let mut model = Self::build(&mut load, &config);
+        model.storage = load.finish()?;
         Ok(model)
     }
 
@@ -60,6 +77,7 @@ impl JanusModel {
             heads: Heads::load(w, config),
             vq: VqModel::load(w, &config.vq),
             config: config.clone(),
+            storage: WeightStorage::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::generate::image::{
 use crate::generate::text::{TextGenOptions, decode, embed_with_images, expand_image_tokens};
 use crate::load::ComputeDType;
 use crate::model::JanusModel;
+use crate::nn::weight::WeightFormat;
 use crate::processor::image::{ImageProcessorConfig, preprocess_for_understanding};
 pub use crate::processor::prompt::Role;
 use crate::processor::prompt::{PromptFormat, TurnText};
@@ -23,8 +24,10 @@ use crate::tokenizer::JanusTokenizer;
 pub struct LoadOptions {
     /// Where to run.
     pub backend: Backend,
-    /// The dtype weights are converted to and computed in.
+    /// The dtype activations are computed in (and dense weights held in).
     pub dtype: ComputeDType,
+    /// How weights are held in memory.
+    pub weights: WeightFormat,
 }
 
 impl Default for LoadOptions {
@@ -32,6 +35,7 @@ impl Default for LoadOptions {
         LoadOptions {
             backend: Backend::Cpu,
             dtype: ComputeDType::F32,
+            weights: WeightFormat::Auto,
         }
     }
 }
@@ -136,13 +140,23 @@ impl Janus {
     /// Loads a model folder (either layout) onto the chosen backend.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let device = options.backend.device()?;
-        Self::load_on(dir, &device, options.dtype)
+        Self::load_on_with(dir, &device, options.dtype, options.weights)
     }
 
-    /// Loads a model folder onto a given device.
+    /// Loads a model folder onto a given device, with the default weight storage.
     pub fn load_on(dir: &Path, device: &Device, dtype: ComputeDType) -> Result<Self> {
+        Self::load_on_with(dir, device, dtype, WeightFormat::Auto)
+    }
+
+    /// Loads a model folder onto a given device with a chosen weight storage.
+    pub fn load_on_with(
+        dir: &Path,
+        device: &Device,
+        dtype: ComputeDType,
+        weights: WeightFormat,
+    ) -> Result<Self> {
         let tokenizer = JanusTokenizer::from_dir(dir)?;
-        let model = JanusModel::load(dir, device, dtype)?;
+        let model = JanusModel::load_with(dir, device, dtype, weights)?;
         let vocab = model.config.text.vocab_size;
         if tokenizer.vocab_size() > vocab {
             return Err(Error::Tokenizer(format!(
@@ -176,6 +190,17 @@ impl Janus {
     /// The configuration.
     pub fn config(&self) -> &JanusConfig {
         &self.model.config
+    }
+
+    /// How the weights are held in memory (never [`WeightFormat::Auto`]): the storage of most
+    /// of their bytes.
+    pub fn weights(&self) -> WeightFormat {
+        self.model.storage.format
+    }
+
+    /// Bytes the weights take in memory, and their storage in detail.
+    pub fn storage(&self) -> &crate::load::WeightStorage {
+        &self.model.storage
     }
 
     /// The networks.

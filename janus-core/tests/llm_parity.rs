@@ -7,15 +7,32 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use common::*;
-use janus_core::{ComputeDType, JanusModel};
+use janus_core::{ComputeDType, Error, JanusModel, WeightFormat};
 
 /// f32 logits must match the reference this closely.
 const TOL: f64 = 1e-4;
 
+/// `q8_0` logits against the reference: the cosine over all logits of a pass at least this, and
+/// no logit further than this fraction of the largest reference logit (8-bit weights and
+/// activations, 32 values a scale).
+const Q8_COSINE: f64 = 0.999;
+const Q8_REL: f64 = 0.05;
+
+fn is_cpu() -> bool {
+    std::env::var("JANUS_TEST_DEVICE").map_or(true, |d| d == "cpu")
+}
+
 fn check(dir: &Path, expected: &Path) {
+    check_with(dir, expected, WeightFormat::Auto);
+}
+
+/// The logits of the model loaded with `weights` against the reference's: within [`TOL`] for
+/// float storages, within the `q8_0` bounds for quantized ones.
+fn check_with(dir: &Path, expected: &Path, weights: WeightFormat) {
     let device = device();
-    let model = JanusModel::load(dir, &device, ComputeDType::F32)
+    let model = JanusModel::load_with(dir, &device, ComputeDType::F32, weights)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let quantized = matches!(weights, WeightFormat::Q8_0 | WeightFormat::Q4_0);
     let r = read_reference(expected);
     let llm = &model.llm;
     let ids = id_rows(&r["input_ids"]);
@@ -28,6 +45,7 @@ fn check(dir: &Path, expected: &Path) {
     let d_hidden = max_abs_diff(&shape, &h, &r["prefill_hidden"]);
     let (shape, l) = values(llm.logits(hidden));
     let d_prefill = max_abs_diff(&shape, &l, &r["prefill_logits"]);
+    let mut passes = vec![("prefill logits", l, "prefill_logits")];
 
     // One token per step after the prefill.
     let mut step_logits = Vec::new();
@@ -39,6 +57,7 @@ fn check(dir: &Path, expected: &Path) {
     assert_eq!(cache.len(), ids[0].len() + steps[0].len());
     let (shape, l) = values(Tensor::cat(step_logits, 1));
     let d_steps = max_abs_diff(&shape, &l, &r["step_logits"]);
+    passes.push(("step logits", l, "step_logits"));
 
     // The whole sequence at once.
     let full: Vec<Vec<u32>> = ids
@@ -50,11 +69,38 @@ fn check(dir: &Path, expected: &Path) {
     let h = llm.forward(llm.embed(&full).unwrap(), &mut cache).unwrap();
     let (shape, l) = values(llm.logits(h));
     let d_full = max_abs_diff(&shape, &l, &r["full_logits"]);
+    passes.push(("full logits", l, "full_logits"));
 
     println!(
-        "{}: max |Δ| hidden {d_hidden:.2e}, prefill logits {d_prefill:.2e}, step logits {d_steps:.2e}, full logits {d_full:.2e}",
-        dir.display()
+        "{} ({weights} → {}): max |Δ| hidden {d_hidden:.2e}, prefill logits {d_prefill:.2e}, step logits {d_steps:.2e}, full logits {d_full:.2e}",
+        dir.display(),
+        model.storage.format
     );
+    if quantized {
+        for (what, got, key) in passes {
+            let want = &r[key].values;
+            let dot: f64 = got.iter().zip(want).map(|(a, b)| a * b).sum();
+            let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let cosine = dot / (norm(&got) * norm(want));
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(want)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            println!("  {what}: cosine {cosine:.6}, max |Δ| {worst:.3e} of {scale:.3e}");
+            assert!(
+                cosine >= Q8_COSINE,
+                "{}: {what} cosine {cosine}",
+                dir.display()
+            );
+            assert!(
+                worst <= Q8_REL * scale,
+                "{}: {what} differ by {worst:e}",
+                dir.display()
+            );
+        }
+        return;
+    }
     for (what, d) in [
         ("hidden", d_hidden),
         ("prefill logits", d_prefill),
@@ -119,4 +165,78 @@ fn original_pickle_bf16_sharded() {
 #[test]
 fn original_safetensors_bf16() {
     original("safetensors");
+}
+
+/// `auto` keeps the half precision a checkpoint stores on the CPU (the kernels widen it in
+/// registers) and f32 files in f32; the parity tests above run with it.
+#[test]
+fn auto_keeps_the_stored_precision() {
+    let device = device();
+    for (dir, stored) in [
+        ("hf-tiny", WeightFormat::F32),
+        ("hf-tiny-bf16-sharded", WeightFormat::Bf16),
+    ] {
+        let model = JanusModel::load(&fixture(dir), &device, ComputeDType::F32).unwrap();
+        let expected = if is_cpu() { stored } else { WeightFormat::F32 };
+        assert_eq!(model.storage.format, expected, "{dir}");
+        assert!(model.storage.bytes > 0);
+        assert_eq!(
+            model.storage.by_format.iter().map(|f| f.1).sum::<usize>(),
+            model.storage.bytes
+        );
+    }
+}
+
+/// bf16 files widened to f32 at load: the dense path, same logits.
+#[test]
+fn hf_bf16_files_as_f32_weights() {
+    check_with(
+        &fixture("hf-tiny-bf16-sharded"),
+        &fixture("hf-tiny-bf16-sharded/expected/llm.safetensors"),
+        WeightFormat::F32,
+    );
+}
+
+/// `q8_0` from an f32 file and from a bf16 one (q/k/v split in the transformers layout,
+/// quantized part by part into one matrix), within the documented bounds.
+#[test]
+fn q8_0_weights_stay_close_to_the_reference() {
+    if !is_cpu() {
+        return;
+    }
+    for dir in ["hf-tiny", "hf-tiny-bf16-sharded"] {
+        check_with(
+            &fixture(dir),
+            &fixture(dir).join("expected/llm.safetensors"),
+            WeightFormat::Q8_0,
+        );
+    }
+    check_with(
+        &original_checkpoint("safetensors"),
+        &fixture("original-tiny/expected/llm.safetensors"),
+        WeightFormat::Q8_0,
+    );
+}
+
+/// Storages the compute dtype or the backend cannot use are typed errors before any read.
+#[test]
+fn impossible_storages_are_typed_errors() {
+    let device = device();
+    let dir = fixture("hf-tiny");
+    if is_cpu() {
+        for (dtype, weights) in [
+            (ComputeDType::BF16, WeightFormat::Q8_0),
+            (ComputeDType::F16, WeightFormat::Q4_0),
+            (ComputeDType::BF16, WeightFormat::F32),
+        ] {
+            let got = JanusModel::load_with(&dir, &device, dtype, weights);
+            assert!(
+                matches!(got, Err(Error::InvalidInput(_))),
+                "{dtype:?} with {weights}: {got:?}"
+            );
+        }
+    } else {
+        let got = JanusModel::load_with(&dir, &device, ComputeDType::F32, WeightFormat::Q8_0);
+        assert!(matches!(got, Err(Error::Unsupported(_))), "{got:?}");
+    }
 }

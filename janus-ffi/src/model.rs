@@ -15,7 +15,8 @@ use crate::image::{
     rgb_from_c, rgb_list_from_c, tokens_from_c,
 };
 use crate::options::{
-    janus_generate_options, janus_load_options, janus_understand_options, load_options, read,
+    janus_generate_options, janus_load_options, janus_understand_options, janus_weights,
+    load_options, read, weights_value,
 };
 use crate::status::{FfiError, bad_argument, guard, janus_status};
 use crate::strings::{path_arg, set_out, str_arg};
@@ -154,6 +155,35 @@ pub unsafe extern "C" fn janus_model_grid(
         };
         let g = janus.config().vq.grid;
         (*rows, *cols) = (g, g);
+        Ok(())
+    })
+}
+
+/// How the model's weights are held in memory: a `JANUS_WEIGHTS_*` value other than
+/// `JANUS_WEIGHTS_AUTO` (what `auto` resolved to: the storage of most of the weights' bytes).
+/// `out_bytes`, if not NULL, receives the bytes the weights take.
+///
+/// Thread safety: safe to call on one model from several threads at once.
+///
+/// # Safety
+/// `out_weights` is NULL or writable; `out_bytes` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn janus_model_weights(
+    model: *const janus_model,
+    out_weights: *mut janus_weights,
+    out_bytes: *mut usize,
+) -> janus_status {
+    guard(|| {
+        let janus = lookup_model(model)?;
+        // SAFETY: the caller's pointers are NULL or valid.
+        let Some(weights) = (unsafe { out_weights.as_mut() }) else {
+            return Err(bad_argument("out_weights is NULL"));
+        };
+        *weights = weights_value(janus.weights());
+        // SAFETY: as above.
+        if let Some(bytes) = unsafe { out_bytes.as_mut() } {
+            *bytes = janus.storage().bytes;
+        }
         Ok(())
     })
 }

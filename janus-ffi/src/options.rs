@@ -12,7 +12,7 @@ use janus_core::generate::image::ImageGenOptions;
 use janus_core::generate::sampling::Sampling;
 use janus_core::generate::text::TextGenOptions;
 use janus_core::pipeline::LoadOptions;
-use janus_core::{Backend, ComputeDType};
+use janus_core::{Backend, ComputeDType, WeightFormat};
 
 use crate::status::{FfiError, bad_argument};
 
@@ -34,6 +34,35 @@ pub const JANUS_DTYPE_F16: janus_dtype = 1;
 /// bfloat16 (slow on the CPU backend).
 pub const JANUS_DTYPE_BF16: janus_dtype = 2;
 
+/// How weights are held in memory: one of the `JANUS_WEIGHTS_*` values. The compute dtype stays
+/// `dtype`'s.
+pub type janus_weights = u32;
+/// On the CPU, each weight in the half precision its file stores (bf16 or f16), else f32; on a
+/// GPU, the compute dtype (the default). `janus_model_weights` tells what it resolved to.
+pub const JANUS_WEIGHTS_AUTO: janus_weights = 0;
+/// 32-bit float.
+pub const JANUS_WEIGHTS_F32: janus_weights = 1;
+/// bfloat16.
+pub const JANUS_WEIGHTS_BF16: janus_weights = 2;
+/// IEEE half precision.
+pub const JANUS_WEIGHTS_F16: janus_weights = 3;
+/// GGML's q8_0 (CPU, compute dtype f32).
+pub const JANUS_WEIGHTS_Q8_0: janus_weights = 4;
+/// GGML's q4_0 (CPU, compute dtype f32).
+pub const JANUS_WEIGHTS_Q4_0: janus_weights = 5;
+
+/// The C value of a weight storage.
+pub(crate) fn weights_value(f: WeightFormat) -> janus_weights {
+    match f {
+        WeightFormat::Auto => JANUS_WEIGHTS_AUTO,
+        WeightFormat::F32 => JANUS_WEIGHTS_F32,
+        WeightFormat::Bf16 => JANUS_WEIGHTS_BF16,
+        WeightFormat::F16 => JANUS_WEIGHTS_F16,
+        WeightFormat::Q8_0 => JANUS_WEIGHTS_Q8_0,
+        WeightFormat::Q4_0 => JANUS_WEIGHTS_Q4_0,
+    }
+}
+
 /// How to load a model. Initialise with `janus_load_default_options()`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +73,9 @@ pub struct janus_load_options {
     pub backend: janus_backend,
     /// The compute dtype (`JANUS_DTYPE_F32`).
     pub dtype: janus_dtype,
+    /// How weights are held in memory (`JANUS_WEIGHTS_AUTO`). Added after the first release:
+    /// callers built against a header without it get the default.
+    pub weights: janus_weights,
 }
 
 /// How to answer a question about images. Initialise with
@@ -163,7 +195,7 @@ pub(crate) unsafe fn read<T: Versioned>(ptr: *const T) -> Result<T, FfiError> {
     Ok(out)
 }
 
-/// The default load options: CPU backend, f32.
+/// The default load options: CPU backend, f32 compute, weights `auto`.
 ///
 /// Thread safety: safe from any thread.
 #[unsafe(no_mangle)]
@@ -172,6 +204,7 @@ pub extern "C" fn janus_load_default_options() -> janus_load_options {
         struct_size: size_of::<janus_load_options>(),
         backend: JANUS_BACKEND_CPU,
         dtype: JANUS_DTYPE_F32,
+        weights: JANUS_WEIGHTS_AUTO,
     }
 }
 
@@ -237,7 +270,20 @@ pub(crate) fn load_options(o: &janus_load_options) -> Result<LoadOptions, FfiErr
             JANUS_DTYPE_BF16 => ComputeDType::BF16,
             other => return Err(bad_argument(format!("unknown dtype {other}"))),
         };
-        Ok(LoadOptions { backend, dtype })
+        let weights = match o.weights {
+            JANUS_WEIGHTS_AUTO => WeightFormat::Auto,
+            JANUS_WEIGHTS_F32 => WeightFormat::F32,
+            JANUS_WEIGHTS_BF16 => WeightFormat::Bf16,
+            JANUS_WEIGHTS_F16 => WeightFormat::F16,
+            JANUS_WEIGHTS_Q8_0 => WeightFormat::Q8_0,
+            JANUS_WEIGHTS_Q4_0 => WeightFormat::Q4_0,
+            other => return Err(bad_argument(format!("unknown weights {other}"))),
+        };
+        Ok(LoadOptions {
+            backend,
+            dtype,
+            weights,
+        })
     }
 }
 

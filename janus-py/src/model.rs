@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyMapping, PyString, PyTuple};
 
 use janus_core::pipeline::{self, LoadOptions, Role, Turn};
-use janus_core::{Backend, Error};
+use janus_core::{Backend, Error, WeightFormat};
 
 use crate::errors::{self, guarded, invalid_input, keep_going};
 use crate::images::{image_arg, images_arg, to_pil, tokens_arg, tokens_to_numpy, type_name};
@@ -158,16 +158,20 @@ impl Janus {
     /// (``"org/name"``) found in the Hugging Face cache or downloaded into it
     /// (``HF_HUB_OFFLINE=1`` forbids downloading).
     ///
-    /// ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype`` is
-    /// ``"f32"``, ``"f16"`` or ``"bf16"``.
+    /// ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype``, the
+    /// compute dtype, is ``"f32"``, ``"f16"`` or ``"bf16"``; ``weights``, how weights are held
+    /// in memory, is ``"auto"`` (on the CPU the half precision the files store, else f32; on a
+    /// GPU the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
     #[staticmethod]
-    #[pyo3(signature = (model, backend = "cpu", dtype = "f32"))]
+    #[pyo3(signature = (model, backend = "cpu", dtype = "f32", weights = "auto"))]
     fn load(
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
         backend: &str,
         dtype: &str,
+        weights: &str,
     ) -> PyResult<Self> {
+        let weights: WeightFormat = weights.parse().map_err(|e| errors::to_py(py, e))?;
         let backend: Backend = backend.parse().map_err(|e| errors::to_py(py, e))?;
         let compute = parse_dtype(dtype).ok_or_else(|| {
             invalid_input(
@@ -179,6 +183,7 @@ impl Janus {
         let options = LoadOptions {
             backend,
             dtype: compute,
+            weights,
         };
         let result =
             py.detach(|| guarded(|| pipeline::Janus::load(&resolve_model(&model)?, &options)));
@@ -212,13 +217,27 @@ impl Janus {
         &self.dtype
     }
 
+    /// How the weights are held in memory (what ``"auto"`` resolved to: the storage of most of
+    /// their bytes): ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
+    #[getter]
+    fn weights(&self) -> &'static str {
+        self.inner.weights().name()
+    }
+
+    /// Bytes the weights take in memory.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.storage().bytes
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let repr = |s: &str| PyString::new(py, s).repr().map(|r| r.to_string());
         Ok(format!(
-            "Janus(dir={}, backend={}, dtype={})",
+            "Janus(dir={}, backend={}, dtype={}, weights={})",
             repr(&self.inner.dir().display().to_string())?,
             repr(self.backend())?,
-            repr(&self.dtype)?
+            repr(&self.dtype)?,
+            repr(self.weights())?
         ))
     }
 

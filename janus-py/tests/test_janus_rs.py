@@ -122,6 +122,20 @@ def test_prompts_go_through_the_checkpoints_chat_template(name: str) -> None:
     assert not np.array_equal(cat.tokens, fox.tokens), "two prompts gave the same image tokens"
 
 
+def test_weights_say_how_they_are_held() -> None:
+    """`auto` keeps a bf16 checkpoint in bf16 on the CPU and an f32 one in f32; `q8_0` holds
+    fewer bytes and still answers with the reference's first token."""
+    assert model(FIXTURES / "hf-tiny").weights == "f32"
+    bf16 = model(FIXTURES / "hf-tiny-bf16-sharded")
+    assert bf16.weights == "bf16" and "weights='bf16'" in repr(bf16)
+    q8 = janus_rs.Janus.load(FIXTURES / "hf-tiny-bf16-sharded", weights="q8_0")
+    assert q8.weights == "q8_0"
+    assert 0 < q8.weight_bytes < bf16.weight_bytes
+    r = reference(FIXTURES / "hf-tiny-bf16-sharded" / "expected" / "multimodal.safetensors")
+    answer = q8.understand(PIL.Image.fromarray(r["image_u8"]), QUESTION, max_new_tokens=1)
+    assert answer.token_ids[0] == int(r["mm_greedy_ids"].reshape(-1)[0])
+
+
 def test_original_understanding_matches_the_official_code() -> None:
     m = model(original_dir())
     r = reference(FIXTURES / "original-tiny" / "expected" / "understand.safetensors")
@@ -274,6 +288,11 @@ def test_errors_are_typed(hf, hf_ref, tmp_path) -> None:
         janus_rs.Janus.load(FIXTURES / "hf-tiny", dtype="f64")
     with pytest.raises(janus_rs.InvalidInputError):
         janus_rs.Janus.load(FIXTURES / "hf-tiny", backend="tpu")
+    with pytest.raises(janus_rs.InvalidInputError):
+        janus_rs.Janus.load(FIXTURES / "hf-tiny", weights="int3")
+    # Quantized weights compute in f32 only.
+    with pytest.raises(janus_rs.InvalidInputError):
+        janus_rs.Janus.load(FIXTURES / "hf-tiny", dtype="bf16", weights="q8_0")
     with pytest.raises(TypeError):
         janus_rs.Janus.load(42)
 

@@ -110,25 +110,7 @@ pub fn generate_tokens_batch(
             "the prompt ({t} tokens) and {n} image tokens exceed the context of {max_len}"
         )));
     }
-    // Conditional rows of every prompt, then their unconditional rows, left-padded to `t`.
-    let mut rows = Vec::with_capacity(2 * k);
-    let mut pads = Vec::with_capacity(2 * k);
-    for uncond in [false, true] {
-        for ids in prompts {
-            let row = if uncond {
-                unconditional_ids(ids, pad)
-            } else {
-                ids.clone()
-            };
-            let fill = t - row.len();
-            pads.push(fill);
-            rows.push(
-                std::iter::repeat_n(pad, fill)
-                    .chain(row)
-                    .collect::<Vec<u32>>(),
-            );
-        }
-    }
+    let (rows, pads) = cfg_rows(prompts, pad);
     // One prefill for all of them, then shared by every image of a prompt.
     let mut cache = llm.new_cache(t + n);
     cache.set_left_padding(pads);
@@ -182,11 +164,7 @@ pub fn generate_tokens_batch(
         }
         // The same token goes to an image's conditional and unconditional rows.
         next.extend_from_within(..);
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(next, [2 * images, 1]), &device);
-        let emb = heads
-            .gen_aligner
-            .forward(embedding(heads.gen_embed.clone(), idx));
-        last = llm.forward(emb, &mut cache)?;
+        last = llm.forward(embed_image_tokens(model, next, &device), &mut cache)?;
     }
     let mut grouped = Vec::with_capacity(k);
     let mut it = tokens.into_iter();
@@ -194,6 +172,46 @@ pub fn generate_tokens_batch(
         grouped.push(it.by_ref().take(p).collect());
     }
     Ok(grouped)
+}
+
+/// The conditional rows of every prompt, then their unconditional rows, left-padded with `pad`
+/// to the longest, and each row's padding.
+pub(crate) fn cfg_rows(prompts: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<usize>) {
+    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut rows = Vec::with_capacity(2 * prompts.len());
+    let mut pads = Vec::with_capacity(2 * prompts.len());
+    for uncond in [false, true] {
+        for ids in prompts {
+            let row = if uncond {
+                unconditional_ids(ids, pad)
+            } else {
+                ids.clone()
+            };
+            let fill = t - row.len();
+            pads.push(fill);
+            rows.push(
+                std::iter::repeat_n(pad, fill)
+                    .chain(row)
+                    .collect::<Vec<u32>>(),
+            );
+        }
+    }
+    (rows, pads)
+}
+
+/// The language-model inputs `[rows, 1, hidden]` for one image token per row: generation
+/// embedding, then the generation aligner.
+pub(crate) fn embed_image_tokens(
+    model: &JanusModel,
+    ids: Vec<i64>,
+    device: &burn::tensor::Device,
+) -> Tensor<3> {
+    let n = ids.len();
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, 1]), device);
+    model
+        .heads
+        .gen_aligner
+        .forward(embedding(model.heads.gen_embed.clone(), idx))
 }
 
 /// Decodes token grids to RGB8 images as the reference does:

@@ -19,6 +19,8 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::config::Layout;
 use crate::error::{Error, Result, WeightMismatch};
+use crate::nn::kernels::{HalfKind, KernelPath, QK, QuantKind, QuantMatrix};
+use crate::nn::weight::{HalfMatrix, Matrix, WeightFormat};
 
 pub(crate) use keys::FileKeys;
 
@@ -178,6 +180,27 @@ impl Checkpoint {
         self.tensors.get(name).map(|(_, t)| t.shape.as_slice())
     }
 
+    /// The storage `auto` gives on the CPU: the half precision most of the stored bytes have,
+    /// else f32.
+    fn stored_half(&self) -> WeightFormat {
+        let (mut bf16, mut f16, mut other) = (0usize, 0usize, 0usize);
+        for (_, t) in self.tensors.values() {
+            let bytes = t.shape.iter().product::<usize>() * t.dtype.size().unwrap_or(0);
+            match t.dtype {
+                StoredDType::BF16 => bf16 += bytes,
+                StoredDType::F16 => f16 += bytes,
+                _ => other += bytes,
+            }
+        }
+        if bf16 >= f16 && bf16 > other {
+            WeightFormat::Bf16
+        } else if f16 > other {
+            WeightFormat::F16
+        } else {
+            WeightFormat::F32
+        }
+    }
+
     fn path_of(&self, name: &str) -> PathBuf {
         self.tensors
             .get(name)
@@ -259,24 +282,92 @@ impl ComputeDType {
     }
 }
 
+/// What the loaded weights hold in memory.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WeightStorage {
+    /// What the choice resolved to (never [`WeightFormat::Auto`]): `auto` on the CPU is the
+    /// half precision the files store (bf16 or f16, by most of their bytes), else f32; on a GPU
+    /// the compute dtype. Weights a quantized format does not apply to keep `auto`'s storage
+    /// ([`by_format`](Self::by_format) tells).
+    pub format: WeightFormat,
+    /// Bytes held by all weights.
+    pub bytes: usize,
+    /// Bytes held in each storage, largest first.
+    pub by_format: Vec<(WeightFormat, usize)>,
+}
+
+/// Checks that `choice` is possible for this device and compute dtype, before anything is read.
+///
+/// # Errors
+/// [`Error::Unsupported`] for a storage a GPU backend does not have (anything but `auto` and the
+/// compute dtype); [`Error::InvalidInput`] for `q8_0`/`q4_0` or `f32` storage with a compute
+/// dtype other than f32, or a `JANUS_KERNELS` value this CPU cannot run.
+pub(crate) fn check_weight_format(
+    choice: WeightFormat,
+    device: &Device,
+    dtype: ComputeDType,
+) -> Result<()> {
+    let compute = match dtype {
+        ComputeDType::F32 => WeightFormat::F32,
+        ComputeDType::F16 => WeightFormat::F16,
+        ComputeDType::BF16 => WeightFormat::Bf16,
+    };
+    if !crate::device::is_cpu(device) {
+        if choice != WeightFormat::Auto && choice != compute {
+            return Err(Error::Unsupported(format!(
+                "weights {choice} on a GPU backend: GPUs hold weights in the compute dtype \
+                 (use --weights auto or {compute})"
+            )));
+        }
+        return Ok(());
+    }
+    if dtype != ComputeDType::F32
+        && matches!(
+            choice,
+            WeightFormat::F32 | WeightFormat::Q8_0 | WeightFormat::Q4_0
+        )
+    {
+        return Err(Error::InvalidInput(format!(
+            "weights {choice} compute in f32: use --dtype f32 (the compute dtype is {compute})"
+        )));
+    }
+    KernelPath::selected()?;
+    Ok(())
+}
+
 /// Hands tensors to the module tree by their canonical (original-layout) names.
 pub(crate) struct Weights<'a> {
     ckpt: &'a Checkpoint,
     keys: FileKeys,
     device: Device,
     dtype: ComputeDType,
+    format: WeightFormat,
+    cpu: bool,
     plan: bool,
     used: HashSet<String>,
     mismatch: WeightMismatch,
     error: Option<Error>,
+    resident: HashMap<WeightFormat, usize>,
+}
+
+/// One file tensor behind a canonical name: its key, its metadata, the shape expected of it.
+type Part<'a> = (String, &'a TensorInfo, Vec<usize>);
+
+/// The storage one matrix gets.
+enum Target {
+    Dense,
+    Half(HalfKind),
+    Quant(QuantKind),
 }
 
 impl<'a> Weights<'a> {
+    /// `format` must have passed [`check_weight_format`].
     pub(crate) fn new(
         ckpt: &'a Checkpoint,
         layout: Layout,
         device: &Device,
         dtype: ComputeDType,
+        format: WeightFormat,
         plan: bool,
     ) -> Self {
         Weights {
@@ -284,10 +375,47 @@ impl<'a> Weights<'a> {
             keys: FileKeys::new(layout),
             device: device.clone(),
             dtype,
+            format,
+            cpu: crate::device::is_cpu(device),
             plan,
             used: HashSet::new(),
             mismatch: WeightMismatch::default(),
             error: None,
+            resident: HashMap::new(),
+        }
+    }
+
+    /// The compute dtype's storage name.
+    fn dense_format(&self) -> WeightFormat {
+        match self.dtype {
+            ComputeDType::F32 => WeightFormat::F32,
+            ComputeDType::F16 => WeightFormat::F16,
+            ComputeDType::BF16 => WeightFormat::Bf16,
+        }
+    }
+
+    /// The storage of a matrix stored as `stored` with rows of `d_in`: on a GPU the compute
+    /// dtype; on the CPU the choice, where `auto` keeps half-precision files as they are and
+    /// quantized formats apply to `quantizable` matrices with whole blocks per row only (others
+    /// keep what `auto` gives).
+    fn target(&self, stored: &StoredDType, d_in: usize, quantizable: bool) -> Target {
+        if !self.cpu {
+            return Target::Dense;
+        }
+        let auto = match stored {
+            StoredDType::BF16 => Target::Half(HalfKind::Bf16),
+            StoredDType::F16 => Target::Half(HalfKind::F16),
+            _ => Target::Dense,
+        };
+        match self.format {
+            WeightFormat::Auto => auto,
+            WeightFormat::F32 => Target::Dense,
+            WeightFormat::Bf16 => Target::Half(HalfKind::Bf16),
+            WeightFormat::F16 => Target::Half(HalfKind::F16),
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 => match self.format.quant() {
+                Some(kind) if quantizable && d_in.is_multiple_of(QK) => Target::Quant(kind),
+                _ => auto,
+            },
         }
     }
 
@@ -299,16 +427,17 @@ impl<'a> Weights<'a> {
             .all(|k| self.ckpt.tensors.contains_key(k))
     }
 
-    /// The tensor with this canonical name, which must have `shape`. Problems are recorded (see
-    /// [`finish`](Self::finish)) and a placeholder is returned, so that all of them are found in
-    /// one pass.
-    pub(crate) fn get<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Tensor<D> {
+    /// The file tensors behind a canonical name (several when HF splits it along the first
+    /// axis), each with its part's shape, once every check passed; `None` in the plan pass, after
+    /// a problem (recorded, see [`finish`](Self::finish)) or after a read error.
+    fn locate(&mut self, name: &str, shape: &[usize]) -> Option<Vec<Part<'a>>> {
+        let ckpt: &'a Checkpoint = self.ckpt;
         let parts = self.keys.file_keys(name);
         let mut infos = Vec::with_capacity(parts.len());
         let mut ok = true;
         for key in &parts {
             self.used.insert(key.clone());
-            match self.ckpt.tensors.get(key) {
+            match ckpt.tensors.get(key) {
                 Some((_, info)) => infos.push(info),
                 None => {
                     self.mismatch.missing.push(key.clone());
@@ -317,26 +446,31 @@ impl<'a> Weights<'a> {
             }
         }
         if !ok {
-            return self.placeholder();
+            return None;
         }
         // Parts are concatenated along the first axis (HF's split q/k/v).
         let n = parts.len();
-        for (key, info) in parts.iter().zip(&infos) {
-            let mut expected = shape.to_vec();
-            if n > 1 {
-                if !expected[0].is_multiple_of(n) {
-                    self.mismatch
-                        .wrong_shape
-                        .push((key.clone(), expected, info.shape.clone()));
-                    ok = false;
-                    continue;
+        let mut part_shape = shape.to_vec();
+        if n > 1 {
+            if !part_shape[0].is_multiple_of(n) {
+                for (key, info) in parts.iter().zip(&infos) {
+                    self.mismatch.wrong_shape.push((
+                        key.clone(),
+                        shape.to_vec(),
+                        info.shape.clone(),
+                    ));
                 }
-                expected[0] /= n;
+                return None;
             }
-            if !same_shape(&expected, &info.shape) {
-                self.mismatch
-                    .wrong_shape
-                    .push((key.clone(), expected, info.shape.clone()));
+            part_shape[0] /= n;
+        }
+        for (key, info) in parts.iter().zip(&infos) {
+            if !same_shape(&part_shape, &info.shape) {
+                self.mismatch.wrong_shape.push((
+                    key.clone(),
+                    part_shape.clone(),
+                    info.shape.clone(),
+                ));
                 ok = false;
             }
             if info.dtype.size().is_none() {
@@ -347,18 +481,27 @@ impl<'a> Weights<'a> {
             }
         }
         if !ok || self.plan || self.error.is_some() {
-            return self.placeholder();
+            return None;
         }
-        let mut pieces = Vec::with_capacity(n);
-        for (key, info) in parts.iter().zip(infos) {
-            let part_shape: Vec<usize> = if n > 1 {
-                let mut s = shape.to_vec();
-                s[0] /= n;
-                s
-            } else {
-                shape.to_vec()
-            };
-            match self.read(key, info, part_shape) {
+        Some(
+            parts
+                .into_iter()
+                .zip(infos)
+                .map(|(k, i)| (k, i, part_shape.clone()))
+                .collect(),
+        )
+    }
+
+    /// The tensor with this canonical name, which must have `shape`, in the compute dtype.
+    /// Problems are recorded (see [`finish`](Self::finish)) and a placeholder is returned, so
+    /// that all of them are found in one pass.
+    pub(crate) fn get<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Tensor<D> {
+        let Some(parts) = self.locate(name, &shape) else {
+            return self.placeholder();
+        };
+        let mut pieces = Vec::with_capacity(parts.len());
+        for (key, info, part_shape) in parts {
+            match self.read(&key, info, part_shape) {
                 Ok(t) => pieces.push(t),
                 Err(e) => {
                     self.error = Some(e);
@@ -366,30 +509,81 @@ impl<'a> Weights<'a> {
                 }
             }
         }
-        if pieces.len() == 1 {
+        let t = if pieces.len() == 1 {
             pieces.pop().expect("one piece")
         } else {
             Tensor::cat(pieces, 0)
+        };
+        let bytes = shape.iter().product::<usize>() * self.dtype.burn().size();
+        *self.resident.entry(self.dense_format()).or_default() += bytes;
+        t
+    }
+
+    /// A weight with this canonical name and `shape`, held as a matrix `[shape[0], rest]`
+    /// (a convolution's `[out, in, k, k]` is `[out, in·k·k]`) in the storage the load options
+    /// ask for (see [`target`](Self::target)); `quantizable` is false for weights that are not
+    /// multiplied as matrices (they keep `auto`'s storage under a quantized format).
+    pub(crate) fn matrix(&mut self, name: &str, shape: &[usize], quantizable: bool) -> Matrix {
+        let Some(parts) = self.locate(name, shape) else {
+            return Matrix::Dense(self.placeholder());
+        };
+        let out = shape[0];
+        let d_in: usize = shape[1..].iter().product();
+        let m = match self.target(&parts[0].1.dtype, d_in, quantizable) {
+            Target::Dense => self.read_dense(&parts, d_in).map(Matrix::Dense),
+            Target::Half(kind) => self.read_half(&parts, kind, out * d_in).map(|bits| {
+                Matrix::Half(std::sync::Arc::new(HalfMatrix {
+                    kind,
+                    bits,
+                    out,
+                    d_in,
+                }))
+            }),
+            Target::Quant(kind) => self
+                .read_quant(&parts, kind, out, d_in)
+                .map(|q| Matrix::Quant(std::sync::Arc::new(q))),
+        };
+        match m {
+            Ok(m) => {
+                *self.resident.entry(m.format()).or_default() += m.bytes();
+                m
+            }
+            Err(e) => {
+                self.error = Some(e);
+                Matrix::Dense(self.placeholder())
+            }
         }
     }
 
-    fn read<const D: usize>(
+    /// Parts as one `[rows, d_in]` tensor in the compute dtype.
+    fn read_dense(&self, parts: &[Part<'a>], d_in: usize) -> Result<Tensor<2>> {
+        let mut pieces = Vec::with_capacity(parts.len());
+        for (key, info, shape) in parts {
+            pieces.push(self.read::<2>(key, info, vec![shape[0], d_in])?);
+        }
+        Ok(if pieces.len() == 1 {
+            pieces.pop().expect("one piece")
+        } else {
+            Tensor::cat(pieces, 0)
+        })
+    }
+
+    /// The stored bytes of one file tensor of `numel` elements, checked for length.
+    fn bytes_of(
         &self,
         key: &str,
-        info: &TensorInfo,
-        shape: Vec<usize>,
-    ) -> Result<Tensor<D>> {
-        let owned;
-        let bytes: &[u8] = match &info.source {
-            TensorSource::Mapped { map, start, end } => &map[*start..*end],
-            TensorSource::Pickle(t) => {
-                owned = t
-                    .read()
-                    .map_err(|e| Error::checkpoint(self.ckpt.path_of(key), e.to_string()))?;
-                &owned
+        info: &'a TensorInfo,
+        numel: usize,
+    ) -> Result<std::borrow::Cow<'a, [u8]>> {
+        let bytes = match &info.source {
+            TensorSource::Mapped { map, start, end } => {
+                std::borrow::Cow::Borrowed(&map[*start..*end])
             }
+            TensorSource::Pickle(t) => std::borrow::Cow::Owned(
+                t.read()
+                    .map_err(|e| Error::checkpoint(self.ckpt.path_of(key), e.to_string()))?,
+            ),
         };
-        let numel: usize = shape.iter().product();
         let elem = info.dtype.size().unwrap_or(0);
         if bytes.len() != numel * elem {
             return Err(Error::checkpoint(
@@ -401,22 +595,68 @@ impl<'a> Weights<'a> {
                 ),
             ));
         }
-        let data = convert(bytes, &info.dtype, self.dtype, shape);
-        #[cfg(unix)]
-        if let TensorSource::Mapped { map, start, end } = &info.source {
-            // The stored bytes are no longer needed: let the kernel drop their pages so that the
-            // mapped file does not add to the resident memory while the model loads.
-            // SAFETY: the map is a read-only, never-written file mapping, and no reference into
-            // the range is alive (`bytes` is not used past `convert`); discarded pages are read
-            // from the file again if a later access needs them.
-            let _ = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    *start,
-                    *end - *start,
-                )
-            };
+        Ok(bytes)
+    }
+
+    /// Parts as 16-bit patterns of `kind`, concatenated.
+    fn read_half(&self, parts: &[Part<'a>], kind: HalfKind, total: usize) -> Result<Vec<u16>> {
+        use rayon::prelude::*;
+        let mut bits = vec![0u16; total];
+        prefer_huge_pages(&mut bits);
+        let mut at = 0;
+        for (key, info, shape) in parts {
+            let numel: usize = shape.iter().product();
+            let bytes = self.bytes_of(key, info, numel)?;
+            let size = info.dtype.size().unwrap_or(1);
+            const CHUNK: usize = 1 << 16;
+            bits[at..at + numel]
+                .par_chunks_mut(CHUNK)
+                .zip(bytes.par_chunks(CHUNK * size))
+                .for_each(|(dst, src)| encode_half(src, &info.dtype, kind, dst));
+            drop(bytes);
+            release(info);
+            at += numel;
         }
+        Ok(bits)
+    }
+
+    /// Parts quantized row by row into one matrix.
+    fn read_quant(
+        &self,
+        parts: &[Part<'a>],
+        kind: QuantKind,
+        out: usize,
+        d_in: usize,
+    ) -> Result<QuantMatrix> {
+        let per_part = out / parts.len();
+        let mut sources = Vec::with_capacity(parts.len());
+        for (key, info, shape) in parts {
+            let bytes = self.bytes_of(key, info, shape.iter().product())?;
+            sources.push((bytes, &info.dtype));
+        }
+        let q = QuantMatrix::quantize(kind, out, d_in, |o, buf| {
+            let (bytes, dtype) = &sources[o / per_part];
+            let size = dtype.size().unwrap_or(1);
+            let r = o % per_part;
+            decode_f32(&bytes[r * d_in * size..(r + 1) * d_in * size], dtype, buf);
+        })?;
+        drop(sources);
+        for (_, info, _) in parts {
+            release(info);
+        }
+        Ok(q)
+    }
+    fn read<const D: usize>(
+        &self,
+        key: &str,
+        info: &'a TensorInfo,
+        shape: Vec<usize>,
+    ) -> Result<Tensor<D>> {
+        let numel: usize = shape.iter().product();
+        let bytes = self.bytes_of(key, info, numel)?;
+        let data = convert(&bytes, &info.dtype, self.dtype, shape);
+        drop(bytes);
+        release(info);
         Ok(Tensor::from_data(data, (&self.device, self.dtype.burn())))
     }
 
@@ -426,7 +666,7 @@ impl<'a> Weights<'a> {
 
     /// Ends a pass: any read error, or any mismatch between the checkpoint and the module tree
     /// (tensors nobody asked for included, except those the reference ignores too).
-    pub(crate) fn finish(mut self) -> Result<()> {
+    pub(crate) fn finish(mut self) -> Result<WeightStorage> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
@@ -441,7 +681,19 @@ impl<'a> Weights<'a> {
         self.mismatch.unexpected = unexpected;
         self.mismatch.missing.sort();
         if self.mismatch.is_empty() {
-            Ok(())
+            let mut by_format: Vec<(WeightFormat, usize)> =
+                std::mem::take(&mut self.resident).into_iter().collect();
+            by_format.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name().cmp(b.0.name())));
+            let format = match self.format {
+                WeightFormat::Auto if self.cpu => self.ckpt.stored_half(),
+                WeightFormat::Auto => self.dense_format(),
+                chosen => chosen,
+            };
+            Ok(WeightStorage {
+                format,
+                bytes: by_format.iter().map(|f| f.1).sum(),
+                by_format,
+            })
         } else {
             Err(Error::Weights(Box::new(self.mismatch)))
         }
@@ -456,6 +708,65 @@ fn same_shape(expected: &[usize], found: &[usize]) -> bool {
         &s[first..]
     }
     strip(expected) == strip(found)
+}
+
+/// Lets the kernel drop the pages of a mapped tensor whose bytes are no longer needed, so that
+/// the mapped file does not add to the resident memory while the model loads.
+fn release(info: &TensorInfo) {
+    #[cfg(unix)]
+    if let TensorSource::Mapped { map, start, end } = &info.source {
+        // SAFETY: the map is a read-only, never-written file mapping, and the callers hold no
+        // reference into the range any more; discarded pages are read from the file again if a
+        // later access needs them.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *end - *start)
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = info;
+}
+
+/// The value of one stored element (`c` holds its bytes, little-endian).
+#[inline(always)]
+fn stored_value(c: &[u8], dtype: &StoredDType) -> f32 {
+    match dtype {
+        StoredDType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        StoredDType::BF16 => half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+        StoredDType::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+        StoredDType::F64 => {
+            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+        }
+        StoredDType::Other(_) => 0.0,
+    }
+}
+
+/// Stored elements as f32 (`dst.len()` of them).
+fn decode_f32(src: &[u8], dtype: &StoredDType, dst: &mut [f32]) {
+    let size = dtype.size().unwrap_or(1);
+    for (d, c) in dst.iter_mut().zip(src.chunks_exact(size)) {
+        *d = stored_value(c, dtype);
+    }
+}
+
+/// Stored elements as `kind`'s 16-bit patterns: copied when the file stores `kind`, else
+/// rounded to nearest even from their value.
+fn encode_half(src: &[u8], dtype: &StoredDType, kind: HalfKind, dst: &mut [u16]) {
+    let size = dtype.size().unwrap_or(1);
+    let same = matches!(
+        (dtype, kind),
+        (StoredDType::BF16, HalfKind::Bf16) | (StoredDType::F16, HalfKind::F16)
+    );
+    for (d, c) in dst.iter_mut().zip(src.chunks_exact(size)) {
+        *d = if same {
+            u16::from_le_bytes([c[0], c[1]])
+        } else {
+            let v = stored_value(c, dtype);
+            match kind {
+                HalfKind::Bf16 => half::bf16::from_f32(v).to_bits(),
+                HalfKind::F16 => half::f16::from_f32(v).to_bits(),
+            }
+        };
+    }
 }
 
 /// Converts little-endian stored bytes to the compute dtype, in parallel chunks (the output

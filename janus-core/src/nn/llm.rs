@@ -3,8 +3,7 @@
 //! an untied `lm_head`.
 
 use burn::tensor::activation::silu;
-use burn::tensor::module::embedding;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Tensor, TensorData};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -12,6 +11,7 @@ use crate::load::Weights;
 
 use super::Linear;
 use super::kv_cache::KvCache;
+use super::weight::Matrix;
 
 /// Root-mean-square norm: normalised in f32, cast back, then scaled by the weight.
 #[derive(Debug, Clone)]
@@ -194,7 +194,7 @@ fn repeat_kv(x: Tensor<4>, n: usize) -> Tensor<4> {
 /// The language model: token embeddings, decoder layers, final norm and `lm_head`.
 #[derive(Debug, Clone)]
 pub struct Llm {
-    embed_tokens: Tensor<2>,
+    embed_tokens: Matrix,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -206,7 +206,7 @@ impl Llm {
     /// embeddings reuses `embed_tokens`.
     pub(crate) fn load(w: &mut Weights<'_>, c: &TextConfig) -> Self {
         let (v, d) = (c.vocab_size, c.hidden_size);
-        let embed_tokens = w.get("language_model.model.embed_tokens.weight", [v, d]);
+        let embed_tokens = w.matrix("language_model.model.embed_tokens.weight", &[v, d], false);
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, &format!("language_model.model.layers.{i}"), c))
             .collect();
@@ -215,7 +215,7 @@ impl Llm {
         let lm_head = if c.tie_word_embeddings && !w.contains(head_name) {
             embed_tokens.clone()
         } else {
-            w.get(head_name, [v, d])
+            w.matrix(head_name, &[v, d], true)
         };
         Llm {
             embed_tokens,
@@ -233,7 +233,7 @@ impl Llm {
 
     /// The compute dtype of the weights.
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.embed_tokens.dtype()
+        self.norm.weight.dtype()
     }
 
     /// A cache sized for `capacity` positions.
@@ -255,15 +255,15 @@ impl Llm {
             ));
         }
         let vocab = self.config.vocab_size;
-        let flat: Vec<i64> = ids.iter().flatten().map(|&i| i64::from(i)).collect();
-        if let Some(bad) = flat.iter().find(|&&i| i as usize >= vocab) {
+        let flat: Vec<usize> = ids.iter().flatten().map(|&i| i as usize).collect();
+        if let Some(bad) = flat.iter().find(|&&i| i >= vocab) {
             return Err(Error::InvalidInput(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        let device = self.embed_tokens.device();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
-        Ok(embedding(self.embed_tokens.clone(), idx))
+        let device = self.norm.weight.device();
+        let rows = self.embed_tokens.gather(&flat, self.dtype(), &device);
+        Ok(rows.reshape([b, t, self.config.hidden_size]))
     }
 
     /// Runs the decoder over `x` (`[batch, t, hidden]`) after the positions held in `cache`,

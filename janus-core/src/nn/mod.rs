@@ -10,31 +10,28 @@ pub mod llm;
 mod matvec;
 pub mod siglip;
 pub mod vq;
+pub mod weight;
 
 use burn::tensor::activation::gelu;
 use burn::tensor::{DType, Tensor};
 
 use crate::config::MlpConfig;
 use crate::load::Weights;
+use weight::Matrix;
 
-/// A linear layer, `y = x·Wᵀ + b`, with `W` kept as the file stores it (`[out, in]`, never
-/// copied).
+/// A linear layer, `y = x·Wᵀ + b`, with `W` (`[out, in]`) held as the load options ask: a
+/// tensor in the compute dtype, or on the CPU compact bf16/f16/`q8_0`/`q4_0` storage
+/// ([`weight`]).
 ///
-/// The product is written one of several ways, all the same mathematics, picked by how many rows
-/// `x` has once its leading axes are folded: on the CPU backend one to four rows (decoding) run
-/// as matrix–vector products split across threads; otherwise one row is a matrix–vector product
-/// over `W`'s contiguous rows, a few rows run as `W·Xᵀ`, which streams `W` once for all of them,
-/// and many rows (a prompt) run as `X·Wᵀ`. Folding the leading axes here also keeps backends from
-/// materialising a broadcast copy of `W` for a batched product.
+/// The product is written one of several ways, all the same mathematics, picked by the storage
+/// and by how many rows `x` has once its leading axes are folded (see
+/// [`Matrix::product`](weight::Matrix::product)). Folding the leading axes here also keeps
+/// backends from materialising a broadcast copy of `W` for a batched product.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor<2>,
+    weight: Matrix,
     bias: Option<Tensor<1>>,
 }
-
-/// Most rows that use the `W·Xᵀ` form (measured crossover on the CPU backend: beyond about a
-/// hundred rows `X·Wᵀ` is faster).
-const FEW_ROWS: usize = 128;
 
 impl Linear {
     /// Loads `{prefix}.weight` (`[out, in]` in the file) and, if `bias`, `{prefix}.bias`.
@@ -45,14 +42,14 @@ impl Linear {
         d_out: usize,
         bias: bool,
     ) -> Self {
-        let weight = w.get(&format!("{prefix}.weight"), [d_out, d_in]);
+        let weight = w.matrix(&format!("{prefix}.weight"), &[d_out, d_in], true);
         let bias = bias.then(|| w.get(&format!("{prefix}.bias"), [d_out]));
         Linear { weight, bias }
     }
 
     /// A layer without bias over an `[out, in]` weight already loaded (`lm_head`, which may be
     /// the embedding table when the config ties them).
-    pub(crate) fn from_weight(weight: Tensor<2>) -> Self {
+    pub(crate) fn from_weight(weight: Matrix) -> Self {
         Linear { weight, bias: None }
     }
 
@@ -62,14 +59,7 @@ impl Linear {
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let d_out = self.weight.dims()[0];
-        let x = x.reshape([rows, d_in]);
-        let y = if matvec::applies(&x.device(), rows) {
-            matvec::forward(x, &self.weight)
-        } else if (2..=FEW_ROWS).contains(&rows) {
-            self.weight.clone().matmul(x.transpose()).transpose()
-        } else {
-            x.matmul(self.weight.clone().transpose())
-        };
+        let y = self.weight.product(x.reshape([rows, d_in]));
         let y = match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
@@ -152,6 +142,7 @@ impl Mlp {
 
 #[cfg(test)]
 mod tests {
+    use super::weight::FEW_ROWS;
     use super::*;
     use burn::tensor::TensorData;
 
@@ -165,7 +156,10 @@ mod tests {
         let w: Vec<f32> = (0..d_out * d_in).map(value).collect();
         let b: Vec<f32> = (0..d_out).map(|i| value(i + 5)).collect();
         let layer = Linear {
-            weight: Tensor::from_data(TensorData::new(w.clone(), [d_out, d_in]), &device),
+            weight: Matrix::Dense(Tensor::from_data(
+                TensorData::new(w.clone(), [d_out, d_in]),
+                &device,
+            )),
             bias: Some(Tensor::from_data(
                 TensorData::new(b.clone(), [d_out]),
                 &device,

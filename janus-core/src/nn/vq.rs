@@ -10,23 +10,35 @@ use burn::tensor::{DType, Int, Tensor};
 use crate::config::VqConfig;
 use crate::load::Weights;
 
+use super::weight::Matrix;
+
 /// A 2-D convolution's parameters.
 #[derive(Debug, Clone)]
 pub struct Conv {
+    /// `[out, in·k·k]`, held as the load options ask (widened for each call when compact).
+    weight: Matrix,
     /// `[out, in, k, k]`.
-    pub weight: Tensor<4>,
+    shape: [usize; 4],
     /// `[out]`.
     pub bias: Tensor<1>,
 }
 
 impl Conv {
+    /// The weight `[out, in, k, k]` in the dtype of `like`.
+    pub fn weight(&self, like: &Tensor<4>) -> Tensor<4> {
+        self.weight
+            .dense(like.dtype(), &like.device())
+            .reshape(self.shape)
+    }
+
     /// Convolution with stride 1 and "same" padding for odd kernels.
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let k = self.weight.dims()[2];
+        let k = self.shape[2];
         let p = k / 2;
+        let weight = self.weight(&x);
         conv2d(
             x,
-            self.weight.clone(),
+            weight,
             Some(self.bias.clone()),
             ConvOptions::new([1, 1], [p, p], [1, 1], 1),
         )
@@ -34,17 +46,20 @@ impl Conv {
 
     /// 3×3 convolution with stride 2 after padding one row/column at the bottom/right.
     fn forward_down(&self, x: Tensor<4>) -> Tensor<4> {
+        let weight = self.weight(&x);
         conv2d(
             x,
-            self.weight.clone(),
+            weight,
             Some(self.bias.clone()),
             ConvOptions::new_with_padding([2, 2], [(0, 1), (0, 1)], [1, 1], 1),
         )
     }
 
     fn load(w: &mut Weights<'_>, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Self {
+        let shape = [c_out, c_in, k, k];
         Conv {
-            weight: w.get(&format!("{prefix}.weight"), [c_out, c_in, k, k]),
+            weight: w.matrix(&format!("{prefix}.weight"), &shape, false),
+            shape,
             bias: w.get(&format!("{prefix}.bias"), [c_out]),
         }
     }

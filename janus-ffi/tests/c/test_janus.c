@@ -11,6 +11,7 @@
  */
 #include "janus.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -214,6 +215,14 @@ static void check_errors_without_a_model(const char *out_dir) {
     lo = janus_load_default_options();
     lo.dtype = 7;
     EXPECT_STATUS(janus_model_load(missing, &lo, &model), JANUS_ERR_INVALID_ARGUMENT);
+    lo = janus_load_default_options();
+    lo.weights = 42;
+    EXPECT_STATUS(janus_model_load(missing, &lo, &model), JANUS_ERR_INVALID_ARGUMENT);
+    /* A caller built against the header before `weights` existed: the field is not read. */
+    lo.struct_size = offsetof(janus_load_options, weights);
+    st = janus_model_load(missing, &lo, &model);
+    CHECK(st == JANUS_ERR_IO || st == JANUS_ERR_MISSING_FILE, "old struct_size -> %s",
+          janus_status_string(st));
 
     /* NULL model. */
     janus_answer *answer = (janus_answer *)0x1;
@@ -452,9 +461,24 @@ static void check_hf(const char *model_dir, const char *out_dir) {
 
 static void check_original(const char *model_dir) {
     janus_model *model = NULL;
+    /* Quantized weights compute in f32 only. */
+    janus_load_options lo = janus_load_default_options();
+    lo.weights = JANUS_WEIGHTS_Q8_0;
+    lo.dtype = JANUS_DTYPE_BF16;
+    EXPECT_STATUS(janus_model_load(model_dir, &lo, &model), JANUS_ERR_INVALID_INPUT);
+    CHECK(model == NULL, "out_model set on failure");
+
     MUST(janus_model_load(model_dir, NULL, &model));
     size_t rows, cols;
     MUST(janus_model_grid(model, &rows, &cols));
+    /* The checkpoint is bf16: `auto` keeps it so on the CPU. */
+    janus_weights weights = JANUS_WEIGHTS_AUTO;
+    size_t weight_bytes = 0;
+    MUST(janus_model_weights(model, &weights, &weight_bytes));
+    CHECK(weights == JANUS_WEIGHTS_BF16, "weights %u", (unsigned)weights);
+    CHECK(weight_bytes > 0, "no weight bytes");
+    MUST(janus_model_weights(model, &weights, NULL));
+    EXPECT_STATUS(janus_model_weights(model, NULL, NULL), JANUS_ERR_INVALID_ARGUMENT);
 
     /* Understanding of the reference image (already at the model's size). */
     janus_image image = ref_image("orig_image", 0);

@@ -92,14 +92,19 @@ class Janus:
 
     @staticmethod
     def load(
-        model: Union[str, os.PathLike[str]], backend: str = "cpu", dtype: str = "f32"
+        model: Union[str, os.PathLike[str]],
+        backend: str = "cpu",
+        dtype: str = "f32",
+        weights: str = "auto",
     ) -> Janus:
         """Loads a model: a folder (Hugging Face or original DeepSeek layout), or a Hugging Face
         id (``"org/name"``) found in the Hugging Face cache or downloaded into it
         (``HF_HUB_OFFLINE=1`` forbids downloading).
 
-        ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype`` is
-        ``"f32"``, ``"f16"`` or ``"bf16"``.
+        ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype``, the
+        compute dtype, is ``"f32"``, ``"f16"`` or ``"bf16"``; ``weights``, how weights are held in
+        memory, is ``"auto"`` (on the CPU the half precision the files store, else f32; on a GPU
+        the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
         """
     @property
     def dir(self) -> pathlib.Path:
@@ -110,6 +115,12 @@ class Janus:
     @property
     def dtype(self) -> str:
         """The dtype it computes in."""
+    @property
+    def weights(self) -> str:
+        """How the weights are held in memory (what ``"auto"`` resolved to)."""
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights take in memory."""
     def understand(
         self,
         images: Images,

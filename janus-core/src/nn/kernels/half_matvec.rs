@@ -59,6 +59,11 @@ pub fn half_matvec(
     if !path.supported() {
         return bad(format!("this CPU cannot run the {} path", path.name()));
     }
+    let packed = if path == KernelPath::Portable {
+        Vec::new()
+    } else {
+        pack(x, rows, d_in)
+    };
     // Outputs transposed ([out, rows]) so that each task writes one contiguous piece.
     let mut yt = vec![0.0f32; out * rows];
     yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
@@ -67,7 +72,12 @@ pub fn half_matvec(
             let first = task * OUTPUTS_PER_TASK;
             for (k, acc) in chunk.chunks_exact_mut(rows).enumerate() {
                 let o = first + k;
-                dot_rows(path, kind, x, rows, &w[o * d_in..(o + 1) * d_in], acc);
+                let rows_x = Rows {
+                    x,
+                    packed: &packed,
+                    d_in,
+                };
+                dot_rows(path, kind, &rows_x, rows, &w[o * d_in..(o + 1) * d_in], acc);
             }
         });
     for (o, acc) in yt.chunks_exact(rows).enumerate() {
@@ -78,11 +88,35 @@ pub fn half_matvec(
     Ok(())
 }
 
+/// Values of `x` the SIMD loops take per step, from every row at once.
+const CHUNK: usize = 32;
+
+/// `x` rearranged `[d_in / CHUNK][rows][CHUNK]` (whole chunks only): a step of the SIMD loops
+/// reads one contiguous piece for all rows. Rows of `x` a power-of-two width apart would
+/// otherwise fall into the same L1 cache sets and evict each other at every step.
+fn pack(x: &[f32], rows: usize, d_in: usize) -> Vec<f32> {
+    let chunks = d_in / CHUNK;
+    let mut out = Vec::with_capacity(chunks * rows * CHUNK);
+    for c in 0..chunks {
+        for r in 0..rows {
+            out.extend_from_slice(&x[r * d_in + c * CHUNK..r * d_in + (c + 1) * CHUNK]);
+        }
+    }
+    out
+}
+
+/// The activation rows: as given (for the tails and the portable path) and packed.
+struct Rows<'a> {
+    x: &'a [f32],
+    packed: &'a [f32],
+    d_in: usize,
+}
+
 /// `acc[r] = x_r · wrow` for every row `r` of `x`.
 fn dot_rows(
     path: KernelPath,
     kind: HalfKind,
-    x: &[f32],
+    x: &Rows<'_>,
     rows: usize,
     wrow: &[u16],
     acc: &mut [f32],
@@ -123,8 +157,8 @@ fn widen(kind: HalfKind, bits: u16) -> f32 {
     }
 }
 
-fn portable<const R: usize>(kind: HalfKind, x: &[f32], wrow: &[u16], acc: &mut [f32]) {
-    let d_in = wrow.len();
+fn portable<const R: usize>(kind: HalfKind, x: &Rows<'_>, wrow: &[u16], acc: &mut [f32]) {
+    let (x, d_in) = (x.x, x.d_in);
     let mut sums = [0.0f32; R];
     for (i, &bits) in wrow.iter().enumerate() {
         let w = widen(kind, bits);
@@ -137,96 +171,132 @@ fn portable<const R: usize>(kind: HalfKind, x: &[f32], wrow: &[u16], acc: &mut [
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    //! The loops walk raw pointers (bounds are checked once, at the top), widen in registers and
+    //! keep two accumulators per row of `x`, so that consecutive FMAs into one row do not wait
+    //! on each other.
+
     use std::arch::x86_64::*;
 
-    use super::{HalfKind, widen};
+    use super::{CHUNK, HalfKind, Rows, widen};
 
-    /// 8 lanes: widen 8 stored values, one FMA per row of `x`.
+    /// Widens 8 stored values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen8(kind: HalfKind, p: *const u16) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable values at `p`.
+        let raw = unsafe { _mm_loadu_si128(p.cast()) };
+        match kind {
+            HalfKind::Bf16 => {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+            }
+            HalfKind::F16 => _mm256_cvtph_ps(raw),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum8(v: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), hi);
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+        _mm_cvtss_f32(q)
+    }
+
+    /// A chunk of 32 values a step (four vectors of 8, two accumulators per row of `x`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn avx2<const R: usize>(
         kind: HalfKind,
-        x: &[f32],
+        x: &Rows<'_>,
         wrow: &[u16],
         acc: &mut [f32],
     ) {
-        let d_in = wrow.len();
-        let body = d_in / 8 * 8;
-        let mut sums = [_mm256_setzero_ps(); R];
+        let d_in = x.d_in;
+        let body = d_in / CHUNK * CHUNK;
+        assert!(wrow.len() == d_in && x.packed.len() >= body * R && acc.len() >= R);
+        let mut s0 = [_mm256_setzero_ps(); R];
+        let mut s1 = [_mm256_setzero_ps(); R];
         let wp = wrow.as_ptr();
-        let xp = x.as_ptr();
+        let mut xp = x.packed.as_ptr();
         let mut i = 0;
         while i < body {
-            // SAFETY: i + 8 <= d_in = wrow.len(), and row r of x holds d_in values.
+            // SAFETY: i + 32 <= body <= wrow.len(); the packed chunk holds R·32 values
+            // (asserted above).
             unsafe {
-                let raw = _mm_loadu_si128(wp.add(i).cast());
-                let w = match kind {
-                    HalfKind::Bf16 => {
-                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+                for half in 0..2 {
+                    let w0 = widen8(kind, wp.add(i + 16 * half));
+                    let w1 = widen8(kind, wp.add(i + 16 * half + 8));
+                    for r in 0..R {
+                        let xr = xp.add(r * CHUNK + 16 * half);
+                        s0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, s0[r]);
+                        s1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, s1[r]);
                     }
-                    HalfKind::F16 => _mm256_cvtph_ps(raw),
-                };
-                for (r, s) in sums.iter_mut().enumerate() {
-                    *s = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(r * d_in + i)), w, *s);
                 }
+                xp = xp.add(R * CHUNK);
             }
-            i += 8;
+            i += CHUNK;
         }
-        for (r, s) in sums.iter().enumerate() {
-            let hi = _mm256_extractf128_ps::<1>(*s);
-            let q = _mm_add_ps(_mm256_castps256_ps128(*s), hi);
-            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
-            let mut total = _mm_cvtss_f32(q);
-            for j in body..d_in {
-                total += x[r * d_in + j] * widen(kind, wrow[j]);
+        for r in 0..R {
+            let mut total = hsum8(_mm256_add_ps(s0[r], s1[r]));
+            let tail = &x.x[r * d_in + body..(r + 1) * d_in];
+            for (xv, &w) in tail.iter().zip(&wrow[body..]) {
+                total += xv * widen(kind, w);
             }
             acc[r] = total;
         }
     }
 
     /// Widens 16 stored values.
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
     unsafe fn widen16(kind: HalfKind, p: *const u16) -> __m512 {
         // SAFETY: the caller guarantees 16 readable values at `p`.
-        unsafe {
-            let raw = _mm256_loadu_si256(p.cast());
-            match kind {
-                HalfKind::Bf16 => {
-                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
-                }
-                HalfKind::F16 => _mm512_cvtph_ps(raw),
+        let raw = unsafe { _mm256_loadu_si256(p.cast()) };
+        match kind {
+            HalfKind::Bf16 => {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
             }
+            HalfKind::F16 => _mm512_cvtph_ps(raw),
         }
     }
 
-    /// 16 values a step, one FMA per row of `x`: the weight row is read once for every row.
+    /// A chunk of 32 values a step (two vectors of 16), one FMA per row of `x` and vector: the
+    /// weight row is read once for every row.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512<const R: usize>(
         kind: HalfKind,
-        x: &[f32],
+        x: &Rows<'_>,
         wrow: &[u16],
         acc: &mut [f32],
     ) {
-        let d_in = wrow.len();
-        let body = d_in / 16 * 16;
-        let mut sums = [_mm512_setzero_ps(); R];
+        let d_in = x.d_in;
+        let body = d_in / CHUNK * CHUNK;
+        assert!(wrow.len() == d_in && x.packed.len() >= body * R && acc.len() >= R);
+        let mut s0 = [_mm512_setzero_ps(); R];
+        let mut s1 = [_mm512_setzero_ps(); R];
         let wp = wrow.as_ptr();
-        let xp = x.as_ptr();
+        let mut xp = x.packed.as_ptr();
         let mut i = 0;
         while i < body {
-            // SAFETY: i + 16 <= d_in = wrow.len(), and row r of x holds d_in values.
+            // SAFETY: i + 32 <= body <= wrow.len(); the packed chunk holds R·32 values
+            // (asserted above).
             unsafe {
-                let w = widen16(kind, wp.add(i));
-                for (r, s) in sums.iter_mut().enumerate() {
-                    *s = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(r * d_in + i)), w, *s);
+                let w0 = widen16(kind, wp.add(i));
+                let w1 = widen16(kind, wp.add(i + 16));
+                for r in 0..R {
+                    let xr = xp.add(r * CHUNK);
+                    s0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, s0[r]);
+                    s1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), w1, s1[r]);
                 }
+                xp = xp.add(R * CHUNK);
             }
-            i += 16;
+            i += CHUNK;
         }
-        for (r, s) in sums.iter().enumerate() {
-            let mut total = _mm512_reduce_add_ps(*s);
-            for j in body..d_in {
-                total += x[r * d_in + j] * widen(kind, wrow[j]);
+        for r in 0..R {
+            let mut total = _mm512_reduce_add_ps(_mm512_add_ps(s0[r], s1[r]));
+            let tail = &x.x[r * d_in + body..(r + 1) * d_in];
+            for (xv, &w) in tail.iter().zip(&wrow[body..]) {
+                total += xv * widen(kind, w);
             }
             acc[r] = total;
         }

@@ -11,6 +11,8 @@
 
 pub mod dispatch;
 pub mod half_matvec;
+pub mod quant;
 
 pub use dispatch::KernelPath;
 pub use half_matvec::{HalfKind, MAX_ROWS, half_matvec};
+pub use quant::{QK, QuantKind, QuantMatrix, quant_matvec};

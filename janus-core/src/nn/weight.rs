@@ -1,0 +1,458 @@
+//! How a weight matrix is held in memory, and the products and row lookups over it.
+//!
+//! A matrix is either a tensor in the compute dtype on the model's device ([`Matrix::Dense`],
+//! every backend), or, on the CPU backend, compact host memory that kernels read directly:
+//! bf16/f16 as stored ([`Matrix::Half`]) or GGML's `q8_0`/`q4_0` blocks ([`Matrix::Quant`]).
+//! Compact matrices widen (or dequantize) in registers for decode-shaped products (up to
+//! [`MAX_ROWS`] rows) and a block of rows at a time into f32 for prompt-shaped ones, which then
+//! run the backend's GEMM; row lookups (embedding tables) widen only the rows taken.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use burn::tensor::module::embedding;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::kernels::{
+    HalfKind, KernelPath, MAX_ROWS, QuantKind, QuantMatrix, half_matvec, quant_matvec,
+};
+use super::matvec;
+use crate::error::{Error, Result};
+
+/// How weights are stored in memory (`--weights`). Activations are computed in the compute dtype
+/// (`--dtype`) whatever the storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WeightFormat {
+    /// On the CPU, each weight in the half precision its file stores (bf16 or f16), else f32;
+    /// on a GPU, the compute dtype.
+    #[default]
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// bfloat16 (exact for bf16 checkpoints, which all real Janus checkpoints are).
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// GGML's `q8_0`: blocks of 32 int8 with one f16 scale (8.5 bits a weight).
+    Q8_0,
+    /// GGML's `q4_0`: blocks of 32 nibbles with one f16 scale (4.5 bits a weight).
+    Q4_0,
+}
+
+impl WeightFormat {
+    /// Every value, `auto` first.
+    pub const ALL: [WeightFormat; 6] = [
+        WeightFormat::Auto,
+        WeightFormat::F32,
+        WeightFormat::Bf16,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+    ];
+
+    /// The name used by the CLI, Python and JSON (`auto`, `f32`, `bf16`, `f16`, `q8_0`, `q4_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Auto => "auto",
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
+        }
+    }
+
+    /// The block format of a quantized storage.
+    pub(crate) fn quant(self) -> Option<QuantKind> {
+        match self {
+            WeightFormat::Q8_0 => Some(QuantKind::Q8_0),
+            WeightFormat::Q4_0 => Some(QuantKind::Q4_0),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for WeightFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "unknown weight format `{s}` (expected one of {})",
+                    Self::ALL.map(|f| f.name()).join(", ")
+                ))
+            })
+    }
+}
+
+/// bf16 or f16 values as their 16-bit patterns, `[out, in]` row-major.
+#[derive(Debug)]
+pub(crate) struct HalfMatrix {
+    pub kind: HalfKind,
+    pub bits: Vec<u16>,
+    pub out: usize,
+    pub d_in: usize,
+}
+
+impl HalfMatrix {
+    fn widen_rows(&self, first: usize, dst: &mut [f32]) {
+        let src = &self.bits[first * self.d_in..first * self.d_in + dst.len()];
+        match self.kind {
+            HalfKind::Bf16 => {
+                for (d, &b) in dst.iter_mut().zip(src) {
+                    *d = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+            HalfKind::F16 => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let src: &[half::f16] = src.reinterpret_cast();
+                src.convert_to_f32_slice(dst);
+            }
+        }
+    }
+}
+
+/// A weight matrix `[out, in]`.
+// A tensor handle is large but held once per layer, as before; boxing it would add an
+// indirection to every dense product for no saving.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub(crate) enum Matrix {
+    /// A tensor in the compute dtype.
+    Dense(Tensor<2>),
+    /// bf16/f16 in host memory (CPU backend).
+    Half(Arc<HalfMatrix>),
+    /// Quantized blocks in host memory (CPU backend).
+    Quant(Arc<QuantMatrix>),
+}
+
+/// Most rows that use the `W·Xᵀ` form on a dense matrix (measured crossover on the CPU backend:
+/// beyond about a hundred rows `X·Wᵀ` is faster).
+pub(crate) const FEW_ROWS: usize = 128;
+
+/// Values of `W` widened at a time in a prompt-shaped product over a compact matrix (16 MiB of
+/// f32, reused by the calling thread).
+const WIDEN_BLOCK: usize = 1 << 22;
+
+thread_local! {
+    /// The widening scratch of [`Matrix::prompt_product`], kept between calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Matrix {
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Matrix::Dense(t) => t.dims(),
+            Matrix::Half(h) => [h.out, h.d_in],
+            Matrix::Quant(q) => q.dims(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Matrix::Dense(t) => t.shape().num_elements() * t.dtype().size(),
+            Matrix::Half(h) => h.bits.len() * 2,
+            Matrix::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// The storage's name ([`WeightFormat::name`]).
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            Matrix::Dense(t) => match t.dtype() {
+                DType::BF16 => WeightFormat::Bf16,
+                DType::F16 => WeightFormat::F16,
+                _ => WeightFormat::F32,
+            },
+            Matrix::Half(h) => match h.kind {
+                HalfKind::Bf16 => WeightFormat::Bf16,
+                HalfKind::F16 => WeightFormat::F16,
+            },
+            Matrix::Quant(q) => match q.kind() {
+                QuantKind::Q8_0 => WeightFormat::Q8_0,
+                QuantKind::Q4_0 => WeightFormat::Q4_0,
+            },
+        }
+    }
+
+    /// Rows `first..first + dst.len() / in` as f32.
+    fn widen_rows(&self, first: usize, dst: &mut [f32]) {
+        match self {
+            Matrix::Half(h) => h.widen_rows(first, dst),
+            Matrix::Quant(q) => {
+                let d_in = q.dims()[1];
+                for (k, row) in dst.chunks_exact_mut(d_in).enumerate() {
+                    q.dequantize_row(first + k, row);
+                }
+            }
+            Matrix::Dense(_) => unreachable!("dense matrices are not widened"),
+        }
+    }
+
+    /// `x·Wᵀ` for `x` `[rows, in]`, `[rows, out]` in `x`'s dtype.
+    pub fn product(&self, x: Tensor<2>) -> Tensor<2> {
+        let [rows, _] = x.dims();
+        match self {
+            Matrix::Dense(w) => {
+                if matvec::applies(&x.device(), rows) {
+                    matvec::forward(x, w)
+                } else if (2..=FEW_ROWS).contains(&rows) {
+                    w.clone().matmul(x.transpose()).transpose()
+                } else {
+                    x.matmul(w.clone().transpose())
+                }
+            }
+            _ if rows <= MAX_ROWS => self.decode_product(x),
+            _ => self.prompt_product(x),
+        }
+    }
+
+    /// Up to [`MAX_ROWS`] rows: the kernels read each weight once for all rows.
+    fn decode_product(&self, x: Tensor<2>) -> Tensor<2> {
+        let [rows, d_in] = x.dims();
+        let [out, w_in] = self.dims();
+        assert_eq!(d_in, w_in, "a product's input width must be the weight's");
+        let (dtype, device) = (x.dtype(), x.device());
+        let xs: Vec<f32> = x
+            .cast(DType::F32)
+            .into_data()
+            .try_into_vec()
+            .expect("a tensor cast to f32 reads back as f32");
+        // The path was validated when the model loaded.
+        let path = KernelPath::selected().unwrap_or(KernelPath::Portable);
+        let mut y = vec![0.0f32; rows * out];
+        let done = match self {
+            Matrix::Half(h) => half_matvec(path, h.kind, &xs, rows, &h.bits, d_in, &mut y),
+            Matrix::Quant(q) => quant_matvec(path, q, &xs, rows, &mut y),
+            Matrix::Dense(_) => unreachable!("dense matrices take the backend's product"),
+        };
+        done.expect("the product's shapes were checked above");
+        Tensor::<2>::from_data(TensorData::new(y, [rows, out]), &device).cast(dtype)
+    }
+
+    /// Many rows: `W` is widened a block of rows at a time into a scratch buffer the calling
+    /// thread keeps, and each block is multiplied by every row of `x` with the CPU backend's
+    /// GEMM (`gemm`, on the thread pool), so `W` is read once and never widened whole.
+    #[cfg(feature = "flex")]
+    fn prompt_product(&self, x: Tensor<2>) -> Tensor<2> {
+        let [out, d_in] = self.dims();
+        let [rows, _] = x.dims();
+        let (dtype, device) = (x.dtype(), x.device());
+        let xs: Vec<f32> = x
+            .cast(DType::F32)
+            .into_data()
+            .try_into_vec()
+            .expect("a tensor cast to f32 reads back as f32");
+        let per = (WIDEN_BLOCK / d_in).clamp(1, out);
+        // Outputs transposed ([out, rows]): each block of W's rows fills one contiguous piece.
+        let mut yt = vec![0.0f32; out * rows];
+        SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.len() < per * d_in {
+                scratch.resize(per * d_in, 0.0);
+            }
+            for (b, dst) in yt.chunks_mut(per * rows).enumerate() {
+                let n = dst.len() / rows;
+                let w = &mut scratch[..n * d_in];
+                w.par_chunks_mut(d_in * 16)
+                    .enumerate()
+                    .for_each(|(k, rows)| self.widen_rows(b * per + k * 16, rows));
+                // SAFETY: dst is [n, rows] (row stride rows), w is [n, d_in] (row stride d_in),
+                // and xs read as [d_in, rows] has column stride d_in: every index is in bounds.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        rows,
+                        d_in,
+                        dst.as_mut_ptr(),
+                        1,
+                        rows as isize,
+                        false,
+                        w.as_ptr(),
+                        1,
+                        d_in as isize,
+                        xs.as_ptr(),
+                        d_in as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                    );
+                }
+            }
+        });
+        let mut y = vec![0.0f32; rows * out];
+        for (o, col) in yt.chunks_exact(rows).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                y[r * out + o] = *v;
+            }
+        }
+        Tensor::<2>::from_data(TensorData::new(y, [rows, out]), &device).cast(dtype)
+    }
+
+    /// Without the CPU backend compiled in there are no compact matrices.
+    #[cfg(not(feature = "flex"))]
+    fn prompt_product(&self, _x: Tensor<2>) -> Tensor<2> {
+        unreachable!("compact weights exist on the CPU backend only")
+    }
+
+    /// The whole matrix as a tensor in `dtype` (widened for compact storage: a convolution's
+    /// weight, once per call).
+    pub fn dense(&self, dtype: DType, device: &burn::tensor::Device) -> Tensor<2> {
+        match self {
+            Matrix::Dense(w) => w.clone(),
+            _ => {
+                let [out, d_in] = self.dims();
+                let mut values = vec![0.0f32; out * d_in];
+                values
+                    .par_chunks_mut(d_in * 16)
+                    .enumerate()
+                    .for_each(|(k, dst)| self.widen_rows(k * 16, dst));
+                Tensor::<2>::from_data(TensorData::new(values, [out, d_in]), device).cast(dtype)
+            }
+        }
+    }
+
+    /// Rows `ids` of the matrix (an embedding lookup), `[ids, in]` in `dtype`. Every id must be
+    /// below `out` (checked by the caller).
+    pub fn gather(&self, ids: &[usize], dtype: DType, device: &burn::tensor::Device) -> Tensor<2> {
+        let [_, d_in] = self.dims();
+        match self {
+            Matrix::Dense(w) => {
+                let flat: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                let idx =
+                    Tensor::<2, Int>::from_data(TensorData::new(flat, [1, ids.len()]), device);
+                let rows: Tensor<3> = embedding(w.clone(), idx);
+                rows.reshape([ids.len(), d_in])
+            }
+            _ => {
+                let mut out = vec![0.0f32; ids.len() * d_in];
+                for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(d_in)) {
+                    self.widen_rows(id, dst);
+                }
+                Tensor::<2>::from_data(TensorData::new(out, [ids.len(), d_in]), device).cast(dtype)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(i: usize) -> f32 {
+        ((i * 7919 + 3) % 113) as f32 / 113.0 - 0.5
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for f in WeightFormat::ALL {
+            assert_eq!(f.name().parse::<WeightFormat>().unwrap(), f);
+        }
+        assert_eq!(
+            " BF16 ".parse::<WeightFormat>().unwrap(),
+            WeightFormat::Bf16
+        );
+        assert!(matches!(
+            "int3".parse::<WeightFormat>(),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    /// Every storage, decode- and prompt-shaped products and row lookups, against the f64
+    /// product over the values the storage holds.
+    #[test]
+    fn every_storage_computes_the_product_of_its_values() {
+        let device = crate::device::default_device();
+        // Wide enough that prompt products take several widened blocks.
+        let (out, d_in) = (1030, 2048);
+        let w: Vec<f32> = (0..out * d_in).map(value).collect();
+        let half = |kind| {
+            let bits = w
+                .iter()
+                .map(|&v| match kind {
+                    HalfKind::Bf16 => half::bf16::from_f32(v).to_bits(),
+                    HalfKind::F16 => half::f16::from_f32(v).to_bits(),
+                })
+                .collect();
+            Matrix::Half(Arc::new(HalfMatrix {
+                kind,
+                bits,
+                out,
+                d_in,
+            }))
+        };
+        let quant = |kind| {
+            Matrix::Quant(Arc::new(
+                QuantMatrix::quantize(kind, out, d_in, |o, b| {
+                    b.copy_from_slice(&w[o * d_in..(o + 1) * d_in])
+                })
+                .unwrap(),
+            ))
+        };
+        let dense = Matrix::Dense(Tensor::from_data(
+            TensorData::new(w.clone(), [out, d_in]),
+            &device,
+        ));
+        for (m, tol) in [
+            (dense, 1e-3),
+            (half(HalfKind::Bf16), 1e-3),
+            (half(HalfKind::F16), 1e-3),
+            // The activations are quantized to 8 bits per block in decode-shaped products.
+            (quant(QuantKind::Q8_0), 0.1),
+            (quant(QuantKind::Q4_0), 0.1),
+        ] {
+            let mut values = vec![0.0f32; out * d_in];
+            if let Matrix::Dense(_) = m {
+                values.copy_from_slice(&w);
+            } else {
+                m.widen_rows(0, &mut values);
+            }
+            for rows in [1, 2, MAX_ROWS, MAX_ROWS + 1, 300] {
+                let x: Vec<f32> = (0..rows * d_in).map(|i| value(5 * i + 1)).collect();
+                let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, d_in]), &device);
+                let y: Vec<f32> = m.product(xt).into_data().try_into_vec().unwrap();
+                assert_eq!(y.len(), rows * out);
+                for r in (0..rows).step_by(37) {
+                    for o in (0..out).step_by(7) {
+                        let exact: f64 = (0..d_in)
+                            .map(|i| f64::from(x[r * d_in + i]) * f64::from(values[o * d_in + i]))
+                            .sum();
+                        let got = f64::from(y[r * out + o]);
+                        assert!(
+                            (got - exact).abs() < tol,
+                            "{:?} rows {rows} [{r},{o}]: {got} vs {exact}",
+                            m.format()
+                        );
+                    }
+                }
+            }
+            let ids = [0, out - 1, 17];
+            let rows: Vec<f32> = m
+                .gather(&ids, DType::F32, &device)
+                .into_data()
+                .try_into_vec()
+                .unwrap();
+            for (k, &id) in ids.iter().enumerate() {
+                assert_eq!(
+                    rows[k * d_in..(k + 1) * d_in],
+                    values[id * d_in..(id + 1) * d_in]
+                );
+            }
+        }
+    }
+}
