@@ -229,6 +229,9 @@ fn quality(janus: &Janus, args: &Args) -> Result<Value, String> {
         WeightFormat::F32,
     )
     .map_err(err)?;
+    // The same prompts on both sides.
+    let mut reference = reference;
+    reference.set_prompt_format(janus.prompt_format().clone());
     let total = janus.config().vq.grid * janus.config().vq.grid;
     let steps = args.steps.min(total);
     let ids = janus.generation_ids(&args.prompt).map_err(err)?;

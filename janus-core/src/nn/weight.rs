@@ -142,8 +142,10 @@ pub(crate) const FEW_ROWS: usize = 128;
 
 /// Values of `W` widened at a time in a prompt-shaped product over a compact matrix (16 MiB of
 /// f32, reused by the calling thread).
+#[cfg(feature = "flex")]
 const WIDEN_BLOCK: usize = 1 << 22;
 
+#[cfg(feature = "flex")]
 thread_local! {
     /// The widening scratch of [`Matrix::prompt_product`], kept between calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -256,33 +258,36 @@ impl Matrix {
             .try_into_vec()
             .expect("a tensor cast to f32 reads back as f32");
         let per = (WIDEN_BLOCK / d_in).clamp(1, out);
-        // Outputs transposed ([out, rows]): each block of W's rows fills one contiguous piece.
-        let mut yt = vec![0.0f32; out * rows];
+        let mut y = vec![0.0f32; rows * out];
         SCRATCH.with_borrow_mut(|scratch| {
             if scratch.len() < per * d_in {
                 scratch.resize(per * d_in, 0.0);
             }
-            for (b, dst) in yt.chunks_mut(per * rows).enumerate() {
-                let n = dst.len() / rows;
+            let mut first = 0;
+            while first < out {
+                let n = per.min(out - first);
                 let w = &mut scratch[..n * d_in];
                 w.par_chunks_mut(d_in * 16)
                     .enumerate()
-                    .for_each(|(k, rows)| self.widen_rows(b * per + k * 16, rows));
-                // SAFETY: dst is [n, rows] (row stride rows), w is [n, d_in] (row stride d_in),
-                // and xs read as [d_in, rows] has column stride d_in: every index is in bounds.
+                    .for_each(|(k, rows)| self.widen_rows(first + k * 16, rows));
+                // y[:, first..first + n] = x · Wblockᵀ, the form the backend's own product of
+                // `x` and a transposed weight takes.
+                // SAFETY: x is [rows, d_in] (row stride d_in); Wblockᵀ read from w ([n, d_in])
+                // is [d_in, n] with column stride d_in; the destination columns
+                // first..first + n of y ([rows, out], row stride out) are in bounds.
                 unsafe {
                     gemm::gemm(
-                        n,
                         rows,
+                        n,
                         d_in,
-                        dst.as_mut_ptr(),
+                        y.as_mut_ptr().add(first),
                         1,
-                        rows as isize,
+                        out as isize,
                         false,
-                        w.as_ptr(),
+                        xs.as_ptr(),
                         1,
                         d_in as isize,
-                        xs.as_ptr(),
+                        w.as_ptr(),
                         d_in as isize,
                         1,
                         0.0,
@@ -293,14 +298,9 @@ impl Matrix {
                         gemm::Parallelism::Rayon(rayon::current_num_threads()),
                     );
                 }
+                first += n;
             }
         });
-        let mut y = vec![0.0f32; rows * out];
-        for (o, col) in yt.chunks_exact(rows).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * out + o] = *v;
-            }
-        }
         Tensor::<2>::from_data(TensorData::new(y, [rows, out]), &device).cast(dtype)
     }
 
