@@ -136,6 +136,14 @@ pub(crate) enum Matrix {
     Quant(Arc<QuantMatrix>),
 }
 
+/// A tensor's values as f32 in host memory (the CPU backend's tensors are there already).
+fn host_f32(x: Tensor<2>) -> Vec<f32> {
+    x.cast(DType::F32)
+        .into_data()
+        .try_into_vec()
+        .expect("a tensor cast to f32 reads back as f32")
+}
+
 /// Most rows that use the `W·Xᵀ` form on a dense matrix (measured crossover on the CPU backend:
 /// beyond about a hundred rows `X·Wᵀ` is faster).
 pub(crate) const FEW_ROWS: usize = 128;
@@ -189,6 +197,14 @@ impl Matrix {
         }
     }
 
+    /// Rows `first..` as f32 into `dst` (whole rows), sixteen rows a task on the thread pool.
+    fn widen_rows_par(&self, first: usize, dst: &mut [f32]) {
+        let d_in = self.dims()[1];
+        dst.par_chunks_mut(d_in * 16)
+            .enumerate()
+            .for_each(|(k, rows)| self.widen_rows(first + k * 16, rows));
+    }
+
     /// Rows `first..first + dst.len() / in` as f32.
     fn widen_rows(&self, first: usize, dst: &mut [f32]) {
         match self {
@@ -227,11 +243,7 @@ impl Matrix {
         let [out, w_in] = self.dims();
         assert_eq!(d_in, w_in, "a product's input width must be the weight's");
         let (dtype, device) = (x.dtype(), x.device());
-        let xs: Vec<f32> = x
-            .cast(DType::F32)
-            .into_data()
-            .try_into_vec()
-            .expect("a tensor cast to f32 reads back as f32");
+        let xs = host_f32(x);
         // The path was validated when the model loaded.
         let path = KernelPath::selected().unwrap_or(KernelPath::Portable);
         let mut y = vec![0.0f32; rows * out];
@@ -252,11 +264,7 @@ impl Matrix {
         let [out, d_in] = self.dims();
         let [rows, _] = x.dims();
         let (dtype, device) = (x.dtype(), x.device());
-        let xs: Vec<f32> = x
-            .cast(DType::F32)
-            .into_data()
-            .try_into_vec()
-            .expect("a tensor cast to f32 reads back as f32");
+        let xs = host_f32(x);
         let per = (WIDEN_BLOCK / d_in).clamp(1, out);
         let mut y = vec![0.0f32; rows * out];
         SCRATCH.with_borrow_mut(|scratch| {
@@ -267,9 +275,7 @@ impl Matrix {
             while first < out {
                 let n = per.min(out - first);
                 let w = &mut scratch[..n * d_in];
-                w.par_chunks_mut(d_in * 16)
-                    .enumerate()
-                    .for_each(|(k, rows)| self.widen_rows(first + k * 16, rows));
+                self.widen_rows_par(first, w);
                 // y[:, first..first + n] = x · Wblockᵀ, the form the backend's own product of
                 // `x` and a transposed weight takes.
                 // SAFETY: x is [rows, d_in] (row stride d_in); Wblockᵀ read from w ([n, d_in])
@@ -318,10 +324,7 @@ impl Matrix {
             _ => {
                 let [out, d_in] = self.dims();
                 let mut values = vec![0.0f32; out * d_in];
-                values
-                    .par_chunks_mut(d_in * 16)
-                    .enumerate()
-                    .for_each(|(k, dst)| self.widen_rows(k * 16, dst));
+                self.widen_rows_par(0, &mut values);
                 Tensor::<2>::from_data(TensorData::new(values, [out, d_in]), device).cast(dtype)
             }
         }

@@ -170,7 +170,7 @@ fn portable<const R: usize>(kind: HalfKind, x: &Rows<'_>, wrow: &[u16], acc: &mu
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     //! The loops walk raw pointers (bounds are checked once, at the top), widen in registers and
     //! keep two accumulators per row of `x`, so that consecutive FMAs into one row do not wait
     //! on each other.
@@ -193,9 +193,10 @@ mod x86 {
         }
     }
 
+    /// The sum of the 8 lanes.
     #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum8(v: __m256) -> f32 {
+    #[target_feature(enable = "avx")]
+    pub(in crate::nn::kernels) fn hsum8(v: __m256) -> f32 {
         let hi = _mm256_extractf128_ps::<1>(v);
         let q = _mm_add_ps(_mm256_castps256_ps128(v), hi);
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));

@@ -399,6 +399,7 @@ fn portable<const R: usize>(w: &WRow<'_>, x: &QuantRows, acc: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::half_matvec::x86::hsum8;
     use super::{QK, QuantKind, QuantRows, WRow};
 
     /// A weight block's 32 values as signed bytes in one register.
@@ -417,16 +418,6 @@ mod x86 {
                 }
             }
         }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn hsum(v: __m256) -> f32 {
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), hi);
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
-        _mm_cvtss_f32(q)
     }
 
     /// Signed bytes times signed bytes, summed in fours to 8 i32 lanes: `maddubs` takes an
@@ -456,7 +447,7 @@ mod x86 {
             }
         }
         for (r, s) in sums.iter().enumerate() {
-            acc[r] = hsum(*s);
+            acc[r] = hsum8(*s);
         }
     }
 
@@ -483,7 +474,7 @@ mod x86 {
             }
         }
         for (r, s) in sums.iter().enumerate() {
-            acc[r] = hsum(*s);
+            acc[r] = hsum8(*s);
         }
     }
 }
