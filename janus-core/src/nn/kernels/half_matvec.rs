@@ -6,9 +6,8 @@
 //! f32 accumulator per row of `x`. The result is what the f32 product of the widened weights
 //! gives, up to summation order.
 
-use rayon::prelude::*;
-
 use super::dispatch::KernelPath;
+use super::{check_product, each_output};
 use crate::error::{Error, Result};
 
 /// Most rows of `x` one call serves (a CFG pair of four images).
@@ -22,10 +21,6 @@ pub enum HalfKind {
     /// IEEE half precision.
     F16,
 }
-
-/// Output rows of `W` one task computes (enough to amortise the task, small enough to spread a
-/// 2048-wide layer over the threads).
-const OUTPUTS_PER_TASK: usize = 64;
 
 /// `y[r·out + o] = Σᵢ x[r·d_in + i] · W[o·d_in + i]` for `rows` rows of `x`.
 ///
@@ -41,50 +36,27 @@ pub fn half_matvec(
     d_in: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    let bad = |msg: String| Err(Error::InvalidInput(format!("half_matvec: {msg}")));
-    if !(1..=MAX_ROWS).contains(&rows) {
-        return bad(format!("{rows} rows; 1 to {MAX_ROWS} are served"));
-    }
     if d_in == 0 || !w.len().is_multiple_of(d_in) {
-        return bad(format!("{} weights are not rows of {d_in}", w.len()));
+        return Err(Error::InvalidInput(format!(
+            "half_matvec: {} weights are not rows of {d_in}",
+            w.len()
+        )));
     }
     let out = w.len() / d_in;
-    if x.len() != rows * d_in || y.len() != rows * out {
-        return bad(format!(
-            "x has {} values and y {}, for {rows} rows of {d_in} inputs and {out} outputs",
-            x.len(),
-            y.len()
-        ));
-    }
-    if !path.supported() {
-        return bad(format!("this CPU cannot run the {} path", path.name()));
-    }
+    check_product("half_matvec", path, rows, (d_in, out), (x.len(), y.len()))?;
     let packed = if path == KernelPath::Portable {
         Vec::new()
     } else {
         pack(x, rows, d_in)
     };
-    // Outputs transposed ([out, rows]) so that each task writes one contiguous piece.
-    let mut yt = vec![0.0f32; out * rows];
-    yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let first = task * OUTPUTS_PER_TASK;
-            for (k, acc) in chunk.chunks_exact_mut(rows).enumerate() {
-                let o = first + k;
-                let rows_x = Rows {
-                    x,
-                    packed: &packed,
-                    d_in,
-                };
-                dot_rows(path, kind, &rows_x, rows, &w[o * d_in..(o + 1) * d_in], acc);
-            }
-        });
-    for (o, acc) in yt.chunks_exact(rows).enumerate() {
-        for (r, v) in acc.iter().enumerate() {
-            y[r * out + o] = *v;
-        }
-    }
+    let rows_x = Rows {
+        x,
+        packed: &packed,
+        d_in,
+    };
+    each_output(rows, out, y, |o, acc| {
+        dot_rows(path, kind, &rows_x, rows, &w[o * d_in..(o + 1) * d_in], acc)
+    });
     Ok(())
 }
 

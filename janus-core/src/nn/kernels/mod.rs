@@ -16,3 +16,56 @@ pub mod quant;
 pub use dispatch::KernelPath;
 pub use half_matvec::{HalfKind, MAX_ROWS, half_matvec};
 pub use quant::{QK, QuantKind, QuantMatrix, quant_matvec};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Output rows of `W` one task computes (enough to amortise the task, small enough to spread a
+/// 2048-wide layer over the threads).
+const OUTPUTS_PER_TASK: usize = 64;
+
+/// The checks every decode-shaped product makes: 1 to [`MAX_ROWS`] rows, slices that match the
+/// shapes, a path this CPU runs.
+fn check_product(
+    name: &str,
+    path: KernelPath,
+    rows: usize,
+    (d_in, out): (usize, usize),
+    (x_len, y_len): (usize, usize),
+) -> Result<()> {
+    let bad = |msg: String| Err(Error::InvalidInput(format!("{name}: {msg}")));
+    if !(1..=MAX_ROWS).contains(&rows) {
+        return bad(format!("{rows} rows; 1 to {MAX_ROWS} are served"));
+    }
+    if x_len != rows * d_in || y_len != rows * out {
+        return bad(format!(
+            "x has {x_len} values and y {y_len}, for {rows} rows of {d_in} inputs and {out} outputs"
+        ));
+    }
+    if !path.supported() {
+        return bad(format!("this CPU cannot run the {} path", path.name()));
+    }
+    Ok(())
+}
+
+/// `y[r·out + o] = dot(o)[r]`: the output rows of `W` split across the pool, each task filling
+/// one contiguous piece of a transposed buffer (`[out, rows]`), then laid out row-major.
+fn each_output<F>(rows: usize, out: usize, y: &mut [f32], dot: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let mut yt = vec![0.0f32; out * rows];
+    yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (k, acc) in chunk.chunks_exact_mut(rows).enumerate() {
+                dot(task * OUTPUTS_PER_TASK + k, acc);
+            }
+        });
+    for (o, acc) in yt.chunks_exact(rows).enumerate() {
+        for (r, v) in acc.iter().enumerate() {
+            y[r * out + o] = *v;
+        }
+    }
+}

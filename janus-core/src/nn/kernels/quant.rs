@@ -1,4 +1,4 @@
-//! GGML's `q8_0` and `q4_0` block formats, and `y = x·Wᵀ` over them for one to [`MAX_ROWS`]
+//! GGML's `q8_0` and `q4_0` block formats, and `y = x·Wᵀ` over them for one to [`MAX_ROWS`](super::MAX_ROWS)
 //! rows.
 //!
 //! A row of `W` is cut into blocks of [`QK`] = 32 values, each with one scale `d`:
@@ -19,14 +19,11 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::dispatch::KernelPath;
-use super::half_matvec::MAX_ROWS;
+use super::{check_product, each_output};
 use crate::error::{Error, Result};
 
 /// Values in a block.
 pub const QK: usize = 32;
-
-/// Output rows of `W` one task computes.
-const OUTPUTS_PER_TASK: usize = 64;
 
 /// Which block format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -236,7 +233,7 @@ fn quantize_rows(x: &[f32], rows: usize) -> QuantRows {
 /// quantized to 8 bits per block first).
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if `rows` is 0 or above [`MAX_ROWS`], the slices do not match the
+/// [`Error::InvalidInput`] if `rows` is 0 or above [`MAX_ROWS`](super::MAX_ROWS), the slices do not match the
 /// matrix, or this CPU cannot run `path`.
 pub fn quant_matvec(
     path: KernelPath,
@@ -245,44 +242,20 @@ pub fn quant_matvec(
     rows: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    let bad = |msg: String| Err(Error::InvalidInput(format!("quant_matvec: {msg}")));
-    if !(1..=MAX_ROWS).contains(&rows) {
-        return bad(format!("{rows} rows; 1 to {MAX_ROWS} are served"));
-    }
     let [out, d_in] = w.dims();
-    if x.len() != rows * d_in || y.len() != rows * out {
-        return bad(format!(
-            "x has {} values and y {}, for {rows} rows of {d_in} inputs and {out} outputs",
-            x.len(),
-            y.len()
-        ));
-    }
-    if !path.supported() {
-        return bad(format!("this CPU cannot run the {} path", path.name()));
-    }
+    check_product("quant_matvec", path, rows, (d_in, out), (x.len(), y.len()))?;
     let isa = Isa::of(path);
     let xq = quantize_rows(x, rows);
     let nb = d_in / QK;
     let qb = w.kind.quant_bytes();
-    let mut yt = vec![0.0f32; out * rows];
-    yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (k, acc) in chunk.chunks_exact_mut(rows).enumerate() {
-                let o = task * OUTPUTS_PER_TASK + k;
-                let row = WRow {
-                    kind: w.kind,
-                    scales: &w.scales[o * nb..(o + 1) * nb],
-                    quants: &w.quants[o * nb * qb..(o + 1) * nb * qb],
-                };
-                dot_rows(isa, &row, &xq, rows, acc);
-            }
-        });
-    for (o, acc) in yt.chunks_exact(rows).enumerate() {
-        for (r, v) in acc.iter().enumerate() {
-            y[r * out + o] = *v;
-        }
-    }
+    each_output(rows, out, y, |o, acc| {
+        let row = WRow {
+            kind: w.kind,
+            scales: &w.scales[o * nb..(o + 1) * nb],
+            quants: &w.quants[o * nb * qb..(o + 1) * nb * qb],
+        };
+        dot_rows(isa, &row, &xq, rows, acc);
+    });
     Ok(())
 }
 
@@ -481,6 +454,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::MAX_ROWS;
     use super::*;
 
     fn value(i: usize) -> f32 {
