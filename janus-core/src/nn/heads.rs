@@ -18,17 +18,30 @@ pub struct GenHead {
 }
 
 impl GenHead {
+    /// Under a quantized weight format the head keeps the file's storage (bf16 for Janus): its
+    /// logits feed classifier-free guidance, which multiplies their errors by the guidance weight.
+    /// At Janus-Pro-1B size this raised the `q8_0` guided-logit cosine against f32 from 0.99903 to
+    /// 0.99913 (mean over 576 steps) and top-1 agreement from 89.7 % to 91.5 %, for 2 % of the
+    /// weights (`BENCHMARKS.md`, quality table).
     pub(crate) fn load(w: &mut Weights<'_>, c: &JanusConfig) -> Self {
         let h = &c.gen_head;
         GenHead {
-            output_mlp_projector: Linear::load(
+            output_mlp_projector: Linear::load_as(
                 w,
                 "gen_head.output_mlp_projector",
                 h.input_dim,
                 h.hidden_dim,
                 true,
+                false,
             ),
-            vision_head: Linear::load(w, "gen_head.vision_head", h.hidden_dim, h.num_tokens, true),
+            vision_head: Linear::load_as(
+                w,
+                "gen_head.vision_head",
+                h.hidden_dim,
+                h.num_tokens,
+                true,
+                false,
+            ),
         }
     }
 

@@ -42,7 +42,20 @@ impl Linear {
         d_out: usize,
         bias: bool,
     ) -> Self {
-        let weight = w.matrix(&format!("{prefix}.weight"), &[d_out, d_in], true);
+        Self::load_as(w, prefix, d_in, d_out, bias, true)
+    }
+
+    /// [`load`](Self::load), with `quantizable` false for a layer that keeps the unquantized
+    /// storage under `q8_0`/`q4_0`.
+    pub(crate) fn load_as(
+        w: &mut Weights<'_>,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        quantizable: bool,
+    ) -> Self {
+        let weight = w.matrix(&format!("{prefix}.weight"), &[d_out, d_in], quantizable);
         let bias = bias.then(|| w.get(&format!("{prefix}.bias"), [d_out]));
         Linear { weight, bias }
     }
