@@ -149,6 +149,7 @@ pub(super) mod x86 {
 
     use std::arch::x86_64::*;
 
+    use super::super::{PREFETCH_BYTES, prefetch};
     use super::{CHUNK, HalfKind, Rows, widen};
 
     /// Widens 8 stored values.
@@ -196,6 +197,7 @@ pub(super) mod x86 {
             // SAFETY: i + 32 <= body <= wrow.len(); the packed chunk holds R·32 values
             // (asserted above).
             unsafe {
+                prefetch(wp.add(i), PREFETCH_BYTES);
                 for half in 0..2 {
                     let w0 = widen8(kind, wp.add(i + 16 * half));
                     let w1 = widen8(kind, wp.add(i + 16 * half + 8));
@@ -254,6 +256,7 @@ pub(super) mod x86 {
             // SAFETY: i + 32 <= body <= wrow.len(); the packed chunk holds R·32 values
             // (asserted above).
             unsafe {
+                prefetch(wp.add(i), PREFETCH_BYTES);
                 let w0 = widen16(kind, wp.add(i));
                 let w1 = widen16(kind, wp.add(i + 16));
                 for r in 0..R {

@@ -21,6 +21,23 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+/// How far ahead of the loads the SIMD loops ask for weight bytes, once per cache line. Each task
+/// walks its rows of `W` as one stream, and the hardware prefetcher alone leaves decode-shaped
+/// products well below the memory's speed on this machine class (2 threads, Janus-Pro-7B: a CFG
+/// step in bf16 476 → 389 ms, in q8_0 320 → 228 ms with it; 2–8 KB ahead measure alike).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 4096;
+
+/// Asks for the cache line `bytes` past `p` (a hint: it never faults, even past the end of the
+/// data, so the address is formed with wrapping arithmetic and never dereferenced).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch<T>(p: *const T, bytes: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    // SAFETY: a prefetch is a hint; it reads nothing the program can observe and cannot fault.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(bytes)) }
+}
+
 /// Output rows of `W` one task computes (enough to amortise the task, small enough to spread a
 /// 2048-wide layer over the threads).
 const OUTPUTS_PER_TASK: usize = 64;

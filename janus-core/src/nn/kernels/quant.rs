@@ -192,23 +192,29 @@ impl QuantMatrix {
     }
 }
 
-/// Activation rows quantized to 8 bits per block, scales in f32, stored block-major
-/// (`[block][row][QK]`, scales `[block][row]`): a step of the loops reads one contiguous piece
-/// for all rows.
+/// Activation rows quantized to 8 bits per block, scales in f32, stored by pairs of blocks
+/// (`[pair][row][2·QK]`, scales likewise `[pair][row][2]`; an odd last block alone): a step of
+/// the loops reads one contiguous piece for all rows, and a row's two blocks of a pair are one
+/// 64-byte vector.
 struct QuantRows {
     quants: Vec<i8>,
     scales: Vec<f32>,
+    /// Per pair and row, 16 lanes: the first block's scale 8 times, then the second's (the
+    /// scale vector of one 64-byte step; empty where no step uses it).
+    pair_scales: Vec<f32>,
 }
 
 impl QuantRows {
-    /// Quants of block `b` of row `r`, for `rows` rows.
+    /// Index (in blocks) of block `b` of row `r`, for `rows` rows of `nb` blocks.
     #[inline(always)]
-    fn at(rows: usize, b: usize, r: usize) -> usize {
-        b * rows + r
+    fn at(rows: usize, nb: usize, b: usize, r: usize) -> usize {
+        let pair = b / 2;
+        let width = if 2 * pair + 1 < nb { 2 } else { 1 };
+        pair * 2 * rows + r * width + b % 2
     }
 }
 
-fn quantize_rows(x: &[f32], rows: usize) -> QuantRows {
+fn quantize_rows(x: &[f32], rows: usize, pair_scales: bool) -> QuantRows {
     let d_in = x.len() / rows;
     let nb = d_in / QK;
     let mut quants = vec![0i8; x.len()];
@@ -216,7 +222,7 @@ fn quantize_rows(x: &[f32], rows: usize) -> QuantRows {
     for r in 0..rows {
         for b in 0..nb {
             let block = &x[r * d_in + b * QK..r * d_in + (b + 1) * QK];
-            let k = QuantRows::at(rows, b, r);
+            let k = QuantRows::at(rows, nb, b, r);
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -226,7 +232,20 @@ fn quantize_rows(x: &[f32], rows: usize) -> QuantRows {
             scales[k] = d;
         }
     }
-    QuantRows { quants, scales }
+    let pair_scales = if pair_scales {
+        // Full pairs only: their blocks' scales sit side by side in `scales`.
+        scales[..nb / 2 * 2 * rows]
+            .chunks_exact(2)
+            .flat_map(|d| [[d[0]; 8], [d[1]; 8]].into_iter().flatten())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    QuantRows {
+        quants,
+        scales,
+        pair_scales,
+    }
 }
 
 /// `y[r·out + o] = Σᵢ x[r·d_in + i] · W[o, i]` for `rows` rows of `x` (the activations
@@ -245,7 +264,7 @@ pub fn quant_matvec(
     let [out, d_in] = w.dims();
     check_product("quant_matvec", path, rows, (d_in, out), (x.len(), y.len()))?;
     let isa = Isa::of(path);
-    let xq = quantize_rows(x, rows);
+    let xq = quantize_rows(x, rows, isa.uses_pair_scales());
     let nb = d_in / QK;
     let qb = w.kind.quant_bytes();
     each_output(rows, out, y, |o, acc| {
@@ -277,6 +296,15 @@ enum Isa {
 }
 
 impl Isa {
+    /// Whether its loops read [`QuantRows::pair_scales`].
+    fn uses_pair_scales(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Isa::Vnni = self {
+            return true;
+        }
+        false
+    }
+
     fn of(path: KernelPath) -> Isa {
         match path {
             KernelPath::Portable => Isa::Portable,
@@ -355,7 +383,7 @@ fn portable<const R: usize>(w: &WRow<'_>, x: &QuantRows, acc: &mut [f32]) {
         let wi = block_ints(w.kind, &w.quants[b * qb..(b + 1) * qb]);
         let dw = w.scales[b].to_f32();
         for (r, s) in sums.iter_mut().enumerate() {
-            let k = QuantRows::at(R, b, r);
+            let k = QuantRows::at(R, nb, b, r);
             let xi = &x.quants[k * QK..(k + 1) * QK];
             let dot: i32 = wi
                 .iter()
@@ -373,6 +401,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::half_matvec::x86::hsum8;
+    use super::super::{PREFETCH_BYTES, prefetch};
     use super::{QK, QuantKind, QuantRows, WRow};
 
     /// A weight block's 32 values as signed bytes in one register.
@@ -405,11 +434,17 @@ mod x86 {
         for b in 0..nb {
             // SAFETY: block b of the row and of every row of x is in bounds.
             unsafe {
+                if (b * qb).is_multiple_of(64) {
+                    prefetch(w.quants.as_ptr().add(b * qb), PREFETCH_BYTES);
+                }
+                if b.is_multiple_of(32) {
+                    prefetch(w.scales.as_ptr().add(b), PREFETCH_BYTES / qb * 2);
+                }
                 let wv = load_block(w.kind, w.quants.as_ptr().add(b * qb));
                 let aw = _mm256_sign_epi8(wv, wv);
                 let dw = w.scales[b].to_f32();
                 for (r, s) in sums.iter_mut().enumerate() {
-                    let k = QuantRows::at(R, b, r);
+                    let k = QuantRows::at(R, nb, b, r);
                     let xv = _mm256_loadu_si256(x.quants.as_ptr().add(k * QK).cast());
                     let sx = _mm256_sign_epi8(xv, wv);
                     let pairs = _mm256_maddubs_epi16(aw, sx);
@@ -424,20 +459,81 @@ mod x86 {
         }
     }
 
-    /// As [`avx2`], with VNNI's `dpbusd` doing the byte products and their sums in one step.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+    /// Two weight blocks' 64 values as signed bytes in one register.
+    #[inline(always)]
+    unsafe fn load_pair(kind: QuantKind, p: *const u8) -> __m512i {
+        // SAFETY: the caller guarantees both blocks' bytes are readable at `p`.
+        unsafe {
+            match kind {
+                QuantKind::Q8_0 => _mm512_loadu_si512(p.cast()),
+                QuantKind::Q4_0 => {
+                    let raw = _mm256_loadu_si256(p.cast());
+                    let mask = _mm256_set1_epi8(0x0f);
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                    // 128-bit lanes [lo₀, lo₁, hi₀, hi₁] → [lo₀, hi₀, lo₁, hi₁]
+                    let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    let v = _mm512_shuffle_i64x2::<0b11_01_10_00>(v, v);
+                    _mm512_sub_epi8(v, _mm512_set1_epi8(8))
+                }
+            }
+        }
+    }
+
+    /// `[d₀ ×8, d₁ ×8]` from two consecutive f16 scales.
+    #[inline(always)]
+    unsafe fn pair_scale(p: *const half::f16) -> __m512 {
+        // SAFETY: the caller guarantees two readable scales at `p`.
+        unsafe {
+            let both = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
+            let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(both))
+        }
+    }
+
+    /// Two blocks a step in 512-bit registers: `|w|` times `x` carrying `w`'s sign (AVX-512 has
+    /// no byte `sign`: a masked negation), VNNI's `dpbusd` for the byte products and their sums,
+    /// then both blocks' scales at once. An odd last block takes the 256-bit step.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
     pub(super) unsafe fn vnni<const R: usize>(w: &WRow<'_>, x: &QuantRows, acc: &mut [f32]) {
         let nb = w.scales.len();
         let qb = w.kind.quant_bytes();
+        let pairs = nb / 2;
+        assert!(x.pair_scales.len() >= pairs * R * 16 && x.quants.len() >= nb * R * QK);
+        let mut wide = [_mm512_setzero_ps(); R];
+        for p in 0..pairs {
+            // SAFETY: blocks 2p and 2p+1 of the row and of every row of x are in bounds
+            // (asserted above for x).
+            unsafe {
+                prefetch(w.quants.as_ptr().add(2 * p * qb), PREFETCH_BYTES);
+                if p.is_multiple_of(16) {
+                    // the scales, as many blocks ahead
+                    prefetch(w.scales.as_ptr().add(2 * p), PREFETCH_BYTES / qb * 2);
+                }
+                let wv = load_pair(w.kind, w.quants.as_ptr().add(2 * p * qb));
+                let aw = _mm512_abs_epi8(wv);
+                let negative = _mm512_movepi8_mask(wv);
+                let dw = pair_scale(w.scales.as_ptr().add(2 * p));
+                for (r, s) in wide.iter_mut().enumerate() {
+                    let k = (p * R + r) * 2;
+                    let xv = _mm512_loadu_si512(x.quants.as_ptr().add(k * QK).cast());
+                    let sx = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+                    let d = _mm512_mul_ps(dw, _mm512_loadu_ps(x.pair_scales.as_ptr().add(k * 8)));
+                    *s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, *s);
+                }
+            }
+        }
         let mut sums = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
+        if nb % 2 == 1 {
+            let b = nb - 1;
             // SAFETY: block b of the row and of every row of x is in bounds.
             unsafe {
                 let wv = load_block(w.kind, w.quants.as_ptr().add(b * qb));
                 let aw = _mm256_abs_epi8(wv);
                 let dw = w.scales[b].to_f32();
                 for (r, s) in sums.iter_mut().enumerate() {
-                    let k = QuantRows::at(R, b, r);
+                    let k = QuantRows::at(R, nb, b, r);
                     let xv = _mm256_loadu_si256(x.quants.as_ptr().add(k * QK).cast());
                     let sx = _mm256_sign_epi8(xv, wv);
                     let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
@@ -446,8 +542,8 @@ mod x86 {
                 }
             }
         }
-        for (r, s) in sums.iter().enumerate() {
-            acc[r] = hsum8(*s);
+        for r in 0..R {
+            acc[r] = _mm512_reduce_add_ps(wide[r]) + hsum8(sums[r]);
         }
     }
 }
@@ -524,7 +620,7 @@ mod tests {
     fn every_path_equals_the_definition() {
         for path in KernelPath::available() {
             for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
-                for (d_in, out) in [(32, 1), (64, 70), (160, 129)] {
+                for (d_in, out) in [(32, 1), (64, 70), (160, 129), (416, 3)] {
                     let w: Vec<f32> = (0..out * d_in).map(|i| value(i * 5 + 1)).collect();
                     let m = QuantMatrix::quantize(kind, out, d_in, |o, buf| {
                         buf.copy_from_slice(&w[o * d_in..(o + 1) * d_in])
@@ -532,7 +628,7 @@ mod tests {
                     .unwrap();
                     for rows in 1..=MAX_ROWS {
                         let x: Vec<f32> = (0..rows * d_in).map(|i| value(3 * i + 7)).collect();
-                        let xq = quantize_rows(&x, rows);
+                        let xq = quantize_rows(&x, rows, false);
                         let mut y = vec![f32::NAN; rows * out];
                         quant_matvec(path, &m, &x, rows, &mut y).unwrap();
                         let mut wrow = vec![0.0; d_in];
@@ -541,7 +637,7 @@ mod tests {
                             for r in 0..rows {
                                 let expected: f64 = (0..d_in)
                                     .map(|i| {
-                                        let k = QuantRows::at(rows, i / QK, r);
+                                        let k = QuantRows::at(rows, d_in / QK, i / QK, r);
                                         f64::from(xq.quants[k * QK + i % QK])
                                             * f64::from(xq.scales[k])
                                             * f64::from(wrow[i])
