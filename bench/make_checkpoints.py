@@ -12,7 +12,10 @@ The folders are written outside the repository, under
     $CACHE/pro-1b-original/  original DeepSeek layout (MultiModalityCausalLM, model_type "multi_modality"),
                              Janus-Pro-1B dimensions, one bf16 model.safetensors, VLChatProcessor json
                              files, BENCH.json
-    $CACHE/pro-7b-hf-f16/    (only with --pro-7b-f16) transformers layout at Janus-Pro-7B dimensions, f16
+    $CACHE/pro-7b-original/  (only with --pro-7b) original DeepSeek layout at Janus-Pro-7B dimensions, bf16,
+                             sharded pickled .bin as deepseek-ai/Janus-Pro-7B ships it
+                             (pytorch_model-0000K-of-0000N.bin written by torch.save, at most 10 GB a
+                             shard, + pytorch_model.bin.index.json), VLChatProcessor json files, BENCH.json
 
 Each folder carries a STAMP.json; a folder whose stamp matches what this script would write is left
 alone (--force rewrites it).
@@ -22,11 +25,12 @@ a valid row of the 102400-row embedding, so the compute is that of the real mode
 
 Sub-commands:
 
-    make_checkpoints.py [build] [--only hf|original] [--pro-7b-f16] [--cache DIR] [--force]
-        torch + transformers 5.24 for the transformers layout; numpy only for the original layout
-        (reads bench/pro_1b_original_manifest.json).
-    make_checkpoints.py manifest
-        rewrites bench/pro_1b_original_manifest.json from the official DeepSeek code; needs
+    make_checkpoints.py [build] [--only hf|original] [--pro-7b] [--cache DIR] [--force]
+        torch + transformers 5.24 for the transformers layout; numpy only for the Pro-1B original
+        layout (reads bench/pro_1b_original_manifest.json); numpy + torch for the Pro-7B one (reads
+        bench/pro_7b_original_manifest.json, holds one shard at a time: about 10 GB of RAM).
+    make_checkpoints.py manifest [--model pro-1b|pro-7b]
+        rewrites bench/pro_{1b,7b}_original_manifest.json from the official DeepSeek code; needs
         PYTHONPATH=/opt/tf457:/tmp/janus-official (transformers 4.57.1 + deepseek-ai/Janus), see
         tests/reference/README.md.
 
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -55,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REFERENCE = REPO / "tests" / "reference"
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "tokenizer"
-MANIFEST = HERE / "pro_1b_original_manifest.json"
+MANIFESTS = {"pro-1b": HERE / "pro_1b_original_manifest.json", "pro-7b": HERE / "pro_7b_original_manifest.json"}
 sys.path.insert(0, str(REFERENCE))
 
 import make_fixtures as mf  # noqa: E402  (stdlib-only at import time)
@@ -64,6 +69,7 @@ SCRIPT_VERSION = "1"
 HF_SEED = 0
 ORIGINAL_SEED = 0
 CHUNK = 1 << 24           # numpy draws per tensor in chunks of this many elements
+MAX_SHARD_BYTES = 10 ** 10  # "10GB", the shard limit save_pretrained used for deepseek-ai/Janus-Pro-7B
 
 # ------------------------------------------------------------------------------------------------
 # Model dimensions
@@ -90,6 +96,7 @@ PRO_7B = {
     "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 30, "num_attention_heads": 32,
     "num_key_value_heads": 32, "vocab_size": 102400, "max_position_embeddings": 16384,
 }
+MODELS = {"pro-1b": PRO_1B, "pro-7b": PRO_7B}
 RMS_NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
 IMAGE_SIZE = 384
@@ -265,7 +272,7 @@ def build_hf(out: Path, dims: dict, dtype_name: str, force: bool) -> None:
 # Original layout
 # ------------------------------------------------------------------------------------------------
 def original_config(dims: dict) -> dict:
-    """config.json of deepseek-ai/Janus-Pro-1B (the tiny tokenizer's vocabulary fits in vocab_size)."""
+    """config.json of deepseek-ai/Janus-Pro-1B or -7B (the tiny tokenizer's vocabulary fits in vocab_size)."""
     d = dims["hidden_size"]
     cfg = mf.original_config(dims["vocab_size"])
     cfg["aligner_config"]["params"]["n_embed"] = d
@@ -286,22 +293,24 @@ def original_config(dims: dict) -> dict:
 
 
 def cmd_manifest(args) -> None:
-    """List the official MultiModalityCausalLM's state_dict at Pro-1B dims (needs the official code)."""
+    """List the official MultiModalityCausalLM's state_dict at Pro-1B/7B dims (needs the official code)."""
     import torch
+
+    dims, manifest_path = MODELS[args.model], MANIFESTS[args.model]
 
     MultiModalityCausalLM, MultiModalityConfig = mf.official_model_class()
     import janus.models.modeling_vlm as vlm
 
     real_llama = vlm.LlamaForCausalLM
 
-    def llama_on_meta(config):  # the 1.6 B-parameter LLM: shapes only
+    def llama_on_meta(config):  # the LLM (1.6 or 6.9 B parameters): shapes only
         with torch.device("meta"):
             return real_llama(config)
 
     vlm.LlamaForCausalLM = llama_on_meta
     try:
         # the vision and VQ towers are built on the CPU (timm's drop-path schedule calls .item())
-        model = MultiModalityCausalLM(MultiModalityConfig(**original_config(PRO_1B)))
+        model = MultiModalityCausalLM(MultiModalityConfig(**original_config(dims)))
     finally:
         vlm.LlamaForCausalLM = real_llama
     tensors, total = [], 0
@@ -321,18 +330,18 @@ def cmd_manifest(args) -> None:
                       "v = z * float32(std) + float32(mean) (float32); stored value = round-to-nearest-even "
                       "of v to bfloat16"),
         "source": ("MultiModalityCausalLM(config).state_dict() of deepseek-ai/Janus (official code) with "
-                   "the Janus-Pro-1B config.json of bench/make_checkpoints.py::original_config, "
-                   "transformers 4.57.1"),
-        "config": original_config(PRO_1B),
+                   f"the Janus-Pro-{args.model[4:].upper()} config.json of "
+                   "bench/make_checkpoints.py::original_config, transformers 4.57.1"),
+        "config": original_config(dims),
         "num_tensors": len(tensors),
         "total_numel": total,
     }
-    old = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
+    old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if old.get("data_sha256") and old.get("tensors") == tensors and old.get("seed") == ORIGINAL_SEED:
         manifest["data_sha256"] = old["data_sha256"]
     manifest["tensors"] = tensors
-    mf.write_compact_json(MANIFEST, manifest, list_key="tensors")
-    print(f"{MANIFEST}: {len(tensors)} tensors, {total} elements ({2 * total / 1e9:.2f} GB in bf16)")
+    mf.write_compact_json(manifest_path, manifest, list_key="tensors")
+    print(f"{manifest_path}: {len(tensors)} tensors, {total} elements ({2 * total / 1e9:.2f} GB in bf16)")
 
 
 def bf16_chunks(rng, entry: dict):
@@ -357,12 +366,69 @@ ORIGINAL_PREPROCESSOR = dict(mf.ORIG_PREPROCESSOR, image_size=IMAGE_SIZE)
 ORIGINAL_PROCESSOR = dict(mf.ORIG_PROCESSOR, num_image_tokens=NUM_IMAGE_TOKENS)
 
 
-def build_original(out: Path, force: bool, update_digest: bool) -> None:
+def shard_plan(entries, max_bytes: int) -> list[int]:
+    """Shard index of each tensor, in order: a tensor that would take the shard past max_bytes opens the
+    next one (the rule of transformers' shard_checkpoint, which wrote the hub's pytorch_model-*.bin)."""
+    plan, k, size = [], 0, 0
+    for _name, shape in entries:
+        n = 2 * math.prod(shape)
+        if size + n > max_bytes and size > 0:
+            k, size = k + 1, 0
+        plan.append(k)
+        size += n
+    return plan
+
+
+class ShardedBinWriter:
+    """pytorch_model-0000K-of-0000N.bin by torch.save, one shard held in memory at a time."""
+
+    def __init__(self, folder: Path, entries, max_bytes: int):
+        self.folder = folder
+        self.plan = shard_plan(entries, max_bytes)
+        count = self.plan[-1] + 1
+        self.names = [f"pytorch_model-{k + 1:05d}-of-{count:05d}.bin" for k in range(count)]
+        self.shard_of = {name: k for (name, _), k in zip(entries, self.plan)}
+        self.shapes = dict(entries)
+        self.total = sum(2 * math.prod(shape) for _, shape in entries)
+        self.current, self.pending, self.parts = 0, {}, []
+
+    def add_tensor(self, name: str, data: bytes) -> None:
+        self.parts.append(data)
+        if sum(len(b) for b in self.parts) < 2 * math.prod(self.shapes[name]):
+            return
+        import numpy as np
+        import torch
+
+        k = self.shard_of[name]
+        if k != self.current:
+            self._flush()
+            self.current = k
+        bits = np.frombuffer(b"".join(self.parts), dtype="<i2").copy()
+        self.parts = []
+        self.pending[name] = torch.from_numpy(bits).view(torch.bfloat16).reshape(self.shapes[name])
+
+    def _flush(self) -> None:
+        import torch
+
+        torch.save(self.pending, self.folder / self.names[self.current])
+        self.pending = {}
+
+    def close(self) -> list[str]:
+        self._flush()
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {name: self.names[k] for name, k in sorted(self.shard_of.items())}}
+        (self.folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return self.names
+
+
+def build_original(out: Path, model: str, force: bool, update_digest: bool) -> None:
+    """Pro-1B: one model.safetensors; Pro-7B: sharded pickled .bin, as the hub has each."""
     import numpy as np
 
     from gen_original import SafetensorsWriter
 
-    manifest_bytes = MANIFEST.read_bytes()
+    manifest_path = MANIFESTS[model]
+    manifest_bytes = manifest_path.read_bytes()
     manifest = json.loads(manifest_bytes)
     config = manifest["config"]
     stamp = {"script_version": SCRIPT_VERSION, "layout": "original",
@@ -380,7 +446,10 @@ def build_original(out: Path, force: bool, update_digest: bool) -> None:
         shutil.copyfile(TOKENIZER_DIR / name, tmp / name)
 
     entries = [(t["name"], t["shape"]) for t in manifest["tensors"]]
-    writer = SafetensorsWriter(tmp / "model.safetensors", entries)
+    if model == "pro-1b":
+        writer = SafetensorsWriter(tmp / "model.safetensors", entries)
+    else:
+        writer = ShardedBinWriter(tmp, entries, MAX_SHARD_BYTES)
     rng = np.random.Generator(np.random.PCG64(int(manifest["seed"])))
     digest = hashlib.sha256()
     counts: dict[str, int] = {}
@@ -390,7 +459,9 @@ def build_original(out: Path, force: bool, update_digest: bool) -> None:
             writer.add_tensor(t["name"], data)
         top = t["name"].split(".")[0]
         counts[top] = counts.get(top, 0) + int(np.prod(t["shape"], dtype=np.int64))
-    writer.close()
+    weight_files = writer.close() if model != "pro-1b" else None
+    if weight_files is None:
+        weight_files = ["model.safetensors"]
     digest = digest.hexdigest()
 
     expected = manifest.get("data_sha256")
@@ -400,9 +471,9 @@ def build_original(out: Path, force: bool, update_digest: bool) -> None:
             text = text.replace(f'"data_sha256": "{expected}"', f'"data_sha256": "{digest}"')
         else:
             text = text.replace('\n  "tensors": [', f'\n  "data_sha256": "{digest}",\n  "tensors": [', 1)
-        MANIFEST.write_text(text, encoding="utf-8")
+        manifest_path.write_text(text, encoding="utf-8")
         stamp["manifest_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        print(f"recorded data_sha256 {digest} in {MANIFEST}")
+        print(f"recorded data_sha256 {digest} in {manifest_path}")
     elif expected and digest != expected:
         shutil.rmtree(tmp)
         raise SystemExit(f"error: generated weights have sha256 {digest}, the manifest expects {expected} "
@@ -411,11 +482,11 @@ def build_original(out: Path, force: bool, update_digest: bool) -> None:
     n_params = sum(counts.values())
     info = {
         "layout": "original DeepSeek MultiModalityCausalLM (model_type multi_modality)",
-        "dims": PRO_1B, "storage_dtype": "bf16", "seed": manifest["seed"],
+        "dims": MODELS[model], "storage_dtype": "bf16", "seed": manifest["seed"],
         "parameters": n_params, "parameters_by_component": counts,
         "bytes_f32": 4 * n_params, "bytes_bf16": 2 * n_params,
-        "weight_files": ["model.safetensors"],
-        "weight_file_bytes": (tmp / "model.safetensors").stat().st_size,
+        "weight_files": weight_files,
+        "weight_file_bytes": sum((tmp / f).stat().st_size for f in weight_files),
         "image_size": IMAGE_SIZE, "num_image_tokens": NUM_IMAGE_TOKENS,
         "tokenizer": "tests/fixtures/tokenizer (tiny BPE)", "numpy": np.__version__,
         "data_sha256": digest,
@@ -423,8 +494,9 @@ def build_original(out: Path, force: bool, update_digest: bool) -> None:
     (tmp / "BENCH.json").write_text(json.dumps(info, indent=2) + "\n")
     (tmp / "STAMP.json").write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     replace_folder(tmp, out)
-    print(f"{out}: {n_params / 1e9:.3f} B parameters, {folder_bytes(out) / 1e9:.2f} GB on disk, "
-          f"{time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mb():.0f} MB, data sha256 {digest}")
+    print(f"{out}: {n_params / 1e9:.3f} B parameters, {folder_bytes(out) / 1e9:.2f} GB on disk "
+          f"({len(weight_files)} weight file(s)), {time.perf_counter() - t0:.1f} s, "
+          f"peak RSS {peak_rss_mb():.0f} MB, data sha256 {digest}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,8 +507,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=None,
                     help="cache root (default: $JANUS_BENCH_CACHE or ~/.cache/janus-rs-bench)")
     ap.add_argument("--only", choices=["hf", "original"], default=None, help="build one layout only")
-    ap.add_argument("--pro-7b-f16", action="store_true",
-                    help="also write pro-7b-hf-f16/ (Janus-Pro-7B dims, f16, ~14.8 GB; needs ~16 GB RAM)")
+    ap.add_argument("--pro-7b", action="store_true",
+                    help="also write pro-7b-original/ (Janus-Pro-7B dims, sharded bf16 .bin, ~14.8 GB on "
+                         "disk; needs ~11 GB RAM)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="pro-1b",
+                    help="manifest: which model's state_dict to list")
     ap.add_argument("--force", action="store_true", help="rewrite even when STAMP.json matches")
     ap.add_argument("--update-digest", action="store_true",
                     help="record the original-layout data digest in the manifest (after `manifest`)")
@@ -458,9 +533,9 @@ def main(argv=None) -> int:
             cmd += ["--update-digest"] if args.update_digest else []
             subprocess.run(cmd, check=True)
         else:
-            build_original(cache / "pro-1b-original", args.force, args.update_digest)
-    if args.pro_7b_f16:
-        build_hf(cache / "pro-7b-hf-f16", PRO_7B, "f16", args.force)
+            build_original(cache / "pro-1b-original", "pro-1b", args.force, args.update_digest)
+    if args.pro_7b:
+        build_original(cache / "pro-7b-original", "pro-7b", args.force, args.update_digest)
     print(f"done in {time.perf_counter() - t0:.1f} s; cache {cache}")
     return 0
 
