@@ -11,6 +11,8 @@ each PyTorch dtype.
 
     /opt/refenv/bin/python bench/run.py                      # everything, 5 runs, all cores, f32
     /opt/refenv/bin/python bench/run.py --tasks understand,generate1 --runs 3
+    /opt/refenv/bin/python bench/run.py --model pro-7b-original --torch-dtypes "" --weights q8_0 \
+        --tasks load,understand,generate1 --runs 3 --section pro-7b-q8_0    # janus-rs only, a section
 
 Checkpoints come from bench/make_checkpoints.py (run it first).
 """
@@ -34,7 +36,8 @@ REPO = HERE.parent
 
 # name -> (bench task, extra flags, the metrics reported for it: (key, label, unit, lower_is_better))
 TASKS = {
-    "load": ("load", [], [("load_s", "load", "s", True)]),
+    "load": ("load", [], [("load_s", "load", "s", True),
+                          ("files_read_s", "reading the weight files once (janus-rs, after its load)", "s", True)]),
     "understand": ("understand", ["--image", "{image}"], [
         ("vision_ms", "SigLIP + aligner inside the prefill", "ms", True),
         ("prefill_ms", "prefill (time to first token)", "ms", True),
@@ -59,6 +62,10 @@ TASKS = {
 DEFAULT_TASKS = "understand,generate1,generate4,vq_decode,siglip,load"
 BANDWIDTH: dict = {}
 NOTES_MARKER = "<!-- notes: kept by bench/run.py -->"
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- section {name}: written by bench/run.py -->", f"<!-- /section {name} -->"
 
 
 def cache_dir(args) -> Path:
@@ -136,15 +143,15 @@ def machine() -> dict:
 
 
 def shown_args(argv: list[str]) -> list[str]:
-    """The command line without machine-specific paths (`--rust-bin X`)."""
+    """The command line that measured, without machine-specific paths (`--rust-bin X`)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
         elif a == "--rust-bin":
             skip = True
-        elif not a.startswith("--rust-bin="):
-            out.append(a)
+        elif not a.startswith("--rust-bin=") and a != "--report-only":
+            out.append(a if a else '""')
     return out
 
 
@@ -160,9 +167,28 @@ def summarize(values: list[float]) -> str:
     return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
 
 
+def row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def report(records: list[dict], args, meta: dict) -> str:
+    title = f"## {meta['model']}, weights {meta.get('rust_weights', '?')}" if args.section else "# Benchmarks"
+    tds = torch_dtypes(args)
+    if tds:
+        sides = (f"Threads: {args.threads} on both sides; janus-rs computes in {args.dtype} with weights "
+                 f"`--weights {args.weights}` (resolved: {meta.get('rust_weights', '?')}), PyTorch computes in "
+                 f"{' and '.join(tds)} (its bf16 weights upcast at load for f32)")
+        builds = ("janus-rs: burn CPU backend (flex, rayon, SIMD), release build; PyTorch: "
+                  + ("DeepSeek's official Janus code, " if args.torch_impl == "official" else "transformers' Janus, ")
+                  + f"{meta.get('torch_versions', '?')}, eager, sdpa attention")
+        legend = "Median (min–max). Ratio: how many times faster janus-rs is than PyTorch in that dtype (>1 = faster)."
+    else:
+        sides = (f"Threads: {args.threads}; janus-rs alone, computing in {args.dtype} with weights "
+                 f"`--weights {args.weights}` (resolved: {meta.get('rust_weights', '?')})")
+        builds = "janus-rs: burn CPU backend (flex, rayon, SIMD), release build"
+        legend = "Median (min–max)."
     lines = [
-        "# Benchmarks",
+        title,
         "",
         "Written by `bench/run.py` (see `bench/README.md` for what each figure times); rerun with",
         f"`{meta['command']}`.",
@@ -173,20 +199,16 @@ def report(records: list[dict], args, meta: dict) -> str:
         f"{meta['read_range']} GB/s ({meta['read_threads']} threads summing a filled 1 GiB buffer, "
         f"the `bandwidth` task, sampled before each task), copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s "
         "(numpy, read + write)",
-        f"- Checkpoint: `{meta['model']}` (random weights at Janus-Pro-1B size, bf16 on disk)",
-        f"- Threads: {args.threads} on both sides; janus-rs computes in {args.dtype} with weights "
-        f"`--weights {args.weights}` (resolved: {meta.get('rust_weights', '?')}), PyTorch computes in "
-        f"{' and '.join(torch_dtypes(args))} (its bf16 weights upcast at load for f32); {args.runs} runs per "
-        f"task ({args.full_image_runs} of `full_image`), each its own process, the sides alternating",
-        f"- janus-rs: burn CPU backend (flex, rayon, SIMD), release build; PyTorch: "
-        + ("DeepSeek's official Janus code, " if args.torch_impl == "official" else "transformers' Janus, ")
-        + f"{meta.get('torch_versions', '?')}, eager, sdpa attention",
+        f"- Checkpoint: `{meta['model']}` (random weights, {meta['params'] / 1e9:.2f} B parameters, "
+        f"bf16 on disk: {meta['files']})",
+        f"- {sides}; {args.runs} runs per task ({args.full_image_runs} of `full_image`), each its own "
+        "process" + (", the sides alternating" if tds else ""),
+        f"- {builds}",
         "",
-        "Median (min–max). Ratio: how many times faster janus-rs is than PyTorch in that dtype (>1 = faster).",
+        legend,
         "",
-        "| Figure | janus-rs | " + " | ".join(f"PyTorch {d}" for d in torch_dtypes(args)) + " | "
-        + " | ".join(f"Ratio vs {d}" for d in torch_dtypes(args)) + " |",
-        "|---|---:|" + "---:|" * (2 * len(torch_dtypes(args))),
+        row(["Figure", "janus-rs"] + [f"PyTorch {d}" for d in tds] + [f"Ratio vs {d}" for d in tds]),
+        "|---|---:|" + "---:|" * (2 * len(tds)),
     ]
     by = {}
     for r in records:
@@ -199,7 +221,7 @@ def report(records: list[dict], args, meta: dict) -> str:
         for key, label, unit, lower in metrics:
             a = [r[key] for r in rust if r.get(key) is not None]
             bs = [[r[key] for r in t if r.get(key) is not None] for t in torches]
-            if not a or not any(bs):
+            if not a or (bs and not any(bs)):
                 continue
             ma = statistics.median(a)
             cells, ratios = [], []
@@ -211,14 +233,14 @@ def report(records: list[dict], args, meta: dict) -> str:
                 mb = statistics.median(b)
                 cells.append(summarize(b))
                 ratios.append(f"{(mb / ma) if lower else (ma / mb):.2f}×")
-            lines.append(f"| {label} ({unit}) | {summarize(a)} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+            lines.append(row([f"{label} ({unit})", summarize(a)] + cells + ratios))
         if rust:
             mem_rows.append((name, [r["peak_rss_mb"] for r in rust], [[r["peak_rss_mb"] for r in t] for t in torches]))
     lines += ["", "Peak RSS of the process (MiB, `VmHWM`), by task:", "",
-              "| Task | janus-rs | " + " | ".join(f"PyTorch {d}" for d in torch_dtypes(args)) + " |",
-              "|---|---:|" + "---:|" * len(torch_dtypes(args))]
+              row(["Task", "janus-rs"] + [f"PyTorch {d}" for d in tds]),
+              "|---|---:|" + "---:|" * len(tds)]
     for name, a, bs in mem_rows:
-        lines.append(f"| {name} | {summarize(a)} | " + " | ".join(summarize(b) if b else "–" for b in bs) + " |")
+        lines.append(row([name, summarize(a)] + [summarize(b) if b else "–" for b in bs]))
     lines += ["", f"Weights: {meta['params']:,} parameters; janus-rs holds {meta.get('rust_weight_mib', '?')} MiB "
                   f"({meta.get('rust_weights', '?')}); in f32 they are {meta['params'] * 4 / 2**20:.0f} MiB, "
                   f"in bf16 {meta['params'] * 2 / 2**20:.0f} MiB.", ""]
@@ -226,17 +248,17 @@ def report(records: list[dict], args, meta: dict) -> str:
     if floors:
         lines += ["Memory floor of a decoding step: the weights it reads once, at the median read bandwidth "
                   "above.", "",
-                  "| Step | janus-rs reads (GB) | floor (ms) | janus-rs median (ms) | "
-                  + " | ".join(f"PyTorch {d} median (ms)" for d in torch_dtypes(args)) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(torch_dtypes(args))]
+                  row(["Step", "janus-rs reads (GB)", "floor (ms)", "janus-rs median (ms)"]
+                      + [f"PyTorch {d} median (ms)" for d in tds]),
+                  "|---|---:|---:|---:|" + "---:|" * len(tds)]
         for label, gb, rust_ms, torch_ms in floors:
             floor = gb / meta["read_gbs"] * 1e3
             cell = lambda v: fmt(v) if v is not None else "–"
-            lines.append(f"| {label} | {gb:.2f} | {fmt(floor)} | {cell(rust_ms)} | " + " | ".join(cell(t) for t in torch_ms) + " |")
+            lines.append(row([label, f"{gb:.2f}", fmt(floor), cell(rust_ms)] + [cell(t) for t in torch_ms]))
         lines.append("")
     und = [r for r in records if r["bench"] == "understand"]
     ids = {r["impl"]: r.get("token_ids") for r in und}
-    for d in torch_dtypes(args):
+    for d in tds:
         if ids.get("janus-rs") and ids.get(f"torch-{d}"):
             same = ids["janus-rs"] == ids[f"torch-{d}"]
             lines.append(f"Greedy understanding tokens of janus-rs and PyTorch {d} {'agree' if same else 'DIFFER'} "
@@ -265,6 +287,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rust-bin", default=None, help="prebuilt pipeline bench executable")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--records", default=str(HERE / "results.jsonl"), help="raw records (JSON lines)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite the report from the records of an earlier run (--records)")
+    ap.add_argument("--section", default=None,
+                    help="write the report as a section of --out, between markers named after it, and "
+                         "leave the rest of the file as it is (default: the report is the top of --out)")
     args = ap.parse_args(argv)
     for t in args.tasks.split(","):
         if t not in TASKS:
@@ -274,6 +301,13 @@ def main(argv=None) -> None:
     model = cache / args.model
     if not (model / "config.json").is_file():
         raise SystemExit(f"{model} is missing: run bench/make_checkpoints.py first")
+    if args.report_only:
+        records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+        BANDWIDTH["reads"] = [r for r in records if r["bench"] == "bandwidth"]
+        if not BANDWIDTH["reads"]:
+            raise SystemExit(f"{args.records} holds no bandwidth samples (written before they were recorded)")
+        write_outputs(records, args, argv, model)
+        return
     image = cache / "input-384.png"
     write_image(image)
     rust = rust_binary(args)
@@ -283,7 +317,10 @@ def main(argv=None) -> None:
     records = []
     for name in args.tasks.split(","):
         # The read bandwidth of a shared machine drifts: sample it with every task.
-        BANDWIDTH.setdefault("reads", []).append(run_one([str(rust), "--task", "bandwidth"], env))
+        sample = run_one([str(rust), "--task", "bandwidth"], env)
+        sample.update(bench="bandwidth", impl="bandwidth", run=len(BANDWIDTH.setdefault("reads", [])))
+        BANDWIDTH["reads"].append(sample)
+        records.append(sample)
         task, extra, _ = TASKS[name]
         extra = [e.format(image=image) for e in extra]
         runs = args.full_image_runs if name == "full_image" else args.runs
@@ -336,25 +373,38 @@ def write_outputs(records: list[dict], args, argv, model: Path) -> None:
         "dtype_bytes": dtype_bytes,
         "weight_bytes_compute": params * dtype_bytes,
         "torch_versions": ", ".join(f"{k} {v}" for k, v in (torch_rec.get("versions") or {}).items()),
+        "files": ", ".join(bench_json.get("weight_files") or []) or "?",
     }
     rust_rec = next((r for r in records if r["impl"] == "janus-rs" and r.get("weights")), {})
     meta["rust_weights"] = rust_rec.get("weights", "?")
     meta["rust_weight_mib"] = f"{rust_rec['weight_bytes'] / 2**20:.0f}" if rust_rec.get("weight_bytes") else "?"
     # The bytes a decoding step reads on the Rust side: its weights' storage.
     read_bytes = {"f32": 4, "bf16": 2, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}.get(meta["rust_weights"], dtype_bytes)
-    meta["floors"] = decode_floors(records, bench_json, read_bytes, torch_dtypes(args))
+    # Under q8_0/q4_0 the generation head keeps the file's 16-bit storage.
+    head_bytes = 2 if meta["rust_weights"] in ("q8_0", "q4_0") else read_bytes
+    meta["floors"] = decode_floors(records, bench_json, read_bytes, head_bytes, torch_dtypes(args))
     text = report(records, args, meta)
     out = Path(args.out)
-    # Hand-written analysis below the marker survives a rerun.
-    if out.exists() and NOTES_MARKER in out.read_text():
-        text += "\n" + NOTES_MARKER + out.read_text().split(NOTES_MARKER, 1)[1]
+    old = out.read_text() if out.exists() else ""
+    if args.section:
+        begin, end = section_markers(args.section)
+        block = f"{begin}\n{text}\n{end}"
+        if begin in old and end in old:
+            head, rest = old.split(begin, 1)
+            text = head + block + rest.split(end, 1)[1]
+        else:
+            text = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block + "\n"
+    elif NOTES_MARKER in old:
+        # Hand-written analysis below the marker survives a rerun.
+        text += "\n" + NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]
     out.write_text(text)
     print(text, flush=True)
 
 
-def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: float, tds: list[str]) -> list:
+def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: float, head_bytes: float,
+                  tds: list[str]) -> list:
     """(label, GB janus-rs reads per step, janus-rs median ms, PyTorch median ms per dtype) for the
-    decoding steps measured."""
+    decoding steps measured (`head_bytes`: bytes per weight of the generation head and aligner)."""
     parts = bench_json.get("parameters_by_component") or {}
     dims = bench_json.get("dims") or {}
     if not parts or not dims:
@@ -371,7 +421,7 @@ def decode_floors(records: list[dict], bench_json: dict, dtype_bytes: float, tds
     gen = parts.get("generation_head", parts.get("gen_head", 0)) + \
         parts.get("generation_aligner", parts.get("gen_aligner", 0))
     text_gb = (stack + lm_head) * dtype_bytes / 1e9
-    image_gb = (stack + gen) * dtype_bytes / 1e9
+    image_gb = (stack * dtype_bytes + gen * head_bytes) / 1e9
 
     def med(bench, key, impl, invert=False):
         v = [r[key] for r in records if r["bench"] == bench and r["impl"] == impl and r.get(key)]

@@ -7,6 +7,7 @@
 //!                          (quality: the model with --weights against the same checkpoint in f32:
 //!                          teacher-forced guided image logits over --steps and answer logits over
 //!                          --new-tokens, both greedy in f32)
+//!                          (load: also the seconds to read the weight files once, after it)
 //!                          (bandwidth: memory read speed of the thread pool; kernels: the
 //!                          half-precision decode products on every kernel path; no model needed)
 //!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
@@ -452,6 +453,32 @@ fn kernels(repeat: usize) -> Value {
     })
 }
 
+/// Seconds to read every weight file of the checkpoint once, in order, 16 MiB at a time: what a
+/// load costs at least, to set beside the load time (the page cache is as the load left it).
+fn read_weight_files(dir: &std::path::Path) -> Result<f64, String> {
+    use std::io::Read;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x == "safetensors" || x == "bin")
+        })
+        .collect();
+    files.sort();
+    let mut buf = vec![0u8; 16 << 20];
+    let t = Instant::now();
+    for path in &files {
+        let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        while f
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            > 0
+        {}
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 fn run(args: &Args) -> Result<Value, String> {
     if args.task == "bandwidth" {
         return Ok(bandwidth());
@@ -467,7 +494,7 @@ fn run(args: &Args) -> Result<Value, String> {
     // The PyTorch side prompts both layouts without a system prompt.
     janus.set_prompt_format(janus.prompt_format().clone().with_system_prompt(""));
     let mut out = match args.task.as_str() {
-        "load" => json!({}),
+        "load" => json!({ "files_read_s": read_weight_files(&args.model)? }),
         "understand" => understand(&janus, args)?,
         "generate" => generate(&janus, args)?,
         "vq_decode" => vq_decode(&janus, args)?,
