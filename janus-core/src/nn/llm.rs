@@ -206,7 +206,9 @@ impl Llm {
     /// embeddings reuses `embed_tokens`.
     pub(crate) fn load(w: &mut Weights<'_>, c: &TextConfig) -> Self {
         let (v, d) = (c.vocab_size, c.hidden_size);
-        let embed_tokens = w.matrix("language_model.model.embed_tokens.weight", &[v, d], false);
+        // The table takes the chosen storage, quantized ones included (a lookup dequantizes just
+        // the rows taken), as GGML's q8_0 files hold `token_embd`.
+        let embed_tokens = w.matrix("language_model.model.embed_tokens.weight", &[v, d], true);
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, &format!("language_model.model.layers.{i}"), c))
             .collect();
