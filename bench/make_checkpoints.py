@@ -459,9 +459,11 @@ def build_original(out: Path, model: str, force: bool, update_digest: bool) -> N
             writer.add_tensor(t["name"], data)
         top = t["name"].split(".")[0]
         counts[top] = counts.get(top, 0) + int(np.prod(t["shape"], dtype=np.int64))
-    weight_files = writer.close() if model != "pro-1b" else None
-    if weight_files is None:
+    if model == "pro-1b":
+        writer.close()
         weight_files = ["model.safetensors"]
+    else:
+        weight_files = writer.close()
     digest = digest.hexdigest()
 
     expected = manifest.get("data_sha256")
