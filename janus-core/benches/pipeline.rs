@@ -9,7 +9,9 @@
 //!                          --new-tokens, both greedy in f32)
 //!                          (load: also the seconds to read the weight files once, after it)
 //!                          (bandwidth: memory read speed of the thread pool; kernels: the
-//!                          half-precision decode products on every kernel path; no model needed)
+//!                          half-precision decode products on every kernel path, and the
+//!                          products of one whole Janus-Pro-1B decoding step as `layer_sweep`;
+//!                          no model needed)
 //!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
 //!   --weights auto|f32|bf16|f16|q8_0|q4_0   weight storage (auto)
 //!   --image PNG            understanding / siglip input (required for those)
@@ -450,7 +452,87 @@ fn kernels(repeat: usize) -> Value {
         "impl": "janus-rs",
         "threads": rayon::current_num_threads(),
         "results": rows_out,
+        "layer_sweep": layer_sweep(repeat),
     })
+}
+
+/// Backs a buffer with transparent huge pages where Linux allows it on request, as the loader
+/// backs the model's weights.
+fn huge_pages(buf: &mut [u16]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let (first, last) = (
+            start.next_multiple_of(HUGE),
+            (start + buf.len() * 2) / HUGE * HUGE,
+        );
+        if last > first {
+            // SAFETY: the range lies inside `buf`; the advice never changes its contents.
+            let _ = unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
+/// The products of one decoding step of the Janus-Pro-1B decoder (24 layers of q, k, v, o,
+/// gate, up and down, every weight its own bf16 buffer, 2.42 GB in all) run back to back on the
+/// widest path, as the model runs them: the kernels' speed over a whole step, each product
+/// starting cold, against the memory's.
+fn layer_sweep(repeat: usize) -> Value {
+    use janus_core::nn::kernels::{HalfKind, KernelPath, half_matvec};
+    let (d, f, layers) = (2048usize, 5632usize, 24usize);
+    let shapes = [(d, d), (d, d), (d, d), (d, d), (f, d), (f, d), (d, f)];
+    let weights: Vec<(usize, Vec<u16>)> = (0..layers)
+        .flat_map(|_| shapes.iter())
+        .enumerate()
+        .map(|(k, &(out, d_in))| {
+            let mut w = vec![0u16; out * d_in];
+            huge_pages(&mut w);
+            for (i, v) in w.iter_mut().enumerate() {
+                *v = half::bf16::from_f32((((i + k) % 251) as f32 - 125.0) / 500.0).to_bits();
+            }
+            (d_in, w)
+        })
+        .collect();
+    let bytes: usize = weights.iter().map(|(_, w)| w.len() * 2).sum();
+    let path = KernelPath::best();
+    let mut out = Vec::new();
+    for rows in [1usize, 2, 8] {
+        let x: Vec<f32> = (0..rows * f).map(|i| (i % 17) as f32 / 17.0).collect();
+        let mut y = vec![0.0f32; rows * f];
+        let mut best = f64::INFINITY;
+        for _ in 0..repeat.max(1) + 1 {
+            let t = Instant::now();
+            for (d_in, w) in &weights {
+                let (d_in, outs) = (*d_in, w.len() / d_in);
+                half_matvec(
+                    path,
+                    HalfKind::Bf16,
+                    &x[..rows * d_in],
+                    rows,
+                    w,
+                    d_in,
+                    &mut y[..rows * outs],
+                )
+                .expect("shapes are consistent");
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(&y);
+        out.push(json!({
+            "rows": rows, "path": path.name(), "weight_bytes": bytes,
+            "ms": best * 1e3, "weight_gbs": bytes as f64 / best / 1e9,
+        }));
+    }
+    json!(out)
 }
 
 /// Seconds to read every weight file of the checkpoint once, in order, 16 MiB at a time: what a

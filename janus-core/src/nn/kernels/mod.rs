@@ -72,12 +72,23 @@ fn each_output<F>(rows: usize, out: usize, y: &mut [f32], dot: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
+    each_output_group(rows, out, y, 1, |o, acc| dot(o, acc));
+}
+
+/// As [`each_output`], `dot(o, acc)` filling `acc.len() / rows` consecutive outputs from `o`
+/// (`group` of them, fewer at the end of a task): a kernel that reads several rows of `W` in one
+/// pass loads each activation value once for all of them.
+fn each_output_group<F>(rows: usize, out: usize, y: &mut [f32], group: usize, dot: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    debug_assert!(group >= 1 && OUTPUTS_PER_TASK.is_multiple_of(group));
     let mut yt = vec![0.0f32; out * rows];
     yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
         .enumerate()
         .for_each(|(task, chunk)| {
-            for (k, acc) in chunk.chunks_exact_mut(rows).enumerate() {
-                dot(task * OUTPUTS_PER_TASK + k, acc);
+            for (k, acc) in chunk.chunks_mut(group * rows).enumerate() {
+                dot(task * OUTPUTS_PER_TASK + k * group, acc);
             }
         });
     for (o, acc) in yt.chunks_exact(rows).enumerate() {
