@@ -19,7 +19,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::config::Layout;
 use crate::error::{Error, Result, WeightMismatch};
-use crate::nn::kernels::{HalfKind, KernelPath, QK, QuantKind, QuantMatrix};
+use crate::nn::kernels::{HalfKind, KernelPath, QK, QuantKind, QuantMatrix, prefer_huge_pages};
 use crate::nn::weight::{HalfMatrix, Matrix, WeightFormat};
 
 pub(crate) use keys::FileKeys;
@@ -855,37 +855,6 @@ where
             });
     }
     out
-}
-
-/// Asks Linux to back a large, not yet touched weight buffer with transparent huge pages where
-/// the system allows them on request (`enabled` = `madvise`): 2 MiB faults instead of 512 small
-/// ones while it fills, and fewer TLB misses each time a decoding step streams it.
-fn prefer_huge_pages<T>(buf: &mut [T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let len = std::mem::size_of_val(buf);
-        if len < 2 * HUGE {
-            return;
-        }
-        let start = buf.as_mut_ptr() as usize;
-        let first = start.next_multiple_of(HUGE);
-        let last = (start + len) / HUGE * HUGE;
-        if last > first {
-            // SAFETY: the range lies inside `buf`, which this function borrows mutably; the
-            // advice changes how its pages are backed, never their contents. A refusal (old
-            // kernel, THP off) leaves ordinary pages, so the result is ignored.
-            let _ = unsafe {
-                libc::madvise(
-                    first as *mut libc::c_void,
-                    last - first,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
 }
 
 #[cfg(test)]

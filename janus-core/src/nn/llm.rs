@@ -150,21 +150,13 @@ impl DecoderLayer {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let normed = self.input_layernorm.forward(x.clone());
-        let q = self
-            .q_proj
-            .forward(normed.clone())
-            .reshape([b, t, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(normed.clone())
-            .reshape([b, t, kvh, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(normed)
-            .reshape([b, t, kvh, hd])
-            .swap_dims(1, 2);
+        let [q, k, v]: [Tensor<3>; 3] =
+            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], normed)
+                .try_into()
+                .expect("three layers give three outputs");
+        let q = q.reshape([b, t, h, hd]).swap_dims(1, 2);
+        let k = k.reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let v = v.reshape([b, t, kvh, hd]).swap_dims(1, 2);
         let q = rope.apply(q);
         let k = rope.apply(k);
         let (k, v) = cache.append(layer, k, v);
@@ -178,7 +170,11 @@ impl DecoderLayer {
             .reshape([b, t, h * hd]);
         let x = x + self.o_proj.forward(o);
         let normed = self.post_attention_layernorm.forward(x.clone());
-        let mlp = silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed);
+        let [gate, up]: [Tensor<3>; 2] =
+            Linear::forward_many(&[&self.gate_proj, &self.up_proj], normed)
+                .try_into()
+                .expect("two layers give two outputs");
+        let mlp = silu(gate) * up;
         x + self.down_proj.forward(mlp)
     }
 }

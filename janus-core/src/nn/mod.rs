@@ -83,6 +83,31 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Several layers over the same input (`[…, in]`), as [`forward`](Self::forward) applies
+    /// each: a decoder layer's q, k and v projections, or gate and up. Decode-shaped inputs over
+    /// compact weights run as one pass of the kernels ([`Matrix::products`]).
+    pub fn forward_many<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows: usize = dims[..D - 1].iter().product();
+        let mats: Vec<&Matrix> = layers.iter().map(|l| &l.weight).collect();
+        Matrix::products(&mats, x.reshape([rows, d_in]))
+            .into_iter()
+            .zip(layers)
+            .map(|(y, layer)| {
+                let y = match &layer.bias {
+                    Some(b) => y + b.clone().unsqueeze::<2>(),
+                    None => y,
+                };
+                let mut out = dims;
+                out[D - 1] = layer.weight.dims()[0];
+                y.reshape(out)
+            })
+            .collect()
+    }
+}
+
 /// LayerNorm with affine weight and bias over the last axis.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -158,6 +183,93 @@ mod tests {
     use super::weight::FEW_ROWS;
     use super::*;
     use burn::tensor::TensorData;
+
+    /// Layers applied together give what each gives alone, for every storage and row count
+    /// (decode-shaped ones over compact weights run as one pass), biases included.
+    #[test]
+    fn layers_applied_together_match_one_at_a_time() {
+        use super::kernels::{HalfKind, QuantKind, QuantMatrix};
+        use super::weight::HalfMatrix;
+        use std::sync::Arc;
+        let device = crate::device::default_device();
+        let d_in = 64;
+        let value = |i: usize| ((i * 7919) % 113) as f32 / 113.0 - 0.5;
+        let values = |out: usize, seed: usize| -> Vec<f32> {
+            (0..out * d_in).map(|i| value(i + seed)).collect()
+        };
+        let half = |out: usize, seed: usize| {
+            Matrix::Half(Arc::new(HalfMatrix {
+                kind: HalfKind::Bf16,
+                bits: values(out, seed)
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect(),
+                out,
+                d_in,
+            }))
+        };
+        let quant = |out: usize, seed: usize| {
+            let w = values(out, seed);
+            Matrix::Quant(Arc::new(
+                QuantMatrix::quantize(QuantKind::Q8_0, out, d_in, |o, buf| {
+                    buf.copy_from_slice(&w[o * d_in..(o + 1) * d_in])
+                })
+                .unwrap(),
+            ))
+        };
+        let dense = |out: usize, seed: usize| {
+            Matrix::Dense(Tensor::from_data(
+                TensorData::new(values(out, seed), [out, d_in]),
+                &device,
+            ))
+        };
+        let bias = |out: usize| {
+            Tensor::<1>::from_data(
+                TensorData::new(values(1, out)[..out].to_vec(), [out]),
+                &device,
+            )
+        };
+        for make in [&half as &dyn Fn(usize, usize) -> Matrix, &quant, &dense] {
+            let layers = [
+                Linear {
+                    weight: make(70, 1),
+                    bias: None,
+                },
+                Linear {
+                    weight: make(3, 2),
+                    bias: Some(bias(3)),
+                },
+                Linear {
+                    weight: make(129, 3),
+                    bias: None,
+                },
+            ];
+            let refs: Vec<&Linear> = layers.iter().collect();
+            for rows in [1, 2, 5, 8, 9] {
+                let x = Tensor::<3>::from_data(
+                    TensorData::new(
+                        (0..rows * d_in)
+                            .map(|i| value(3 * i + 7))
+                            .collect::<Vec<_>>(),
+                        [1, rows, d_in],
+                    ),
+                    &device,
+                );
+                let together = Linear::forward_many(&refs, x.clone());
+                for (layer, got) in layers.iter().zip(together) {
+                    let want: Vec<f32> = layer.forward(x.clone()).into_data().try_to_vec().unwrap();
+                    assert_eq!(got.dims(), [1, rows, layer.weight.dims()[0]]);
+                    let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "rows {rows} [{i}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// Every row count takes one of the forms of [`Linear::forward`]; each must give `x·Wᵀ + b`
     /// as a plain triple loop computes it.

@@ -15,7 +15,8 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::kernels::{
-    HalfKind, KernelPath, MAX_ROWS, QuantKind, QuantMatrix, half_matvec, quant_matvec,
+    HalfKind, KernelPath, MAX_ROWS, QuantKind, QuantMatrix, half_matvec, half_matvec_many,
+    quant_matvec, quant_matvec_many,
 };
 use super::matvec;
 use crate::error::{Error, Result};
@@ -235,6 +236,63 @@ impl Matrix {
             _ if rows <= MAX_ROWS => self.decode_product(x),
             _ => self.prompt_product(x),
         }
+    }
+
+    /// `x·W_mᵀ` for each matrix of `mats` (all `[_, in]`), as [`product`](Self::product) gives
+    /// them one by one. Decode-shaped products over compact matrices of one family (all bf16/f16
+    /// of one kind, or all quantized) run as one pass of the kernels over the thread pool.
+    pub fn products(mats: &[&Matrix], x: Tensor<2>) -> Vec<Tensor<2>> {
+        let [rows, d_in] = x.dims();
+        let fused = rows <= MAX_ROWS
+            && mats.len() > 1
+            && mats.iter().all(|m| m.dims()[1] == d_in)
+            && match mats[0] {
+                Matrix::Half(h) => mats
+                    .iter()
+                    .all(|m| matches!(m, Matrix::Half(o) if o.kind == h.kind)),
+                Matrix::Quant(_) => mats.iter().all(|m| matches!(m, Matrix::Quant(_))),
+                Matrix::Dense(_) => false,
+            };
+        if !fused {
+            return mats.iter().map(|m| m.product(x.clone())).collect();
+        }
+        let (dtype, device) = (x.dtype(), x.device());
+        let xs = host_f32(x);
+        // The path was validated when the model loaded.
+        let path = KernelPath::selected().unwrap_or(KernelPath::Portable);
+        let outs: Vec<usize> = mats.iter().map(|m| m.dims()[0]).collect();
+        let mut values: Vec<Vec<f32>> = outs.iter().map(|&o| vec![0.0f32; rows * o]).collect();
+        let mut ys: Vec<&mut [f32]> = values.iter_mut().map(Vec::as_mut_slice).collect();
+        let done = match mats[0] {
+            Matrix::Half(h) => {
+                let ws: Vec<&[u16]> = mats
+                    .iter()
+                    .map(|m| match m {
+                        Matrix::Half(o) => o.bits.as_slice(),
+                        _ => unreachable!("checked above: all bf16/f16 of one kind"),
+                    })
+                    .collect();
+                half_matvec_many(path, h.kind, &xs, rows, &ws, d_in, &mut ys)
+            }
+            _ => {
+                let ws: Vec<&QuantMatrix> = mats
+                    .iter()
+                    .map(|m| match m {
+                        Matrix::Quant(q) => q.as_ref(),
+                        _ => unreachable!("checked above: all quantized"),
+                    })
+                    .collect();
+                quant_matvec_many(path, &ws, &xs, rows, &mut ys)
+            }
+        };
+        done.expect("the products' shapes were checked above");
+        values
+            .into_iter()
+            .zip(outs)
+            .map(|(y, out)| {
+                Tensor::<2>::from_data(TensorData::new(y, [rows, out]), &device).cast(dtype)
+            })
+            .collect()
     }
 
     /// Up to [`MAX_ROWS`] rows: the kernels read each weight once for all rows.

@@ -7,7 +7,7 @@
 //! gives, up to summation order.
 
 use super::dispatch::KernelPath;
-use super::{check_product, each_output_group};
+use super::{check_product, each_output_of};
 use crate::error::{Error, Result};
 
 /// Most rows of `x` one call serves (a CFG pair of four images).
@@ -36,14 +36,42 @@ pub fn half_matvec(
     d_in: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    if d_in == 0 || !w.len().is_multiple_of(d_in) {
+    half_matvec_many(path, kind, x, rows, &[w], d_in, &mut [y])
+}
+
+/// [`half_matvec`] for several weights of one kind and input width that multiply the same rows
+/// of `x` (`y_m = x·W_mᵀ`, `ys[m]` `[rows, out_m]`), in one pass over the thread pool.
+///
+/// # Errors
+/// As [`half_matvec`], for any of the weights; also when `ws` and `ys` differ in length.
+pub fn half_matvec_many(
+    path: KernelPath,
+    kind: HalfKind,
+    x: &[f32],
+    rows: usize,
+    ws: &[&[u16]],
+    d_in: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<()> {
+    if ws.len() != ys.len() || ws.is_empty() {
         return Err(Error::InvalidInput(format!(
-            "half_matvec: {} weights are not rows of {d_in}",
-            w.len()
+            "half_matvec: {} weights and {} outputs",
+            ws.len(),
+            ys.len()
         )));
     }
-    let out = w.len() / d_in;
-    check_product("half_matvec", path, rows, (d_in, out), (x.len(), y.len()))?;
+    let mut outs = Vec::with_capacity(ws.len());
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        if d_in == 0 || !w.len().is_multiple_of(d_in) {
+            return Err(Error::InvalidInput(format!(
+                "half_matvec: {} weights are not rows of {d_in}",
+                w.len()
+            )));
+        }
+        let out = w.len() / d_in;
+        check_product("half_matvec", path, rows, (d_in, out), (x.len(), y.len()))?;
+        outs.push(out);
+    }
     let packed = match (path, kind) {
         (KernelPath::Portable, _) => Vec::new(),
         (KernelPath::Avx2, HalfKind::Bf16) => pack(x, rows, d_in, 16),
@@ -58,15 +86,22 @@ pub fn half_matvec(
     #[cfg(target_arch = "x86_64")]
     {
         if path == KernelPath::Avx512 && rows >= PAIR_MIN_ROWS {
-            each_output_group(rows, out, y, 2, |o, acc| {
-                let wrows = &w[o * d_in..(o + acc.len() / rows) * d_in];
+            each_output_of(rows, &outs, ys, 2, |m, o, acc| {
+                let wrows = &ws[m][o * d_in..(o + acc.len() / rows) * d_in];
                 dot_row_pair(kind, &rows_x, rows, wrows, acc)
             });
             return Ok(());
         }
     }
-    each_output_group(rows, out, y, 1, |o, acc| {
-        dot_rows(path, kind, &rows_x, rows, &w[o * d_in..(o + 1) * d_in], acc)
+    each_output_of(rows, &outs, ys, 1, |m, o, acc| {
+        dot_rows(
+            path,
+            kind,
+            &rows_x,
+            rows,
+            &ws[m][o * d_in..(o + 1) * d_in],
+            acc,
+        )
     });
     Ok(())
 }
@@ -480,6 +515,48 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Several weights in one pass (output counts that split tasks and pairs across matrices)
+    /// give what each gives alone, on every path and row count.
+    #[test]
+    fn many_weights_in_one_pass_match_one_at_a_time() {
+        let value = |i: usize| ((i * 7919 + 5) % 223) as f32 / 223.0 - 0.5;
+        let (d_in, outs) = (67, [70, 3, 129]);
+        for path in KernelPath::available() {
+            for kind in [HalfKind::Bf16, HalfKind::F16] {
+                let ws: Vec<Vec<u16>> = outs
+                    .iter()
+                    .enumerate()
+                    .map(|(m, &out)| {
+                        (0..out * d_in)
+                            .map(|i| encode(kind, value(i + m)))
+                            .collect()
+                    })
+                    .collect();
+                let wrefs: Vec<&[u16]> = ws.iter().map(Vec::as_slice).collect();
+                for rows in 1..=MAX_ROWS {
+                    let x: Vec<f32> = (0..rows * d_in).map(|i| value(3 * i + 2)).collect();
+                    let mut many: Vec<Vec<f32>> =
+                        outs.iter().map(|&o| vec![f32::NAN; rows * o]).collect();
+                    let mut ys: Vec<&mut [f32]> = many.iter_mut().map(Vec::as_mut_slice).collect();
+                    half_matvec_many(path, kind, &x, rows, &wrefs, d_in, &mut ys).unwrap();
+                    for (m, w) in ws.iter().enumerate() {
+                        let mut alone = vec![f32::NAN; rows * outs[m]];
+                        half_matvec(path, kind, &x, rows, w, d_in, &mut alone).unwrap();
+                        for (i, (a, b)) in many[m].iter().zip(&alone).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                                "{path:?} {kind:?} rows {rows} matrix {m} [{i}]: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+                let mut y = vec![0.0f32; 70];
+                let bad = half_matvec_many(path, kind, &[0.0; 67], 1, &wrefs, d_in, &mut [&mut y]);
+                assert!(matches!(bad, Err(Error::InvalidInput(_))));
             }
         }
     }

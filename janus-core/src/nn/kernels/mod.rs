@@ -14,8 +14,8 @@ pub mod half_matvec;
 pub mod quant;
 
 pub use dispatch::KernelPath;
-pub use half_matvec::{HalfKind, MAX_ROWS, half_matvec};
-pub use quant::{QK, QuantKind, QuantMatrix, quant_matvec};
+pub use half_matvec::{HalfKind, MAX_ROWS, half_matvec, half_matvec_many};
+pub use quant::{QK, QuantKind, QuantMatrix, quant_matvec, quant_matvec_many};
 
 use rayon::prelude::*;
 
@@ -36,6 +36,37 @@ fn prefetch<T>(p: *const T, bytes: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
     // SAFETY: a prefetch is a hint; it reads nothing the program can observe and cannot fault.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(bytes)) }
+}
+
+/// Asks Linux to back a large, not yet touched weight buffer with transparent huge pages where
+/// the system allows them on request (`enabled` = `madvise`): 2 MiB faults instead of 512 small
+/// ones while it fills, and fewer TLB misses each time a decoding step streams it.
+pub(crate) fn prefer_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let len = std::mem::size_of_val(buf);
+        if len < 2 * HUGE {
+            return;
+        }
+        let start = buf.as_mut_ptr() as usize;
+        let first = start.next_multiple_of(HUGE);
+        let last = (start + len) / HUGE * HUGE;
+        if last > first {
+            // SAFETY: the range lies inside `buf`, which this function borrows mutably; the
+            // advice changes how its pages are backed, never their contents. A refusal (old
+            // kernel, THP off) leaves ordinary pages, so the result is ignored.
+            let _ = unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 /// Output rows of `W` one task computes (enough to amortise the task, small enough to spread a
@@ -66,34 +97,51 @@ fn check_product(
     Ok(())
 }
 
-/// `y[r·out + o] = dot(o)[r]`: the output rows of `W` split across the pool, each task filling
-/// one contiguous piece of a transposed buffer (`[out, rows]`), then laid out row-major.
-fn each_output<F>(rows: usize, out: usize, y: &mut [f32], dot: F)
+/// The outputs of one or several matrices that multiply the same rows of `x`, in one pass over
+/// the pool: `ys[m][r·outs[m] + o] = dot(m, o)[r]`, the output rows split across the pool, each
+/// task filling one contiguous piece of a transposed buffer (`[Σ outs, rows]`), then laid out
+/// row-major. `dot(m, o, acc)` fills `acc.len() / rows`
+/// consecutive outputs of matrix `m` from `o` (up to `group`: a kernel that reads several rows
+/// of `W` per pass loads each activation value once for all of them; fewer at the end of a task
+/// or of a matrix). One pass instead of one per matrix keeps both threads streaming weights
+/// from one product into the next, with one wake-up of the pool (a decoder layer's q, k and v,
+/// or gate and up).
+fn each_output_of<F>(rows: usize, outs: &[usize], ys: &mut [&mut [f32]], group: usize, dot: F)
 where
-    F: Fn(usize, &mut [f32]) + Sync,
+    F: Fn(usize, usize, &mut [f32]) + Sync,
 {
-    each_output_group(rows, out, y, 1, |o, acc| dot(o, acc));
-}
-
-/// As [`each_output`], `dot(o, acc)` filling `acc.len() / rows` consecutive outputs from `o`
-/// (`group` of them, fewer at the end of a task): a kernel that reads several rows of `W` in one
-/// pass loads each activation value once for all of them.
-fn each_output_group<F>(rows: usize, out: usize, y: &mut [f32], group: usize, dot: F)
-where
-    F: Fn(usize, &mut [f32]) + Sync,
-{
-    debug_assert!(group >= 1 && OUTPUTS_PER_TASK.is_multiple_of(group));
-    let mut yt = vec![0.0f32; out * rows];
+    debug_assert!(group >= 1 && outs.len() == ys.len());
+    let starts: Vec<usize> = outs
+        .iter()
+        .scan(0, |acc, &n| {
+            let s = *acc;
+            *acc += n;
+            Some(s)
+        })
+        .collect();
+    let total: usize = outs.iter().sum();
+    // The matrix holding global output `o`, and its index there.
+    let locate = |o: usize| {
+        let m = starts.partition_point(|&s| s <= o) - 1;
+        (m, o - starts[m])
+    };
+    let mut yt = vec![0.0f32; total * rows];
     yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
         .enumerate()
         .for_each(|(task, chunk)| {
-            for (k, acc) in chunk.chunks_mut(group * rows).enumerate() {
-                dot(task * OUTPUTS_PER_TASK + k * group, acc);
+            let n = chunk.len() / rows;
+            let mut k = 0;
+            while k < n {
+                let (m, o) = locate(task * OUTPUTS_PER_TASK + k);
+                let g = group.min(n - k).min(outs[m] - o);
+                dot(m, o, &mut chunk[k * rows..(k + g) * rows]);
+                k += g;
             }
         });
     for (o, acc) in yt.chunks_exact(rows).enumerate() {
+        let (m, o) = locate(o);
         for (r, v) in acc.iter().enumerate() {
-            y[r * out + o] = *v;
+            ys[m][r * outs[m] + o] = *v;
         }
     }
 }

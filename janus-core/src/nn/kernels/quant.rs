@@ -19,7 +19,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::dispatch::KernelPath;
-use super::{check_product, each_output};
+use super::{check_product, each_output_of};
 use crate::error::{Error, Result};
 
 /// Values in a block.
@@ -120,6 +120,7 @@ impl QuantMatrix {
         let qb = kind.quant_bytes();
         let mut scales = vec![f16::ZERO; out * nb];
         let mut quants = vec![0u8; out * nb * qb];
+        super::prefer_huge_pages(&mut quants);
         scales
             .par_chunks_mut(nb)
             .zip(quants.par_chunks_mut(nb * qb))
@@ -261,13 +262,47 @@ pub fn quant_matvec(
     rows: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    let [out, d_in] = w.dims();
-    check_product("quant_matvec", path, rows, (d_in, out), (x.len(), y.len()))?;
+    quant_matvec_many(path, &[w], x, rows, &mut [y])
+}
+
+/// [`quant_matvec`] for several matrices of one input width that multiply the same rows of `x`
+/// (`ys[m]` `[rows, out_m]`), in one pass over the thread pool, `x` quantized once.
+///
+/// # Errors
+/// As [`quant_matvec`], for any of the matrices; also when `ws` and `ys` differ in length or the
+/// matrices in input width.
+pub fn quant_matvec_many(
+    path: KernelPath,
+    ws: &[&QuantMatrix],
+    x: &[f32],
+    rows: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<()> {
+    let Some(first) = ws.first().filter(|_| ws.len() == ys.len()) else {
+        return Err(Error::InvalidInput(format!(
+            "quant_matvec: {} matrices and {} outputs",
+            ws.len(),
+            ys.len()
+        )));
+    };
+    let d_in = first.d_in;
+    let mut outs = Vec::with_capacity(ws.len());
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        let [out, w_in] = w.dims();
+        if w_in != d_in {
+            return Err(Error::InvalidInput(format!(
+                "quant_matvec: matrices of {d_in} and {w_in} inputs in one product"
+            )));
+        }
+        check_product("quant_matvec", path, rows, (d_in, out), (x.len(), y.len()))?;
+        outs.push(out);
+    }
     let isa = Isa::of(path);
     let xq = quantize_rows(x, rows, isa.uses_pair_scales());
     let nb = d_in / QK;
-    let qb = w.kind.quant_bytes();
-    each_output(rows, out, y, |o, acc| {
+    each_output_of(rows, &outs, ys, 1, |m, o, acc| {
+        let w = ws[m];
+        let qb = w.kind.quant_bytes();
         let row = WRow {
             kind: w.kind,
             scales: &w.scales[o * nb..(o + 1) * nb],
@@ -612,6 +647,62 @@ mod tests {
             }
         }
         assert!(QuantMatrix::quantize(QuantKind::Q8_0, 2, 48, |_, _| {}).is_err());
+    }
+
+    /// Several matrices (of both formats) in one pass give, bit for bit, what each gives alone:
+    /// the same kernel computes every output, only the split across the pool differs.
+    #[test]
+    fn many_matrices_in_one_pass_match_one_at_a_time() {
+        let d_in = 64;
+        let specs = [
+            (QuantKind::Q8_0, 70),
+            (QuantKind::Q4_0, 3),
+            (QuantKind::Q8_0, 129),
+        ];
+        let ms: Vec<QuantMatrix> = specs
+            .iter()
+            .enumerate()
+            .map(|(k, &(kind, out))| {
+                QuantMatrix::quantize(kind, out, d_in, |o, buf| {
+                    for (i, v) in buf.iter_mut().enumerate() {
+                        *v = value(o * d_in + i + k);
+                    }
+                })
+                .unwrap()
+            })
+            .collect();
+        let refs: Vec<&QuantMatrix> = ms.iter().collect();
+        for path in KernelPath::available() {
+            for rows in 1..=MAX_ROWS {
+                let x: Vec<f32> = (0..rows * d_in).map(|i| value(5 * i + 3)).collect();
+                let mut many: Vec<Vec<f32>> = specs
+                    .iter()
+                    .map(|&(_, o)| vec![f32::NAN; rows * o])
+                    .collect();
+                let mut ys: Vec<&mut [f32]> = many.iter_mut().map(Vec::as_mut_slice).collect();
+                quant_matvec_many(path, &refs, &x, rows, &mut ys).unwrap();
+                for (m, w) in ms.iter().enumerate() {
+                    let mut alone = vec![f32::NAN; rows * specs[m].1];
+                    quant_matvec(path, w, &x, rows, &mut alone).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&many[m]),
+                        bits(&alone),
+                        "{path:?} rows {rows} matrix {m}"
+                    );
+                }
+            }
+        }
+        let other = QuantMatrix::quantize(QuantKind::Q8_0, 2, 32, |_, b| b.fill(1.0)).unwrap();
+        let (mut y1, mut y2) = (vec![0.0f32; 70], vec![0.0f32; 2]);
+        let mixed = quant_matvec_many(
+            KernelPath::Portable,
+            &[&ms[0], &other],
+            &[0.0; 64],
+            1,
+            &mut [&mut y1, &mut y2],
+        );
+        assert!(matches!(mixed, Err(Error::InvalidInput(_))));
     }
 
     /// Every path this CPU has, both formats, every row count, outputs not a multiple of a task:
