@@ -487,51 +487,70 @@ fn huge_pages(buf: &mut [u16]) {
 /// widest path, as the model runs them: the kernels' speed over a whole step, each product
 /// starting cold, against the memory's.
 fn layer_sweep(repeat: usize) -> Value {
-    use janus_core::nn::kernels::{HalfKind, KernelPath, half_matvec};
+    use janus_core::nn::kernels::{
+        HalfKind, KernelPath, QuantKind, QuantMatrix, half_matvec, quant_matvec,
+    };
     let (d, f, layers) = (2048usize, 5632usize, 24usize);
     let shapes = [(d, d), (d, d), (d, d), (d, d), (f, d), (f, d), (d, f)];
-    let weights: Vec<(usize, Vec<u16>)> = (0..layers)
-        .flat_map(|_| shapes.iter())
-        .enumerate()
-        .map(|(k, &(out, d_in))| {
-            let mut w = vec![0u16; out * d_in];
-            huge_pages(&mut w);
-            for (i, v) in w.iter_mut().enumerate() {
-                *v = half::bf16::from_f32((((i + k) % 251) as f32 - 125.0) / 500.0).to_bits();
-            }
-            (d_in, w)
-        })
-        .collect();
-    let bytes: usize = weights.iter().map(|(_, w)| w.len() * 2).sum();
+    let value = |k: usize, i: usize| (((i + k) % 251) as f32 - 125.0) / 500.0;
     let path = KernelPath::best();
     let mut out = Vec::new();
-    for rows in [1usize, 2, 8] {
-        let x: Vec<f32> = (0..rows * f).map(|i| (i % 17) as f32 / 17.0).collect();
-        let mut y = vec![0.0f32; rows * f];
-        let mut best = f64::INFINITY;
-        for _ in 0..repeat.max(1) + 1 {
-            let t = Instant::now();
-            for (d_in, w) in &weights {
-                let (d_in, outs) = (*d_in, w.len() / d_in);
-                half_matvec(
-                    path,
-                    HalfKind::Bf16,
-                    &x[..rows * d_in],
-                    rows,
-                    w,
-                    d_in,
-                    &mut y[..rows * outs],
-                )
-                .expect("shapes are consistent");
+    // Runs `product(k, x, rows, y)` over the step's products, best of the repeats.
+    let mut sweep =
+        |format: &str, bytes: usize, product: &dyn Fn(usize, &[f32], usize, &mut [f32])| {
+            for rows in [1usize, 2, 8] {
+                let x: Vec<f32> = (0..rows * f).map(|i| (i % 17) as f32 / 17.0).collect();
+                let mut y = vec![0.0f32; rows * f];
+                let mut best = f64::INFINITY;
+                for _ in 0..repeat.max(1) + 1 {
+                    let t = Instant::now();
+                    for k in 0..layers * shapes.len() {
+                        let (outs, d_in) = shapes[k % shapes.len()];
+                        product(k, &x[..rows * d_in], rows, &mut y[..rows * outs]);
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                std::hint::black_box(&y);
+                out.push(json!({
+                    "format": format, "rows": rows, "path": path.name(), "weight_bytes": bytes,
+                    "ms": best * 1e3, "weight_gbs": bytes as f64 / best / 1e9,
+                }));
             }
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        std::hint::black_box(&y);
-        out.push(json!({
-            "rows": rows, "path": path.name(), "weight_bytes": bytes,
-            "ms": best * 1e3, "weight_gbs": bytes as f64 / best / 1e9,
-        }));
+        };
+    {
+        let weights: Vec<Vec<u16>> = (0..layers * shapes.len())
+            .map(|k| {
+                let (outs, d_in) = shapes[k % shapes.len()];
+                let mut w = vec![0u16; outs * d_in];
+                huge_pages(&mut w);
+                for (i, v) in w.iter_mut().enumerate() {
+                    *v = half::bf16::from_f32(value(k, i)).to_bits();
+                }
+                w
+            })
+            .collect();
+        let bytes = weights.iter().map(|w| w.len() * 2).sum();
+        sweep("bf16", bytes, &|k, x, rows, y| {
+            let d_in = shapes[k % shapes.len()].1;
+            half_matvec(path, HalfKind::Bf16, x, rows, &weights[k], d_in, y)
+                .expect("shapes are consistent");
+        });
     }
+    let weights: Vec<QuantMatrix> = (0..layers * shapes.len())
+        .map(|k| {
+            let (outs, d_in) = shapes[k % shapes.len()];
+            QuantMatrix::quantize(QuantKind::Q8_0, outs, d_in, |o, buf| {
+                for (i, v) in buf.iter_mut().enumerate() {
+                    *v = value(k, o * d_in + i);
+                }
+            })
+            .expect("the widths are multiples of a block")
+        })
+        .collect();
+    let bytes = weights.iter().map(QuantMatrix::bytes).sum();
+    sweep("q8_0", bytes, &|k, x, rows, y| {
+        quant_matvec(path, &weights[k], x, rows, y).expect("shapes are consistent");
+    });
     json!(out)
 }
 
