@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench -p janus-core --bench pipeline -- --model DIR --task TASK [options]
-//!   --task load|understand|generate|vq_decode|siglip|bandwidth|kernels|quality
+//!   --task load|understand|prefill|generate|vq_decode|siglip|bandwidth|kernels|quality
 //!                          (quality: the model with --weights against the same checkpoint in f32:
 //!                          teacher-forced guided image logits over --steps and answer logits over
 //!                          --new-tokens, both greedy in f32)
@@ -14,13 +14,15 @@
 //!                          no model needed)
 //!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
 //!   --weights auto|f32|bf16|f16|q8_0|q4_0   weight storage (auto)
-//!   --image PNG            understanding / siglip input (required for those)
+//!   --image PNG            understanding / prefill / siglip input (required for those)
 //!   --question TEXT        understanding question
 //!   --prompt TEXT          generation prompt
 //!   --new-tokens N         greedy tokens after the prefill (32)
 //!   --parallel N           images per generate call (1: one CFG pair)
 //!   --steps S              image-token steps to time (32; the model's full count runs the VQ decoder too)
-//!   --repeat R             timed repetitions of vq_decode / siglip after one warm-up (3)
+//!   --repeat R             timed repetitions of vq_decode / siglip / prefill after one warm-up (3)
+//!                          (JANUS_PERF_CTL=CTL,ACK: perf record control FIFOs; only those
+//!                          repetitions are sampled, see bench/profile.py)
 //! ```
 //!
 //! Threads: the CPU backend uses rayon's global pool (`RAYON_NUM_THREADS`, else every core).
@@ -39,7 +41,7 @@ use janus_core::processor::image::{
 use janus_core::{Backend, ComputeDType, Error, WeightFormat};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: pipeline --model DIR --task load|understand|generate|vq_decode|siglip|bandwidth|kernels|quality \
+const USAGE: &str = "usage: pipeline --model DIR --task load|understand|prefill|generate|vq_decode|siglip|bandwidth|kernels|quality \
 [--dtype f32|f16|bf16] [--weights auto|f32|bf16|f16|q8_0|q4_0] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
 [--parallel N] [--steps S] [--repeat R]";
 
@@ -333,15 +335,99 @@ fn generate(janus: &Janus, args: &Args) -> Result<Value, String> {
 
 fn repeated(args: &Args, mut run: impl FnMut() -> Result<(), String>) -> Result<Value, String> {
     run()?;
+    let mut window = PerfWindow::from_env()?;
     let mut times = Vec::with_capacity(args.repeat);
     for _ in 0..args.repeat.max(1) {
+        window.enable()?;
         let t = Instant::now();
         run()?;
         times.push(ms(t.elapsed()));
+        window.disable()?;
     }
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
     let max = times.iter().copied().fold(0.0, f64::max);
     Ok(json!({ "ms": median(times.clone()), "min_ms": min, "max_ms": max, "runs_ms": times }))
+}
+
+/// The timed repetitions of a task as the only window a profiler samples: with
+/// `JANUS_PERF_CTL=CTL,ACK` (the FIFOs of `perf record -D -1 --control fifo:CTL,ACK`, as
+/// `bench/profile.py` runs it), each repetition is bracketed by `enable` and `disable`, so that
+/// loading the model and the warm-up run stay out of the profile.
+struct PerfWindow {
+    fifos: Option<(std::fs::File, std::io::BufReader<std::fs::File>)>,
+}
+
+impl PerfWindow {
+    fn from_env() -> Result<Self, String> {
+        let Ok(spec) = std::env::var("JANUS_PERF_CTL") else {
+            return Ok(PerfWindow { fifos: None });
+        };
+        let (ctl, ack) = spec
+            .split_once(',')
+            .ok_or_else(|| format!("JANUS_PERF_CTL={spec}: expected CTL,ACK"))?;
+        let open = |path: &str, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(path)
+                .map_err(|e| format!("{path}: {e}"))
+        };
+        let ctl = open(ctl, true)?;
+        let ack = std::io::BufReader::new(open(ack, false)?);
+        Ok(PerfWindow {
+            fifos: Some((ctl, ack)),
+        })
+    }
+
+    fn command(&mut self, cmd: &str) -> Result<(), String> {
+        use std::io::{BufRead, Write};
+        let Some((ctl, ack)) = self.fifos.as_mut() else {
+            return Ok(());
+        };
+        writeln!(ctl, "{cmd}").map_err(|e| format!("perf control: {e}"))?;
+        let mut line = String::new();
+        ack.read_line(&mut line)
+            .map_err(|e| format!("perf control: {e}"))?;
+        Ok(())
+    }
+
+    fn enable(&mut self) -> Result<(), String> {
+        self.command("enable")
+    }
+
+    fn disable(&mut self) -> Result<(), String> {
+        self.command("disable")
+    }
+}
+
+/// The language model over the understanding prompt alone (the image's features computed once,
+/// before the timed runs): the prefill that precedes an answer's first token, without SigLIP.
+fn prefill(janus: &Janus, args: &Args) -> Result<Value, String> {
+    let model = janus.model();
+    let (flat, size) = pixels(janus, args)?;
+    let ids = janus
+        .understanding_ids(&args.question, 1)
+        .map_err(|e| e.to_string())?;
+    let pixels = burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(flat, [1, 3, size, size]),
+        (janus.device(), model.llm.dtype()),
+    );
+    let features = model.heads.aligner.forward(model.vision.forward(pixels));
+    let sp = *janus.tokenizer().special();
+    let embeds = embed_with_images(model, &ids, sp.image_placeholder, Some(features))
+        .map_err(|e| e.to_string())?;
+    let mut out = repeated(args, || {
+        let mut cache = model.llm.new_cache(ids.len());
+        let hidden = model
+            .llm
+            .forward(embeds.clone(), &mut cache)
+            .map_err(|e| e.to_string())?;
+        let last = hidden.clone().narrow(1, ids.len() - 1, 1);
+        model.llm.logits(last).into_data();
+        Ok(())
+    })?;
+    out["prompt_tokens"] = json!(ids.len());
+    Ok(out)
 }
 
 fn vq_decode(janus: &Janus, args: &Args) -> Result<Value, String> {
@@ -486,6 +572,9 @@ fn huge_pages(buf: &mut [u16]) {
 /// gate, up and down, every weight its own bf16 buffer, 2.42 GB in all) run back to back on the
 /// widest path, as the model runs them: the kernels' speed over a whole step, each product
 /// starting cold, against the memory's.
+/// One product of [`layer_sweep`]: `(index of the weight, x, rows, y)`.
+type Product<'a> = dyn Fn(usize, &[f32], usize, &mut [f32]) + 'a;
+
 fn layer_sweep(repeat: usize) -> Value {
     use janus_core::nn::kernels::{
         HalfKind, KernelPath, QuantKind, QuantMatrix, half_matvec, quant_matvec,
@@ -496,27 +585,26 @@ fn layer_sweep(repeat: usize) -> Value {
     let path = KernelPath::best();
     let mut out = Vec::new();
     // Runs `product(k, x, rows, y)` over the step's products, best of the repeats.
-    let mut sweep =
-        |format: &str, bytes: usize, product: &dyn Fn(usize, &[f32], usize, &mut [f32])| {
-            for rows in [1usize, 2, 8] {
-                let x: Vec<f32> = (0..rows * f).map(|i| (i % 17) as f32 / 17.0).collect();
-                let mut y = vec![0.0f32; rows * f];
-                let mut best = f64::INFINITY;
-                for _ in 0..repeat.max(1) + 1 {
-                    let t = Instant::now();
-                    for k in 0..layers * shapes.len() {
-                        let (outs, d_in) = shapes[k % shapes.len()];
-                        product(k, &x[..rows * d_in], rows, &mut y[..rows * outs]);
-                    }
-                    best = best.min(t.elapsed().as_secs_f64());
+    let mut sweep = |format: &str, bytes: usize, product: &Product<'_>| {
+        for rows in [1usize, 2, 8] {
+            let x: Vec<f32> = (0..rows * f).map(|i| (i % 17) as f32 / 17.0).collect();
+            let mut y = vec![0.0f32; rows * f];
+            let mut best = f64::INFINITY;
+            for _ in 0..repeat.max(1) + 1 {
+                let t = Instant::now();
+                for k in 0..layers * shapes.len() {
+                    let (outs, d_in) = shapes[k % shapes.len()];
+                    product(k, &x[..rows * d_in], rows, &mut y[..rows * outs]);
                 }
-                std::hint::black_box(&y);
-                out.push(json!({
-                    "format": format, "rows": rows, "path": path.name(), "weight_bytes": bytes,
-                    "ms": best * 1e3, "weight_gbs": bytes as f64 / best / 1e9,
-                }));
+                best = best.min(t.elapsed().as_secs_f64());
             }
-        };
+            std::hint::black_box(&y);
+            out.push(json!({
+                "format": format, "rows": rows, "path": path.name(), "weight_bytes": bytes,
+                "ms": best * 1e3, "weight_gbs": bytes as f64 / best / 1e9,
+            }));
+        }
+    };
     {
         let weights: Vec<Vec<u16>> = (0..layers * shapes.len())
             .map(|k| {
@@ -600,6 +688,7 @@ fn run(args: &Args) -> Result<Value, String> {
         "generate" => generate(&janus, args)?,
         "vq_decode" => vq_decode(&janus, args)?,
         "siglip" => siglip(&janus, args)?,
+        "prefill" => prefill(&janus, args)?,
         "quality" => quality(&janus, args)?,
         other => return Err(format!("unknown task {other}\n{USAGE}")),
     };
