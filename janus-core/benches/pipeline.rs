@@ -159,6 +159,16 @@ fn pixels(janus: &Janus, args: &Args) -> Result<(Vec<f32>, usize), String> {
     Ok((preprocess_for_understanding(&image, &cfg), cfg.image_size))
 }
 
+/// SigLIP and the aligner on preprocessed pixels (`[1, 3, size, size]`, flat).
+fn image_features(janus: &Janus, flat: Vec<f32>, size: usize) -> burn::tensor::Tensor<3> {
+    let model = janus.model();
+    let pixels = burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(flat, [1, 3, size, size]),
+        (janus.device(), model.llm.dtype()),
+    );
+    model.heads.aligner.forward(model.vision.forward(pixels))
+}
+
 fn understand(janus: &Janus, args: &Args) -> Result<Value, String> {
     let model = janus.model();
     let (flat, size) = pixels(janus, args)?;
@@ -171,11 +181,7 @@ fn understand(janus: &Janus, args: &Args) -> Result<Value, String> {
         .map_err(|e| e.to_string())?
         .len();
     let started = Instant::now();
-    let pixels = burn::tensor::Tensor::<4>::from_data(
-        burn::tensor::TensorData::new(flat, [1, 3, size, size]),
-        (janus.device(), model.llm.dtype()),
-    );
-    let features = model.heads.aligner.forward(model.vision.forward(pixels));
+    let features = image_features(janus, flat, size);
     // Wait for the device before reading the clock.
     let _ = features.clone().narrow(1, 0, 1).into_data();
     let vision = started.elapsed();
@@ -408,11 +414,7 @@ fn prefill(janus: &Janus, args: &Args) -> Result<Value, String> {
     let ids = janus
         .understanding_ids(&args.question, 1)
         .map_err(|e| e.to_string())?;
-    let pixels = burn::tensor::Tensor::<4>::from_data(
-        burn::tensor::TensorData::new(flat, [1, 3, size, size]),
-        (janus.device(), model.llm.dtype()),
-    );
-    let features = model.heads.aligner.forward(model.vision.forward(pixels));
+    let features = image_features(janus, flat, size);
     let sp = *janus.tokenizer().special();
     let embeds = embed_with_images(model, &ids, sp.image_placeholder, Some(features))
         .map_err(|e| e.to_string())?;
@@ -457,15 +459,9 @@ fn vq_decode(janus: &Janus, args: &Args) -> Result<Value, String> {
 }
 
 fn siglip(janus: &Janus, args: &Args) -> Result<Value, String> {
-    let model = janus.model();
     let (flat, size) = pixels(janus, args)?;
     repeated(args, || {
-        let pixels = burn::tensor::Tensor::<4>::from_data(
-            burn::tensor::TensorData::new(flat.clone(), [1, 3, size, size]),
-            (janus.device(), model.llm.dtype()),
-        );
-        let features = model.heads.aligner.forward(model.vision.forward(pixels));
-        features.into_data();
+        image_features(janus, flat.clone(), size).into_data();
         Ok(())
     })
 }
@@ -542,36 +538,6 @@ fn kernels(repeat: usize) -> Value {
     })
 }
 
-/// Backs a buffer with transparent huge pages where Linux allows it on request, as the loader
-/// backs the model's weights.
-fn huge_pages(buf: &mut [u16]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = buf.as_mut_ptr() as usize;
-        let (first, last) = (
-            start.next_multiple_of(HUGE),
-            (start + buf.len() * 2) / HUGE * HUGE,
-        );
-        if last > first {
-            // SAFETY: the range lies inside `buf`; the advice never changes its contents.
-            let _ = unsafe {
-                libc::madvise(
-                    first as *mut libc::c_void,
-                    last - first,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
-}
-
-/// The products of one decoding step of the Janus-Pro-1B decoder (24 layers of q, k, v, o,
-/// gate, up and down, every weight its own bf16 buffer, 2.42 GB in all) run back to back on the
-/// widest path, as the model runs them: the kernels' speed over a whole step, each product
-/// starting cold, against the memory's.
 /// One product of [`layer_sweep`]: `(index of the weight, x, rows, y)`.
 type Product<'a> = dyn Fn(usize, &[f32], usize, &mut [f32]) + 'a;
 
@@ -610,7 +576,7 @@ fn layer_sweep(repeat: usize) -> Value {
             .map(|k| {
                 let (outs, d_in) = shapes[k % shapes.len()];
                 let mut w = vec![0u16; outs * d_in];
-                huge_pages(&mut w);
+                janus_core::nn::kernels::prefer_huge_pages(&mut w);
                 for (i, v) in w.iter_mut().enumerate() {
                     *v = half::bf16::from_f32(value(k, i)).to_bits();
                 }

@@ -41,7 +41,7 @@ fn prefetch<T>(p: *const T, bytes: usize) {
 /// Asks Linux to back a large, not yet touched weight buffer with transparent huge pages where
 /// the system allows them on request (`enabled` = `madvise`): 2 MiB faults instead of 512 small
 /// ones while it fills, and fewer TLB misses each time a decoding step streams it.
-pub(crate) fn prefer_huge_pages<T>(buf: &mut [T]) {
+pub fn prefer_huge_pages<T>(buf: &mut [T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
