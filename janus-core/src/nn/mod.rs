@@ -2,6 +2,7 @@
 //! files, prompts or sampling: weights come in through [`Weights`](crate::load::Weights) by their
 //! canonical names, activations go in and out as tensors.
 
+pub mod activation;
 mod attention;
 pub mod heads;
 pub mod kernels;
@@ -12,7 +13,6 @@ pub mod siglip;
 pub mod vq;
 pub mod weight;
 
-use burn::tensor::activation::gelu;
 use burn::tensor::{DType, Tensor};
 
 use crate::config::MlpConfig;
@@ -170,7 +170,7 @@ impl Mlp {
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             if i > 0 {
-                x = gelu(x);
+                x = activation::gelu_erf(x);
             }
             x = layer.forward(x);
         }

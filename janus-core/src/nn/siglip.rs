@@ -2,8 +2,8 @@
 //! learned absolute positions (no class token), pre-norm blocks with exact-erf GELU MLPs, and the
 //! final LayerNorm, whose output is the feature map (the attention-pool head is not used).
 
+use super::activation::gelu_erf;
 use burn::tensor::Tensor;
-use burn::tensor::activation::gelu;
 use burn::tensor::module::{attention, conv2d};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 
@@ -67,7 +67,7 @@ impl Block {
         let x = x + self.proj.forward(o);
         let h = self
             .fc2
-            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+            .forward(gelu_erf(self.fc1.forward(self.norm2.forward(x.clone()))));
         x + h
     }
 }

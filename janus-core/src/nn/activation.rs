@@ -1,0 +1,159 @@
+//! GELU as the references compute it on the CPU, without a library call per value.
+//!
+//! The exact GELU is `x·Φ(x) = ½·x·(1 + erf(x/√2))`. The CPU backend evaluates `erf` one value at
+//! a time through libm (SigLIP-L/16 applies it to 56 M values per image: 14 % of its time).
+//! PyTorch's vectorized CPU `erf` uses Abramowitz and Stegun's formula 7.1.26 (absolute error
+//! below 1.5e-7) with a vectorized `exp`; this module computes the same formula in loops the
+//! compiler vectorizes, on the thread pool. Other devices and dtypes take the backend's GELU.
+
+use burn::tensor::activation::gelu;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Values one task computes.
+const CHUNK: usize = 1 << 14;
+
+/// The exact (erf) GELU of `x`.
+pub fn gelu_erf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
+        return gelu(x);
+    }
+    let (shape, device) = (x.shape(), x.device());
+    let mut values: Vec<f32> = x
+        .into_data()
+        .try_into_vec()
+        .expect("an f32 tensor reads back as f32");
+    values
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = gelu_value(*v)));
+    Tensor::from_data(TensorData::new(values, shape), &device)
+}
+
+/// `½·x·(1 + erf(x/√2))`.
+#[inline(always)]
+fn gelu_value(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Abramowitz and Stegun 7.1.26: `erf(a) = 1 − (a₁t + a₂t² + a₃t³ + a₄t⁴ + a₅t⁵)·e^(−a²)`,
+/// `t = 1/(1 + p·a)` for `a = |x| ≥ ½` (the series below ½), odd in `x`.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A1: f32 = 0.254_829_6;
+    const A2: f32 = -0.284_496_74;
+    const A3: f32 = 1.421_413_7;
+    const A4: f32 = -1.453_152_1;
+    const A5: f32 = 1.061_405_4;
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
+    let large = 1.0 - poly * exp_neg(a * a);
+    // Near 0 the formula loses digits to cancellation (1 − a value close to 1); there the
+    // Maclaurin series, 2/√π·(a − a³/3 + a⁵/10 − a⁷/42 + a⁹/216 − a¹¹/1320), is exact to f32.
+    let z = a * a;
+    let series = a
+        * std::f32::consts::FRAC_2_SQRT_PI
+        * (1.0
+            + z * (-1.0 / 3.0
+                + z * (1.0 / 10.0 + z * (-1.0 / 42.0 + z * (1.0 / 216.0 + z * (-1.0 / 1320.0))))));
+    let y = if a < 0.5 { series } else { large };
+    // Odd: the sign of x on |erf|, by its bit.
+    f32::from_bits(y.to_bits() | (x.to_bits() & 0x8000_0000))
+}
+
+/// `e^(−v)` for `v ≥ 0` (0 once it underflows): `2ⁿ·e^r` with `n = round(−v/ln 2)`,
+/// `|r| ≤ ln 2 / 2`, `e^r` by its Taylor polynomial of degree 6 (relative error below 2e-7).
+#[inline(always)]
+fn exp_neg(v: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5·2²³ rounds to the nearest integer without a library call.
+    const ROUND: f32 = 12_582_912.0;
+    let v = v.min(87.0);
+    let n = (-v * LOG2E + ROUND) - ROUND;
+    let r = -v - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2ⁿ from its exponent bits (n ≥ −126 for v ≤ 87).
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `erf` within 4e-7 of the f64 reference below over the range GELU meets (the formula's 1.5e-7
+    /// plus f32 rounding), and `exp_neg` against f64's `exp`.
+    #[test]
+    fn erf_and_exp_follow_their_definitions() {
+        for i in -60_000..=60_000 {
+            let x = i as f32 * 1e-4;
+            let want = libm_erf(f64::from(x));
+            let got = f64::from(erf(x));
+            assert!((got - want).abs() < 4e-7, "erf({x}) = {got}, want {want}");
+        }
+        for i in 0..=8_700 {
+            let v = i as f32 * 1e-2;
+            let want = (-f64::from(v)).exp();
+            let got = f64::from(exp_neg(v));
+            assert!(
+                (got - want).abs() <= 3e-7 * want,
+                "exp(-{v}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(exp_neg(1e30), exp_neg(87.0));
+        assert_eq!(erf(0.0), 0.0);
+        assert!(erf(-0.0).is_sign_negative());
+    }
+
+    /// erf in f64 by its Maclaurin series (small |x|) and continued fraction (large |x|): an
+    /// independent reference, accurate to ~1e-12 over the tested range.
+    fn libm_erf(x: f64) -> f64 {
+        let a = x.abs();
+        let y = if a < 2.5 {
+            // Σ (−1)ⁿ x^(2n+1) / (n! (2n+1)), times 2/√π.
+            let (mut term, mut sum, mut n) = (a, a, 0.0f64);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -a * a / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            // erfc(a) = e^(−a²)/√π · 1/(a + 1/2/(a + 1/(a + 3/2/(a + 2/(a + …))))).
+            let mut frac = a;
+            for k in (1..60).rev() {
+                frac = a + (k as f64 / 2.0) / frac;
+            }
+            1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * frac)
+        };
+        y.copysign(x)
+    }
+
+    /// The tensor function equals the backend's exact GELU up to the formula's error, shape and
+    /// all.
+    #[test]
+    fn gelu_matches_the_backends() {
+        let device = crate::device::default_device();
+        let n = 3 * (CHUNK + 7);
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 20_011) as f32 / 1000.0 - 10.0)
+            .collect();
+        let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [3, n / 3]), &device);
+        let ours = gelu_erf(t.clone());
+        assert_eq!(ours.dims(), [3, n / 3]);
+        let ours: Vec<f32> = ours.into_data().try_to_vec().unwrap();
+        let theirs: Vec<f32> = gelu(t).into_data().try_to_vec().unwrap();
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert!(
+                (a - b).abs() <= 5e-7 * (1.0 + x[i].abs()),
+                "gelu({}) = {a}, backend {b}",
+                x[i]
+            );
+        }
+    }
+}
