@@ -2,7 +2,6 @@
 //! half-split ("rotate half") RoPE, grouped/multi-head causal attention, SwiGLU MLP, no biases,
 //! an untied `lm_head`.
 
-use burn::tensor::activation::silu;
 use burn::tensor::{Bool, DType, Tensor, TensorData};
 
 use crate::config::TextConfig;
@@ -174,7 +173,7 @@ impl DecoderLayer {
             Linear::forward_many(&[&self.gate_proj, &self.up_proj], normed)
                 .try_into()
                 .expect("two layers give two outputs");
-        let mlp = silu(gate) * up;
+        let mlp = super::activation::silu_f32(gate) * up;
         x + self.down_proj.forward(mlp)
     }
 }

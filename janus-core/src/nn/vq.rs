@@ -2,7 +2,7 @@
 //! (l2-normalised latents and codebook, nearest code by distance), decoder (ResNet blocks,
 //! GroupNorm(32, eps 1e-6), swish, spatial attention, nearest ×2 upsampling + conv).
 
-use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::module::{conv2d, embedding};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Int, Tensor};
@@ -76,7 +76,7 @@ pub struct GroupNorm {
 
 /// `x·sigmoid(x)`.
 fn swish(x: Tensor<4>) -> Tensor<4> {
-    x.clone() * sigmoid(x)
+    super::activation::silu_f32(x)
 }
 
 impl GroupNorm {
