@@ -16,22 +16,24 @@ const CHUNK: usize = 1 << 14;
 
 /// The exact (erf) GELU of `x`.
 pub fn gelu_erf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
-        return gelu(x);
-    }
-    map_f32(x, gelu_value)
+    map_f32(x, gelu_value, gelu)
 }
 
 /// SiLU (swish), `x·σ(x)`.
 pub fn silu_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
-        return silu(x);
-    }
-    map_f32(x, silu_value)
+    map_f32(x, silu_value, silu)
 }
 
-/// `f` on every value of an f32 tensor in host memory, in chunks on the thread pool.
-fn map_f32<const D: usize>(x: Tensor<D>, f: fn(f32) -> f32) -> Tensor<D> {
+/// `f` on every value of an f32 tensor on the CPU, in chunks on the thread pool; `otherwise`
+/// (the backend's function) for other devices and dtypes.
+fn map_f32<const D: usize>(
+    x: Tensor<D>,
+    f: fn(f32) -> f32,
+    otherwise: fn(Tensor<D>) -> Tensor<D>,
+) -> Tensor<D> {
+    if x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
+        return otherwise(x);
+    }
     let (shape, device) = (x.shape(), x.device());
     let mut values: Vec<f32> = x
         .into_data()

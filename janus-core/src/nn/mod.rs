@@ -69,42 +69,34 @@ impl Linear {
     /// Applies the layer over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
-        let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
-        let d_out = self.weight.dims()[0];
-        let y = self.weight.product(x.reshape([rows, d_in]));
-        let y = match &self.bias {
-            Some(b) => y + b.clone().unsqueeze::<2>(),
-            None => y,
-        };
-        let mut out = dims;
-        out[D - 1] = d_out;
-        y.reshape(out)
+        let y = self.weight.product(x.reshape([rows, dims[D - 1]]));
+        self.finish(y, dims)
     }
-}
 
-impl Linear {
     /// Several layers over the same input (`[…, in]`), as [`forward`](Self::forward) applies
     /// each: a decoder layer's q, k and v projections, or gate and up. Decode-shaped inputs over
     /// compact weights run as one pass of the kernels ([`Matrix::products`]).
     pub fn forward_many<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
         let dims = x.dims();
-        let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let mats: Vec<&Matrix> = layers.iter().map(|l| &l.weight).collect();
-        Matrix::products(&mats, x.reshape([rows, d_in]))
+        Matrix::products(&mats, x.reshape([rows, dims[D - 1]]))
             .into_iter()
             .zip(layers)
-            .map(|(y, layer)| {
-                let y = match &layer.bias {
-                    Some(b) => y + b.clone().unsqueeze::<2>(),
-                    None => y,
-                };
-                let mut out = dims;
-                out[D - 1] = layer.weight.dims()[0];
-                y.reshape(out)
-            })
+            .map(|(y, layer)| layer.finish(y, dims))
             .collect()
+    }
+
+    /// The bias added to a product `[rows, out]`, laid out as the input's leading axes `dims`.
+    fn finish<const D: usize>(&self, y: Tensor<2>, dims: [usize; D]) -> Tensor<D> {
+        let y = match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<2>(),
+            None => y,
+        };
+        let mut out = dims;
+        out[D - 1] = self.weight.dims()[0];
+        y.reshape(out)
     }
 }
 

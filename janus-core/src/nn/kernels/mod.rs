@@ -100,10 +100,9 @@ fn check_product(
 /// The outputs of one or several matrices that multiply the same rows of `x`, in one pass over
 /// the pool: `ys[m][r·outs[m] + o] = dot(m, o)[r]`, the output rows split across the pool, each
 /// task filling one contiguous piece of a transposed buffer (`[Σ outs, rows]`), then laid out
-/// row-major. `dot(m, o, acc)` fills `acc.len() / rows`
-/// consecutive outputs of matrix `m` from `o` (up to `group`: a kernel that reads several rows
-/// of `W` per pass loads each activation value once for all of them; fewer at the end of a task
-/// or of a matrix). One pass instead of one per matrix keeps both threads streaming weights
+/// row-major. `dot(m, o, acc)` fills `acc.len() / rows` consecutive outputs of matrix `m` from
+/// `o` (up to `group`: a kernel that reads several rows of `W` per pass loads each activation
+/// value once for all of them; fewer at the end of a task or of a matrix). One pass instead of one per matrix keeps both threads streaming weights
 /// from one product into the next, with one wake-up of the pool (a decoder layer's q, k and v,
 /// or gate and up).
 fn each_output_of<F>(rows: usize, outs: &[usize], ys: &mut [&mut [f32]], group: usize, dot: F)
