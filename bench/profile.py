@@ -11,7 +11,7 @@ groups the samples by the symbol they fell in:
 - `vq_decode`: the VQ decoder on one 24×24 grid.
 
     /opt/refenv/bin/python bench/profile.py --rust-bin PIPELINE [--stages prefill,siglip,vq_decode]
-        [--weights auto] [--threads 2] [--repeat 2] [--show-symbols 12]
+        [--weights auto] [--dtype f32] [--threads 2] [--repeat 2] [--show-symbols 12]
 
 Prints a Markdown table per stage (share of samples per kind, and the stage's median time), and
 with `--show-symbols N` the N hottest symbols of each. Needs Linux `perf` (`perf record` with
@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 # (kind, regular expression over the symbol name), first match wins.
 KINDS = [
     ("GEMM (`gemm` crate microkernels and packing)", r"gemm_common|gemm_f32|gemm_f16|gemm_f64|\bgemm::"),
+    ("bf16 GEMM (janus-rs, AMX or AVX512-BF16)", r"janus_core::nn::kernels::bf16_gemm"),
     ("decode kernels (janus-rs)", r"janus_core::nn::kernels"),
     ("widening compact weights to f32", r"widen_rows|HalfMatrix|dequantize"),
     ("attention (backend's fused kernel)", r"burn_flex::ops::attention"),
@@ -65,7 +66,7 @@ def profile(stage: str, args, image: Path) -> tuple[dict, list[tuple[float, str]
         cmd = ["perf", "record", "-q", "-F", str(args.frequency), "-D", "-1",
                "--control", f"fifo:{ctl},{ack}", "-o", str(data), "--",
                str(args.rust_bin), "--model", str(args.model), "--task", stage,
-               "--weights", args.weights, "--repeat", str(args.repeat), "--image", str(image)]
+               "--weights", args.weights, "--dtype", args.dtype, "--repeat", str(args.repeat), "--image", str(image)]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode != 0:
             raise SystemExit(f"{stage}: {' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
@@ -90,7 +91,8 @@ def table(stage: str, result: dict, rows: list[tuple[float, str]], show: int) ->
     total = sum(shares.values()) or 1.0
     ms = result.get("ms")
     extra = f", {result['prompt_tokens']} positions" if "prompt_tokens" in result else ""
-    out = [f"**{stage}**: median {ms:.0f} ms ({result.get('weights', '?')} weights{extra})", "",
+    out = [f"**{stage}**: median {ms:.0f} ms ({result.get('weights', '?')} weights, "
+           f"{result.get('dtype', '?')} compute{extra})", "",
            "| Kind of work | Share | ms |", "|---|---:|---:|"]
     for kind, pct in sorted(shares.items(), key=lambda kv: -kv[1]):
         share = pct / total
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default="pro-1b-hf", help="folder in the cache (default %(default)s)")
     ap.add_argument("--stages", default="prefill,siglip,vq_decode")
     ap.add_argument("--weights", default="auto")
+    ap.add_argument("--dtype", default="f32", help="compute dtype (f32 or bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--frequency", type=int, default=999, help="samples a second per thread")

@@ -535,7 +535,44 @@ fn kernels(repeat: usize) -> Value {
         "threads": rayon::current_num_threads(),
         "results": rows_out,
         "layer_sweep": layer_sweep(repeat),
+        "bf16_gemm": bf16_gemm(repeat),
     })
+}
+
+/// The prompt-shaped bf16 products of `nn::kernels::bf16_gemm` on every path this machine has,
+/// over a Janus-Pro-1B layer's shapes and a 600-token prompt: milliseconds per product and the
+/// arithmetic rate.
+fn bf16_gemm(repeat: usize) -> Value {
+    use janus_core::nn::kernels::{Bf16Gemm, bf16_gemm};
+    let rows = 600usize;
+    let mut out = Vec::new();
+    for (outs, d_in) in [(5632usize, 2048usize), (2048, 5632), (2048, 2048)] {
+        // Copies of the weight beyond any L3, used in turn: a prompt reads each weight from
+        // memory once.
+        let copies = (1usize << 30).div_ceil(outs * d_in * 2);
+        let w: Vec<u16> = (0..copies * outs * d_in)
+            .map(|i| half::bf16::from_f32(((i % 251) as f32 - 125.0) / 500.0).to_bits())
+            .collect();
+        let x: Vec<f32> = (0..rows * d_in).map(|i| (i % 17) as f32 / 17.0).collect();
+        let mut y = vec![0.0f32; rows * outs];
+        for path in Bf16Gemm::ALL.into_iter().filter(|p| p.supported()) {
+            let mut times = Vec::new();
+            for rep in 0..repeat.max(1) * copies {
+                let c = rep % copies;
+                let wc = &w[c * outs * d_in..(c + 1) * outs * d_in];
+                let t = Instant::now();
+                bf16_gemm(path, &x, rows, wc, d_in, &mut y).expect("shapes are consistent");
+                times.push(t.elapsed().as_secs_f64());
+            }
+            std::hint::black_box(&y);
+            let ms = median(times.iter().map(|t| t * 1e3).collect());
+            out.push(json!({
+                "shape": [outs, d_in], "rows": rows, "path": path.name(), "ms": ms,
+                "gflops": 2.0 * (rows * outs * d_in) as f64 / ms / 1e6,
+            }));
+        }
+    }
+    json!(out)
 }
 
 /// One product of [`layer_sweep`]: `(index of the weight, x, rows, y)`.

@@ -19,7 +19,9 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::config::Layout;
 use crate::error::{Error, Result, WeightMismatch};
-use crate::nn::kernels::{HalfKind, KernelPath, QK, QuantKind, QuantMatrix, prefer_huge_pages};
+use crate::nn::kernels::{
+    Bf16Gemm, HalfKind, KernelPath, QK, QuantKind, QuantMatrix, prefer_huge_pages,
+};
 use crate::nn::weight::{HalfMatrix, Matrix, WeightFormat};
 
 pub(crate) use keys::FileKeys;
@@ -332,6 +334,9 @@ pub(crate) fn check_weight_format(
         )));
     }
     KernelPath::selected()?;
+    if dtype == ComputeDType::BF16 {
+        Bf16Gemm::selected()?;
+    }
     Ok(())
 }
 
@@ -340,9 +345,13 @@ pub(crate) struct Weights<'a> {
     ckpt: &'a Checkpoint,
     keys: FileKeys,
     device: Device,
+    /// The dtype of the tensors: f32 on the CPU when bf16 compute is asked for.
     dtype: ComputeDType,
     format: WeightFormat,
     cpu: bool,
+    /// bf16 compute on the CPU: f32 activations, bf16 weights, prompt-shaped products with
+    /// bf16 operands (see [`HalfMatrix::bf16_products`]).
+    bf16_products: bool,
     plan: bool,
     used: HashSet<String>,
     mismatch: WeightMismatch,
@@ -370,13 +379,20 @@ impl<'a> Weights<'a> {
         format: WeightFormat,
         plan: bool,
     ) -> Self {
+        let cpu = crate::device::is_cpu(device);
+        let bf16_products = cpu && dtype == ComputeDType::BF16;
         Weights {
             ckpt,
             keys: FileKeys::new(layout),
             device: device.clone(),
-            dtype,
+            dtype: if bf16_products {
+                ComputeDType::F32
+            } else {
+                dtype
+            },
             format,
-            cpu: crate::device::is_cpu(device),
+            cpu,
+            bf16_products,
             plan,
             used: HashSet::new(),
             mismatch: WeightMismatch::default(),
@@ -395,9 +411,9 @@ impl<'a> Weights<'a> {
     }
 
     /// The storage of a matrix stored as `stored` with rows of `d_in`: on a GPU the compute
-    /// dtype; on the CPU the choice, where `auto` keeps half-precision files as they are and
-    /// quantized formats apply to `quantizable` matrices with whole blocks per row only (others
-    /// keep what `auto` gives).
+    /// dtype; on the CPU the choice, where `auto` keeps half-precision files as they are (and
+    /// holds f32 ones in bf16 for bf16 compute) and quantized formats apply to `quantizable`
+    /// matrices with whole blocks per row only (others keep what `auto` gives).
     fn target(&self, stored: &StoredDType, d_in: usize, quantizable: bool) -> Target {
         if !self.cpu {
             return Target::Dense;
@@ -405,6 +421,7 @@ impl<'a> Weights<'a> {
         let auto = match stored {
             StoredDType::BF16 => Target::Half(HalfKind::Bf16),
             StoredDType::F16 => Target::Half(HalfKind::F16),
+            _ if self.bf16_products => Target::Half(HalfKind::Bf16),
             _ => Target::Dense,
         };
         match self.format {
@@ -537,6 +554,7 @@ impl<'a> Weights<'a> {
                     bits,
                     out,
                     d_in,
+                    bf16_products: self.bf16_products && kind == HalfKind::Bf16,
                 }))
             }),
             Target::Quant(kind) => self

@@ -26,9 +26,11 @@ pub fn silu_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 /// `f` on every value of an f32 tensor on the CPU, in chunks on the thread pool; `otherwise`
 /// (the backend's function) for other devices and dtypes.
-fn map_f32<const D: usize>(
+/// `f` is a type parameter, not a function pointer, so that it inlines into the loop and the loop
+/// vectorizes.
+fn map_f32<const D: usize, F: Fn(f32) -> f32 + Sync>(
     x: Tensor<D>,
-    f: fn(f32) -> f32,
+    f: F,
     otherwise: fn(Tensor<D>) -> Tensor<D>,
 ) -> Tensor<D> {
     if x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {

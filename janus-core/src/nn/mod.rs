@@ -198,6 +198,7 @@ mod tests {
                     .collect(),
                 out,
                 d_in,
+                bf16_products: false,
             }))
         };
         let quant = |out: usize, seed: usize| {

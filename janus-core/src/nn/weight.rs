@@ -15,8 +15,8 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::kernels::{
-    HalfKind, KernelPath, MAX_ROWS, QuantKind, QuantMatrix, half_matvec, half_matvec_many,
-    quant_matvec, quant_matvec_many,
+    Bf16Gemm, HalfKind, KernelPath, MAX_ROWS, QuantKind, QuantMatrix, bf16_gemm, half_matvec,
+    half_matvec_many, quant_matvec, quant_matvec_many,
 };
 use super::matvec;
 use crate::error::{Error, Result};
@@ -103,6 +103,11 @@ pub(crate) struct HalfMatrix {
     pub bits: Vec<u16>,
     pub out: usize,
     pub d_in: usize,
+    /// bf16 compute (`--dtype bf16` on the CPU): prompt-shaped products round the activations
+    /// to bf16 and sum the products in f32 on the CPU's bf16 instructions
+    /// ([`Bf16Gemm`](super::kernels::Bf16Gemm)), as PyTorch's bf16 path does; without them, and
+    /// for shapes they do not cover, the exact f32 product. Only for bf16 weights.
+    pub bf16_products: bool,
 }
 
 impl HalfMatrix {
@@ -323,6 +328,12 @@ impl Matrix {
         let [rows, _] = x.dims();
         let (dtype, device) = (x.dtype(), x.device());
         let xs = host_f32(x);
+        if let Some((path, w)) = self.bf16_gemm() {
+            let mut y = vec![0.0f32; rows * out];
+            bf16_gemm(path, &xs, rows, w, d_in, &mut y)
+                .expect("the product's shape was checked by `bf16_gemm`");
+            return Tensor::<2>::from_data(TensorData::new(y, [rows, out]), &device).cast(dtype);
+        }
         let per = (WIDEN_BLOCK / d_in).clamp(1, out);
         let mut y = vec![0.0f32; rows * out];
         SCRATCH.with_borrow_mut(|scratch| {
@@ -366,6 +377,19 @@ impl Matrix {
             }
         });
         Tensor::<2>::from_data(TensorData::new(y, [rows, out]), &device).cast(dtype)
+    }
+
+    /// The bf16 instruction path and the weight's bits, where this matrix takes bf16 products
+    /// ([`HalfMatrix::bf16_products`]), the machine has a path and it covers the shape.
+    fn bf16_gemm(&self) -> Option<(Bf16Gemm, &[u16])> {
+        match self {
+            Matrix::Half(h) if h.bf16_products && Bf16Gemm::covers(h.out, h.d_in) => {
+                // The path was validated when the model loaded.
+                let path = Bf16Gemm::selected().ok().flatten()?;
+                Some((path, &h.bits))
+            }
+            _ => None,
+        }
     }
 
     /// Without the CPU backend compiled in there are no compact matrices.
@@ -455,6 +479,7 @@ mod tests {
                 bits,
                 out,
                 d_in,
+                bf16_products: false,
             }))
         };
         let quant = |kind| {

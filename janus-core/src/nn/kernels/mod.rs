@@ -9,10 +9,12 @@
 //! The path is picked once per process: the widest one this CPU supports, or the one named by the
 //! environment variable `JANUS_KERNELS` (`auto`, `portable`, `avx2`, `avx512`).
 
+pub mod bf16_gemm;
 pub mod dispatch;
 pub mod half_matvec;
 pub mod quant;
 
+pub use bf16_gemm::{Bf16Gemm, bf16_gemm};
 pub use dispatch::KernelPath;
 pub use half_matvec::{HalfKind, MAX_ROWS, half_matvec, half_matvec_many};
 pub use quant::{QK, QuantKind, QuantMatrix, quant_matvec, quant_matvec_many};

@@ -1,0 +1,618 @@
+//! Prompt-shaped products with bf16 operands and f32 accumulation: `y = bf16(x) · Wᵀ` for a bf16
+//! weight `W` `[out, in]` and many activation rows `x` `[rows, in]`, the arithmetic PyTorch's
+//! bf16 path does on the CPU (operands rounded to bf16, products summed in f32), on the CPU's
+//! bf16 instructions.
+//!
+//! Two instruction paths, picked once per process ([`Bf16Gemm::selected`]):
+//! - [`Bf16Gemm::Amx`]: Intel AMX tiles (`tdpbf16ps`, 16×16 f32 results over 32 bf16 products a
+//!   step). The weight rows are the tiles' left operand as stored; the activations are packed
+//!   once per product into the pairwise layout the right operand takes.
+//! - [`Bf16Gemm::Avx512Bf16`]: AVX512-BF16 dot products (`vdpbf16ps`, 16 pairs a step) of four
+//!   weight rows with four activation rows, reduced at the end of each row.
+//!
+//! Either path covers shapes whose `in` and `out` are multiples of [`ALIGN`] (every large
+//! product of Janus); the caller widens the weight to f32 for others and on CPUs without the
+//! instructions. [`reference`] is the plain definition the paths are tested against.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// `in` and `out` must be multiples of this for the instruction paths.
+pub const ALIGN: usize = 32;
+
+/// The environment variable that forces a path (`auto`, `amx`, `avx512bf16`, `none`).
+pub const ENV: &str = "JANUS_BF16_GEMM";
+
+/// One instruction path for bf16 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bf16Gemm {
+    /// Intel AMX (AMX-TILE and AMX-BF16, with the tile state granted by Linux).
+    Amx,
+    /// AVX512-BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+}
+
+impl Bf16Gemm {
+    /// Every path, fastest first.
+    pub const ALL: [Bf16Gemm; 2] = [Bf16Gemm::Amx, Bf16Gemm::Avx512Bf16];
+
+    /// The name `JANUS_BF16_GEMM` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Gemm::Amx => "amx",
+            Bf16Gemm::Avx512Bf16 => "avx512bf16",
+        }
+    }
+
+    /// Whether this CPU (and, for AMX, the operating system) can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Bf16Gemm::Amx => amx::usable(),
+            #[cfg(target_arch = "x86_64")]
+            Bf16Gemm::Avx512Bf16 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Bf16Gemm::Avx512Bf16 => false,
+        }
+    }
+
+    /// The fastest path this machine runs, if any.
+    pub fn best() -> Option<Bf16Gemm> {
+        Self::ALL.into_iter().find(|p| p.supported())
+    }
+
+    /// Reads a path by name: `auto` is [`best`](Self::best), `none` no path; a path this machine
+    /// cannot run is an error.
+    pub fn parse(name: &str) -> Result<Option<Bf16Gemm>> {
+        let name = name.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "" | "auto" => return Ok(Self::best()),
+            "none" => return Ok(None),
+            _ => {}
+        }
+        let path = Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "{ENV}={name}: expected auto, amx, avx512bf16 or none"
+                ))
+            })?;
+        if !path.supported() {
+            return Err(Error::InvalidInput(format!(
+                "{ENV}={name}: this machine cannot run that path"
+            )));
+        }
+        Ok(Some(path))
+    }
+
+    /// The path of this process: `JANUS_BF16_GEMM` if set, else the fastest. Read once.
+    pub fn selected() -> Result<Option<Bf16Gemm>> {
+        static SELECTED: OnceLock<std::result::Result<Option<Bf16Gemm>, String>> = OnceLock::new();
+        SELECTED
+            .get_or_init(|| match std::env::var(ENV) {
+                Ok(v) => Self::parse(&v).map_err(|e| e.to_string()),
+                Err(_) => Ok(Self::best()),
+            })
+            .clone()
+            .map_err(Error::InvalidInput)
+    }
+
+    /// Whether the path covers a weight `[out, d_in]`.
+    pub fn covers(out: usize, d_in: usize) -> bool {
+        out > 0 && d_in > 0 && out.is_multiple_of(ALIGN) && d_in.is_multiple_of(ALIGN)
+    }
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even, as PyTorch converts).
+fn to_bf16(x: &[f32], dst: &mut [u16]) {
+    for (d, &v) in dst.iter_mut().zip(x) {
+        *d = half::bf16::from_f32(v).to_bits();
+    }
+}
+
+/// The plain definition: `y[r][o] = Σ_k bf16(x[r][k]) · w[o][k]`, summed in f64 (the paths sum in
+/// f32, in their own order).
+pub fn reference(x: &[f32], rows: usize, w: &[u16], d_in: usize, y: &mut [f32]) {
+    let out = w.len() / d_in;
+    for r in 0..rows {
+        let xr: Vec<f64> = x[r * d_in..(r + 1) * d_in]
+            .iter()
+            .map(|&v| f64::from(half::bf16::from_f32(v).to_f32()))
+            .collect();
+        for o in 0..out {
+            let wr = &w[o * d_in..(o + 1) * d_in];
+            let s: f64 = wr
+                .iter()
+                .zip(&xr)
+                .map(|(&b, &v)| f64::from(f32::from_bits(u32::from(b) << 16)) * v)
+                .sum();
+            y[r * out + o] = s as f32;
+        }
+    }
+}
+
+/// `y[r][o] = Σ_k bf16(x[r][k]) · w[o][k]` (`x` `[rows, d_in]`, `w` bf16 bits `[out, d_in]`, `y`
+/// `[rows, out]`) on `path`, over the thread pool.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when the slices do not match the shapes, the shape is not one the
+/// paths cover ([`Bf16Gemm::covers`]), or this machine cannot run `path`.
+pub fn bf16_gemm(
+    path: Bf16Gemm,
+    x: &[f32],
+    rows: usize,
+    w: &[u16],
+    d_in: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
+    if d_in == 0 || !w.len().is_multiple_of(d_in) {
+        return bad(format!("{} weight values are not rows of {d_in}", w.len()));
+    }
+    let out = w.len() / d_in;
+    if !Bf16Gemm::covers(out, d_in) {
+        return bad(format!(
+            "a [{out}, {d_in}] weight is not in multiples of {ALIGN}"
+        ));
+    }
+    if x.len() != rows * d_in || y.len() != rows * out {
+        return bad(format!(
+            "x has {} values and y {}, for {rows} rows of {d_in} inputs and {out} outputs",
+            x.len(),
+            y.len()
+        ));
+    }
+    if !path.supported() {
+        return bad(format!("this machine cannot run the {} path", path.name()));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    match path {
+        Bf16Gemm::Amx => amx::gemm(x, rows, w, d_in, out, y),
+        Bf16Gemm::Avx512Bf16 => dot::gemm(x, rows, w, d_in, out, y),
+    }
+    Ok(())
+}
+
+/// `y`'s base pointer, shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes its own columns of `y` only (see the callers), and `y` outlives the
+// parallel loop that uses the pointer.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Weight rows one task takes: a block whose bytes stay in a core's L2 (~512 KiB) while every
+/// activation row passes over it, in whole multiples of `unit` rows.
+fn rows_per_task(out: usize, d_in: usize, unit: usize, threads: usize) -> usize {
+    let fit = ((512 << 10) / (2 * d_in)).max(unit) / unit * unit;
+    // At least two tasks a thread where the matrix allows it, so the pool balances.
+    let spread = out.div_ceil(2 * threads).next_multiple_of(unit);
+    fit.min(spread).max(unit)
+}
+
+mod amx {
+    //! The AMX path. Tiles: 0–3 the 2×2 results (`[16 weight rows, 16 activation rows]` f32),
+    //! 4–5 two blocks of 16 weight rows × 32 values, 6–7 two blocks of 32 values × 16
+    //! activation rows in pairs.
+
+    use super::*;
+
+    /// Whether the CPU has AMX-TILE and AMX-BF16 and Linux grants this process the tile state
+    /// (asked once).
+    pub fn usable() -> bool {
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+                let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+                if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+                    return false;
+                }
+                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_long = 18;
+                // SAFETY: asks the kernel for permission to use the AMX tile data state; it
+                // touches no memory of the process and fails cleanly where unsupported.
+                let granted = unsafe {
+                    libc::syscall(
+                        libc::SYS_arch_prctl,
+                        ARCH_REQ_XCOMP_PERM,
+                        XFEATURE_XTILEDATA,
+                    )
+                };
+                granted == 0
+            }
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            false
+        })
+    }
+
+    /// The 64-byte tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    impl Config {
+        fn new() -> Self {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            for t in 0..8 {
+                c[16 + 2 * t] = 64;
+                c[48 + t] = 16;
+            }
+            Config(c)
+        }
+    }
+
+    /// Activation rows a result tile covers.
+    const TILE: usize = 16;
+
+    /// How many 32-value steps ahead the first pass over a block of weight rows asks for them.
+    const PREFETCH_STEPS: usize = 16;
+
+    /// `x` as bf16 pairs in blocks of 16 rows: block `b`, pair `p`, row `j` at
+    /// `(b · d_in/2 + p) · 16 + j`, holding `x[16b + j][2p]` (low half) and `x[..][2p + 1]`; rows
+    /// past `rows` are zero, to a whole number of 32-row blocks.
+    fn pack(x: &[f32], rows: usize, d_in: usize) -> Vec<u32> {
+        let blocks = rows.div_ceil(2 * TILE) * 2;
+        let pairs = d_in / 2;
+        let mut packed = vec![0u32; blocks * pairs * TILE];
+        packed
+            .par_chunks_mut(pairs * TILE)
+            .enumerate()
+            .for_each(|(b, block)| {
+                let mut row = vec![0u16; d_in];
+                for j in 0..TILE.min(rows.saturating_sub(b * TILE)) {
+                    let r = b * TILE + j;
+                    to_bf16(&x[r * d_in..(r + 1) * d_in], &mut row);
+                    for p in 0..pairs {
+                        block[p * TILE + j] =
+                            u32::from(row[2 * p]) | (u32::from(row[2 * p + 1]) << 16);
+                    }
+                }
+            });
+        packed
+    }
+
+    pub fn gemm(x: &[f32], rows: usize, w: &[u16], d_in: usize, out: usize, y: &mut [f32]) {
+        let packed = pack(x, rows, d_in);
+        let per = rows_per_task(out, d_in, 2 * TILE, rayon::current_num_threads());
+        let y = Out(y.as_mut_ptr());
+        (0..out.div_ceil(per)).into_par_iter().for_each(|task| {
+            let first = task * per;
+            let last = (first + per).min(out);
+            // SAFETY: this task writes columns first..last of y only; `usable` was checked by
+            // the caller, shapes are multiples of 32 and the packed rows cover every block.
+            unsafe { block(&packed, rows, w, d_in, out, first, last, y) };
+        });
+    }
+
+    /// Weight rows `first..last` (multiples of 32) against every activation row.
+    ///
+    /// # Safety
+    /// AMX must be usable; `w` `[out, d_in]`, `packed` from [`pack`], `y` `[rows, out]` with no
+    /// other writer of columns `first..last`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        packed: &[u32],
+        rows: usize,
+        w: &[u16],
+        d_in: usize,
+        out: usize,
+        first: usize,
+        last: usize,
+        y: Out,
+    ) {
+        use std::arch::asm;
+        let config = Config::new();
+        let mut res = [[0f32; TILE * TILE]; 4];
+        let w_stride = 2 * d_in;
+        let x_stride = 4 * TILE;
+        let steps = d_in / 32;
+        // SAFETY (all asm blocks): the configuration and tiles are this thread's own; loads
+        // read 16 rows of 64 bytes inside `w` (rows n..n+16, values k..k+32) and `packed`
+        // (block b, pairs k/2..k/2+16); stores write 16 rows of 64 bytes inside `res`.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+            for mb in (0..rows.div_ceil(2 * TILE)).map(|b| 2 * b) {
+                let x0 = packed.as_ptr().add(mb * (d_in / 2) * TILE);
+                let x1 = x0.add((d_in / 2) * TILE);
+                for n in (first..last).step_by(2 * TILE) {
+                    let w0 = w.as_ptr().add(n * d_in);
+                    let w1 = w0.add(TILE * d_in);
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                    for s in 0..steps {
+                        if mb == 0 {
+                            // The first pass over these weight rows brings them from memory
+                            // (later passes find them in L2): ask for each row's line
+                            // PREFETCH_STEPS steps ahead.
+                            for r in 0..2 * TILE {
+                                super::super::prefetch(
+                                    w0.add(r * d_in + 32 * s),
+                                    64 * PREFETCH_STEPS,
+                                );
+                            }
+                        }
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {sa}*1]",
+                            "tileloadd tmm5, [{a1} + {sa}*1]",
+                            "tileloadd tmm6, [{b0} + {sb}*1]",
+                            "tileloadd tmm7, [{b1} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) w0.add(32 * s),
+                            a1 = in(reg) w1.add(32 * s),
+                            b0 = in(reg) x0.add(16 * TILE * s),
+                            b1 = in(reg) x1.add(16 * TILE * s),
+                            sa = in(reg) w_stride,
+                            sb = in(reg) x_stride,
+                            options(nostack, readonly)
+                        );
+                    }
+                    asm!(
+                        "tilestored [{r0} + {s}*1], tmm0",
+                        "tilestored [{r1} + {s}*1], tmm1",
+                        "tilestored [{r2} + {s}*1], tmm2",
+                        "tilestored [{r3} + {s}*1], tmm3",
+                        r0 = in(reg) res[0].as_mut_ptr(),
+                        r1 = in(reg) res[1].as_mut_ptr(),
+                        r2 = in(reg) res[2].as_mut_ptr(),
+                        r3 = in(reg) res[3].as_mut_ptr(),
+                        s = in(reg) x_stride,
+                        options(nostack)
+                    );
+                    // Result tile (i, j): weight rows n + 16i.., activation rows 16(mb + j)...
+                    for (t, tile) in res.iter().enumerate() {
+                        let (i, j) = (t / 2, t % 2);
+                        let r0 = (mb + j) * TILE;
+                        for jj in 0..TILE.min(rows.saturating_sub(r0)) {
+                            let dst = y.0.add((r0 + jj) * out + n + i * TILE);
+                            for ii in 0..TILE {
+                                *dst.add(ii) = tile[ii * TILE + jj];
+                            }
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        _: &[u32],
+        _: usize,
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: Out,
+    ) {
+        unreachable!("AMX is x86-64 only and `usable` says so")
+    }
+}
+
+mod dot {
+    //! The AVX512-BF16 path: each result is one 16-lane accumulator of pairwise products along
+    //! `in`, four weight rows by four activation rows at a time, summed across lanes at the end.
+
+    use super::*;
+
+    /// Weight rows per kernel call.
+    const NR: usize = 4;
+    /// Activation rows per kernel call.
+    const MR: usize = 4;
+
+    pub fn gemm(x: &[f32], rows: usize, w: &[u16], d_in: usize, out: usize, y: &mut [f32]) {
+        // Activations as bf16, padded with zero rows to a multiple of MR, each row one cache
+        // line longer than `d_in` so that the rows a kernel reads do not share L1 sets.
+        let padded = rows.next_multiple_of(MR);
+        let stride = d_in + 32;
+        let mut xb = vec![0u16; padded * stride];
+        xb.par_chunks_mut(stride)
+            .zip(x.par_chunks(d_in))
+            .for_each(|(d, s)| to_bf16(s, &mut d[..d_in]));
+        let per = rows_per_task(out, d_in, NR, rayon::current_num_threads());
+        let y = Out(y.as_mut_ptr());
+        (0..out.div_ceil(per)).into_par_iter().for_each(|task| {
+            let first = task * per;
+            let last = (first + per).min(out);
+            // SAFETY: this task writes columns first..last of y only; the caller checked the
+            // instructions, `out` is a multiple of NR and `xb` holds `padded` rows.
+            unsafe { block(&xb, stride, rows, w, d_in, out, first, last, y) };
+        });
+    }
+
+    /// Weight rows `first..last` against every activation row, `MR` rows at a time over
+    /// groups of `NR` weight rows.
+    ///
+    /// # Safety
+    /// AVX512-F and AVX512-BF16 must be available; `xb` holds `rows` rounded up to `MR` rows of
+    /// `d_in` (a multiple of 32); `y` `[rows, out]` has no other writer of columns
+    /// `first..last`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        xb: &[u16],
+        stride: usize,
+        rows: usize,
+        w: &[u16],
+        d_in: usize,
+        out: usize,
+        first: usize,
+        last: usize,
+        y: Out,
+    ) {
+        use std::arch::x86_64::*;
+        // Activation rows one pass keeps in L2 next to the task's weight rows.
+        let chunk = ((256 << 10) / (2 * stride)).max(MR) / MR * MR;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + chunk).min(rows);
+            for n in (first..last).step_by(NR) {
+                let mut m = r0;
+                while m < r1 {
+                    let mut acc = [[_mm512_setzero_ps(); MR]; NR];
+                    // SAFETY: rows n..n+NR of w and m..m+MR of xb exist (out is a multiple of
+                    // NR, xb is padded to MR rows); each load reads 32 values inside a row.
+                    unsafe {
+                        let wp = w.as_ptr().add(n * d_in);
+                        let xp = xb.as_ptr().add(m * stride);
+                        for k in (0..d_in).step_by(32) {
+                            let wv: [__m512bh; NR] = std::array::from_fn(|i| {
+                                std::mem::transmute(_mm512_loadu_si512(wp.add(i * d_in + k).cast()))
+                            });
+                            for j in 0..MR {
+                                let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                                    xp.add(j * stride + k).cast(),
+                                ));
+                                for (a, &wr) in acc.iter_mut().zip(&wv) {
+                                    a[j] = _mm512_dpbf16_ps(a[j], wr, xv);
+                                }
+                            }
+                        }
+                        for j in 0..MR.min(r1 - m) {
+                            let dst = y.0.add((m + j) * out + n);
+                            for (i, a) in acc.iter().enumerate() {
+                                *dst.add(i) = _mm512_reduce_add_ps(a[j]);
+                            }
+                        }
+                    }
+                    m += MR;
+                }
+            }
+            r0 = r1;
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: Out,
+    ) {
+        unreachable!("AVX512-BF16 is x86-64 only and `supported` says so")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(i: usize, salt: usize) -> f32 {
+        ((i * 7919 + salt * 104_729 + 3) % 2017) as f32 / 1000.0 - 1.0
+    }
+
+    fn weight(out: usize, d_in: usize) -> Vec<u16> {
+        (0..out * d_in)
+            .map(|i| half::bf16::from_f32(value(i, 1) * 0.5).to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn every_path_matches_the_definition() {
+        for path in Bf16Gemm::ALL.into_iter().filter(|p| p.supported()) {
+            for &(rows, d_in, out) in &[
+                (1, 32, 32),
+                (7, 64, 96),
+                (33, 96, 64),
+                (50, 160, 128),
+                (100, 64, 320),
+            ] {
+                let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 2)).collect();
+                let w = weight(out, d_in);
+                let mut want = vec![0.0; rows * out];
+                reference(&x, rows, &w, d_in, &mut want);
+                let mut got = vec![f32::NAN; rows * out];
+                bf16_gemm(path, &x, rows, &w, d_in, &mut got).unwrap();
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{} {rows}x{d_in}x{out} at {i}: {g} vs {e}",
+                        path.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_activations_are_rounded_to_bf16() {
+        // One input whose value bf16 cannot hold: the product sees it rounded.
+        for path in Bf16Gemm::ALL.into_iter().filter(|p| p.supported()) {
+            let d_in = 32;
+            let mut x = vec![0.0f32; d_in];
+            x[0] = 1.0 + 1.0 / 512.0;
+            let mut w = vec![0u16; 32 * d_in];
+            w[0] = half::bf16::from_f32(1.0).to_bits();
+            let mut y = vec![0.0; 32];
+            bf16_gemm(path, &x, 1, &w, d_in, &mut y).unwrap();
+            assert_eq!(y[0], half::bf16::from_f32(x[0]).to_f32(), "{}", path.name());
+            assert!(y[1..].iter().all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn shapes_outside_the_paths_are_errors() {
+        let Some(path) = Bf16Gemm::best() else {
+            return;
+        };
+        let w = weight(32, 48);
+        let x = vec![0.0; 48];
+        let mut y = vec![0.0; 32];
+        assert!(matches!(
+            bf16_gemm(path, &x, 1, &w, 48, &mut y),
+            Err(Error::InvalidInput(_))
+        ));
+        let w = weight(32, 32);
+        assert!(matches!(
+            bf16_gemm(path, &x[..31], 1, &w, 32, &mut y),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(!Bf16Gemm::covers(16, 32) && Bf16Gemm::covers(64, 2048));
+    }
+
+    #[test]
+    fn names_parse_back() {
+        assert_eq!(Bf16Gemm::parse("none").unwrap(), None);
+        assert_eq!(Bf16Gemm::parse("auto").unwrap(), Bf16Gemm::best());
+        assert!(matches!(
+            Bf16Gemm::parse("tpu"),
+            Err(Error::InvalidInput(_))
+        ));
+        for p in Bf16Gemm::ALL {
+            match Bf16Gemm::parse(p.name()) {
+                Ok(got) => assert!(p.supported() && got == Some(p)),
+                Err(_) => assert!(!p.supported()),
+            }
+        }
+    }
+}
