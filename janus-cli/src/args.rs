@@ -172,7 +172,9 @@ pub enum DTypeArg {
     F32,
     /// IEEE half.
     F16,
-    /// bfloat16.
+    /// bfloat16. On the CPU: f32 activations, bf16 weights, and the large products of a prompt,
+    /// SigLIP and the aligners with bf16 operands and f32 sums on AMX or AVX512-BF16 where the
+    /// CPU has them (the arithmetic of PyTorch's bf16 path), exact f32 products elsewhere.
     Bf16,
 }
 

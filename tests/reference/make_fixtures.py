@@ -22,6 +22,9 @@ PYTHONPATH for the steps that need the official DeepSeek code):
   hf-v4              tests/fixtures/hf-tiny-v4/: the bf16 tensors saved by transformers 4.57.1 as its
                      conversion script saves a checkpoint (chat_template.json, preprocessor_config.json, ...)
                      [transformers 4.57.1 first on PYTHONPATH]
+  hf-bf16            hf-tiny-bf16-sharded/expected/llm-bf16.safetensors: the same language-model passes as
+                     expected/llm.safetensors with the model in torch.bfloat16 (PyTorch's bf16 CPU
+                     path), for janus-rs's --dtype bf16 [transformers 5.24 env]
   prompts            expected/prompts.json of hf-tiny and hf-tiny-v4: prompt text and ids of understanding,
                      chat and generation cases through the processor [transformers 5.24 env]
   chat-original      the same conversation with the official code on the gen_original.py checkpoint
@@ -2072,6 +2075,43 @@ def official_env(args) -> dict:
     return env
 
 
+def cmd_hf_bf16(args) -> None:
+    """The prompt rows of `llm.safetensors` through hf-tiny-bf16-sharded loaded in bfloat16: every
+    weight and activation in bf16, as PyTorch runs a bf16 model on the CPU. The step ids are the f32
+    reference's, so the full pass covers the same sequence; the f32 logits of that pass are in
+    `llm.safetensors` beside it."""
+    torch = torch_setup()
+    from safetensors.torch import load_file
+    from transformers import JanusForConditionalGeneration
+
+    folder = HF_BF16_SHARDED
+    f32 = load_file(str(folder / "expected" / "llm.safetensors"))
+    model = JanusForConditionalGeneration.from_pretrained(
+        str(folder), dtype=torch.bfloat16, attn_implementation="eager")
+    model.eval()
+    full_ids = torch.cat([f32["input_ids"], f32["step_ids"]], dim=1)
+    with torch.no_grad():
+        hidden = model.model.language_model(input_ids=full_ids, use_cache=False).last_hidden_state
+        logits = model.lm_head(hidden)
+    assert logits.dtype == torch.bfloat16
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    margins = top2_margins(f32["full_logits"].numpy())
+    sure = torch.from_numpy(margins > MIN_MARGIN)
+    agree = (greedy == f32["full_logits"].argmax(-1))[sure].float().mean().item()
+    meta = {
+        "layout": "transformers JanusForConditionalGeneration (model_type janus)",
+        "weights": f"{folder.name} (bfloat16)",
+        "compute": "bfloat16 (model.to(torch.bfloat16)), CPU, eager attention, 1 thread",
+        "lm": "model.model.language_model + model.lm_head over input_ids + step_ids of llm.safetensors",
+        "stat_max_abs_vs_f32": (logits - f32["full_logits"]).abs().max().item(),
+        "stat_argmax_agreement_vs_f32_where_margin_above_min": agree,
+        **{f"version_{k}": v for k, v in env_versions().items()},
+    }
+    save_expected(folder / "expected" / "llm-bf16.safetensors", {"full_logits": logits}, meta)
+    print(f"hf-bf16: max |bf16 - f32| {meta['stat_max_abs_vs_f32']:.4g}, argmax agreement {agree:.3f}")
+
+
 def run_step(step: str, env=None, extra=()) -> None:
     cmd = [sys.executable, str(Path(__file__).resolve()), step, *extra]
     print(f"==> {' '.join(cmd)}" + (f"  (PYTHONPATH={env['PYTHONPATH']})" if env else ""), flush=True)
@@ -2082,6 +2122,7 @@ def cmd_all(args) -> None:
     t0 = time.perf_counter()
     run_step("tokenizer")
     run_step("hf")
+    run_step("hf-bf16")
     env = official_env(args)
     cache_args = ["--cache", str(fixture_cache(args))]
     run_step("original-manifest", env)
@@ -2105,6 +2146,7 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("tokenizer")
     sub.add_parser("hf")
+    sub.add_parser("hf-bf16")
     sub.add_parser("original-manifest")
     p = sub.add_parser("original-expected")
     p.add_argument("--cache", default=None, help="gen_original.py cache root (default: $JANUS_FIXTURE_CACHE "
@@ -2131,6 +2173,7 @@ def main(argv=None) -> None:
     {
         "tokenizer": cmd_tokenizer,
         "hf": cmd_hf,
+        "hf-bf16": cmd_hf_bf16,
         "original-manifest": cmd_original_manifest,
         "original-expected": cmd_original_expected,
         "check-tokenizer": cmd_check_tokenizer,

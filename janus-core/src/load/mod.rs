@@ -269,7 +269,11 @@ pub enum ComputeDType {
     F32,
     /// IEEE half.
     F16,
-    /// bfloat16 (slow on the CPU backend).
+    /// bfloat16. On a GPU, tensors in bf16. On the CPU, activations stay f32 and weights are
+    /// held in bf16; the prompt-shaped products (prefill, SigLIP, aligners) take bf16 operands
+    /// with f32 sums on AMX or AVX512-BF16 where the CPU has them (`JANUS_BF16_GEMM` picks one),
+    /// the exact f32 product elsewhere. Norms, softmax, RoPE, decoding steps and the VQ decoder
+    /// stay f32.
     BF16,
 }
 
