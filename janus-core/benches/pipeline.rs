@@ -22,7 +22,7 @@
 //!   --steps S              image-token steps to time (32; the model's full count runs the VQ decoder too)
 //!   --repeat R             timed repetitions of vq_decode / siglip / prefill after one warm-up (3)
 //!                          (JANUS_PERF_CTL=CTL,ACK: perf record control FIFOs; only those
-//!                          repetitions are sampled, see bench/profile.py)
+//!                          repetitions are sampled, see bench/profile_stages.py)
 //! ```
 //!
 //! Threads: the CPU backend uses rayon's global pool (`RAYON_NUM_THREADS`, else every core).
@@ -357,7 +357,7 @@ fn repeated(args: &Args, mut run: impl FnMut() -> Result<(), String>) -> Result<
 
 /// The timed repetitions of a task as the only window a profiler samples: with
 /// `JANUS_PERF_CTL=CTL,ACK` (the FIFOs of `perf record -D -1 --control fifo:CTL,ACK`, as
-/// `bench/profile.py` runs it), each repetition is bracketed by `enable` and `disable`, so that
+/// `bench/profile_stages.py` runs it), each repetition is bracketed by `enable` and `disable`, so that
 /// loading the model and the warm-up run stay out of the profile.
 struct PerfWindow {
     fifos: Option<(std::fs::File, std::io::BufReader<std::fs::File>)>,

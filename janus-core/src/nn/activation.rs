@@ -92,7 +92,7 @@ fn erf(x: f32) -> f32 {
 /// `e^(−v)` for `v ≥ 0` (0 once it underflows): `2ⁿ·e^r` with `n = round(−v/ln 2)`,
 /// `|r| ≤ ln 2 / 2`, `e^r` by its Taylor polynomial of degree 6 (relative error below 2e-7).
 #[inline(always)]
-fn exp_neg(v: f32) -> f32 {
+pub(crate) fn exp_neg(v: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

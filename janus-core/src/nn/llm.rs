@@ -164,7 +164,8 @@ impl DecoderLayer {
         } else {
             (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh))
         };
-        let o = super::attention::causal(q, k, v, mask, 1.0 / (hd as f64).sqrt())
+        let bf16 = self.q_proj.bf16_path();
+        let o = super::attention::causal(q, k, v, mask, 1.0 / (hd as f64).sqrt(), bf16)
             .swap_dims(1, 2)
             .reshape([b, t, h * hd]);
         let x = x + self.o_proj.forward(o);

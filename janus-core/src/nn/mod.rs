@@ -88,6 +88,12 @@ impl Linear {
             .collect()
     }
 
+    /// The bf16 instruction path this layer's prompt-shaped products take, if any
+    /// ([`Matrix::bf16_path`]): the layers around an attention use it to pick the attention's.
+    pub(crate) fn bf16_path(&self) -> Option<kernels::Bf16Gemm> {
+        self.weight.bf16_path()
+    }
+
     /// The bias added to a product `[rows, out]`, laid out as the input's leading axes `dims`.
     fn finish<const D: usize>(&self, y: Tensor<2>, dims: [usize; D]) -> Tensor<D> {
         let y = match &self.bias {

@@ -4,8 +4,8 @@
 
 use super::activation::gelu_erf;
 use burn::tensor::Tensor;
-use burn::tensor::module::{attention, conv2d};
-use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
 
 use crate::config::VisionConfig;
 use crate::load::Weights;
@@ -56,12 +56,9 @@ impl Block {
             .reshape([b, n, 3, heads, hd])
             .permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, n, hd]);
-        let options = AttentionModuleOptions {
-            scale: Some(1.0 / (hd as f64).sqrt()),
-            softcap: None,
-            is_causal: false,
-        };
-        let o = attention(part(0), part(1), part(2), None, None, options)
+        let scale = 1.0 / (hd as f64).sqrt();
+        let bf16 = self.qkv.bf16_path();
+        let o = super::attention::bidirectional(part(0), part(1), part(2), scale, bf16)
             .swap_dims(1, 2)
             .reshape([b, n, w]);
         let x = x + self.proj.forward(o);

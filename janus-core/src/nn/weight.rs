@@ -383,11 +383,19 @@ impl Matrix {
     /// ([`HalfMatrix::bf16_products`]), the machine has a path and it covers the shape.
     fn bf16_gemm(&self) -> Option<(Bf16Gemm, &[u16])> {
         match self {
-            Matrix::Half(h) if h.bf16_products && Bf16Gemm::covers(h.out, h.d_in) => {
-                // The path was validated when the model loaded.
-                let path = Bf16Gemm::selected().ok().flatten()?;
-                Some((path, &h.bits))
+            Matrix::Half(h) if Bf16Gemm::covers(h.out, h.d_in) => {
+                Some((self.bf16_path()?, &h.bits))
             }
+            _ => None,
+        }
+    }
+
+    /// The bf16 instruction path of this machine when this matrix takes bf16 products
+    /// ([`HalfMatrix::bf16_products`]), whatever its shape.
+    pub fn bf16_path(&self) -> Option<Bf16Gemm> {
+        match self {
+            // The path was validated when the model loaded.
+            Matrix::Half(h) if h.bf16_products => Bf16Gemm::selected().ok().flatten(),
             _ => None,
         }
     }

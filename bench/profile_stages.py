@@ -10,7 +10,7 @@ groups the samples by the symbol they fell in:
 - `siglip`: SigLIP-L/16 and the aligner on one 384×384 image;
 - `vq_decode`: the VQ decoder on one 24×24 grid.
 
-    /opt/refenv/bin/python bench/profile.py --rust-bin PIPELINE [--stages prefill,siglip,vq_decode]
+    /opt/refenv/bin/python bench/profile_stages.py --rust-bin PIPELINE [--stages prefill,siglip,vq_decode]
         [--weights auto] [--dtype f32] [--threads 2] [--repeat 2] [--show-symbols 12]
 
 Prints a Markdown table per stage (share of samples per kind, and the stage's median time), and
