@@ -5,11 +5,13 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::module::{conv2d, embedding};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::VqConfig;
 use crate::load::Weights;
 
+use super::kernels::Bf16Gemm;
+use super::kernels::conv::conv_same_bf16;
 use super::weight::Matrix;
 
 /// A 2-D convolution's parameters.
@@ -31,10 +33,17 @@ impl Conv {
             .reshape(self.shape)
     }
 
-    /// Convolution with stride 1 and "same" padding for odd kernels.
+    /// Convolution with stride 1 and "same" padding for odd kernels; with bf16 compute on the
+    /// CPU, on the bf16 products ([`conv_same_bf16`](super::kernels::conv::conv_same_bf16)).
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let k = self.shape[2];
         let p = k / 2;
+        if x.dtype() == DType::F32
+            && crate::device::is_cpu(&x.device())
+            && let Some((path, bits)) = self.weight.bf16_operands()
+        {
+            return self.forward_bf16(x, path, bits);
+        }
         let weight = self.weight(&x);
         conv2d(
             x,
@@ -42,6 +51,33 @@ impl Conv {
             Some(self.bias.clone()),
             ConvOptions::new([1, 1], [p, p], [1, 1], 1),
         )
+    }
+
+    /// [`forward`](Self::forward) on the bf16 products, image by image.
+    fn forward_bf16(&self, x: Tensor<4>, path: Bf16Gemm, bits: &[u16]) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let [out, _, k, _] = self.shape;
+        let device = x.device();
+        let xs: Vec<f32> = x
+            .into_data()
+            .try_into_vec()
+            .expect("an f32 tensor reads back as f32");
+        let bias: Vec<f32> = self
+            .bias
+            .clone()
+            .cast(DType::F32)
+            .into_data()
+            .try_into_vec()
+            .expect("a tensor cast to f32 reads back as f32");
+        let mut y = vec![0.0f32; b * out * h * w];
+        for (src, dst) in xs
+            .chunks_exact(c * h * w)
+            .zip(y.chunks_exact_mut(out * h * w))
+        {
+            conv_same_bf16(path, src, (c, h, w), bits, k, &bias, dst)
+                .expect("the weight's shape is the layer's");
+        }
+        Tensor::from_data(TensorData::new(y, [b, out, h, w]), &device)
     }
 
     /// 3×3 convolution with stride 2 after padding one row/column at the bottom/right.

@@ -328,7 +328,7 @@ impl Matrix {
         let [rows, _] = x.dims();
         let (dtype, device) = (x.dtype(), x.device());
         let xs = host_f32(x);
-        if let Some((path, w)) = self.bf16_gemm() {
+        if let Some((path, w)) = self.bf16_operands() {
             let mut y = vec![0.0f32; rows * out];
             bf16_gemm(path, &xs, rows, w, d_in, &mut y)
                 .expect("the product's shape was checked by `bf16_gemm`");
@@ -381,7 +381,7 @@ impl Matrix {
 
     /// The bf16 instruction path and the weight's bits, where this matrix takes bf16 products
     /// ([`HalfMatrix::bf16_products`]), the machine has a path and it covers the shape.
-    fn bf16_gemm(&self) -> Option<(Bf16Gemm, &[u16])> {
+    pub(crate) fn bf16_operands(&self) -> Option<(Bf16Gemm, &[u16])> {
         match self {
             Matrix::Half(h) if Bf16Gemm::covers(h.out, h.d_in) => {
                 Some((self.bf16_path()?, &h.bits))

@@ -189,10 +189,10 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Weight rows one task takes: a block whose bytes stay in a core's L2 (~512 KiB) while every
+/// Weight rows one task takes: a block whose bytes stay in a core's L2 (~1 MiB) while every
 /// activation row passes over it, in whole multiples of `unit` rows.
 fn rows_per_task(out: usize, d_in: usize, unit: usize, threads: usize) -> usize {
-    let fit = ((512 << 10) / (2 * d_in)).max(unit) / unit * unit;
+    let fit = ((1 << 20) / (2 * d_in)).max(unit) / unit * unit;
     // At least two tasks a thread where the matrix allows it, so the pool balances.
     let spread = out.div_ceil(2 * threads).next_multiple_of(unit);
     fit.min(spread).max(unit)
@@ -254,9 +254,6 @@ mod amx {
     /// Activation rows a result tile covers.
     const TILE: usize = 16;
 
-    /// How many 32-value steps ahead the first pass over a block of weight rows asks for them.
-    const PREFETCH_STEPS: usize = 16;
-
     /// `x` as bf16 pairs in blocks of 16 rows: block `b`, pair `p`, row `j` at
     /// `(b · d_in/2 + p) · 16 + j`, holding `x[16b + j][2p]` (low half) and `x[..][2p + 1]`; rows
     /// past `rows` are zero, to a whole number of 32-row blocks.
@@ -294,6 +291,29 @@ mod amx {
         });
     }
 
+    /// Rows `first..last` of `w` in tile order: block `i` of 16 rows, step `s` of 32 values at
+    /// `(i · steps + s) · 512`, 16 rows of 32 values (1 KiB, one tile) each, so that a tile load
+    /// reads 16 consecutive cache lines instead of 16 lines one weight row apart.
+    fn tile_order(w: &[u16], d_in: usize, first: usize, last: usize, dst: &mut Vec<u16>) {
+        let steps = d_in / 32;
+        dst.clear();
+        dst.resize((last - first) * d_in, 0);
+        for (i, tiles) in dst.chunks_exact_mut(TILE * d_in).enumerate() {
+            for r in 0..TILE {
+                let row = &w[(first + i * TILE + r) * d_in..][..d_in];
+                for (s, part) in row.chunks_exact(32).enumerate() {
+                    tiles[(s * TILE + r) * 32..][..32].copy_from_slice(part);
+                }
+            }
+            debug_assert_eq!(tiles.len(), steps * TILE * 32);
+        }
+    }
+
+    thread_local! {
+        /// The weight rows of a task in tile order ([`tile_order`]), kept between calls.
+        static TILES: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
     /// Weight rows `first..last` (multiples of 32) against every activation row.
     ///
     /// # Safety
@@ -312,22 +332,46 @@ mod amx {
         last: usize,
         y: Out,
     ) {
+        TILES.with_borrow_mut(|tiles| {
+            tile_order(w, d_in, first, last, tiles);
+            // SAFETY: as this function's.
+            unsafe { tiled_block(packed, rows, tiles, d_in, out, first, last, y) }
+        })
+    }
+
+    /// [`block`] over the weight rows in tile order.
+    ///
+    /// # Safety
+    /// As [`block`]'s, with `tiles` from [`tile_order`] of rows `first..last`.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiled_block(
+        packed: &[u32],
+        rows: usize,
+        tiles: &[u16],
+        d_in: usize,
+        out: usize,
+        first: usize,
+        last: usize,
+        y: Out,
+    ) {
         use std::arch::asm;
         let config = Config::new();
         let mut res = [[0f32; TILE * TILE]; 4];
-        let w_stride = 2 * d_in;
-        let x_stride = 4 * TILE;
+        // Both operands' tiles are 16 rows of 64 bytes, one after the other.
+        let stride = 4 * TILE;
         let steps = d_in / 32;
+        let tile = TILE * 32;
         // SAFETY (all asm blocks): the configuration and tiles are this thread's own; loads
-        // read 16 rows of 64 bytes inside `w` (rows n..n+16, values k..k+32) and `packed`
-        // (block b, pairs k/2..k/2+16); stores write 16 rows of 64 bytes inside `res`.
+        // read 1 KiB inside `tiles` (block of rows n.., step s) and `packed` (block b, pairs
+        // 16s..16s+16); stores write 16 rows of 64 bytes inside `res`.
         unsafe {
             asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
             for mb in (0..rows.div_ceil(2 * TILE)).map(|b| 2 * b) {
                 let x0 = packed.as_ptr().add(mb * (d_in / 2) * TILE);
                 let x1 = x0.add((d_in / 2) * TILE);
                 for n in (first..last).step_by(2 * TILE) {
-                    let w0 = w.as_ptr().add(n * d_in);
+                    let w0 = tiles.as_ptr().add((n - first) * d_in);
                     let w1 = w0.add(TILE * d_in);
                     asm!(
                         "tilezero tmm0",
@@ -337,32 +381,20 @@ mod amx {
                         options(nostack, nomem)
                     );
                     for s in 0..steps {
-                        if mb == 0 {
-                            // The first pass over these weight rows brings them from memory
-                            // (later passes find them in L2): ask for each row's line
-                            // PREFETCH_STEPS steps ahead.
-                            for r in 0..2 * TILE {
-                                super::super::prefetch(
-                                    w0.add(r * d_in + 32 * s),
-                                    64 * PREFETCH_STEPS,
-                                );
-                            }
-                        }
                         asm!(
-                            "tileloadd tmm4, [{a0} + {sa}*1]",
-                            "tileloadd tmm5, [{a1} + {sa}*1]",
-                            "tileloadd tmm6, [{b0} + {sb}*1]",
-                            "tileloadd tmm7, [{b1} + {sb}*1]",
+                            "tileloadd tmm4, [{a0} + {st}*1]",
+                            "tileloadd tmm5, [{a1} + {st}*1]",
+                            "tileloadd tmm6, [{b0} + {st}*1]",
+                            "tileloadd tmm7, [{b1} + {st}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
                             "tdpbf16ps tmm1, tmm4, tmm7",
                             "tdpbf16ps tmm2, tmm5, tmm6",
                             "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) w0.add(32 * s),
-                            a1 = in(reg) w1.add(32 * s),
+                            a0 = in(reg) w0.add(tile * s),
+                            a1 = in(reg) w1.add(tile * s),
                             b0 = in(reg) x0.add(16 * TILE * s),
                             b1 = in(reg) x1.add(16 * TILE * s),
-                            sa = in(reg) w_stride,
-                            sb = in(reg) x_stride,
+                            st = in(reg) stride,
                             options(nostack, readonly)
                         );
                     }
@@ -375,7 +407,7 @@ mod amx {
                         r1 = in(reg) res[1].as_mut_ptr(),
                         r2 = in(reg) res[2].as_mut_ptr(),
                         r3 = in(reg) res[3].as_mut_ptr(),
-                        s = in(reg) x_stride,
+                        s = in(reg) stride,
                         options(nostack)
                     );
                     // Result tile (i, j): weight rows n + 16i.., activation rows 16(mb + j)...

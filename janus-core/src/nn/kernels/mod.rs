@@ -10,6 +10,7 @@
 //! environment variable `JANUS_KERNELS` (`auto`, `portable`, `avx2`, `avx512`).
 
 pub mod bf16_gemm;
+pub mod conv;
 pub mod dispatch;
 pub mod half_matvec;
 pub mod quant;
