@@ -13,6 +13,7 @@ bench runs the f32 model greedily and feeds its tokens to the model loaded with 
 
     /opt/refenv/bin/python bench/quality.py                        # fixtures + Pro-1B, all formats
     /opt/refenv/bin/python bench/quality.py --models fixture --formats q8_0
+    /opt/refenv/bin/python bench/quality.py --models pro-1b --formats bf16:bf16   # weights:compute dtype
 
 Prints a Markdown table; `--write` puts it into BENCHMARKS.md between its quality markers.
 """
@@ -51,7 +52,8 @@ def models(args) -> list[tuple[str, Path]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="fixture,pro-1b")
-    ap.add_argument("--formats", default="bf16,f16,q8_0,q4_0")
+    ap.add_argument("--formats", default="bf16,f16,q8_0,q4_0",
+                    help="weight storages, each optionally `:DTYPE` for the compute dtype (f32 unless given)")
     ap.add_argument("--steps", type=int, default=576, help="image-token steps (default %(default)s)")
     ap.add_argument("--new-tokens", type=int, default=64, help="answer tokens (default %(default)s)")
     ap.add_argument("--cache", default=None)
@@ -70,7 +72,9 @@ def main() -> None:
     rows = []
     for label, path in models(args):
         for fmt in args.formats.split(","):
-            cmd = [str(rust), "--model", str(path), "--task", "quality", "--weights", fmt,
+            weights, _, dtype = fmt.partition(":")
+            cmd = [str(rust), "--model", str(path), "--task", "quality", "--weights", weights,
+                   "--dtype", dtype or "f32",
                    "--steps", str(args.steps), "--new-tokens", str(args.new_tokens), "--image", str(image)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
@@ -98,7 +102,9 @@ def main() -> None:
     ]
     for label, fmt, rec in rows:
         text = part(rec["text"]) if rec.get("text") else ["–"] * 4
-        lines.append(f"| {label} | {fmt} | " + " | ".join(part(rec["image"]) + text) + " |")
+        weights, _, dtype = fmt.partition(":")
+        name = f"{weights}, {dtype} compute" if dtype else weights
+        lines.append(f"| {label} | {name} | " + " | ".join(part(rec["image"]) + text) + " |")
     lines += ["", END]
     table = "\n".join(lines)
     print(table)

@@ -65,7 +65,7 @@ typedef struct janus_load_options {
     size_t struct_size;
     // Where to run (`JANUS_BACKEND_CPU`).
     janus_backend backend;
-    // The compute dtype (`JANUS_DTYPE_F32`).
+    // The compute dtype (`JANUS_DTYPE_AUTO`).
     janus_dtype dtype;
     // How weights are held in memory (`JANUS_WEIGHTS_AUTO`). Added after the first release:
     // callers built against a header without it get the default.
@@ -202,14 +202,19 @@ typedef struct janus_image_list {
 // The first NVIDIA GPU; needs a library built with the `cuda` feature.
 #define JANUS_BACKEND_CUDA 2
 
-// 32-bit float (the default).
+// 32-bit float.
 #define JANUS_DTYPE_F32 0
 
 // IEEE half precision.
 #define JANUS_DTYPE_F16 1
 
-// bfloat16 (slow on the CPU backend).
+// bfloat16. On the CPU: f32 activations, bf16 weights, and the large products with bf16
+// operands and f32 sums (AMX or AVX512-BF16 where the CPU has them).
 #define JANUS_DTYPE_BF16 2
+
+// The default: bf16 on a CPU with bf16 instructions (AMX or AVX512-BF16) when the weights are
+// held in bf16, else f32. `janus_model_dtype` tells what it resolved to.
+#define JANUS_DTYPE_AUTO 3
 
 // On the CPU, each weight in the half precision its file stores (bf16 or f16), else f32; on a
 // GPU, the compute dtype (the default). `janus_model_weights` tells what it resolved to.
@@ -254,7 +259,7 @@ const char *janus_last_error(void);
 // Thread safety: safe from any thread.
 const char *janus_status_string(int status);
 
-// The default load options: CPU backend, f32 compute, weights `auto`.
+// The default load options: CPU backend, compute dtype `auto`, weights `auto`.
 //
 // Thread safety: safe from any thread.
 struct janus_load_options janus_load_default_options(void);
@@ -317,6 +322,15 @@ enum janus_status janus_model_grid(const struct janus_model *model,
 enum janus_status janus_model_weights(const struct janus_model *model,
                                       janus_weights *out_weights,
                                       size_t *out_bytes);
+
+// The compute dtype of the model: a `JANUS_DTYPE_*` value other than `JANUS_DTYPE_AUTO` (what
+// `auto` resolved to).
+//
+// Thread safety: safe to call on one model from several threads at once.
+//
+// # Safety
+// `out_dtype` is NULL or writable.
+enum janus_status janus_model_dtype(const struct janus_model *model, janus_dtype *out_dtype);
 
 // Answers a question about images. `images` holds `n_images` RGB8 images (NULL when
 // `n_images` is 0); `prompt` is the question (UTF-8), where `<image_placeholder>` tags place

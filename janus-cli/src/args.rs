@@ -36,11 +36,12 @@ pub struct Common {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     pub backend: BackendArg,
-    /// The dtype activations are computed in.
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    /// The compute dtype: auto is bf16 on a CPU with bf16 instructions (AMX, AVX512-BF16) for
+    /// bf16 weights, else f32.
+    #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
     /// How weights are held in memory: auto keeps the half precision the files store on the CPU
-    /// (the compute dtype on a GPU); q8_0 and q4_0 quantize at load (CPU, --dtype f32).
+    /// (the compute dtype on a GPU); q8_0 and q4_0 quantize at load (CPU, compute in f32).
     #[arg(long, value_enum, default_value_t = WeightsArg::Auto)]
     pub weights: WeightsArg,
     /// Print no progress on stderr.
@@ -168,6 +169,9 @@ impl From<BackendArg> for janus_core::Backend {
 /// `--dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
+    /// bf16 on a CPU with bf16 instructions (AMX, AVX512-BF16) when the weights are held in
+    /// bf16 (every published checkpoint, with --weights auto), else f32.
+    Auto,
     /// 32-bit float.
     F32,
     /// IEEE half.
@@ -213,6 +217,7 @@ impl From<WeightsArg> for janus_core::WeightFormat {
 impl From<DTypeArg> for janus_core::ComputeDType {
     fn from(d: DTypeArg) -> Self {
         match d {
+            DTypeArg::Auto => janus_core::ComputeDType::Auto,
             DTypeArg::F32 => janus_core::ComputeDType::F32,
             DTypeArg::F16 => janus_core::ComputeDType::F16,
             DTypeArg::Bf16 => janus_core::ComputeDType::BF16,

@@ -43,9 +43,10 @@ fn load(common: &Common, progress: &mut Progress) -> Result<Janus> {
     };
     let janus = Janus::load(&dir, &options)?;
     progress.done(&format!(
-        "loaded {} in {:.1} s (weights {}, {:.2} GB resident)",
+        "loaded {} in {:.1} s (dtype {}, weights {}, {:.2} GB resident)",
         dir.display(),
         started.elapsed().as_secs_f64(),
+        janus.dtype().name(),
         janus.weights(),
         janus.storage().bytes as f64 / 1e9
     ));
@@ -134,6 +135,7 @@ fn understand(args: UnderstandArgs) -> Result<()> {
             token_ids: &answer.token_ids,
             prompt_tokens: answer.prompt_tokens,
             weights: janus.weights().name(),
+            dtype: janus.dtype().name(),
         })?;
     }
     Ok(())
@@ -195,6 +197,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             grid,
             seed: options.seed,
             weights: janus.weights().name(),
+            dtype: janus.dtype().name(),
         })
     } else {
         print_lines(&written)
@@ -213,6 +216,7 @@ fn encode_image(args: EncodeArgs) -> Result<()> {
             tokens: &tokens.ids,
             grid: [tokens.rows, tokens.cols],
             weights: janus.weights().name(),
+            dtype: janus.dtype().name(),
         })
     } else {
         let rows: Vec<String> = tokens

@@ -18,6 +18,8 @@ pub struct UnderstandJson<'a> {
     pub prompt_tokens: usize,
     /// How the weights were held in memory (`--weights` resolved).
     pub weights: &'static str,
+    /// The compute dtype (`--dtype` resolved).
+    pub dtype: &'static str,
 }
 
 /// `generate --json`.
@@ -33,6 +35,8 @@ pub struct GenerateJson {
     pub seed: u64,
     /// How the weights were held in memory (`--weights` resolved).
     pub weights: &'static str,
+    /// The compute dtype (`--dtype` resolved).
+    pub dtype: &'static str,
 }
 
 /// `encode-image --json`.
@@ -44,6 +48,8 @@ pub struct EncodeJson<'a> {
     pub grid: [usize; 2],
     /// How the weights were held in memory (`--weights` resolved).
     pub weights: &'static str,
+    /// The compute dtype (`--dtype` resolved).
+    pub dtype: &'static str,
 }
 
 /// What `decode-image --tokens` reads: the encode-image JSON (a flat list) or the generate JSON

@@ -210,6 +210,8 @@ fn understand_hf_matches_the_reference() {
             "understand",
             "--model",
             path_str(&model),
+            "--dtype",
+            "f32",
             "--image",
             path_str(&img),
             "--prompt",
@@ -228,7 +230,8 @@ fn understand_hf_matches_the_reference() {
             "{dir}: prompt tokens"
         );
         let text = v["text"].as_str().expect("text").to_string();
-        assert_eq!(v.as_object().unwrap().len(), 4, "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 5, "{v}");
+        assert_eq!(v["dtype"], "f32", "{dir}");
         // `auto` keeps a checkpoint's half precision on the CPU; f32 files stay f32.
         let stored = if dir.contains("bf16") || dir.contains("v4") {
             "bf16"
@@ -247,7 +250,8 @@ fn understand_hf_matches_the_reference() {
         // The explicit placeholder form is the same prompt.
         let tagged = format!("<image_placeholder>\n{QUESTION}");
         let mut tagged_args = with_json.clone();
-        tagged_args[6] = &tagged;
+        let at = tagged_args.iter().position(|a| *a == "--prompt").unwrap() + 1;
+        tagged_args[at] = &tagged;
         assert_eq!(ok_json(&tagged_args), v, "{dir}: tagged prompt");
     }
 }
@@ -266,6 +270,8 @@ fn understand_original_matches_the_official_code() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--image",
         path_str(&img),
         "--prompt",
@@ -298,6 +304,8 @@ fn generate_hf_matches_the_reference_with_one_and_several_images() {
         "generate",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--prompt",
         "a photo of a cat",
         "--temperature",
@@ -324,6 +332,8 @@ fn generate_hf_matches_the_reference_with_one_and_several_images() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--prompt",
         "a photo of a cat",
         "--prompt",
@@ -360,6 +370,8 @@ fn generate_hf_matches_the_reference_with_one_and_several_images() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--prompt",
         "a photo of a cat",
         "--count",
@@ -419,6 +431,8 @@ fn generate_original_matches_the_official_code() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--prompt",
         "a photo of a cat",
         "--temperature",
@@ -443,6 +457,8 @@ fn generate_original_matches_the_official_code() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--tokens",
         path_str(&json_path),
         "--out",
@@ -516,12 +532,15 @@ fn encode_image_original_matches_the_official_quantizer() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--image",
         path_str(&img),
         "--json",
     ]);
-    assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+    assert_eq!(v.as_object().unwrap().len(), 4, "{v}");
     assert_eq!(v["weights"], "bf16", "the original test checkpoint is bf16");
+    assert_eq!(v["dtype"], "f32");
     let got = ids(&v["tokens"]);
     let want = r["encode_tokens"].u32s();
     assert_eq!(got.len(), want.len());
@@ -548,6 +567,8 @@ fn encode_image_original_matches_the_official_quantizer() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--tokens",
         path_str(&file),
         "--out",
@@ -559,6 +580,8 @@ fn encode_image_original_matches_the_official_quantizer() {
         "-q",
         "--model",
         path_str(&model),
+        "--dtype",
+        "f32",
         "--image",
         path_str(&img),
     ]);
@@ -790,6 +813,46 @@ fn bad_input_fails_with_one_line() {
 
 /// Quantized weights compute in f32: any other compute dtype is an error (exit 1) before the
 /// model loads; an unknown storage is a usage error.
+/// Without `--dtype`, a bf16 checkpoint computes in bf16 where this CPU has bf16 instructions
+/// (the load line and the JSON say so) and an f32 one in f32; quantized weights compute in f32.
+#[test]
+fn the_default_dtype_follows_the_weights_and_the_cpu() {
+    let bf16_cpu = matches!(janus_core::nn::kernels::Bf16Gemm::selected(), Ok(Some(_)));
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("image.png");
+    write_png(&img, 64, 64, vec![128; 64 * 64 * 3]);
+    for (dir, weights, want) in [
+        (
+            "hf-tiny-bf16-sharded",
+            "auto",
+            if bf16_cpu { "bf16" } else { "f32" },
+        ),
+        ("hf-tiny-bf16-sharded", "q8_0", "f32"),
+        ("hf-tiny", "auto", "f32"),
+    ] {
+        let model = fixture(dir);
+        let args = [
+            "encode-image",
+            "--model",
+            path_str(&model),
+            "--image",
+            path_str(&img),
+            "--weights",
+            weights,
+            "--json",
+        ];
+        let out = janus(&args);
+        assert!(out.status.success(), "{dir} {weights}: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["dtype"], want, "{dir} {weights}");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            log.contains(&format!("(dtype {want}, ")),
+            "{dir} {weights}: {log}"
+        );
+    }
+}
+
 #[test]
 fn weights_the_compute_dtype_cannot_use_are_errors() {
     let model = fixture("hf-tiny");

@@ -29,6 +29,8 @@ pub struct JanusModel {
     pub vq: VqModel,
     /// How the weights are held in memory.
     pub storage: WeightStorage,
+    /// The compute dtype (never [`ComputeDType::Auto`]: what it resolved to).
+    pub dtype: ComputeDType,
 }
 
 impl JanusModel {
@@ -60,6 +62,7 @@ impl JanusModel {
         dtype: ComputeDType,
         weights: WeightFormat,
     ) -> Result<Self> {
+        let dtype = dtype.resolve(device, weights, ckpt);
         check_weight_format(weights, device, dtype)?;
         let mut plan = Weights::new(ckpt, config.layout, device, dtype, weights, true);
         let _ = Self::build(&mut plan, &config);
@@ -67,6 +70,7 @@ impl JanusModel {
         let mut load = Weights::new(ckpt, config.layout, device, dtype, weights, false);
         let mut model = Self::build(&mut load, &config);
         model.storage = load.finish()?;
+        model.dtype = dtype;
         Ok(model)
     }
 
@@ -78,6 +82,7 @@ impl JanusModel {
             vq: VqModel::load(w, &config.vq),
             config: config.clone(),
             storage: WeightStorage::default(),
+            dtype: ComputeDType::F32,
         }
     }
 }

@@ -24,7 +24,9 @@ use crate::tokenizer::JanusTokenizer;
 pub struct LoadOptions {
     /// Where to run.
     pub backend: Backend,
-    /// The dtype activations are computed in (and dense weights held in).
+    /// The dtype activations are computed in (and dense weights held in); `auto` (the default)
+    /// is bf16 on CPUs with bf16 instructions for bf16 weights, else f32
+    /// ([`ComputeDType::Auto`]).
     pub dtype: ComputeDType,
     /// How weights are held in memory.
     pub weights: WeightFormat,
@@ -34,7 +36,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             backend: Backend::Cpu,
-            dtype: ComputeDType::F32,
+            dtype: ComputeDType::Auto,
             weights: WeightFormat::Auto,
         }
     }
@@ -196,6 +198,11 @@ impl Janus {
     /// of their bytes.
     pub fn weights(&self) -> WeightFormat {
         self.model.storage.format
+    }
+
+    /// The compute dtype (never [`ComputeDType::Auto`]: what it resolved to).
+    pub fn dtype(&self) -> ComputeDType {
+        self.model.dtype
     }
 
     /// Bytes the weights take in memory, and their storage in detail.

@@ -15,8 +15,8 @@ use crate::image::{
     rgb_from_c, rgb_list_from_c, tokens_from_c,
 };
 use crate::options::{
-    janus_generate_options, janus_load_options, janus_understand_options, janus_weights,
-    load_options, read, weights_value,
+    dtype_value, janus_dtype, janus_generate_options, janus_load_options, janus_understand_options,
+    janus_weights, load_options, read, weights_value,
 };
 use crate::status::{FfiError, bad_argument, guard, janus_status};
 use crate::strings::{path_arg, set_out, str_arg};
@@ -184,6 +184,29 @@ pub unsafe extern "C" fn janus_model_weights(
         if let Some(bytes) = unsafe { out_bytes.as_mut() } {
             *bytes = janus.storage().bytes;
         }
+        Ok(())
+    })
+}
+
+/// The compute dtype of the model: a `JANUS_DTYPE_*` value other than `JANUS_DTYPE_AUTO` (what
+/// `auto` resolved to).
+///
+/// Thread safety: safe to call on one model from several threads at once.
+///
+/// # Safety
+/// `out_dtype` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn janus_model_dtype(
+    model: *const janus_model,
+    out_dtype: *mut janus_dtype,
+) -> janus_status {
+    guard(|| {
+        let janus = lookup_model(model)?;
+        // SAFETY: the caller's pointer is NULL or valid.
+        let Some(dtype) = (unsafe { out_dtype.as_mut() }) else {
+            return Err(bad_argument("out_dtype is NULL"));
+        };
+        *dtype = dtype_value(janus.dtype());
         Ok(())
     })
 }

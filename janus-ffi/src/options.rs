@@ -27,12 +27,26 @@ pub const JANUS_BACKEND_CUDA: janus_backend = 2;
 
 /// The dtype weights are converted to and computed in: one of the `JANUS_DTYPE_*` values.
 pub type janus_dtype = u32;
-/// 32-bit float (the default).
+/// 32-bit float.
 pub const JANUS_DTYPE_F32: janus_dtype = 0;
 /// IEEE half precision.
 pub const JANUS_DTYPE_F16: janus_dtype = 1;
-/// bfloat16 (slow on the CPU backend).
+/// bfloat16. On the CPU: f32 activations, bf16 weights, and the large products with bf16
+/// operands and f32 sums (AMX or AVX512-BF16 where the CPU has them).
 pub const JANUS_DTYPE_BF16: janus_dtype = 2;
+/// The default: bf16 on a CPU with bf16 instructions (AMX or AVX512-BF16) when the weights are
+/// held in bf16, else f32. `janus_model_dtype` tells what it resolved to.
+pub const JANUS_DTYPE_AUTO: janus_dtype = 3;
+
+/// The C value of a compute dtype.
+pub(crate) fn dtype_value(d: ComputeDType) -> janus_dtype {
+    match d {
+        ComputeDType::Auto => JANUS_DTYPE_AUTO,
+        ComputeDType::F32 => JANUS_DTYPE_F32,
+        ComputeDType::F16 => JANUS_DTYPE_F16,
+        ComputeDType::BF16 => JANUS_DTYPE_BF16,
+    }
+}
 
 /// How weights are held in memory: one of the `JANUS_WEIGHTS_*` values. The compute dtype stays
 /// `dtype`'s.
@@ -71,7 +85,7 @@ pub struct janus_load_options {
     pub struct_size: usize,
     /// Where to run (`JANUS_BACKEND_CPU`).
     pub backend: janus_backend,
-    /// The compute dtype (`JANUS_DTYPE_F32`).
+    /// The compute dtype (`JANUS_DTYPE_AUTO`).
     pub dtype: janus_dtype,
     /// How weights are held in memory (`JANUS_WEIGHTS_AUTO`). Added after the first release:
     /// callers built against a header without it get the default.
@@ -195,7 +209,7 @@ pub(crate) unsafe fn read<T: Versioned>(ptr: *const T) -> Result<T, FfiError> {
     Ok(out)
 }
 
-/// The default load options: CPU backend, f32 compute, weights `auto`.
+/// The default load options: CPU backend, compute dtype `auto`, weights `auto`.
 ///
 /// Thread safety: safe from any thread.
 #[unsafe(no_mangle)]
@@ -203,7 +217,7 @@ pub extern "C" fn janus_load_default_options() -> janus_load_options {
     janus_load_options {
         struct_size: size_of::<janus_load_options>(),
         backend: JANUS_BACKEND_CPU,
-        dtype: JANUS_DTYPE_F32,
+        dtype: JANUS_DTYPE_AUTO,
         weights: JANUS_WEIGHTS_AUTO,
     }
 }
@@ -265,6 +279,7 @@ pub(crate) fn load_options(o: &janus_load_options) -> Result<LoadOptions, FfiErr
             other => return Err(bad_argument(format!("unknown backend {other}"))),
         };
         let dtype = match o.dtype {
+            JANUS_DTYPE_AUTO => ComputeDType::Auto,
             JANUS_DTYPE_F32 => ComputeDType::F32,
             JANUS_DTYPE_F16 => ComputeDType::F16,
             JANUS_DTYPE_BF16 => ComputeDType::BF16,

@@ -30,7 +30,6 @@ const _: () = {
 pub(crate) struct Janus {
     inner: Arc<pipeline::Janus>,
     backend: Backend,
-    dtype: String,
 }
 
 /// The model argument: a folder path (str or os.PathLike), or a Hugging Face id (`org/name`)
@@ -159,11 +158,14 @@ impl Janus {
     /// (``HF_HUB_OFFLINE=1`` forbids downloading).
     ///
     /// ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype``, the
-    /// compute dtype, is ``"f32"``, ``"f16"`` or ``"bf16"``; ``weights``, how weights are held
+    /// compute dtype, is ``"auto"`` (bf16 on a CPU with bf16 instructions, AMX or AVX512-BF16,
+    /// when the weights are held in bf16; else f32), ``"f32"``, ``"f16"`` or ``"bf16"`` (on the
+    /// CPU: bf16 operands and f32 sums for the large products, f32 elsewhere); ``weights``, how
+    /// weights are held
     /// in memory, is ``"auto"`` (on the CPU the half precision the files store, else f32; on a
     /// GPU the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
     #[staticmethod]
-    #[pyo3(signature = (model, backend = "cpu", dtype = "f32", weights = "auto"))]
+    #[pyo3(signature = (model, backend = "cpu", dtype = "auto", weights = "auto"))]
     fn load(
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
@@ -176,7 +178,7 @@ impl Janus {
         let compute = parse_dtype(dtype).ok_or_else(|| {
             invalid_input(
                 py,
-                format!("unknown dtype {dtype:?} (expected f32, f16 or bf16)"),
+                format!("unknown dtype {dtype:?} (expected auto, f32, f16 or bf16)"),
             )
         })?;
         let model = model_arg(model)?;
@@ -191,7 +193,6 @@ impl Janus {
         Ok(Janus {
             inner: Arc::new(inner),
             backend,
-            dtype: dtype.to_ascii_lowercase(),
         })
     }
 
@@ -211,10 +212,11 @@ impl Janus {
         }
     }
 
-    /// The dtype it computes in.
+    /// The dtype it computes in (what ``"auto"`` resolved to): ``"f32"``, ``"f16"`` or
+    /// ``"bf16"``.
     #[getter]
-    fn dtype(&self) -> &str {
-        &self.dtype
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype().name()
     }
 
     /// How the weights are held in memory (what ``"auto"`` resolved to: the storage of most of
@@ -236,7 +238,7 @@ impl Janus {
             "Janus(dir={}, backend={}, dtype={}, weights={})",
             repr(&self.inner.dir().display().to_string())?,
             repr(self.backend())?,
-            repr(&self.dtype)?,
+            repr(self.dtype())?,
             repr(self.weights())?
         ))
     }

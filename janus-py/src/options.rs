@@ -63,9 +63,10 @@ pub(crate) fn image_options(
     }
 }
 
-/// `f32`, `f16` or `bf16`.
+/// `auto`, `f32`, `f16` or `bf16`.
 pub(crate) fn parse_dtype(name: &str) -> Option<ComputeDType> {
     match name.to_ascii_lowercase().as_str() {
+        "auto" => Some(ComputeDType::Auto),
         "f32" | "float32" => Some(ComputeDType::F32),
         "f16" | "float16" | "half" => Some(ComputeDType::F16),
         "bf16" | "bfloat16" => Some(ComputeDType::BF16),

@@ -129,6 +129,11 @@ def test_weights_say_how_they_are_held() -> None:
     bf16 = model(FIXTURES / "hf-tiny-bf16-sharded")
     assert bf16.weights == "bf16" and "weights='bf16'" in repr(bf16)
     q8 = janus_rs.Janus.load(FIXTURES / "hf-tiny-bf16-sharded", weights="q8_0")
+    assert q8.dtype == "f32", "quantized weights compute in f32"
+    # `auto` computes an f32 checkpoint in f32 (bf16 files in bf16 where the CPU has bf16
+    # instructions: the CLI tests check that).
+    auto = janus_rs.Janus.load(FIXTURES / "hf-tiny")
+    assert auto.dtype == "f32" and "dtype='f32'" in repr(auto)
     assert q8.weights == "q8_0"
     assert 0 < q8.weight_bytes < bf16.weight_bytes
     r = reference(FIXTURES / "hf-tiny-bf16-sharded" / "expected" / "multimodal.safetensors")

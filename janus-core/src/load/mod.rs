@@ -264,8 +264,14 @@ fn read_index(dir: &Path, index_path: &Path) -> Result<ShardIndex> {
 /// The dtype weights are converted to, and computed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ComputeDType {
-    /// 32-bit float (the default, and the one parity is proven in).
+    /// The fastest dtype that keeps the reference's quality, resolved when a model loads
+    /// ([`JanusModel::dtype`](crate::JanusModel::dtype) tells which): `bf16` on a CPU with bf16
+    /// instructions (AMX or AVX512-BF16) when the weights are held in bf16 (`--weights auto` on
+    /// bf16 files, which every published Janus checkpoint is, or `--weights bf16`); `f32`
+    /// otherwise and on a GPU.
     #[default]
+    Auto,
+    /// 32-bit float (the one parity with the f32 references is proven in).
     F32,
     /// IEEE half.
     F16,
@@ -278,10 +284,47 @@ pub enum ComputeDType {
 }
 
 impl ComputeDType {
-    /// The Burn dtype.
+    /// Every value, `auto` first.
+    pub const ALL: [ComputeDType; 4] = [
+        ComputeDType::Auto,
+        ComputeDType::F32,
+        ComputeDType::F16,
+        ComputeDType::BF16,
+    ];
+
+    /// The name used by the CLI, Python and JSON (`auto`, `f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDType::Auto => "auto",
+            ComputeDType::F32 => "f32",
+            ComputeDType::F16 => "f16",
+            ComputeDType::BF16 => "bf16",
+        }
+    }
+
+    /// What `self` means for a model of checkpoint `ckpt` on `device` with weights `choice`
+    /// (never [`Auto`](Self::Auto); other values are themselves).
+    pub(crate) fn resolve(self, device: &Device, choice: WeightFormat, ckpt: &Checkpoint) -> Self {
+        if self != ComputeDType::Auto {
+            return self;
+        }
+        let bf16_weights = match choice {
+            WeightFormat::Bf16 => true,
+            WeightFormat::Auto => ckpt.stored_half() == WeightFormat::Bf16,
+            _ => false,
+        };
+        let bf16_path = matches!(Bf16Gemm::selected(), Ok(Some(_)));
+        if crate::device::is_cpu(device) && bf16_weights && bf16_path {
+            ComputeDType::BF16
+        } else {
+            ComputeDType::F32
+        }
+    }
+
+    /// The Burn dtype ([`Auto`](Self::Auto), unresolved, holds f32).
     pub fn burn(self) -> DType {
         match self {
-            ComputeDType::F32 => DType::F32,
+            ComputeDType::Auto | ComputeDType::F32 => DType::F32,
             ComputeDType::F16 => DType::F16,
             ComputeDType::BF16 => DType::BF16,
         }
@@ -313,8 +356,13 @@ pub(crate) fn check_weight_format(
     device: &Device,
     dtype: ComputeDType,
 ) -> Result<()> {
+    if dtype == ComputeDType::Auto {
+        // Auto resolves to a dtype the choice can take.
+        KernelPath::selected()?;
+        return Ok(());
+    }
     let compute = match dtype {
-        ComputeDType::F32 => WeightFormat::F32,
+        ComputeDType::Auto | ComputeDType::F32 => WeightFormat::F32,
         ComputeDType::F16 => WeightFormat::F16,
         ComputeDType::BF16 => WeightFormat::Bf16,
     };
@@ -408,7 +456,7 @@ impl<'a> Weights<'a> {
     /// The compute dtype's storage name.
     fn dense_format(&self) -> WeightFormat {
         match self.dtype {
-            ComputeDType::F32 => WeightFormat::F32,
+            ComputeDType::Auto | ComputeDType::F32 => WeightFormat::F32,
             ComputeDType::F16 => WeightFormat::F16,
             ComputeDType::BF16 => WeightFormat::Bf16,
         }
@@ -799,19 +847,20 @@ fn convert(bytes: &[u8], from: &StoredDType, to: ComputeDType, shape: Vec<usize>
     let f32_at = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
     let f64_at =
         |c: &[u8]| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32;
+    // Auto is resolved before any tensor is read; unresolved, it stands for f32.
     match (to, from) {
-        (ComputeDType::F32, StoredDType::F32) => {
+        (ComputeDType::Auto | ComputeDType::F32, StoredDType::F32) => {
             TensorData::new(map_elems(bytes, 4, f32_at), shape)
         }
-        (ComputeDType::F32, StoredDType::BF16) => TensorData::new(
+        (ComputeDType::Auto | ComputeDType::F32, StoredDType::BF16) => TensorData::new(
             map_elems(bytes, 2, |c| bf16::from_bits(u16_at(c)).to_f32()),
             shape,
         ),
-        (ComputeDType::F32, StoredDType::F16) => TensorData::new(
+        (ComputeDType::Auto | ComputeDType::F32, StoredDType::F16) => TensorData::new(
             map_elems(bytes, 2, |c| f16::from_bits(u16_at(c)).to_f32()),
             shape,
         ),
-        (ComputeDType::F32, StoredDType::F64) => {
+        (ComputeDType::Auto | ComputeDType::F32, StoredDType::F64) => {
             TensorData::new(map_elems(bytes, 8, f64_at), shape)
         }
         (ComputeDType::F16, StoredDType::F16) => {
@@ -845,7 +894,9 @@ fn convert(bytes: &[u8], from: &StoredDType, to: ComputeDType, shape: Vec<usize>
             TensorData::new(map_elems(bytes, 8, |c| bf16::from_f32(f64_at(c))), shape)
         }
         // Rejected before reading (no element size).
-        (ComputeDType::F32, StoredDType::Other(_)) => TensorData::new(Vec::<f32>::new(), shape),
+        (ComputeDType::Auto | ComputeDType::F32, StoredDType::Other(_)) => {
+            TensorData::new(Vec::<f32>::new(), shape)
+        }
         (ComputeDType::F16, StoredDType::Other(_)) => TensorData::new(Vec::<f16>::new(), shape),
         (ComputeDType::BF16, StoredDType::Other(_)) => TensorData::new(Vec::<bf16>::new(), shape),
     }

@@ -267,6 +267,10 @@ static void check_hf(const char *model_dir, const char *out_dir) {
     janus_model *model = NULL;
     janus_load_options lo = janus_load_default_options();
     MUST(janus_model_load(model_dir, &lo, &model));
+    /* f32 files: `auto` computes in f32. */
+    janus_dtype dtype = JANUS_DTYPE_AUTO;
+    MUST(janus_model_dtype(model, &dtype));
+    CHECK(dtype == JANUS_DTYPE_F32, "dtype %u", (unsigned)dtype);
 
     size_t rows = 0, cols = 0;
     MUST(janus_model_grid(model, &rows, &cols));
@@ -468,7 +472,16 @@ static void check_original(const char *model_dir) {
     EXPECT_STATUS(janus_model_load(model_dir, &lo, &model), JANUS_ERR_INVALID_INPUT);
     CHECK(model == NULL, "out_model set on failure");
 
-    MUST(janus_model_load(model_dir, NULL, &model));
+    /* The official code's outputs are f32 ones: compute in f32 (`auto` would take bf16 on a CPU
+     * with bf16 instructions, this checkpoint being bf16). */
+    lo = janus_load_default_options();
+    CHECK(lo.dtype == JANUS_DTYPE_AUTO, "default dtype %u", (unsigned)lo.dtype);
+    lo.dtype = JANUS_DTYPE_F32;
+    MUST(janus_model_load(model_dir, &lo, &model));
+    janus_dtype dtype = JANUS_DTYPE_AUTO;
+    MUST(janus_model_dtype(model, &dtype));
+    CHECK(dtype == JANUS_DTYPE_F32, "dtype %u", (unsigned)dtype);
+    EXPECT_STATUS(janus_model_dtype(model, NULL), JANUS_ERR_INVALID_ARGUMENT);
     size_t rows, cols;
     MUST(janus_model_grid(model, &rows, &cols));
     /* The checkpoint is bf16: `auto` keeps it so on the CPU. */

@@ -94,7 +94,7 @@ class Janus:
     def load(
         model: Union[str, os.PathLike[str]],
         backend: str = "cpu",
-        dtype: str = "f32",
+        dtype: str = "auto",
         weights: str = "auto",
     ) -> Janus:
         """Loads a model: a folder (Hugging Face or original DeepSeek layout), or a Hugging Face
@@ -102,7 +102,10 @@ class Janus:
         (``HF_HUB_OFFLINE=1`` forbids downloading).
 
         ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype``, the
-        compute dtype, is ``"f32"``, ``"f16"`` or ``"bf16"``; ``weights``, how weights are held in
+        compute dtype, is ``"auto"`` (bf16 on a CPU with bf16 instructions, AMX or AVX512-BF16,
+        when the weights are held in bf16; else f32), ``"f32"``, ``"f16"`` or ``"bf16"`` (on the
+        CPU: bf16 operands and f32 sums for the large products, f32 elsewhere); ``weights``, how
+        weights are held in
         memory, is ``"auto"`` (on the CPU the half precision the files store, else f32; on a GPU
         the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
         """
@@ -114,7 +117,7 @@ class Janus:
         """The backend it runs on."""
     @property
     def dtype(self) -> str:
-        """The dtype it computes in."""
+        """The dtype it computes in (what ``"auto"`` resolved to)."""
     @property
     def weights(self) -> str:
         """How the weights are held in memory (what ``"auto"`` resolved to)."""
