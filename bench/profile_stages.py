@@ -41,7 +41,9 @@ KINDS = [
     ("convolution (im2col, col2im, layout)", r"conv|im2col|col2im|unfold"),
     ("exp, erf, tanh (libm)", r"expf|erff|erfc|libm::|tanhf|__exp|__log"),
     ("element-wise ops (backend)", r"burn_flex::ops::(unary|binary|float|activation|scalar|clamp|cmp|bool)|macerator"),
-    ("closures run on the thread pool (backend, not resolved further)", r"core::ops::function::impls"),
+    ("closures run on the thread pool (loop bodies inlined into the pool's calls, not resolved further)",
+     r"core::ops::function::impls|ForEachConsumer<.*consume|Producer::fold_with|bridge_producer_consumer::helper"
+     r"|StackJob<.*>::run_inline|join_context::\{\{closure\}\}"),
     ("reductions, norms, softmax (backend)", r"burn_flex::ops::(reduce|softmax|norm|mean|sum|max)|reduce"),
     ("copies and layout changes", r"memmove|memcpy|copy_|permute|transpose|burn_flex::ops::(cat|slice|gather|select|expand|reshape|repeat)|into_contiguous|strided"),
     ("fresh memory: page faults, zeroing, unmapping (kernel, allocator)", r"clear_page|page_fault|folio|alloc_pages|get_page|do_anonymous|memset|zero_user|__alloc|_int_malloc|_int_free|malloc|free\b|munmap|mmap|memcg|smp_call_function|native_write_msr|flush_tlb|tlb|lru|rmqueue|unmap"),

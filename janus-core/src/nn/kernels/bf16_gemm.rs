@@ -183,7 +183,7 @@ pub fn bf16_gemm(
 
 /// `y`'s base pointer, shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(pub(crate) *mut f32);
 // SAFETY: every task writes its own columns of `y` only (see the callers), and `y` outlives the
 // parallel loop that uses the pointer.
 unsafe impl Send for Out {}
@@ -198,7 +198,7 @@ fn rows_per_task(out: usize, d_in: usize, unit: usize, threads: usize) -> usize 
     fit.min(spread).max(unit)
 }
 
-mod amx {
+pub(crate) mod amx {
     //! The AMX path. Tiles: 0–3 the 2×2 results (`[16 weight rows, 16 activation rows]` f32),
     //! 4–5 two blocks of 16 weight rows × 32 values, 6–7 two blocks of 32 values × 16
     //! activation rows in pairs.
@@ -237,10 +237,10 @@ mod amx {
 
     /// The 64-byte tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
     #[repr(C, align(64))]
-    struct Config([u8; 64]);
+    pub(crate) struct Config(pub(crate) [u8; 64]);
 
     impl Config {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let mut c = [0u8; 64];
             c[0] = 1;
             for t in 0..8 {
@@ -252,7 +252,7 @@ mod amx {
     }
 
     /// Activation rows a result tile covers.
-    const TILE: usize = 16;
+    pub(crate) const TILE: usize = 16;
 
     /// `x` as bf16 pairs in blocks of 16 rows: block `b`, pair `p`, row `j` at
     /// `(b · d_in/2 + p) · 16 + j`, holding `x[16b + j][2p]` (low half) and `x[..][2p + 1]`; rows

@@ -52,6 +52,10 @@ pub fn conv_same_bf16(
     if pixels == 0 {
         return Ok(());
     }
+    if path == Bf16Gemm::Amx && direct::applies(c_in, out, wd) {
+        direct::conv(x, (c_in, h, wd), w, k, bias, y);
+        return Ok(());
+    }
     // The weight is the product's many-row side: its values widened (exactly) once.
     let wf: Vec<f32> = w
         .iter()
@@ -113,6 +117,233 @@ pub fn conv_same_bf16(
     Ok(())
 }
 
+mod direct {
+    //! The AMX convolution without unfolding: a `k×k` convolution is `k²` shifted products
+    //! summed in the same tiles. The image is held as bf16 channel pairs with a zero border
+    //! (`[c_in/2, h + 2p, w + 2p]` pairs), so the right operand of tap `(dy, dx)` for 32 input
+    //! channels and 16 pixels of a row is 16 rows of 64 bytes one channel-pair plane apart; the
+    //! weights are laid out a tile after another (16 outputs × 32 input channels of one tap).
+    //! Results are 2×2 tiles of 16 output channels × 16 pixels, started from the bias and
+    //! stored channel-first straight into `y`. A row's last tile may overlap the one before it
+    //! (it then writes the same values again), so any width from 16 up is covered.
+
+    use super::super::bf16_gemm::amx::{Config, TILE};
+    use super::super::prefer_huge_pages;
+    use rayon::prelude::*;
+
+    /// Whether the direct form takes this shape: whole tiles of input channels and outputs, rows
+    /// at least a tile wide.
+    pub fn applies(c_in: usize, out: usize, wd: usize) -> bool {
+        c_in.is_multiple_of(32) && out.is_multiple_of(32) && wd >= TILE
+    }
+
+    /// Output rows one task computes for one block of 32 output channels.
+    const ROWS_PER_TASK: usize = 4;
+
+    /// See [`conv_same_bf16`](super::conv_same_bf16); the shape passed [`applies`].
+    pub fn conv(
+        x: &[f32],
+        (c_in, h, wd): (usize, usize, usize),
+        w: &[u16],
+        k: usize,
+        bias: &[f32],
+        y: &mut [f32],
+    ) {
+        let out = bias.len();
+        let p = k / 2;
+        let (ph, pw) = (h + 2 * p, wd + 2 * p);
+        let plane = ph * pw;
+        // The image as bordered channel pairs.
+        let mut xp = vec![0u32; c_in / 2 * plane];
+        prefer_huge_pages(&mut xp);
+        xp.par_chunks_mut(plane).enumerate().for_each(|(cp, dst)| {
+            let (a, b) = (
+                &x[2 * cp * h * wd..][..h * wd],
+                &x[(2 * cp + 1) * h * wd..][..h * wd],
+            );
+            for r in 0..h {
+                let row = &mut dst[(r + p) * pw + p..][..wd];
+                for (c, d) in row.iter_mut().enumerate() {
+                    let lo = half::bf16::from_f32(a[r * wd + c]).to_bits();
+                    let hi = half::bf16::from_f32(b[r * wd + c]).to_bits();
+                    *d = u32::from(lo) | (u32::from(hi) << 16);
+                }
+            }
+        });
+        // The weights a tile after another: output block ob (16), tap t, input block ib (32).
+        let (taps, blocks) = (k * k, c_in / 32);
+        let tile = TILE * 32;
+        let mut wt = vec![0u16; out * c_in * taps];
+        wt.par_chunks_mut(taps * blocks * tile)
+            .enumerate()
+            .for_each(|(ob, dst)| {
+                for t in 0..taps {
+                    for ib in 0..blocks {
+                        let tile_dst = &mut dst[(t * blocks + ib) * tile..][..tile];
+                        for r in 0..TILE {
+                            let o = ob * TILE + r;
+                            for i in 0..32 {
+                                tile_dst[r * 32 + i] =
+                                    w[o * c_in * taps + (ib * 32 + i) * taps + t];
+                            }
+                        }
+                    }
+                }
+            });
+        // Bias tiles: output block ob, every column its channel's bias.
+        let bt: Vec<f32> = (0..out)
+            .flat_map(|o| std::iter::repeat_n(bias[o], TILE))
+            .collect();
+        // Tile starts along a row: every 16 pixels, the last one flush with the row's end, in
+        // pairs (an odd count repeats the last).
+        let mut starts: Vec<usize> = (0..wd / TILE).map(|i| i * TILE).collect();
+        if !wd.is_multiple_of(TILE) {
+            starts.push(wd - TILE);
+        }
+        if starts.len() % 2 == 1 {
+            starts.push(*starts.last().expect("a row is at least one tile wide"));
+        }
+        let y = super::super::bf16_gemm::Out(y.as_mut_ptr());
+        let bands = h.div_ceil(ROWS_PER_TASK);
+        (0..out / 32 * bands).into_par_iter().for_each(|task| {
+            let (pair, band) = (task / bands, task % bands);
+            let rows = band * ROWS_PER_TASK..((band + 1) * ROWS_PER_TASK).min(h);
+            // SAFETY: this task writes output channels 32·pair.. of rows `rows` only; AMX was
+            // found usable by the caller; the buffers have the layouts described above.
+            unsafe {
+                tiles(
+                    &xp,
+                    (ph, pw, plane),
+                    &wt,
+                    (taps, blocks, k),
+                    &bt,
+                    pair,
+                    rows,
+                    &starts,
+                    (h, wd),
+                    y,
+                )
+            };
+        });
+    }
+
+    /// Output channels `32·pair..32·pair + 32` of rows `rows`.
+    ///
+    /// # Safety
+    /// AMX must be usable; the buffers as [`conv`] lays them out; no other writer of these
+    /// outputs.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles(
+        xp: &[u32],
+        (_ph, pw, plane): (usize, usize, usize),
+        wt: &[u16],
+        (taps, blocks, k): (usize, usize, usize),
+        bt: &[f32],
+        pair: usize,
+        rows: std::ops::Range<usize>,
+        starts: &[usize],
+        (h, wd): (usize, usize),
+        y: super::super::bf16_gemm::Out,
+    ) {
+        use std::arch::asm;
+        let config = Config::new();
+        let tile = TILE * 32;
+        let per_block = taps * blocks * tile;
+        let (a0, a1) = (
+            wt[2 * pair * per_block..].as_ptr(),
+            wt[(2 * pair + 1) * per_block..].as_ptr(),
+        );
+        let (b0, b1) = (
+            bt[2 * pair * TILE * TILE..].as_ptr(),
+            bt[(2 * pair + 1) * TILE * TILE..].as_ptr(),
+        );
+        // Rows of a tile: 64 bytes apart for packed tiles and bias, a channel-pair plane apart
+        // for the image, a channel plane apart for the output.
+        let (s64, s_img, s_out) = (64usize, plane * 4, h * wd * 4);
+        // SAFETY (all asm blocks): the configuration and tiles are this thread's own; every load
+        // reads 16 rows of 64 bytes inside `wt`, `bt` or `xp` (the border keeps shifted reads
+        // inside the plane; channel block ib reaches plane 16·ib + 15 < c_in/2), every store
+        // writes 16 rows of 64 bytes inside `y` (16 channels of `out`, 16 pixels of a row).
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+            for py in rows {
+                for sp in starts.chunks_exact(2) {
+                    asm!(
+                        "tileloadd tmm0, [{b0} + {s}*1]",
+                        "tileloadd tmm1, [{b0} + {s}*1]",
+                        "tileloadd tmm2, [{b1} + {s}*1]",
+                        "tileloadd tmm3, [{b1} + {s}*1]",
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b1,
+                        s = in(reg) s64,
+                        options(nostack, readonly)
+                    );
+                    for t in 0..taps {
+                        let (dy, dx) = (t / k, t % k);
+                        // Pixel (py, px) at tap (dy, dx) reads bordered pixel (py + dy, px + dx).
+                        let at = |px: usize| (py + dy) * pw + px + dx;
+                        for ib in 0..blocks {
+                            let w_at = (t * blocks + ib) * tile;
+                            let x_at = 16 * ib * plane;
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {s64}*1]",
+                                "tileloadd tmm5, [{a1} + {s64}*1]",
+                                "tileloadd tmm6, [{x0} + {si}*1]",
+                                "tileloadd tmm7, [{x1} + {si}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0.add(w_at),
+                                a1 = in(reg) a1.add(w_at),
+                                x0 = in(reg) xp.as_ptr().add(x_at + at(sp[0])),
+                                x1 = in(reg) xp.as_ptr().add(x_at + at(sp[1])),
+                                s64 = in(reg) s64,
+                                si = in(reg) s_img,
+                                options(nostack, readonly)
+                            );
+                        }
+                    }
+                    let o0 = 32 * pair;
+                    let dst = |o: usize, px: usize| y.0.add((o * h + py) * wd + px);
+                    asm!(
+                        "tilestored [{d0} + {s}*1], tmm0",
+                        "tilestored [{d1} + {s}*1], tmm1",
+                        "tilestored [{d2} + {s}*1], tmm2",
+                        "tilestored [{d3} + {s}*1], tmm3",
+                        d0 = in(reg) dst(o0, sp[0]),
+                        d1 = in(reg) dst(o0, sp[1]),
+                        d2 = in(reg) dst(o0 + TILE, sp[0]),
+                        d3 = in(reg) dst(o0 + TILE, sp[1]),
+                        s = in(reg) s_out,
+                        options(nostack)
+                    );
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles(
+        _: &[u32],
+        _: (usize, usize, usize),
+        _: &[u16],
+        _: (usize, usize, usize),
+        _: &[f32],
+        _: usize,
+        _: std::ops::Range<usize>,
+        _: &[usize],
+        _: (usize, usize),
+        _: super::super::bf16_gemm::Out,
+    ) {
+        unreachable!("AMX is x86-64 only")
+    }
+}
+
 /// The `c_in·k·k` values pixel `(py, px)` sees in the bordered image `xp` `[c_in, ph, pw]`.
 #[inline]
 fn unfold(
@@ -163,16 +394,25 @@ fn unfold_k<const K: usize>(
 mod tests {
     use super::*;
 
-    /// Against the definition, with the operands rounded to bf16 and summed in f64, for a 3×3
-    /// and a 1×1 kernel over an image whose pixel count is not a multiple of 32.
+    /// Against the definition, with the operands rounded to bf16 and summed in f64, on every
+    /// path, for 3×3 and 1×1 kernels over images whose pixel count is not a multiple of 32:
+    /// narrow ones (unfolded) and rows of 16 pixels or more (AMX takes them directly, rows whose
+    /// width is not a multiple of 16 or 32 included).
     #[test]
     fn matches_the_definition() {
-        let Some(path) = Bf16Gemm::best() else {
-            return;
-        };
         let value =
             |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 211) as f32 / 211.0 - 0.5;
-        for (c_in, k, out, h, wd) in [(32, 3, 64, 7, 9), (32, 1, 32, 5, 5), (64, 3, 32, 12, 11)] {
+        let paths = Bf16Gemm::ALL.into_iter().filter(|p| p.supported());
+        let shapes = [
+            (32, 3, 64, 7, 9),
+            (32, 1, 32, 5, 5),
+            (64, 3, 32, 12, 11),
+            (32, 3, 64, 5, 16),
+            (64, 3, 32, 3, 24),
+            (32, 1, 32, 2, 40),
+            (32, 3, 32, 6, 33),
+        ];
+        for (path, (c_in, k, out, h, wd)) in paths.flat_map(|p| shapes.map(|s| (p, s))) {
             let d_in = c_in * k * k;
             let x: Vec<f32> = (0..c_in * h * wd).map(|i| value(i, 1)).collect();
             let w: Vec<u16> = (0..out * d_in)
@@ -210,7 +450,11 @@ mod tests {
                     }
                 }
             }
-            assert!(worst < 1e-4, "[{c_in}, {h}, {wd}] k {k} → {out}: {worst}");
+            assert!(
+                worst < 1e-4,
+                "{}: [{c_in}, {h}, {wd}] k {k} → {out}: {worst}",
+                path.name()
+            );
         }
     }
 
