@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 # (kind, regular expression over the symbol name), first match wins.
 KINDS = [
     ("GEMM (`gemm` crate microkernels and packing)", r"gemm_common|gemm_f32|gemm_f16|gemm_f64|\bgemm::"),
-    ("bf16 GEMM (janus-rs, AMX or AVX512-BF16)", r"janus_core::nn::kernels::bf16_gemm"),
+    ("bf16 products and convolutions (janus-rs, AMX or AVX512-BF16)", r"janus_core::nn::kernels::(bf16_gemm|conv)"),
     ("decode kernels (janus-rs)", r"janus_core::nn::kernels"),
     ("widening compact weights to f32", r"widen_rows|HalfMatrix|dequantize"),
     ("attention (backend's fused kernel)", r"burn_flex::ops::attention"),
