@@ -212,8 +212,8 @@ typedef struct janus_image_list {
 // operands and f32 sums (AMX or AVX512-BF16 where the CPU has them).
 #define JANUS_DTYPE_BF16 2
 
-// The default: bf16 on a CPU with bf16 instructions (AMX or AVX512-BF16) when the weights are
-// held in bf16, else f32. `janus_model_dtype` tells what it resolved to.
+// The default: bf16 on a CPU with AMX when the weights are held in bf16, else f32.
+// `janus_model_dtype` tells what it resolved to.
 #define JANUS_DTYPE_AUTO 3
 
 // On the CPU, each weight in the half precision its file stores (bf16 or f16), else f32; on a

@@ -36,8 +36,7 @@ pub struct Common {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     pub backend: BackendArg,
-    /// The compute dtype: auto is bf16 on a CPU with bf16 instructions (AMX, AVX512-BF16) for
-    /// bf16 weights, else f32.
+    /// The compute dtype: auto is bf16 on a CPU with AMX for bf16 weights, else f32.
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
     /// How weights are held in memory: auto keeps the half precision the files store on the CPU
@@ -169,8 +168,8 @@ impl From<BackendArg> for janus_core::Backend {
 /// `--dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
-    /// bf16 on a CPU with bf16 instructions (AMX, AVX512-BF16) when the weights are held in
-    /// bf16 (every published checkpoint, with --weights auto), else f32.
+    /// bf16 on a CPU with AMX when the weights are held in bf16 (every published checkpoint, with
+    /// --weights auto), else f32.
     Auto,
     /// 32-bit float.
     F32,

@@ -25,7 +25,7 @@ pub struct LoadOptions {
     /// Where to run.
     pub backend: Backend,
     /// The dtype activations are computed in (and dense weights held in); `auto` (the default)
-    /// is bf16 on CPUs with bf16 instructions for bf16 weights, else f32
+    /// is bf16 on CPUs with AMX for bf16 weights, else f32
     /// ([`ComputeDType::Auto`]).
     pub dtype: ComputeDType,
     /// How weights are held in memory.

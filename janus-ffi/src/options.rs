@@ -34,8 +34,8 @@ pub const JANUS_DTYPE_F16: janus_dtype = 1;
 /// bfloat16. On the CPU: f32 activations, bf16 weights, and the large products with bf16
 /// operands and f32 sums (AMX or AVX512-BF16 where the CPU has them).
 pub const JANUS_DTYPE_BF16: janus_dtype = 2;
-/// The default: bf16 on a CPU with bf16 instructions (AMX or AVX512-BF16) when the weights are
-/// held in bf16, else f32. `janus_model_dtype` tells what it resolved to.
+/// The default: bf16 on a CPU with AMX when the weights are held in bf16, else f32.
+/// `janus_model_dtype` tells what it resolved to.
 pub const JANUS_DTYPE_AUTO: janus_dtype = 3;
 
 /// The C value of a compute dtype.

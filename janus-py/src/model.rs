@@ -158,8 +158,8 @@ impl Janus {
     /// (``HF_HUB_OFFLINE=1`` forbids downloading).
     ///
     /// ``backend`` is ``"cpu"``, ``"wgpu"`` or ``"cuda"`` (those compiled in); ``dtype``, the
-    /// compute dtype, is ``"auto"`` (bf16 on a CPU with bf16 instructions, AMX or AVX512-BF16,
-    /// when the weights are held in bf16; else f32), ``"f32"``, ``"f16"`` or ``"bf16"`` (on the
+    /// compute dtype, is ``"auto"`` (bf16 on a CPU with AMX when the weights are held in
+    /// bf16; else f32), ``"f32"``, ``"f16"`` or ``"bf16"`` (on the
     /// CPU: bf16 operands and f32 sums for the large products, f32 elsewhere); ``weights``, how
     /// weights are held
     /// in memory, is ``"auto"`` (on the CPU the half precision the files store, else f32; on a

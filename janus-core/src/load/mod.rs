@@ -265,10 +265,11 @@ fn read_index(dir: &Path, index_path: &Path) -> Result<ShardIndex> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ComputeDType {
     /// The fastest dtype that keeps the reference's quality, resolved when a model loads
-    /// ([`JanusModel::dtype`](crate::JanusModel::dtype) tells which): `bf16` on a CPU with bf16
-    /// instructions (AMX or AVX512-BF16) when the weights are held in bf16 (`--weights auto` on
-    /// bf16 files, which every published Janus checkpoint is, or `--weights bf16`); `f32`
-    /// otherwise and on a GPU.
+    /// ([`JanusModel::dtype`](crate::JanusModel::dtype) tells which): `bf16` on a CPU with AMX
+    /// (where the bf16 path is measured 2–3× faster than f32) when the weights are held in bf16
+    /// (`--weights auto` on bf16 files, which every published Janus checkpoint is, or `--weights
+    /// bf16`); `f32` otherwise and on a GPU. AVX512-BF16 alone does not make it `bf16`: on the
+    /// Intel CPU measured, its products are slower than f32's (`BENCHMARKS.md`).
     #[default]
     Auto,
     /// 32-bit float (the one parity with the f32 references is proven in).
@@ -313,7 +314,7 @@ impl ComputeDType {
             WeightFormat::Auto => ckpt.stored_half() == WeightFormat::Bf16,
             _ => false,
         };
-        let bf16_path = matches!(Bf16Gemm::selected(), Ok(Some(_)));
+        let bf16_path = matches!(Bf16Gemm::selected(), Ok(Some(Bf16Gemm::Amx)));
         if crate::device::is_cpu(device) && bf16_weights && bf16_path {
             ComputeDType::BF16
         } else {
