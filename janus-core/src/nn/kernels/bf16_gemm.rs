@@ -75,20 +75,15 @@ impl Bf16Gemm {
             "none" => return Ok(None),
             _ => {}
         }
-        let path = Self::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "{ENV}={name}: expected auto, amx, avx512bf16 or none"
-                ))
-            })?;
-        if !path.supported() {
-            return Err(Error::InvalidInput(format!(
-                "{ENV}={name}: this machine cannot run that path"
-            )));
-        }
-        Ok(Some(path))
+        super::dispatch::pick(
+            ENV,
+            &name,
+            &Self::ALL,
+            Self::name,
+            Self::supported,
+            "auto, none, ",
+        )
+        .map(Some)
     }
 
     /// The path of this process: `JANUS_BF16_GEMM` if set, else the fastest. Read once.
@@ -96,7 +91,7 @@ impl Bf16Gemm {
         static SELECTED: OnceLock<std::result::Result<Option<Bf16Gemm>, String>> = OnceLock::new();
         SELECTED
             .get_or_init(|| match std::env::var(ENV) {
-                Ok(v) => Self::parse(&v).map_err(|e| e.to_string()),
+                Ok(v) => Self::parse(&v).map_err(super::dispatch::message),
                 Err(_) => Ok(Self::best()),
             })
             .clone()

@@ -65,25 +65,14 @@ impl KernelPath {
         if name.is_empty() || name == "auto" {
             return Ok(Self::best());
         }
-        let path = Self::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "{ENV}={name}: expected auto, portable, avx2 or avx512"
-                ))
-            })?;
-        if !path.supported() {
-            return Err(Error::InvalidInput(format!(
-                "{ENV}={name}: this CPU cannot run that path (it can run: {})",
-                Self::available()
-                    .iter()
-                    .map(|p| p.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        Ok(path)
+        pick(
+            ENV,
+            &name,
+            &Self::ALL,
+            Self::name,
+            Self::supported,
+            "auto, ",
+        )
     }
 
     /// The path of this process: `JANUS_KERNELS` if set, else the widest. Read once.
@@ -91,12 +80,56 @@ impl KernelPath {
         static SELECTED: OnceLock<std::result::Result<KernelPath, String>> = OnceLock::new();
         SELECTED
             .get_or_init(|| match std::env::var(ENV) {
-                Ok(v) => Self::parse(&v).map_err(|e| e.to_string()),
+                Ok(v) => Self::parse(&v).map_err(message),
                 Err(_) => Ok(Self::best()),
             })
             .clone()
             .map_err(Error::InvalidInput)
     }
+}
+
+/// The text of an error, without the kind's prefix when it is [`Error::InvalidInput`] (kept
+/// once per process and wrapped again on each use).
+pub(crate) fn message(e: Error) -> String {
+    match e {
+        Error::InvalidInput(m) => m,
+        other => other.to_string(),
+    }
+}
+
+/// The value of `all` named `name` (already trimmed and lower-cased) that this machine runs, for
+/// the environment variable `env`; `also` lists the names the caller handled itself (for the
+/// message). Unknown names and paths this machine cannot run are [`Error::InvalidInput`].
+pub(crate) fn pick<T: Copy>(
+    env: &str,
+    name: &str,
+    all: &[T],
+    name_of: fn(T) -> &'static str,
+    supported: fn(T) -> bool,
+    also: &str,
+) -> Result<T> {
+    let names = |keep: &dyn Fn(T) -> bool| {
+        all.iter()
+            .copied()
+            .filter(|&p| keep(p))
+            .map(name_of)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let path = all
+        .iter()
+        .copied()
+        .find(|&p| name_of(p) == name)
+        .ok_or_else(|| {
+            Error::InvalidInput(format!("{env}={name}: expected {also}{}", names(&|_| true)))
+        })?;
+    if !supported(path) {
+        return Err(Error::InvalidInput(format!(
+            "{env}={name}: this machine cannot run that path (it can run: {})",
+            names(&supported)
+        )));
+    }
+    Ok(path)
 }
 
 #[cfg(test)]
