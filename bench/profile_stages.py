@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 KINDS = [
     ("GEMM (`gemm` crate microkernels and packing)", r"gemm_common|gemm_f32|gemm_f16|gemm_f64|\bgemm::"),
     ("bf16 products and convolutions (janus-rs, AMX or AVX512-BF16)", r"janus_core::nn::kernels::(bf16_gemm|conv)"),
+    ("Winograd transforms and GroupNorm (janus-rs, f32 VQ)", r"janus_core::nn::kernels::(winograd|group_norm)"),
     ("decode kernels (janus-rs)", r"janus_core::nn::kernels"),
     ("widening compact weights to f32", r"widen_rows|HalfMatrix|dequantize"),
     ("attention (backend's fused kernel)", r"burn_flex::ops::attention"),

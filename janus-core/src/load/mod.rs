@@ -21,6 +21,7 @@ use crate::config::Layout;
 use crate::error::{Error, Result, WeightMismatch};
 use crate::nn::kernels::{
     Bf16Gemm, HalfKind, KernelPath, QK, QuantKind, QuantMatrix, prefer_huge_pages,
+    winograd::ConvAlgo,
 };
 use crate::nn::weight::{HalfMatrix, Matrix, WeightFormat};
 
@@ -360,6 +361,7 @@ pub(crate) fn check_weight_format(
     if dtype == ComputeDType::Auto {
         // Auto resolves to a dtype the choice can take.
         KernelPath::selected()?;
+        ConvAlgo::selected()?;
         return Ok(());
     }
     let compute = match dtype {
@@ -387,6 +389,7 @@ pub(crate) fn check_weight_format(
         )));
     }
     KernelPath::selected()?;
+    ConvAlgo::selected()?;
     if dtype == ComputeDType::BF16 {
         Bf16Gemm::selected()?;
     }

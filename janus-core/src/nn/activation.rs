@@ -50,7 +50,7 @@ fn map_f32<const D: usize, F: Fn(f32) -> f32 + Sync>(
 /// `x·σ(x)`, with `σ(x) = 1/(1 + e^(−|x|))` for `x ≥ 0` and `e^(−|x|)/(1 + e^(−|x|))` below (no
 /// overflow either way).
 #[inline(always)]
-fn silu_value(x: f32) -> f32 {
+pub(crate) fn silu_value(x: f32) -> f32 {
     let e = exp_neg(x.abs());
     let s = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
     x * s

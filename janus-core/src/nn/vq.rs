@@ -10,8 +10,10 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use crate::config::VqConfig;
 use crate::load::Weights;
 
-use super::kernels::Bf16Gemm;
 use super::kernels::conv::conv_same_bf16;
+use super::kernels::group_norm::group_norm;
+use super::kernels::winograd::{self, ConvAlgo, conv3x3_same};
+use super::kernels::{Bf16Gemm, KernelPath};
 use super::weight::Matrix;
 
 /// A 2-D convolution's parameters.
@@ -33,16 +35,24 @@ impl Conv {
             .reshape(self.shape)
     }
 
-    /// Convolution with stride 1 and "same" padding for odd kernels; with bf16 compute on the
-    /// CPU, on the bf16 products ([`conv_same_bf16`](super::kernels::conv::conv_same_bf16)).
+    /// Convolution with stride 1 and "same" padding for odd kernels. On the CPU in f32: with
+    /// bf16 compute, on the bf16 products
+    /// ([`conv_same_bf16`](super::kernels::conv::conv_same_bf16)); else 3×3 kernels of enough
+    /// channels by Winograd's F(4×4, 3×3) ([`conv3x3_same`], unless `JANUS_CONV=im2col`).
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let k = self.shape[2];
+        let [out, c_in, k, _] = self.shape;
         let p = k / 2;
-        if x.dtype() == DType::F32
-            && crate::device::is_cpu(&x.device())
-            && let Some((path, bits)) = self.weight.bf16_operands()
-        {
-            return self.forward_bf16(x, path, bits);
+        if x.dtype() == DType::F32 && crate::device::is_cpu(&x.device()) {
+            if let Some((path, bits)) = self.weight.bf16_operands() {
+                return self.forward_bf16(x, path, bits);
+            }
+            // The choice was validated when the model loaded.
+            if k == 3
+                && winograd::applies(c_in, out)
+                && ConvAlgo::selected().is_ok_and(|a| a == ConvAlgo::Winograd)
+            {
+                return self.forward_winograd(x);
+            }
         }
         let weight = self.weight(&x);
         conv2d(
@@ -53,10 +63,32 @@ impl Conv {
         )
     }
 
-    /// [`forward`](Self::forward) on the bf16 products, image by image.
+    /// [`forward`](Self::forward) on the bf16 products.
     fn forward_bf16(&self, x: Tensor<4>, path: Bf16Gemm, bits: &[u16]) -> Tensor<4> {
+        let k = self.shape[2];
+        self.each_image(x, |src, dims, bias, dst| {
+            conv_same_bf16(path, src, dims, bits, k, bias, dst)
+        })
+    }
+
+    /// [`forward`](Self::forward) by Winograd's F(4×4, 3×3).
+    fn forward_winograd(&self, x: Tensor<4>) -> Tensor<4> {
+        let w = self.weight.host_f32();
+        // The path was validated when the model loaded.
+        let path = KernelPath::selected().unwrap_or(KernelPath::Portable);
+        self.each_image(x, |src, dims, bias, dst| {
+            conv3x3_same(path, src, dims, &w, bias, dst)
+        })
+    }
+
+    /// Runs a "same" convolution on the host image by image: `conv(x, [c, h, w], bias, y)`.
+    fn each_image(
+        &self,
+        x: Tensor<4>,
+        conv: impl Fn(&[f32], (usize, usize, usize), &[f32], &mut [f32]) -> crate::Result<()>,
+    ) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let [out, _, k, _] = self.shape;
+        let out = self.shape[0];
         let device = x.device();
         let xs: Vec<f32> = x
             .into_data()
@@ -74,8 +106,7 @@ impl Conv {
             .chunks_exact(c * h * w)
             .zip(y.chunks_exact_mut(out * h * w))
         {
-            conv_same_bf16(path, src, (c, h, w), bits, k, &bias, dst)
-                .expect("the weight's shape is the layer's");
+            conv(src, (c, h, w), &bias, dst).expect("the weight's shape is the layer's");
         }
         Tensor::from_data(TensorData::new(y, [b, out, h, w]), &device)
     }
@@ -119,8 +150,12 @@ impl GroupNorm {
     const GROUPS: usize = 32;
     const EPS: f64 = 1e-6;
 
-    /// Normalises each of 32 channel groups over channels and space (statistics in f32).
+    /// Normalises each of 32 channel groups over channels and space (statistics in f32, in f64
+    /// on the CPU).
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        if Self::on_cpu(&x) {
+            return self.on_host(x, false);
+        }
         let [b, c, h, w] = x.dims();
         let dtype = x.dtype();
         let g = x
@@ -133,6 +168,47 @@ impl GroupNorm {
             .reshape([b, c, h, w])
             .cast(dtype);
         y * self.weight.clone().reshape([1, c, 1, 1]) + self.bias.clone().reshape([1, c, 1, 1])
+    }
+
+    /// `swish(forward(x))`, in one pass over the output on the CPU.
+    fn forward_swish(&self, x: Tensor<4>) -> Tensor<4> {
+        if Self::on_cpu(&x) {
+            return self.on_host(x, true);
+        }
+        swish(self.forward(x))
+    }
+
+    /// Whether the host kernel takes `x`: f32 on the CPU.
+    fn on_cpu(x: &Tensor<4>) -> bool {
+        x.dtype() == DType::F32 && crate::device::is_cpu(&x.device())
+    }
+
+    /// The norm (and swish) by the host kernel, in place where `x`'s values are not shared.
+    fn on_host(&self, x: Tensor<4>, swish: bool) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let device = x.device();
+        let host = |t: &Tensor<1>| -> Vec<f32> {
+            t.clone()
+                .cast(DType::F32)
+                .into_data()
+                .try_into_vec()
+                .expect("a tensor cast to f32 reads back as f32")
+        };
+        let mut y: Vec<f32> = x
+            .into_data()
+            .try_into_vec()
+            .expect("an f32 tensor reads back as f32");
+        group_norm(
+            &mut y,
+            (c, h * w),
+            Self::GROUPS,
+            Self::EPS,
+            &host(&self.weight),
+            &host(&self.bias),
+            swish,
+        )
+        .expect("the norm's shapes are the layer's");
+        Tensor::from_data(TensorData::new(y, [b, c, h, w]), &device)
     }
 
     fn load(w: &mut Weights<'_>, prefix: &str, c: usize) -> Self {
@@ -160,8 +236,8 @@ pub struct ResBlock {
 
 impl ResBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(swish(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(swish(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_swish(x.clone()));
+        let h = self.conv2.forward(self.norm2.forward_swish(h));
         let shortcut = match &self.nin_shortcut {
             Some(conv) => conv.forward(x),
             None => x,
@@ -339,7 +415,7 @@ impl Trunk {
         if down {
             x = self.mid.forward(x);
         }
-        self.conv_out.forward(swish(self.norm_out.forward(x)))
+        self.conv_out.forward(self.norm_out.forward_swish(x))
     }
 }
 

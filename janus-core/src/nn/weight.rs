@@ -420,6 +420,20 @@ impl Matrix {
         }
     }
 
+    /// The whole matrix as f32 values in host memory, `[out, in]` row-major (widened for compact
+    /// storage).
+    pub fn host_f32(&self) -> Vec<f32> {
+        match self {
+            Matrix::Dense(w) => host_f32(w.clone()),
+            _ => {
+                let [out, d_in] = self.dims();
+                let mut values = vec![0.0f32; out * d_in];
+                self.widen_rows_par(0, &mut values);
+                values
+            }
+        }
+    }
+
     /// Rows `ids` of the matrix (an embedding lookup), `[ids, in]` in `dtype`. Every id must be
     /// below `out` (checked by the caller).
     pub fn gather(&self, ids: &[usize], dtype: DType, device: &burn::tensor::Device) -> Tensor<2> {

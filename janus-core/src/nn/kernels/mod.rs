@@ -12,8 +12,10 @@
 pub mod bf16_gemm;
 pub mod conv;
 pub mod dispatch;
+pub mod group_norm;
 pub mod half_matvec;
 pub mod quant;
+pub mod winograd;
 
 pub use bf16_gemm::{Bf16Gemm, bf16_gemm};
 pub use dispatch::KernelPath;
