@@ -19,9 +19,10 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::config::Layout;
 use crate::error::{Error, Result, WeightMismatch};
+#[cfg(feature = "flex")]
+use crate::nn::kernels::winograd::ConvAlgo;
 use crate::nn::kernels::{
     Bf16Gemm, HalfKind, KernelPath, QK, QuantKind, QuantMatrix, prefer_huge_pages,
-    winograd::ConvAlgo,
 };
 use crate::nn::weight::{HalfMatrix, Matrix, WeightFormat};
 
@@ -361,6 +362,7 @@ pub(crate) fn check_weight_format(
     if dtype == ComputeDType::Auto {
         // Auto resolves to a dtype the choice can take.
         KernelPath::selected()?;
+        #[cfg(feature = "flex")]
         ConvAlgo::selected()?;
         return Ok(());
     }
@@ -389,6 +391,7 @@ pub(crate) fn check_weight_format(
         )));
     }
     KernelPath::selected()?;
+    #[cfg(feature = "flex")]
     ConvAlgo::selected()?;
     if dtype == ComputeDType::BF16 {
         Bf16Gemm::selected()?;

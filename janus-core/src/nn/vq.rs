@@ -10,10 +10,13 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use crate::config::VqConfig;
 use crate::load::Weights;
 
+use super::kernels::Bf16Gemm;
+#[cfg(feature = "flex")]
+use super::kernels::KernelPath;
 use super::kernels::conv::conv_same_bf16;
 use super::kernels::group_norm::group_norm;
+#[cfg(feature = "flex")]
 use super::kernels::winograd::{self, ConvAlgo, conv3x3_same};
-use super::kernels::{Bf16Gemm, KernelPath};
 use super::weight::Matrix;
 
 /// A 2-D convolution's parameters.
@@ -40,15 +43,16 @@ impl Conv {
     /// ([`conv_same_bf16`](super::kernels::conv::conv_same_bf16)); else 3×3 kernels of enough
     /// channels by Winograd's F(4×4, 3×3) ([`conv3x3_same`], unless `JANUS_CONV=im2col`).
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [out, c_in, k, _] = self.shape;
+        let k = self.shape[2];
         let p = k / 2;
         if x.dtype() == DType::F32 && crate::device::is_cpu(&x.device()) {
             if let Some((path, bits)) = self.weight.bf16_operands() {
                 return self.forward_bf16(x, path, bits);
             }
             // The choice was validated when the model loaded.
+            #[cfg(feature = "flex")]
             if k == 3
-                && winograd::applies(c_in, out)
+                && winograd::applies(self.shape[1], self.shape[0])
                 && ConvAlgo::selected().is_ok_and(|a| a == ConvAlgo::Winograd)
             {
                 return self.forward_winograd(x);
@@ -72,6 +76,7 @@ impl Conv {
     }
 
     /// [`forward`](Self::forward) by Winograd's F(4×4, 3×3).
+    #[cfg(feature = "flex")]
     fn forward_winograd(&self, x: Tensor<4>) -> Tensor<4> {
         let w = self.weight.host_f32();
         // The path was validated when the model loaded.

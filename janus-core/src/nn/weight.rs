@@ -422,6 +422,7 @@ impl Matrix {
 
     /// The whole matrix as f32 values in host memory, `[out, in]` row-major (widened for compact
     /// storage).
+    #[cfg(feature = "flex")]
     pub fn host_f32(&self) -> Vec<f32> {
         match self {
             Matrix::Dense(w) => host_f32(w.clone()),

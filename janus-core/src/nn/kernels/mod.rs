@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod group_norm;
 pub mod half_matvec;
 pub mod quant;
+#[cfg(feature = "flex")]
 pub mod winograd;
 
 pub use bf16_gemm::{Bf16Gemm, bf16_gemm};
