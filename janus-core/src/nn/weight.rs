@@ -411,18 +411,13 @@ impl Matrix {
     pub fn dense(&self, dtype: DType, device: &burn::tensor::Device) -> Tensor<2> {
         match self {
             Matrix::Dense(w) => w.clone(),
-            _ => {
-                let [out, d_in] = self.dims();
-                let mut values = vec![0.0f32; out * d_in];
-                self.widen_rows_par(0, &mut values);
-                Tensor::<2>::from_data(TensorData::new(values, [out, d_in]), device).cast(dtype)
-            }
+            _ => Tensor::<2>::from_data(TensorData::new(self.host_f32(), self.dims()), device)
+                .cast(dtype),
         }
     }
 
     /// The whole matrix as f32 values in host memory, `[out, in]` row-major (widened for compact
     /// storage).
-    #[cfg(feature = "flex")]
     pub fn host_f32(&self) -> Vec<f32> {
         match self {
             Matrix::Dense(w) => host_f32(w.clone()),

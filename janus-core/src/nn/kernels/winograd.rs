@@ -201,22 +201,19 @@ fn convolve(
                     );
                 }
             });
-        let m = &*m;
+        let band = Band {
+            m,
+            tiles,
+            out,
+            first_row: M * ti,
+            tw,
+            h,
+            wd,
+        };
         y.par_chunks_mut(plane)
             .zip(bias.par_iter())
             .enumerate()
-            .for_each(|(o, (dst, &b))| {
-                let band = Band {
-                    m,
-                    tiles,
-                    out,
-                    first_row: M * ti,
-                    tw,
-                    h,
-                    wd,
-                };
-                output_tiles(path, &band, o, b, dst);
-            });
+            .for_each(|(o, (dst, &b))| output_tiles(path, &band, o, b, dst));
         ti += rows;
     }
     Ok(())
@@ -304,6 +301,21 @@ mod simd {
     }
 }
 
+/// `block(i, true)` for each block of `L` indices from `start` that ends by `end`, then
+/// `block(i, false)` for each index left (one lane at a time).
+#[inline(always)]
+fn by_lanes<const L: usize>(start: usize, end: usize, mut block: impl FnMut(usize, bool)) {
+    let mut i = start;
+    while i + L <= end {
+        block(i, true);
+        i += L;
+    }
+    while i < end {
+        block(i, false);
+        i += 1;
+    }
+}
+
 /// `Bᵀ·d` for a column of six inputs, lane by lane.
 #[inline(always)]
 fn bt<const L: usize>(d: &[[f32; L]; N]) -> [[f32; L]; N] {
@@ -355,17 +367,13 @@ fn at<const L: usize>(m: &[[f32; L]; N]) -> [[f32; L]; M] {
 fn weight_tiles(path: KernelPath, w: &[f32], c_in: usize, out: usize) -> Vec<f32> {
     let mut u = vec![0.0f32; c_in * P * out];
     u.par_chunks_mut(P * out).enumerate().for_each(|(c, uc)| {
-        on_path!(path, |LANES| {
-            let mut o = 0;
-            while o + LANES <= out {
-                weight_block::<LANES>(w, c_in, c, o, uc);
-                o += LANES;
+        on_path!(path, |LANES| by_lanes::<LANES>(0, out, |o, full| {
+            if full {
+                weight_block::<LANES>(w, c_in, c, o, uc)
+            } else {
+                weight_block::<1>(w, c_in, c, o, uc)
             }
-            while o < out {
-                weight_block::<1>(w, c_in, c, o, uc);
-                o += 1;
-            }
-        })
+        }))
     });
     u
 }
@@ -395,17 +403,13 @@ fn weight_block<const L: usize>(w: &[f32], c_in: usize, c: usize, o: usize, uc: 
 /// `V` of one tile, `[ξ][c_in]`, from the band at the tile's top-left input (`xs`, rows
 /// `row` values apart, channels last).
 fn input_tile(path: KernelPath, xs: &[f32], row: usize, c_in: usize, vt: &mut [f32]) {
-    on_path!(path, |LANES| {
-        let mut c = 0;
-        while c + LANES <= c_in {
-            input_block::<LANES>(xs, row, c_in, c, vt);
-            c += LANES;
+    on_path!(path, |LANES| by_lanes::<LANES>(0, c_in, |c, full| {
+        if full {
+            input_block::<LANES>(xs, row, c_in, c, vt)
+        } else {
+            input_block::<1>(xs, row, c_in, c, vt)
         }
-        while c < c_in {
-            input_block::<1>(xs, row, c_in, c, vt);
-            c += 1;
-        }
-    })
+    }))
 }
 
 /// `V = Bᵀ·d·B` for channels `c..c + L` of one tile.
@@ -435,15 +439,13 @@ fn input_block<const L: usize>(xs: &[f32], row: usize, c_in: usize, c: usize, vt
 fn output_tiles(path: KernelPath, band: &Band<'_>, o: usize, bias: f32, plane: &mut [f32]) {
     on_path!(path, |LANES| {
         for k0 in (0..band.tiles).step_by(band.tw) {
-            let mut k = k0;
-            while k + LANES <= k0 + band.tw {
-                output_block::<LANES>(band, k, o, bias, plane);
-                k += LANES;
-            }
-            while k < k0 + band.tw {
-                output_block::<1>(band, k, o, bias, plane);
-                k += 1;
-            }
+            by_lanes::<LANES>(k0, k0 + band.tw, |k, full| {
+                if full {
+                    output_block::<LANES>(band, k, o, bias, plane)
+                } else {
+                    output_block::<1>(band, k, o, bias, plane)
+                }
+            });
         }
     })
 }
