@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod generate;
 #[cfg(feature = "hub")]

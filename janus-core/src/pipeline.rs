@@ -308,34 +308,8 @@ impl Janus {
         options: &TextGenOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        let started = std::time::Instant::now();
-        let count = images.len();
-        let images = images.iter().copied();
-        let features = if count == 0 {
-            None
-        } else {
-            let size = self.images.image_size;
-            let mut flat = Vec::with_capacity(count * 3 * size * size);
-            for img in images {
-                if img.width() == 0 || img.height() == 0 {
-                    return Err(Error::InvalidInput("an image has no pixels".into()));
-                }
-                flat.extend(preprocess_for_understanding(img, &self.images));
-            }
-            let pixels = burn::tensor::Tensor::<4>::from_data(
-                burn::tensor::TensorData::new(flat, [count, 3, size, size]),
-                (&self.device, self.model.llm.dtype()),
-            );
-            Some(
-                self.model
-                    .heads
-                    .aligner
-                    .forward(self.model.vision.forward(pixels)),
-            )
-        };
-        let vision_time = started.elapsed();
+        let (embeds, vision_time) = self.prompt_embeds(ids, images)?;
         let sp = *self.tokenizer.special();
-        let embeds = embed_with_images(&self.model, ids, sp.image_placeholder, features)?;
         let mut shown = String::new();
         let mut tokens = Vec::new();
         let tokenizer = &self.tokenizer;
@@ -368,6 +342,43 @@ impl Janus {
             prefill_time: new.prefill,
             decode_time: new.decode,
         })
+    }
+
+    /// The prompt's embeddings `[1, len, hidden]`: the images encoded (SigLIP and aligner) and
+    /// their features placed at the prompt's image tokens; and the time the images took.
+    pub(crate) fn prompt_embeds(
+        &self,
+        ids: &[u32],
+        images: &[&image::RgbImage],
+    ) -> Result<(burn::tensor::Tensor<3>, std::time::Duration)> {
+        let started = std::time::Instant::now();
+        let count = images.len();
+        let features = if count == 0 {
+            None
+        } else {
+            let size = self.images.image_size;
+            let mut flat = Vec::with_capacity(count * 3 * size * size);
+            for img in images {
+                if img.width() == 0 || img.height() == 0 {
+                    return Err(Error::InvalidInput("an image has no pixels".into()));
+                }
+                flat.extend(preprocess_for_understanding(img, &self.images));
+            }
+            let pixels = burn::tensor::Tensor::<4>::from_data(
+                burn::tensor::TensorData::new(flat, [count, 3, size, size]),
+                (&self.device, self.model.llm.dtype()),
+            );
+            Some(
+                self.model
+                    .heads
+                    .aligner
+                    .forward(self.model.vision.forward(pixels)),
+            )
+        };
+        let vision_time = started.elapsed();
+        let sp = self.tokenizer.special();
+        let embeds = embed_with_images(&self.model, ids, sp.image_placeholder, features)?;
+        Ok((embeds, vision_time))
     }
 
     /// Token ids of the generation prompt for `prompt`: BOS, the chat-formatted text, and

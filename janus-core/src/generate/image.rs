@@ -92,24 +92,12 @@ pub fn generate_tokens_batch(
     opts.validate()?;
     let llm = &model.llm;
     let heads = &model.heads;
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    check_prompts(model, &lens)?;
     let k = prompts.len();
-    if k == 0 {
-        return Err(Error::InvalidInput("no prompt".into()));
-    }
     let p = opts.count;
     let n = model.config.vq.num_tokens();
-    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if prompts.iter().any(|ids| ids.len() < 2) {
-        return Err(Error::InvalidInput(
-            "a generation prompt is too short".into(),
-        ));
-    }
-    let max_len = llm.config().max_position_embeddings;
-    if t + n > max_len {
-        return Err(Error::InvalidInput(format!(
-            "the prompt ({t} tokens) and {n} image tokens exceed the context of {max_len}"
-        )));
-    }
+    let t = lens.iter().copied().max().unwrap_or(0);
     let (rows, pads) = cfg_rows(prompts, pad);
     // One prefill for all of them, then shared by every image of a prompt.
     let mut cache = llm.new_cache(t + n);
@@ -151,8 +139,7 @@ pub fn generate_tokens_batch(
         for (i, rng) in rngs.iter_mut().enumerate() {
             let c = &host[i * v..(i + 1) * v];
             let u = &host[(images + i) * v..(images + i + 1) * v];
-            let mixed: Vec<f32> = c.iter().zip(u).map(|(&c, &u)| u + w * (c - u)).collect();
-            let tok = sample(&mixed, &opts.sampling, rng) as u32;
+            let tok = pick_image_token(c, u, w, &opts.sampling, rng);
             tokens[i].push(tok);
             next.push(i64::from(tok));
         }
@@ -172,6 +159,41 @@ pub fn generate_tokens_batch(
         grouped.push(it.by_ref().take(p).collect());
     }
     Ok(grouped)
+}
+
+/// The next image token from an image's conditional and unconditional logits: guided logits
+/// `u + w·(c − u)`, then the sampling rule with the image's random stream.
+pub(crate) fn pick_image_token(
+    c: &[f32],
+    u: &[f32],
+    w: f32,
+    sampling: &Sampling,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> u32 {
+    let mixed: Vec<f32> = c.iter().zip(u).map(|(&c, &u)| u + w * (c - u)).collect();
+    sample(&mixed, sampling, rng) as u32
+}
+
+/// Checks generation prompts (`lens`: their token counts) against the context: each at least
+/// two tokens, the longest plus the grid's tokens within the position table.
+pub(crate) fn check_prompts(model: &JanusModel, lens: &[usize]) -> Result<()> {
+    if lens.is_empty() {
+        return Err(Error::InvalidInput("no prompt".into()));
+    }
+    if lens.iter().any(|&l| l < 2) {
+        return Err(Error::InvalidInput(
+            "a generation prompt is too short".into(),
+        ));
+    }
+    let t = lens.iter().copied().max().unwrap_or(0);
+    let n = model.config.vq.num_tokens();
+    let max_len = model.llm.config().max_position_embeddings;
+    if t + n > max_len {
+        return Err(Error::InvalidInput(format!(
+            "the prompt ({t} tokens) and {n} image tokens exceed the context of {max_len}"
+        )));
+    }
+    Ok(())
 }
 
 /// The conditional rows of every prompt, then their unconditional rows, left-padded with `pad`
@@ -211,7 +233,7 @@ pub(crate) fn embed_image_tokens(
     model
         .heads
         .gen_aligner
-        .forward(embedding(model.heads.gen_embed.clone(), idx))
+        .forward_step(embedding(model.heads.gen_embed.clone(), idx))
 }
 
 /// Decodes token grids to RGB8 images as the reference does:

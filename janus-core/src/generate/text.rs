@@ -6,6 +6,8 @@ use burn::tensor::Tensor;
 use crate::error::{Error, Result};
 use crate::model::JanusModel;
 
+use rand_chacha::ChaCha8Rng;
+
 use super::sampling::{Sampling, sample, stream};
 
 /// Options of one understanding call.
@@ -146,36 +148,15 @@ pub fn decode(
     opts.validate()?;
     let llm = &model.llm;
     let t = prompt.dims()[1];
-    let limit = opts.max_context.min(llm.config().max_position_embeddings);
-    if t + opts.max_new_tokens > limit {
-        return Err(Error::InvalidInput(format!(
-            "the prompt ({t} tokens) and up to {} new tokens exceed the context of {limit}",
-            opts.max_new_tokens
-        )));
-    }
+    check_context(model, t, opts)?;
     let mut cache = llm.new_cache(t + opts.max_new_tokens);
     let mut hidden = llm.forward(prompt, &mut cache)?;
     let mut rng = stream(opts.seed, 0);
     let mut out = Vec::new();
     loop {
         let last = hidden.clone().narrow(1, hidden.dims()[1] - 1, 1);
-        let mut logits: Vec<f32> = llm
-            .logits(last)
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
-        if opts.repetition_penalty != 1.0 {
-            let p = opts.repetition_penalty;
-            let mut seen = out.clone();
-            seen.sort_unstable();
-            seen.dedup();
-            for &id in &seen {
-                let l = &mut logits[id as usize];
-                *l = if *l < 0.0 { *l * p } else { *l / p };
-            }
-        }
-        let tok = sample(&logits, &opts.sampling, &mut rng) as u32;
+        let mut logits = host_values(llm.logits(last))?;
+        let tok = pick_token(&mut logits, opts, &out, &mut rng);
         out.push(tok);
         let prefill = *first.get_or_insert_with(|| started.elapsed());
         if !on_token(tok) {
@@ -190,6 +171,49 @@ pub fn decode(
         }
         hidden = llm.forward(llm.embed(&[vec![tok]])?, &mut cache)?;
     }
+}
+
+/// Checks that a prompt of `t` tokens and up to `opts.max_new_tokens` new ones fit the context.
+pub(crate) fn check_context(model: &JanusModel, t: usize, opts: &TextGenOptions) -> Result<()> {
+    let limit = opts
+        .max_context
+        .min(model.llm.config().max_position_embeddings);
+    if t + opts.max_new_tokens > limit {
+        return Err(Error::InvalidInput(format!(
+            "the prompt ({t} tokens) and up to {} new tokens exceed the context of {limit}",
+            opts.max_new_tokens
+        )));
+    }
+    Ok(())
+}
+
+/// A tensor's values as f32 in host memory.
+pub(crate) fn host_values<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>> {
+    x.into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))
+}
+
+/// The next token from one row of text logits: the repetition penalty over the ids produced so
+/// far (`out`), then the sampling rule with the sequence's random stream.
+pub(crate) fn pick_token(
+    logits: &mut [f32],
+    opts: &TextGenOptions,
+    out: &[u32],
+    rng: &mut ChaCha8Rng,
+) -> u32 {
+    if opts.repetition_penalty != 1.0 {
+        let p = opts.repetition_penalty;
+        let mut seen = out.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for &id in &seen {
+            let l = &mut logits[id as usize];
+            *l = if *l < 0.0 { *l * p } else { *l / p };
+        }
+    }
+    sample(logits, &opts.sampling, rng) as u32
 }
 
 #[cfg(test)]

@@ -45,10 +45,11 @@ impl GenHead {
         }
     }
 
-    /// Image-token logits for hidden states `[.., D]`.
+    /// Image-token logits for hidden states `[.., D]`, with the row-invariant products of a
+    /// decoding step ([`Linear::forward_step`]): a row's logits do not depend on the other rows.
     pub fn forward<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
         self.vision_head
-            .forward(gelu(self.output_mlp_projector.forward(hidden)))
+            .forward_step(gelu(self.output_mlp_projector.forward_step(hidden)))
     }
 }
 

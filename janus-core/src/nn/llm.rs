@@ -136,47 +136,73 @@ impl DecoderLayer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One layer over `x` (`[batch, t, hidden]`), whose rows are the groups' rows in order:
+    /// each group attends over its own cache with its own positions and mask; the products
+    /// run over all rows at once.
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: &Rope,
-        mask: Option<&Tensor<4, Bool>>,
-        cache: &mut KvCache,
+        groups: &mut [Group<'_>],
         layer: usize,
         c: &TextConfig,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        // A decoding step (one position per row) takes the row-invariant products.
+        let step = t == 1;
         let normed = self.input_layernorm.forward(x.clone());
         let [q, k, v]: [Tensor<3>; 3] =
-            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], normed)
+            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], normed, step)
                 .try_into()
                 .expect("three layers give three outputs");
         let q = q.reshape([b, t, h, hd]).swap_dims(1, 2);
         let k = k.reshape([b, t, kvh, hd]).swap_dims(1, 2);
         let v = v.reshape([b, t, kvh, hd]).swap_dims(1, 2);
-        let q = rope.apply(q);
-        let k = rope.apply(k);
-        let (k, v) = cache.append(layer, k, v);
-        let (k, v) = if kvh == h {
-            (k, v)
-        } else {
-            (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh))
-        };
         let bf16 = self.q_proj.bf16_path();
-        let o = super::attention::causal(q, k, v, mask, 1.0 / (hd as f64).sqrt(), bf16)
-            .swap_dims(1, 2)
-            .reshape([b, t, h * hd]);
-        let x = x + self.o_proj.forward(o);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attend = |g: &mut Group<'_>, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| {
+            let q = g.rope.apply(q);
+            let k = g.rope.apply(k);
+            let (k, v) = g.cache.append(layer, k, v);
+            let (k, v) = if kvh == h {
+                (k, v)
+            } else {
+                (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh))
+            };
+            super::attention::causal(q, k, v, g.mask.as_ref(), scale, bf16)
+        };
+        let o = if let [g] = groups {
+            attend(g, q, k, v)
+        } else {
+            let mut start = 0;
+            let mut parts = Vec::with_capacity(groups.len());
+            for g in groups.iter_mut() {
+                let n = g.rows;
+                let part = |x: &Tensor<4>| x.clone().narrow(0, start, n);
+                parts.push(attend(g, part(&q), part(&k), part(&v)));
+                start += n;
+            }
+            Tensor::cat(parts, 0)
+        };
+        let o = o.swap_dims(1, 2).reshape([b, t, h * hd]);
+        let x = x + self.o_proj.apply(o, step);
         let normed = self.post_attention_layernorm.forward(x.clone());
         let [gate, up]: [Tensor<3>; 2] =
-            Linear::forward_many(&[&self.gate_proj, &self.up_proj], normed)
+            Linear::forward_many(&[&self.gate_proj, &self.up_proj], normed, step)
                 .try_into()
                 .expect("two layers give two outputs");
         let mlp = super::activation::silu_f32(gate) * up;
-        x + self.down_proj.forward(mlp)
+        x + self.down_proj.apply(mlp, step)
     }
+}
+
+/// The rows of one sequence (or of sequences sharing a cache) in a batched forward pass: their
+/// count, cache, rotary tables and padding mask.
+struct Group<'a> {
+    rows: usize,
+    cache: &'a mut KvCache,
+    rope: Rope,
+    mask: Option<Tensor<4, Bool>>,
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads · n, s, d]`, each head repeated `n` times in place.
@@ -269,6 +295,21 @@ impl Llm {
     /// left-padded ([`KvCache::set_left_padding`]) ignore their padding positions and count
     /// their positions from the first real token.
     pub fn forward(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
+        let b = x.dims()[0];
+        self.forward_groups(x, &mut [(b, cache)])
+    }
+
+    /// [`forward`](Self::forward) for several sequences at once, each with its own cache:
+    /// `x`'s rows are the groups' rows in order (`groups[i].0` rows for cache `groups[i].1`).
+    /// The products run over all rows together; each group attends over its own cache with its
+    /// own positions and padding. With one position per row (a decoding step) every row gets
+    /// bit-identically what its group gets alone (on the CPU backend; the products are
+    /// row-invariant, see [`Linear::forward_step`]).
+    pub fn forward_groups(
+        &self,
+        x: Tensor<3>,
+        groups: &mut [(usize, &mut KvCache)],
+    ) -> Result<Tensor<3>> {
         let [b, t, d] = x.dims();
         if d != self.config.hidden_size || t == 0 {
             return Err(Error::InvalidInput(format!(
@@ -276,43 +317,68 @@ impl Llm {
                 self.config.hidden_size
             )));
         }
-        if let Some(k) = cache.batch()
-            && k != b
-        {
+        let total: usize = groups.iter().map(|(n, _)| n).sum();
+        if total != b || groups.iter().any(|(n, _)| *n == 0) {
             return Err(Error::InvalidInput(format!(
-                "the cache holds {k} rows, the input has {b}"
+                "groups of {:?} rows for an input of {b} rows",
+                groups.iter().map(|(n, _)| *n).collect::<Vec<_>>()
             )));
         }
-        let pads = cache.left_padding().to_vec();
-        if !pads.is_empty() && pads.len() != b {
-            return Err(Error::InvalidInput(format!(
-                "left padding given for {} rows, the input has {b}",
-                pads.len()
-            )));
-        }
-        let start = cache.len();
         let c = &self.config;
-        let probe: Tensor<4> = x.clone().narrow(1, 0, 1).unsqueeze();
-        let rope = Rope::new(start, t, &pads, c.head_dim, c.rope_theta, &probe);
-        // Padding keys are hidden from every query of their row.
-        let mask = pads.iter().any(|&p| p > 0).then(|| {
-            let total = start + t;
-            let flags: Vec<bool> = pads
-                .iter()
-                .flat_map(|&p| (0..t).flat_map(move |_| (0..total).map(move |j| j < p)))
-                .collect();
-            Tensor::<4, Bool>::from_data(TensorData::new(flags, [b, 1, t, total]), &x.device())
-        });
+        let probe: Tensor<4> = x.clone().narrow(0, 0, 1).narrow(1, 0, 1).unsqueeze();
+        let mut parts = Vec::with_capacity(groups.len());
+        for (rows, cache) in groups.iter_mut() {
+            let rows = *rows;
+            if let Some(k) = cache.batch()
+                && k != rows
+            {
+                return Err(Error::InvalidInput(format!(
+                    "the cache holds {k} rows, the input has {rows}"
+                )));
+            }
+            let pads = cache.left_padding().to_vec();
+            if !pads.is_empty() && pads.len() != rows {
+                return Err(Error::InvalidInput(format!(
+                    "left padding given for {} rows, the input has {rows}",
+                    pads.len()
+                )));
+            }
+            let start = cache.len();
+            let rope = Rope::new(start, t, &pads, c.head_dim, c.rope_theta, &probe);
+            // Padding keys are hidden from every query of their row.
+            let mask = pads.iter().any(|&p| p > 0).then(|| {
+                let total = start + t;
+                let flags: Vec<bool> = pads
+                    .iter()
+                    .flat_map(|&p| (0..t).flat_map(move |_| (0..total).map(move |j| j < p)))
+                    .collect();
+                Tensor::<4, Bool>::from_data(
+                    TensorData::new(flags, [rows, 1, t, total]),
+                    &x.device(),
+                )
+            });
+            parts.push(Group {
+                rows,
+                cache,
+                rope,
+                mask,
+            });
+        }
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &rope, mask.as_ref(), cache, i, c);
+            x = layer.forward(x, &mut parts, i, c);
         }
-        cache.advance(t);
+        drop(parts);
+        for (_, cache) in groups.iter_mut() {
+            cache.advance(t);
+        }
         Ok(self.norm.forward(x))
     }
 
-    /// Text logits `[batch, t, vocab]` for hidden states from [`forward`](Self::forward).
+    /// Text logits `[batch, t, vocab]` for hidden states from [`forward`](Self::forward), with
+    /// the row-invariant products of a decoding step: a row's logits do not depend on the
+    /// other rows.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        self.lm_head.forward(hidden)
+        self.lm_head.forward_step(hidden)
     }
 }

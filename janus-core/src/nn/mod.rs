@@ -68,21 +68,46 @@ impl Linear {
 
     /// Applies the layer over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.apply(x, false)
+    }
+
+    /// [`forward`](Self::forward) as a decoding step runs it: each row's result does not depend
+    /// on the other rows or their number ([`Matrix::step_product`]).
+    pub fn forward_step<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.apply(x, true)
+    }
+
+    /// [`forward`](Self::forward), or with `step` [`forward_step`](Self::forward_step).
+    pub fn apply<const D: usize>(&self, x: Tensor<D>, step: bool) -> Tensor<D> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
-        let y = self.weight.product(x.reshape([rows, dims[D - 1]]));
+        let x = x.reshape([rows, dims[D - 1]]);
+        let y = if step {
+            self.weight.step_product(x)
+        } else {
+            self.weight.product(x)
+        };
         self.finish(y, dims)
     }
 
-    /// Several layers over the same input (`[…, in]`), as [`forward`](Self::forward) applies
+    /// Several layers over the same input (`[…, in]`), as [`apply`](Self::apply) applies
     /// each: a decoder layer's q, k and v projections, or gate and up. Decode-shaped inputs over
     /// compact weights run as one pass of the kernels ([`Matrix::products`]).
-    pub fn forward_many<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
+    pub fn forward_many<const D: usize>(
+        layers: &[&Linear],
+        x: Tensor<D>,
+        step: bool,
+    ) -> Vec<Tensor<D>> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let mats: Vec<&Matrix> = layers.iter().map(|l| &l.weight).collect();
-        Matrix::products(&mats, x.reshape([rows, dims[D - 1]]))
-            .into_iter()
+        let x = x.reshape([rows, dims[D - 1]]);
+        let ys = if step {
+            Matrix::step_products(&mats, x)
+        } else {
+            Matrix::products(&mats, x)
+        };
+        ys.into_iter()
             .zip(layers)
             .map(|(y, layer)| layer.finish(y, dims))
             .collect()
@@ -165,12 +190,21 @@ impl Mlp {
 
     /// Applies the layers with exact (erf) GELU between them.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.apply(x, false)
+    }
+
+    /// [`forward`](Self::forward) with row-invariant products ([`Linear::forward_step`]).
+    pub fn forward_step<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.apply(x, true)
+    }
+
+    fn apply<const D: usize>(&self, x: Tensor<D>, step: bool) -> Tensor<D> {
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             if i > 0 {
                 x = activation::gelu_erf(x);
             }
-            x = layer.forward(x);
+            x = layer.apply(x, step);
         }
         x
     }
@@ -254,7 +288,7 @@ mod tests {
                     ),
                     &device,
                 );
-                let together = Linear::forward_many(&refs, x.clone());
+                let together = Linear::forward_many(&refs, x.clone(), false);
                 for (layer, got) in layers.iter().zip(together) {
                     let want: Vec<f32> = layer.forward(x.clone()).into_data().try_to_vec().unwrap();
                     assert_eq!(got.dims(), [1, rows, layer.weight.dims()[0]]);

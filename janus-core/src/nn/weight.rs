@@ -243,6 +243,54 @@ impl Matrix {
         }
     }
 
+    /// `x·Wᵀ` as a decoding step takes it: every row's result is bit-identical whatever the
+    /// number of rows (row-invariant), so the rows of several sequences batched together get
+    /// exactly what each gets alone. Compact matrices run the kernels [`MAX_ROWS`] rows at a
+    /// time (their summation order does not depend on the row count); dense ones on the CPU
+    /// backend one row at a time; on other backends this is [`product`](Self::product).
+    pub fn step_product(&self, x: Tensor<2>) -> Tensor<2> {
+        let rows = x.dims()[0];
+        match self.step_rows(&x.device()) {
+            Some(chunk) if rows > chunk => Tensor::cat(
+                (0..rows)
+                    .step_by(chunk)
+                    .map(|s| self.product(x.clone().narrow(0, s, chunk.min(rows - s))))
+                    .collect(),
+                0,
+            ),
+            _ => self.product(x),
+        }
+    }
+
+    /// [`products`](Self::products) as a decoding step takes them ([`step_product`](Self::step_product)).
+    pub fn step_products(mats: &[&Matrix], x: Tensor<2>) -> Vec<Tensor<2>> {
+        let rows = x.dims()[0];
+        let device = x.device();
+        let chunk = mats.iter().filter_map(|m| m.step_rows(&device)).min();
+        match chunk {
+            Some(chunk) if rows > chunk => {
+                let mut parts: Vec<Vec<Tensor<2>>> = vec![Vec::new(); mats.len()];
+                for s in (0..rows).step_by(chunk) {
+                    let piece = x.clone().narrow(0, s, chunk.min(rows - s));
+                    for (m, y) in Self::products(mats, piece).into_iter().enumerate() {
+                        parts[m].push(y);
+                    }
+                }
+                parts.into_iter().map(|p| Tensor::cat(p, 0)).collect()
+            }
+            _ => Self::products(mats, x),
+        }
+    }
+
+    /// Most rows one row-invariant product serves on `device` (`None`: any number).
+    fn step_rows(&self, device: &burn::tensor::Device) -> Option<usize> {
+        match self {
+            Matrix::Dense(_) if crate::device::is_cpu(device) => Some(1),
+            Matrix::Dense(_) => None,
+            _ => Some(MAX_ROWS),
+        }
+    }
+
     /// `x·W_mᵀ` for each matrix of `mats` (all `[_, in]`), as [`product`](Self::product) gives
     /// them one by one. Decode-shaped products over compact matrices of one family (all bf16/f16
     /// of one kind, or all quantized) run as one pass of the kernels over the thread pool.

@@ -4,7 +4,8 @@
 //! rayon's pool. Each weight row is read once: its values are widened to f32 in registers (bf16
 //! by a 16-bit shift, exact; f16 by the F16C/AVX-512 conversion, exact) and multiplied into one
 //! f32 accumulator per row of `x`. The result is what the f32 product of the widened weights
-//! gives, up to summation order.
+//! gives, up to summation order. A row's summation order does not depend on how many rows come
+//! with it (row-invariant): a row batched with others gets exactly what it gets alone.
 
 use super::dispatch::KernelPath;
 use super::{check_product, each_output_of};
@@ -229,9 +230,10 @@ fn portable<const R: usize>(kind: HalfKind, x: &Rows<'_>, wrow: &[u16], acc: &mu
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    //! The loops walk raw pointers (bounds are checked once, at the top), widen in registers and
-    //! keep two accumulators per row of `x`, so that consecutive FMAs into one row do not wait
-    //! on each other.
+    //! The loops walk raw pointers (bounds are checked once, at the top) and widen in registers.
+    //! The AVX2 loops keep two accumulators per row of `x`, so that consecutive FMAs into one
+    //! row do not wait on each other; the AVX-512 ones keep one per product, which the rows (and
+    //! the pair of weight rows) already interleave. Neither depends on the number of rows.
 
     use std::arch::x86_64::*;
 
@@ -348,8 +350,9 @@ pub(super) mod x86 {
         }
     }
 
-    /// A chunk of 32 values a step (two vectors of 16), one FMA per row of `x` and vector: the
-    /// weight row is read once for every row.
+    /// A chunk of 32 values a step (two vectors of 16), one accumulator per row of `x`: the
+    /// weight row is read once for every row, and a row's sum is formed the same way whatever
+    /// the number of rows (batched decoding gives each row what it gets alone).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512<const R: usize>(
         kind: HalfKind,
@@ -360,8 +363,7 @@ pub(super) mod x86 {
         let d_in = x.d_in;
         let body = d_in / CHUNK * CHUNK;
         assert!(wrow.len() == d_in && x.packed.len() >= body * R && acc.len() >= R);
-        let mut s0 = [_mm512_setzero_ps(); R];
-        let mut s1 = [_mm512_setzero_ps(); R];
+        let mut s = [_mm512_setzero_ps(); R];
         let wp = wrow.as_ptr();
         let mut xp = x.packed.as_ptr();
         let mut i = 0;
@@ -374,17 +376,17 @@ pub(super) mod x86 {
                     HalfKind::Bf16 => split16(wp.add(i)),
                     HalfKind::F16 => (widen16(kind, wp.add(i)), widen16(kind, wp.add(i + 16))),
                 };
-                for r in 0..R {
+                for (r, s) in s.iter_mut().enumerate() {
                     let xr = xp.add(r * CHUNK);
-                    s0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, s0[r]);
-                    s1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), w1, s1[r]);
+                    *s = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, *s);
+                    *s = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), w1, *s);
                 }
                 xp = xp.add(R * CHUNK);
             }
             i += CHUNK;
         }
-        for r in 0..R {
-            let mut total = _mm512_reduce_add_ps(_mm512_add_ps(s0[r], s1[r]));
+        for (r, &s) in s.iter().enumerate() {
+            let mut total = _mm512_reduce_add_ps(s);
             let tail = &x.x[r * d_in + body..(r + 1) * d_in];
             for (xv, &w) in tail.iter().zip(&wrow[body..]) {
                 total += xv * widen(kind, w);
@@ -394,8 +396,8 @@ pub(super) mod x86 {
     }
     /// Two rows of `W` (`wa`, `wb`) against every row of `x` in one pass: each chunk of `x` is
     /// loaded once for both. `acc[..R]` receives the products with `wa`, `acc[R..]` with `wb`.
-    /// Up to four rows of `x` keep two accumulators per product (the FMAs into one would wait on
-    /// each other); more share one, as the 32 registers allow.
+    /// One accumulator per product, summed in the order [`avx512`] sums: a row's result does not
+    /// depend on how many rows are served with it.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512_pair<const R: usize>(
         kind: HalfKind,
@@ -412,11 +414,8 @@ pub(super) mod x86 {
                 && x.packed.len() >= body * R
                 && acc.len() >= 2 * R
         );
-        let two = R <= 4;
-        let mut a0 = [_mm512_setzero_ps(); R];
-        let mut a1 = [_mm512_setzero_ps(); R];
-        let mut b0 = [_mm512_setzero_ps(); R];
-        let mut b1 = [_mm512_setzero_ps(); R];
+        let mut a = [_mm512_setzero_ps(); R];
+        let mut b = [_mm512_setzero_ps(); R];
         let (pa, pb) = (wa.as_ptr(), wb.as_ptr());
         let mut xp = x.packed.as_ptr();
         let mut i = 0;
@@ -441,15 +440,10 @@ pub(super) mod x86 {
                 for r in 0..R {
                     let xr = xp.add(r * CHUNK);
                     let (x0, x1) = (_mm512_loadu_ps(xr), _mm512_loadu_ps(xr.add(16)));
-                    a0[r] = _mm512_fmadd_ps(x0, wa0, a0[r]);
-                    b0[r] = _mm512_fmadd_ps(x0, wb0, b0[r]);
-                    if two {
-                        a1[r] = _mm512_fmadd_ps(x1, wa1, a1[r]);
-                        b1[r] = _mm512_fmadd_ps(x1, wb1, b1[r]);
-                    } else {
-                        a0[r] = _mm512_fmadd_ps(x1, wa1, a0[r]);
-                        b0[r] = _mm512_fmadd_ps(x1, wb1, b0[r]);
-                    }
+                    a[r] = _mm512_fmadd_ps(x0, wa0, a[r]);
+                    b[r] = _mm512_fmadd_ps(x0, wb0, b[r]);
+                    a[r] = _mm512_fmadd_ps(x1, wa1, a[r]);
+                    b[r] = _mm512_fmadd_ps(x1, wb1, b[r]);
                 }
                 xp = xp.add(R * CHUNK);
             }
@@ -457,11 +451,8 @@ pub(super) mod x86 {
         }
         for r in 0..R {
             let xt = &x.x[r * d_in + body..(r + 1) * d_in];
-            for (k, (w, s0, s1)) in [(wa, a0[r], a1[r]), (wb, b0[r], b1[r])]
-                .into_iter()
-                .enumerate()
-            {
-                let mut total = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+            for (k, (w, s)) in [(wa, a[r]), (wb, b[r])].into_iter().enumerate() {
+                let mut total = _mm512_reduce_add_ps(s);
                 for (xv, &wv) in xt.iter().zip(&w[body..]) {
                     total += xv * widen(kind, wv);
                 }
@@ -557,6 +548,47 @@ mod tests {
                 let mut y = vec![0.0f32; 70];
                 let bad = half_matvec_many(path, kind, &[0.0; 67], 1, &wrefs, d_in, &mut [&mut y]);
                 assert!(matches!(bad, Err(Error::InvalidInput(_))));
+            }
+        }
+    }
+
+    /// A row's result is bit-identical whatever rows come with it and however many (1 to
+    /// [`MAX_ROWS`]), on every path this CPU has: batched decoding must not change any answer.
+    #[test]
+    fn each_row_is_independent_of_the_row_count() {
+        let value = |i: usize| ((i * 7919 + 29) % 227) as f32 / 227.0 - 0.5;
+        for path in KernelPath::available() {
+            for kind in [HalfKind::Bf16, HalfKind::F16] {
+                for (d_in, out) in [(17, 70), (300, 131)] {
+                    let w: Vec<u16> = (0..out * d_in).map(|i| encode(kind, value(i))).collect();
+                    let row = |r: usize| -> Vec<f32> {
+                        (0..d_in).map(|i| value(5 * (r * d_in + i) + 3)).collect()
+                    };
+                    let alone: Vec<Vec<f32>> = (0..MAX_ROWS)
+                        .map(|r| {
+                            let mut y = vec![f32::NAN; out];
+                            half_matvec(path, kind, &row(r), 1, &w, d_in, &mut y).unwrap();
+                            y
+                        })
+                        .collect();
+                    for rows in 2..=MAX_ROWS {
+                        for first in [0, MAX_ROWS - rows] {
+                            let x: Vec<f32> = (first..first + rows).flat_map(row).collect();
+                            let mut y = vec![f32::NAN; rows * out];
+                            half_matvec(path, kind, &x, rows, &w, d_in, &mut y).unwrap();
+                            for k in 0..rows {
+                                let got = &y[k * out..(k + 1) * out];
+                                assert!(
+                                    got.iter()
+                                        .zip(&alone[first + k])
+                                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                    "{path:?} {kind:?} in {d_in}: row {} of {rows} differs",
+                                    first + k
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }

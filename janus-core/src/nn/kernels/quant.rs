@@ -588,6 +588,52 @@ mod tests {
     use super::super::MAX_ROWS;
     use super::*;
 
+    /// A row's result is bit-identical whatever rows come with it and however many, on every
+    /// path this CPU has and both kinds (an odd number of blocks included).
+    #[test]
+    fn each_row_is_independent_of_the_row_count() {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+            for d_in in [96, 256] {
+                let out = 70;
+                let m = QuantMatrix::quantize(kind, out, d_in, |o, buf| {
+                    for (i, v) in buf.iter_mut().enumerate() {
+                        *v = value(o * d_in + i);
+                    }
+                })
+                .unwrap();
+                let row = |r: usize| -> Vec<f32> {
+                    (0..d_in).map(|i| value(7 * (r * d_in + i) + 1)).collect()
+                };
+                for path in KernelPath::available() {
+                    let alone: Vec<Vec<f32>> = (0..MAX_ROWS)
+                        .map(|r| {
+                            let mut y = vec![f32::NAN; out];
+                            quant_matvec(path, &m, &row(r), 1, &mut y).unwrap();
+                            y
+                        })
+                        .collect();
+                    for rows in 2..=MAX_ROWS {
+                        let first = MAX_ROWS - rows;
+                        let x: Vec<f32> = (first..MAX_ROWS).flat_map(row).collect();
+                        let mut y = vec![f32::NAN; rows * out];
+                        quant_matvec(path, &m, &x, rows, &mut y).unwrap();
+                        for k in 0..rows {
+                            let same = y[k * out..(k + 1) * out]
+                                .iter()
+                                .zip(&alone[first + k])
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(
+                                same,
+                                "{path:?} {kind:?} in {d_in}: row {} of {rows}",
+                                first + k
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn value(i: usize) -> f32 {
         ((i * 7919 + 13) % 211) as f32 / 211.0 - 0.5
     }
