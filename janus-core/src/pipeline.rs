@@ -65,6 +65,15 @@ pub struct GeneratedImage {
 }
 
 impl GeneratedImage {
+    /// The image as PNG bytes, exactly as [`save_png`](Self::save_png) writes them.
+    pub fn png_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        self.image
+            .write_to(&mut out, image::ImageFormat::Png)
+            .map_err(|e| Error::InvalidInput(format!("encoding PNG: {e}")))?;
+        Ok(out.into_inner())
+    }
+
     /// Writes the image as PNG.
     pub fn save_png(&self, path: &Path) -> Result<()> {
         self.image
@@ -114,6 +123,16 @@ impl Turn {
             role: Role::User,
             content: content.into(),
             images,
+        }
+    }
+
+    /// A system turn (instructions before the first user turn; see
+    /// [`PromptFormat::conversation_prompt`]).
+    pub fn system(content: impl Into<String>) -> Self {
+        Turn {
+            role: Role::System,
+            content: content.into(),
+            images: Vec::new(),
         }
     }
 
@@ -280,8 +299,9 @@ impl Janus {
         self.answer(&ids, &images, options, on_text)
     }
 
-    /// The assistant's next turn in a conversation: turns alternate user, assistant, user, …,
-    /// starting and ending with a user turn; each turn's images fill its own placeholders.
+    /// The assistant's next turn in a conversation: after optional system turns, turns alternate
+    /// user, assistant, user, …, starting and ending with a user turn; each turn's images fill
+    /// its own placeholders.
     pub fn chat(&self, turns: &[Turn], options: &TextGenOptions) -> Result<Answer> {
         self.chat_stream(turns, options, &mut |_| true)
     }

@@ -88,12 +88,16 @@ fn conversation_arg(py: Python<'_>, conversation: &Bound<'_, PyAny>) -> PyResult
             None => return Err(invalid_input(py, format!("turn {i} has no \"role\""))),
         };
         let role = match role.as_str() {
+            "system" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
             other => {
                 return Err(invalid_input(
                     py,
-                    format!("turn {i}: role must be \"user\" or \"assistant\", not {other:?}"),
+                    format!(
+                        "turn {i}: role must be \"system\", \"user\" or \"assistant\", \
+                         not {other:?}"
+                    ),
                 ));
             }
         };

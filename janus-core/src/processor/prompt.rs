@@ -180,6 +180,9 @@ impl PromptFormat {
 /// Who speaks a turn of a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
+    /// Instructions for the model, before the first user turn: in the SFT format they replace
+    /// the default system prompt; a chat template gets them as a `system` message.
+    System,
     /// The person asking.
     User,
     /// The model.
@@ -272,9 +275,23 @@ impl PromptFormat {
     /// [`understanding_prompt`](Self::understanding_prompt) does. In the SFT format a user turn
     /// ends with a blank line and an assistant turn with the end-of-sentence token, as in the
     /// official `deepseek` template.
+    ///
+    /// System turns may come first (before the first user turn, without images): in the SFT
+    /// format their texts, joined by blank lines, replace the default system prompt; a chat
+    /// template gets them as `system` messages (and the default system prompt is left out).
     pub fn conversation_prompt(&self, turns: &[TurnText<'_>]) -> Result<String> {
+        let lead = turns.iter().take_while(|t| t.role == Role::System).count();
+        let (system_turns, turns) = turns.split_at(lead);
+        if let Some(t) = system_turns.iter().find(|t| t.images > 0) {
+            return Err(Error::InvalidInput(format!(
+                "a system turn carries {} images; images go in user turns",
+                t.images
+            )));
+        }
         if turns.is_empty() {
-            return Err(Error::InvalidInput("the conversation is empty".into()));
+            return Err(Error::InvalidInput(
+                "the conversation has no user turn".into(),
+            ));
         }
         for (i, turn) in turns.iter().enumerate() {
             let want = if i % 2 == 0 {
@@ -284,7 +301,9 @@ impl PromptFormat {
             };
             if turn.role != want {
                 return Err(Error::InvalidInput(format!(
-                    "turn {i} is a {:?} turn: turns must alternate user, assistant, user, …",
+                    "turn {} is a {:?} turn: after the system turns, turns must alternate user, \
+                     assistant, user, …",
+                    i + lead,
                     turn.role
                 )));
             }
@@ -296,9 +315,10 @@ impl PromptFormat {
         }
         let body = match &self.template {
             Some(template) => {
-                let mut messages = Vec::with_capacity(turns.len());
-                for (i, turn) in turns.iter().enumerate() {
+                let mut messages = Vec::with_capacity(lead + turns.len());
+                for (i, turn) in system_turns.iter().chain(turns).enumerate() {
                     let role = match turn.role {
+                        Role::System => "system",
                         Role::User => "user",
                         Role::Assistant => "assistant",
                     };
@@ -317,7 +337,7 @@ impl PromptFormat {
                 for (i, turn) in turns.iter().enumerate() {
                     let (role, sep) = match turn.role {
                         Role::User => (&self.user, "\n\n"),
-                        Role::Assistant => (&self.assistant, strings::EOS),
+                        Role::Assistant | Role::System => (&self.assistant, strings::EOS),
                     };
                     out.push_str(&format!("{role}: {}{sep}", turn.placed(i)?));
                 }
@@ -326,10 +346,19 @@ impl PromptFormat {
                 out
             }
         };
-        Ok(if self.system.is_empty() {
+        let system = if lead == 0 {
+            self.system.clone()
+        } else if self.template.is_some() {
+            // The template wrote the system turns.
+            String::new()
+        } else {
+            let texts: Vec<&str> = system_turns.iter().map(|t| t.content.trim()).collect();
+            texts.join("\n\n")
+        };
+        Ok(if system.is_empty() {
             body
         } else {
-            format!("{}\n\n{body}", self.system)
+            format!("{system}\n\n{body}")
         })
     }
 }
@@ -525,6 +554,49 @@ mod tests {
                 strings::EOS
             )
         );
+    }
+
+    /// System turns replace the default system prompt in the SFT format and reach the template
+    /// as `system` messages (which the conversion script's template writes as `System: …`).
+    #[test]
+    fn system_turns_lead_the_conversation() {
+        let system = |content| TurnText {
+            role: Role::System,
+            content,
+            images: 0,
+        };
+        let user = TurnText {
+            role: Role::User,
+            content: "Hi.",
+            images: 0,
+        };
+        assert_eq!(
+            sft("SYS")
+                .conversation_prompt(&[system(" Be brief. "), system("Be kind."), user])
+                .unwrap(),
+            "Be brief.\n\nBe kind.\n\n<|User|>: Hi.\n\n<|Assistant|>:"
+        );
+        let templated = hf_template_format("SYS")
+            .conversation_prompt(&[system("Be brief."), user])
+            .unwrap();
+        assert_eq!(
+            templated,
+            format!(
+                "System: Be brief.{}<|User|>: Hi.\n\n<|Assistant|>:",
+                strings::EOS
+            )
+        );
+        let bad =
+            |t: &[TurnText]| matches!(sft("").conversation_prompt(t), Err(Error::InvalidInput(_)));
+        assert!(bad(&[system("Only a system turn.")]));
+        assert!(bad(&[user, system("Too late.")]));
+        assert!(bad(&[
+            TurnText {
+                images: 1,
+                ..system("With an image.")
+            },
+            user
+        ]));
     }
 
     #[test]
