@@ -20,5 +20,10 @@ VENV="${JANUS_VENV:-$HOME/.cache/janus-rs-venv}"
   --config 'profile.dev.package.janus-core.opt-level=3')
 "$VENV/bin/python" -m pytest -q janus-py/tests
 
+# `janus serve` through the official openai client and, in headless Chromium, its web page.
+cargo build -q -p janus-cli
+JANUS_BIN="${CARGO_TARGET_DIR:-target}/debug/janus" JANUS_REQUIRE_BROWSER="${CI:+1}" \
+  "$VENV/bin/python" -m pytest -q janus-serve/tests
+
 # wgpu on whatever Vulkan device there is (lavapipe on a machine without a GPU).
 JANUS_TEST_DEVICE=wgpu cargo test -p janus-core --no-default-features --features wgpu --test llm_parity

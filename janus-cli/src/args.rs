@@ -24,6 +24,9 @@ pub enum Command {
     EncodeImage(EncodeArgs),
     /// Turn a grid of VQ image tokens back into an image.
     DecodeImage(DecodeArgs),
+    /// Serve the model over HTTP: OpenAI-compatible chat completions (understanding) and image
+    /// generations, batched across requests, with a web page at /.
+    Serve(ServeArgs),
 }
 
 /// Flags every subcommand takes.
@@ -142,6 +145,42 @@ pub struct DecodeArgs {
     /// The PNG to write.
     #[arg(long, value_name = "PATH.png")]
     pub out: PathBuf,
+}
+
+/// `janus serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Address to listen on (loopback by default; 0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000, value_name = "PORT")]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every request (but the page and /health).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "JANUS_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Most sequences decoded together (an image counts once, an answer once).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub max_batch: usize,
+    /// Most requests waiting for the batch; more get 429.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_queue: usize,
+    /// Most images in one chat request.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub max_images: usize,
+    /// Largest request body in MiB; larger ones get 413.
+    #[arg(long, default_value_t = 20, value_name = "MB")]
+    pub max_body_mb: usize,
+    /// Fetch http(s) image URLs in chat requests (refused otherwise; local paths never).
+    #[arg(long)]
+    pub allow_remote_images: bool,
 }
 
 /// `--backend`.

@@ -11,7 +11,9 @@ use janus_core::pipeline::{Janus, LoadOptions};
 use janus_core::processor::image::open_image;
 use janus_core::tokenizer::strings::IMAGE_PLACEHOLDER;
 
-use crate::args::{Command, Common, DecodeArgs, EncodeArgs, GenerateArgs, UnderstandArgs};
+use crate::args::{
+    Command, Common, DecodeArgs, EncodeArgs, GenerateArgs, ServeArgs, UnderstandArgs,
+};
 use crate::error::{CliError, Result};
 use crate::formats::{
     EncodeJson, GenerateJson, UnderstandJson, check_output, output_paths, read_tokens, save_png,
@@ -25,7 +27,30 @@ pub fn run(command: Command) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::EncodeImage(args) => encode_image(args),
         Command::DecodeImage(args) => decode_image(args),
+        Command::Serve(args) => serve(args),
     }
+}
+
+/// `janus serve`: the port is bound first, the model loads on the server's model thread.
+fn serve(args: ServeArgs) -> Result<()> {
+    let options = janus_serve::ServeOptions {
+        host: args.host,
+        port: args.port,
+        api_key: args.api_key.filter(|k| !k.is_empty()),
+        max_batch: args.max_batch,
+        max_queue: args.max_queue,
+        max_images: args.max_images,
+        max_body_mb: args.max_body_mb,
+        allow_remote_images: args.allow_remote_images,
+        model_id: args.common.model.clone(),
+        quiet: args.common.quiet,
+    };
+    let common = args.common;
+    janus_serve::serve(options, move || {
+        let mut progress = Progress::new(common.quiet);
+        load(&common, &mut progress).map_err(|e| e.to_string())
+    })
+    .map_err(|e| CliError::Invalid(e.to_string()))
 }
 
 /// Finds (or downloads) the model and loads it.

@@ -21,7 +21,7 @@ Images = Union[ImageLike, Sequence[ImageLike], None]
 """One image, a list or tuple of images, or None (no image)."""
 
 Turn = Mapping[str, Any]
-"""``{"role": "user" | "assistant", "content": str, "images": Images}`` (``images`` optional)."""
+"""``{"role": "system" | "user" | "assistant", "content": str, "images": Images}`` (``images`` optional; system turns first, without images)."""
 
 class Answer:
     """The answer to a question about images; ``str(answer)`` is the text."""
