@@ -23,6 +23,8 @@ command -v c++ >/dev/null || need_apt+=(g++)
 command -v make >/dev/null || need_apt+=(make)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
+# Headless Chromium and its driver for the server's web page test.
+{ command -v chromium && command -v chromedriver; } >/dev/null || need_apt+=(chromium chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
@@ -37,6 +39,8 @@ fi
 "$VENV/bin/python" -c "import numpy" 2>/dev/null || "$VENV/bin/pip" install -q "numpy>=1.26"
 # maturin, pytest, Pillow and safetensors for the Python package's build and tests.
 "$VENV/bin/pip" install -q --disable-pip-version-check -r janus-py/requirements-dev.txt
+# The server's tests: the OpenAI client and Selenium.
+"$VENV/bin/pip" install -q --disable-pip-version-check -r janus-serve/tests/requirements.txt
 
 export JANUS_FIXTURE_CACHE="${JANUS_FIXTURE_CACHE:-$HOME/.cache/janus-rs-fixtures}"
 "$VENV/bin/python" tests/reference/gen_original.py --cache "$JANUS_FIXTURE_CACHE"

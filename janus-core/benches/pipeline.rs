@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! cargo bench -p janus-core --bench pipeline -- --model DIR --task TASK [options]
-//!   --task load|understand|prefill|generate|vq_decode|siglip|bandwidth|kernels|quality
+//!   --task load|understand|prefill|generate|batch|vq_decode|siglip|bandwidth|kernels|quality
+//!                          (batch: --parallel separate image requests stepped together by the
+//!                          engine, as `janus serve` runs them)
 //!                          (quality: the model with --weights against the same checkpoint in f32:
 //!                          teacher-forced guided image logits over --steps and answer logits over
 //!                          --new-tokens, both greedy in f32)
@@ -41,7 +43,7 @@ use janus_core::processor::image::{
 use janus_core::{Backend, ComputeDType, Error, WeightFormat};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: pipeline --model DIR --task load|understand|prefill|generate|vq_decode|siglip|bandwidth|kernels|quality \
+const USAGE: &str = "usage: pipeline --model DIR --task load|understand|prefill|generate|batch|vq_decode|siglip|bandwidth|kernels|quality \
 [--dtype f32|f16|bf16] [--weights auto|f32|bf16|f16|q8_0|q4_0] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
 [--parallel N] [--steps S] [--repeat R]";
 
@@ -337,6 +339,39 @@ fn generate(janus: &Janus, args: &Args) -> Result<Value, String> {
         out["vq_decode_ms"] = json!(marks.last().map(|&d| ms(end - d)));
     }
     Ok(out)
+}
+
+/// `--parallel` separate image requests (one image each, seeds 0..N) decoded together by the
+/// step-wise engine, as `janus serve` batches them: per-step time over `--steps` steps.
+fn batch(janus: &Janus, args: &Args) -> Result<Value, String> {
+    let err = |e: Error| e.to_string();
+    let started = Instant::now();
+    let mut seqs = (0..args.parallel)
+        .map(|i| {
+            let options = ImageGenOptions {
+                seed: i as u64,
+                ..ImageGenOptions::default()
+            };
+            janus.begin_generate(&args.prompt, &options)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    let prefill = started.elapsed();
+    let total = janus.config().vq.grid * janus.config().vq.grid;
+    let mut marks = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps.min(total) {
+        let mut refs: Vec<&mut janus_core::engine::Sequence> = seqs.iter_mut().collect();
+        janus.step(&mut refs).map_err(err)?;
+        marks.push(started.elapsed());
+    }
+    let per_step: Vec<f64> = marks.windows(2).map(|w| ms(w[1] - w[0])).collect();
+    Ok(json!({
+        "parallel": args.parallel,
+        "batch_rows": 2 * args.parallel,
+        "steps": marks.len(),
+        "prefill_ms": ms(prefill),
+        "ms_per_step": median(per_step),
+    }))
 }
 
 fn repeated(args: &Args, mut run: impl FnMut() -> Result<(), String>) -> Result<Value, String> {
@@ -689,6 +724,7 @@ fn run(args: &Args) -> Result<Value, String> {
         "load" => json!({ "files_read_s": read_weight_files(&args.model)? }),
         "understand" => understand(&janus, args)?,
         "generate" => generate(&janus, args)?,
+        "batch" => batch(&janus, args)?,
         "vq_decode" => vq_decode(&janus, args)?,
         "siglip" => siglip(&janus, args)?,
         "prefill" => prefill(&janus, args)?,

@@ -209,6 +209,8 @@ impl Janus {
         self.begin_text(&ids, &images, options, stop)
     }
 
+    /// Encodes the images, places their features at the prompt's image tokens and runs the
+    /// prompt on the sequence's own cache.
     fn begin_text(
         &self,
         ids: &[u32],

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::generate::image::{
     ImageGenOptions, decode_tokens, encode_pixels, generate_tokens_batch,
 };
-use crate::generate::text::{TextGenOptions, decode, embed_with_images, expand_image_tokens};
+use crate::generate::text::{TextGenOptions, embed_with_images, expand_image_tokens};
 use crate::load::ComputeDType;
 use crate::model::JanusModel;
 use crate::nn::weight::WeightFormat;
@@ -293,10 +293,8 @@ impl Janus {
         options: &TextGenOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        options.validate()?;
-        let ids = self.understanding_ids(question, images.len())?;
-        let images: Vec<&image::RgbImage> = images.iter().collect();
-        self.answer(&ids, &images, options, on_text)
+        let seq = self.begin_understand(images, question, options, &[])?;
+        self.answer(seq, on_text)
     }
 
     /// The assistant's next turn in a conversation: after optional system turns, turns alternate
@@ -314,54 +312,24 @@ impl Janus {
         options: &TextGenOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        options.validate()?;
-        let ids = self.conversation_ids(turns)?;
-        let images: Vec<&image::RgbImage> = turns.iter().flat_map(|t| t.images.iter()).collect();
-        self.answer(&ids, &images, options, on_text)
+        let seq = self.begin_chat(turns, options, &[])?;
+        self.answer(seq, on_text)
     }
 
-    /// Encodes the images, places their features at the prompt's image tokens and decodes.
+    /// Decodes a started answer alone to its end, passing each new piece of text to `on_text`.
     fn answer(
         &self,
-        ids: &[u32],
-        images: &[&image::RgbImage],
-        options: &TextGenOptions,
+        mut seq: crate::engine::Sequence,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        let (embeds, vision_time) = self.prompt_embeds(ids, images)?;
-        let sp = *self.tokenizer.special();
-        let mut shown = String::new();
-        let mut tokens = Vec::new();
-        let tokenizer = &self.tokenizer;
-        let new = decode(&self.model, embeds, sp.eos, options, &mut |tok| {
-            tokens.push(tok);
-            match tokenizer.decode(&tokens, true) {
-                // Hold back text that ends inside a multi-byte character.
-                Ok(text)
-                    if !text.ends_with('\u{fffd}')
-                        && text.len() > shown.len()
-                        && text.starts_with(shown.as_str()) =>
-                {
-                    let piece = text[shown.len()..].to_string();
-                    shown = text;
-                    on_text(&piece)
-                }
-                _ => true,
+        while !seq.is_finished() {
+            self.step(&mut [&mut seq])?;
+            let piece = seq.take_text();
+            if !piece.is_empty() && !on_text(&piece) {
+                return Err(Error::Cancelled);
             }
-        })?;
-        let text = self.tokenizer.decode(&new.ids, true)?;
-        // Text held back at the end (a final U+FFFD that no later token completed).
-        if text.len() > shown.len() && text.starts_with(shown.as_str()) {
-            on_text(&text[shown.len()..]);
         }
-        Ok(Answer {
-            text,
-            token_ids: new.ids,
-            prompt_tokens: ids.len(),
-            vision_time,
-            prefill_time: new.prefill,
-            decode_time: new.decode,
-        })
+        self.finish_answer(seq)
     }
 
     /// The prompt's embeddings `[1, len, hidden]`: the images encoded (SigLIP and aligner) and

@@ -382,22 +382,25 @@ async fn ui_images(State(state): State<AppState>, body: Body) -> Result<Response
     let (rx, _) = start(&state, Work::Images(request)).await?;
     let events = stream::unfold(Some(rx), move |rx| async move {
         let mut rx = rx?;
-        let (event, data, more) = match rx.recv().await {
-            Some(Event::Progress { step, total }) => {
-                ("progress", json!({"step": step, "total": total}), true)
-            }
-            Some(Event::Images(pngs)) => (
-                "done",
-                json!({"data": b64_data(&pngs), "seed": seed}),
-                false,
-            ),
-            Some(Event::Failed(e)) => ("error", e.body(), false),
-            Some(_) => ("progress", json!({}), true),
-            None => (
-                "error",
-                ApiError::internal("the model thread stopped").body(),
-                false,
-            ),
+        let (event, data, more) = loop {
+            break match rx.recv().await {
+                Some(Event::Progress { step, total }) => {
+                    ("progress", json!({"step": step, "total": total}), true)
+                }
+                Some(Event::Images(pngs)) => (
+                    "done",
+                    json!({"data": b64_data(&pngs), "seed": seed}),
+                    false,
+                ),
+                Some(Event::Failed(e)) => ("error", e.body(), false),
+                // Nothing else comes for images.
+                Some(_) => continue,
+                None => (
+                    "error",
+                    ApiError::internal("the model thread stopped").body(),
+                    false,
+                ),
+            };
         };
         let sse = Sse_::default().event(event).data(data.to_string());
         Some((Ok::<_, Infallible>(sse), more.then_some(rx)))
