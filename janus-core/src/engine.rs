@@ -21,12 +21,12 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 use crate::generate::image::{
-    ImageGenOptions, cfg_rows, check_prompts, decode_tokens, embed_image_tokens, pick_image_token,
+    ImageGenOptions, cfg_rows, check_prompts, embed_image_tokens, pick_image_token,
 };
 use crate::generate::sampling::stream;
 use crate::generate::text::{TextGenOptions, check_context, host_values, pick_token};
 use crate::nn::kv_cache::KvCache;
-use crate::pipeline::{Answer, GeneratedImage, ImageTokens, Janus, Turn};
+use crate::pipeline::{Answer, GeneratedImage, Janus, Turn};
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -432,22 +432,7 @@ impl Janus {
         if seq.finish.is_none() {
             return Err(Error::InvalidInput("the images are not finished".into()));
         }
-        let g = self.config().vq.grid;
-        let images = decode_tokens(self.model(), &im.tokens)?;
-        Ok(im
-            .tokens
-            .into_iter()
-            .zip(images)
-            .map(|(ids, image)| GeneratedImage {
-                image,
-                tokens: ImageTokens {
-                    ids,
-                    rows: g,
-                    cols: g,
-                },
-                seed: im.options.seed,
-            })
-            .collect())
+        self.decode_grids(im.tokens, im.options.seed)
     }
 
     /// Answers several conversations at once (see [`chat`](Self::chat)): their prompts run one

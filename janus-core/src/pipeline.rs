@@ -418,26 +418,33 @@ impl Janus {
             .collect::<Result<Vec<_>>>()?;
         let pad = self.tokenizer.special().pad;
         let grids = generate_tokens_batch(&self.model, &ids, pad, options, progress)?;
-        let g = self.model.config.vq.grid;
         grids
             .into_iter()
-            .map(|per_prompt| {
-                let images = decode_tokens(&self.model, &per_prompt)?;
-                Ok(per_prompt
-                    .into_iter()
-                    .zip(images)
-                    .map(|(ids, image)| GeneratedImage {
-                        image,
-                        tokens: ImageTokens {
-                            ids,
-                            rows: g,
-                            cols: g,
-                        },
-                        seed: options.seed,
-                    })
-                    .collect())
-            })
+            .map(|per_prompt| self.decode_grids(per_prompt, options.seed))
             .collect()
+    }
+
+    /// Generated token grids decoded to images by the VQ decoder, with the seed that drew them.
+    pub(crate) fn decode_grids(
+        &self,
+        grids: Vec<Vec<u32>>,
+        seed: u64,
+    ) -> Result<Vec<GeneratedImage>> {
+        let g = self.model.config.vq.grid;
+        let images = decode_tokens(&self.model, &grids)?;
+        Ok(grids
+            .into_iter()
+            .zip(images)
+            .map(|(ids, image)| GeneratedImage {
+                image,
+                tokens: ImageTokens {
+                    ids,
+                    rows: g,
+                    cols: g,
+                },
+                seed,
+            })
+            .collect())
     }
 
     /// The VQ token grid of an image: its short side resized to the VQ input size (bicubic),
