@@ -14,8 +14,10 @@ use burn::tensor::module::embedding;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+#[cfg(feature = "flex")]
+use super::kernels::bf16_gemm;
 use super::kernels::{
-    Bf16Gemm, HalfKind, KernelPath, MAX_ROWS, QuantKind, QuantMatrix, bf16_gemm, half_matvec,
+    Bf16Gemm, HalfKind, KernelPath, MAX_ROWS, QuantKind, QuantMatrix, half_matvec,
     half_matvec_many, quant_matvec, quant_matvec_many,
 };
 use super::matvec;
