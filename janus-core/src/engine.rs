@@ -90,6 +90,11 @@ impl Sequence {
         self.rows
     }
 
+    /// Time since it was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Whether it has finished (then [`Janus::step`] passes it by).
     pub fn is_finished(&self) -> bool {
         self.finish.is_some()
@@ -122,7 +127,8 @@ impl Sequence {
         }
     }
 
-    /// The length of the prompt after image-token expansion.
+    /// An answer's prompt length after image-token expansion (0 for images, whose prompt
+    /// `usage` does not report).
     pub fn prompt_tokens(&self) -> usize {
         match &self.state {
             State::Text(t) => t.prompt_tokens,
@@ -470,13 +476,6 @@ impl Janus {
             self.step(&mut refs)?;
         }
         seqs.into_iter().map(|s| self.finish_answer(s)).collect()
-    }
-}
-
-impl Sequence {
-    /// Time since it was started.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
     }
 }
 
