@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench -p janus-core --bench pipeline -- --model DIR --task TASK [options]
-//!   --task load|understand|prefill|generate|batch|vq_decode|siglip|bandwidth|kernels|quality
+//!   --task load|understand|prefill|generate|batch|vq_decode|siglip|bandwidth|kernels|bf16_gemm|quality
 //!                          (batch: --parallel separate image requests stepped together by the
 //!                          engine, as `janus serve` runs them)
 //!                          (quality: the model with --weights against the same checkpoint in f32:
@@ -13,7 +13,7 @@
 //!                          (bandwidth: memory read speed of the thread pool; kernels: the
 //!                          half-precision decode products on every kernel path, and the
 //!                          products of one whole Janus-Pro-1B decoding step as `layer_sweep`;
-//!                          no model needed)
+//!                          no model needed; bf16_gemm: the prompt-shaped bf16 products alone)
 //!   --dtype f32|f16|bf16   --backend cpu|wgpu|cuda
 //!   --weights auto|f32|bf16|f16|q8_0|q4_0   weight storage (auto)
 //!   --image PNG            understanding / prefill / siglip input (required for those)
@@ -43,7 +43,7 @@ use janus_core::processor::image::{
 use janus_core::{Backend, ComputeDType, Error, WeightFormat};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: pipeline --model DIR --task load|understand|prefill|generate|batch|vq_decode|siglip|bandwidth|kernels|quality \
+const USAGE: &str = "usage: pipeline --model DIR --task load|understand|prefill|generate|batch|vq_decode|siglip|bandwidth|kernels|bf16_gemm|quality \
 [--dtype f32|f16|bf16] [--weights auto|f32|bf16|f16|q8_0|q4_0] [--backend cpu|wgpu|cuda] [--image PNG] [--question TEXT] [--prompt TEXT] [--new-tokens N] \
 [--parallel N] [--steps S] [--repeat R]";
 
@@ -121,7 +121,7 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.task.is_empty()
         || (args.model.as_os_str().is_empty()
-            && !["bandwidth", "kernels"].contains(&args.task.as_str()))
+            && !["bandwidth", "kernels", "bf16_gemm"].contains(&args.task.as_str()))
     {
         return Err(USAGE.into());
     }
@@ -712,6 +712,14 @@ fn run(args: &Args) -> Result<Value, String> {
     }
     if args.task == "kernels" {
         return Ok(kernels(args.repeat));
+    }
+    if args.task == "bf16_gemm" {
+        return Ok(json!({
+            "task": "bf16_gemm",
+            "impl": "janus-rs",
+            "threads": rayon::current_num_threads(),
+            "bf16_gemm": bf16_gemm(args.repeat),
+        }));
     }
     let device = args.backend.device().map_err(|e| e.to_string())?;
     let started = Instant::now();

@@ -41,9 +41,9 @@ fn map_f32<const D: usize, F: Fn(f32) -> f32 + Sync>(
         .into_data()
         .try_into_vec()
         .expect("an f32 tensor reads back as f32");
-    values
-        .par_chunks_mut(CHUNK)
-        .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+    values.par_chunks_mut(CHUNK).for_each(|chunk| {
+        super::kernels::simd::widest(|| chunk.iter_mut().for_each(|v| *v = f(*v)))
+    });
     Tensor::from_data(TensorData::new(values, shape), &device)
 }
 
@@ -58,7 +58,7 @@ pub(crate) fn silu_value(x: f32) -> f32 {
 
 /// `½·x·(1 + erf(x/√2))`.
 #[inline(always)]
-fn gelu_value(x: f32) -> f32 {
+pub(crate) fn gelu_value(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 

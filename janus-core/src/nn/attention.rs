@@ -16,10 +16,11 @@ use burn::tensor::{Bool, DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::activation::exp_neg;
+use super::kernels::simd::{self, widest};
 use super::kernels::{Bf16Gemm, bf16_gemm};
 
 /// Most queries per row that take the written-out form.
-const DIRECT_MAX_QUERIES: usize = 16;
+pub(crate) const DIRECT_MAX_QUERIES: usize = 16;
 
 /// Attention of `q` (`[b, h, t, d]`, the last `t` positions) over `k`, `v` (`[b, h, s, d]`,
 /// every position so far, `s ≥ t`): query `i` sees keys `0..=s − t + i`, minus those `hidden`
@@ -110,11 +111,7 @@ fn bf16_prompt_applies(q: &Tensor<4>, k: &Tensor<4>, d: usize) -> bool {
         && Bf16Gemm::covers(super::kernels::bf16_gemm::ALIGN, d)
 }
 
-/// Attention with bf16 operands and f32 sums, one task per row and head on the thread pool: the
-/// scores `q·kᵀ` (keys padded with zero rows to a multiple of 32), then in f32 the scale, the
-/// mask (`causal`: query `i` sees keys `0..=s − t + i`; `hidden` as for [`causal`]) and the
-/// softmax, then `p·v` (over `vᵀ`, padded alike). A query that sees no key averages every value,
-/// as the written-out form does (all scores at the lowest finite value).
+/// [`prompt_host`] over tensors: f32 CPU tensors read back, the result made a tensor again.
 fn bf16_prompt(
     path: Bf16Gemm,
     q: Tensor<4>,
@@ -139,60 +136,210 @@ fn bf16_prompt(
             .try_into_vec()
             .expect("a mask reads back as bool")
     });
-    let padded = s.next_multiple_of(super::kernels::bf16_gemm::ALIGN);
-    let scale = scale as f32;
-    let bf16 = |x: f32| half::bf16::from_f32(x).to_bits();
+    let shape = HostShape {
+        b,
+        h,
+        kvh: h,
+        t,
+        s,
+        d,
+    };
     let mut out = vec![0.0f32; b * h * t * d];
+    prompt_host(
+        Some(path),
+        &q,
+        &k,
+        &v,
+        shape,
+        hidden.as_deref(),
+        scale as f32,
+        causal,
+        &mut out,
+    );
+    Tensor::from_data(TensorData::new(out, [b, h, t, d]), &device)
+}
+
+/// The shape of a [`prompt_host`] attention: `b` rows of `h` query heads over `kvh` key/value
+/// heads (`h` a multiple of `kvh`; query head `i` reads key/value head `i / (h / kvh)`), `t`
+/// queries, the last of `s` positions, head width `d`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostShape {
+    pub b: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub t: usize,
+    pub s: usize,
+    pub d: usize,
+}
+
+/// Attention of host values, one task per row and query head on the thread pool: `q` and `out`
+/// `[b, h, t, d]`, `k` and `v` `[b, kvh, s, d]`. The scores `q·kᵀ`, then in f32 the scale, the
+/// mask (`causal`: query `i` sees keys `0..=s − t + i`; `hidden` `[b, t, s]`, true = hidden, as
+/// for [`causal`]) and the softmax, then `p·v`. With `path` and a head width it covers, both
+/// products take bf16 operands with f32 sums (keys and `vᵀ` padded with zero rows to a multiple
+/// of 32), as PyTorch's bf16 eager attention rounds them; otherwise they are summed in f32. A
+/// query that sees no key averages every value, as the written-out form does (all scores at
+/// the lowest finite value).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prompt_host(
+    path: Option<Bf16Gemm>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: HostShape,
+    hidden: Option<&[bool]>,
+    scale: f32,
+    causal: bool,
+    out: &mut [f32],
+) {
+    let HostShape { b, h, kvh, t, s, d } = shape;
+    assert!(
+        kvh > 0 && h.is_multiple_of(kvh) && s >= t,
+        "attention shape {shape:?}"
+    );
+    assert_eq!(q.len(), b * h * t * d, "queries of {shape:?}");
+    assert_eq!(k.len(), b * kvh * s * d, "keys of {shape:?}");
+    assert_eq!(v.len(), b * kvh * s * d, "values of {shape:?}");
+    assert_eq!(out.len(), b * h * t * d, "output of {shape:?}");
+    let path = path.filter(|_| Bf16Gemm::covers(super::kernels::bf16_gemm::ALIGN, d));
+    let padded = match path {
+        Some(_) => s.next_multiple_of(super::kernels::bf16_gemm::ALIGN),
+        None => s,
+    };
     out.par_chunks_mut(t * d)
         .enumerate()
         .for_each(|(task, out)| {
             let row = task / h;
-            let (kh, vh) = (&k[task * s * d..][..s * d], &v[task * s * d..][..s * d]);
-            let mut keys = vec![0u16; padded * d];
-            keys.iter_mut().zip(kh).for_each(|(dst, &x)| *dst = bf16(x));
-            let mut values_t = vec![0u16; d * padded];
+            let kv = row * kvh + task % h / (h / kvh);
+            let (kh, vh) = (&k[kv * s * d..][..s * d], &v[kv * s * d..][..s * d]);
+            let qh = &q[task * t * d..][..t * d];
+            SCRATCH.with_borrow_mut(|(p, keys, values_t)| {
+                widest(|| {
+                    head(
+                        path,
+                        qh,
+                        kh,
+                        vh,
+                        (t, s, d, padded),
+                        row,
+                        hidden,
+                        scale,
+                        causal,
+                        p,
+                        keys,
+                        values_t,
+                        out,
+                    )
+                })
+            });
+        });
+}
+
+thread_local! {
+    /// A task's scores and bf16 keys and values, kept between tasks.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<u16>, Vec<u16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// One query head of [`prompt_host`]: `qh` `[t, d]` over `kh`, `vh` `[s, d]` into `out`
+/// `[t, d]`; `padded`: the key count the products take.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn head(
+    path: Option<Bf16Gemm>,
+    qh: &[f32],
+    kh: &[f32],
+    vh: &[f32],
+    (t, s, d, padded): (usize, usize, usize, usize),
+    row: usize,
+    hidden: Option<&[bool]>,
+    scale: f32,
+    causal: bool,
+    p: &mut Vec<f32>,
+    keys: &mut Vec<u16>,
+    values_t: &mut Vec<u16>,
+    out: &mut [f32],
+) {
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_bits();
+    // Every score is written by the product below (padding keys give 0).
+    p.resize(t * padded, 0.0);
+    match path {
+        Some(path) => {
+            keys.clear();
+            keys.extend(kh.iter().map(|&x| bf16(x)));
+            keys.resize(padded * d, 0);
+            bf16_gemm(path, qh, t, keys, d, p)
+                .expect("the head width is covered and the shapes match");
+        }
+        None => {
+            for (qr, pr) in qh.chunks_exact(d).zip(p.chunks_exact_mut(padded)) {
+                for (x, kr) in pr.iter_mut().zip(kh.chunks_exact(d)) {
+                    *x = qr.iter().zip(kr).map(|(a, b)| a * b).sum();
+                }
+            }
+        }
+    }
+    for (i, pr) in p.chunks_exact_mut(padded).enumerate() {
+        // Keys 0..upto are not in the query's future.
+        let upto = if causal { s - t + i + 1 } else { s };
+        let mask = hidden.map(|m| &m[(row * t + i) * s..][..upto]);
+        softmax_row(pr, upto, s, mask, scale);
+    }
+    match path {
+        Some(path) => {
+            values_t.clear();
+            values_t.resize(d * padded, 0);
             for (j, vr) in vh.chunks_exact(d).enumerate() {
                 for (c, &x) in vr.iter().enumerate() {
                     values_t[c * padded + j] = bf16(x);
                 }
             }
-            let mut p = vec![0.0f32; t * padded];
-            bf16_gemm(path, &q[task * t * d..][..t * d], t, &keys, d, &mut p)
-                .expect("the shapes were checked by bf16_prompt_applies");
-            for (i, pr) in p.chunks_exact_mut(padded).enumerate() {
-                // Keys 0..upto are not in the query's future.
-                let upto = if causal { s - t + i + 1 } else { s };
-                let mask = hidden.as_ref().map(|m| &m[(row * t + i) * s..][..upto]);
-                let (seen, rest) = pr.split_at_mut(upto);
-                rest.fill(0.0);
-                let max = match mask {
-                    None => seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)),
-                    Some(m) => seen
-                        .iter()
-                        .zip(m)
-                        .filter(|(_, hid)| !**hid)
-                        .fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x)),
-                };
-                if max == f32::NEG_INFINITY {
-                    pr[..s].fill(1.0 / s as f32);
-                    continue;
+            bf16_gemm(path, p, t, values_t, padded, out)
+                .expect("the head width is covered and the shapes match");
+        }
+        None => {
+            for (pr, or) in p.chunks_exact(padded).zip(out.chunks_exact_mut(d)) {
+                or.fill(0.0);
+                for (&w, vr) in pr.iter().zip(vh.chunks_exact(d)) {
+                    for (o, &x) in or.iter_mut().zip(vr) {
+                        *o += w * x;
+                    }
                 }
-                // scale > 0: the largest score scaled is the largest scaled score.
-                let max = max * scale;
-                seen.iter_mut().for_each(|x| *x = exp_neg(max - *x * scale));
-                if let Some(m) = mask {
-                    seen.iter_mut()
-                        .zip(m)
-                        .filter(|(_, hid)| **hid)
-                        .for_each(|(x, _)| *x = 0.0);
-                }
-                let sum: f32 = seen.iter().sum();
-                seen.iter_mut().for_each(|x| *x /= sum);
             }
-            bf16_gemm(path, &p, t, &values_t, padded, out)
-                .expect("the shapes were checked by bf16_prompt_applies");
-        });
-    Tensor::from_data(TensorData::new(out, [b, h, t, d]), &device)
+        }
+    }
+}
+
+/// One query's scores `pr` (keys `0..upto` seen, `upto..` set to 0) turned into probabilities
+/// in place: scaled, `mask`ed (true = hidden) and normalised; with every key hidden, the
+/// average over all `s` keys.
+#[inline(always)]
+fn softmax_row(pr: &mut [f32], upto: usize, s: usize, mask: Option<&[bool]>, scale: f32) {
+    let (seen, rest) = pr.split_at_mut(upto);
+    rest.fill(0.0);
+    let max = match mask {
+        None => simd::max(seen),
+        Some(m) => seen
+            .iter()
+            .zip(m)
+            .filter(|(_, hid)| !**hid)
+            .fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x)),
+    };
+    if max == f32::NEG_INFINITY {
+        pr[..s].fill(1.0 / s as f32);
+        return;
+    }
+    // scale > 0: the largest score scaled is the largest scaled score.
+    let max = max * scale;
+    seen.iter_mut().for_each(|x| *x = exp_neg(max - *x * scale));
+    if let Some(m) = mask {
+        seen.iter_mut()
+            .zip(m)
+            .filter(|(_, hid)| **hid)
+            .for_each(|(x, _)| *x = 0.0);
+    }
+    let inv = 1.0 / simd::sum(seen);
+    seen.iter_mut().for_each(|x| *x *= inv);
 }
 
 #[cfg(test)]

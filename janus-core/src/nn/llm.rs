@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 use crate::load::Weights;
 
 use super::Linear;
+use super::host_prompt::{
+    DecoderParts, DecoderShape, HostDecoder, RopeTables, Scratch, host_values,
+};
 use super::kv_cache::KvCache;
 use super::weight::Matrix;
 
@@ -37,6 +40,30 @@ impl RmsNorm {
     }
 }
 
+/// cos/sin `[t, head_dim]` of positions `start..start + t` (less `pad` padding positions) times
+/// `inv_freq`, computed in f32 as transformers does (`inv_freq = 1 / θ^(2i/d)`,
+/// `emb = cat(freqs, freqs)`).
+fn rope_tables(start: usize, t: usize, pad: usize, head_dim: usize, theta: f64) -> RopeTables {
+    let half = head_dim / 2;
+    let base = theta as f32;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(t * head_dim);
+    let mut sin = Vec::with_capacity(t * head_dim);
+    for p in start..start + t {
+        let p = p.saturating_sub(pad) as f32;
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    RopeTables { cos, sin }
+}
+
 /// Rotary tables for a run of positions, `[rows, 1, t, head_dim]` (one row when every sequence
 /// is at the same position).
 struct Rope {
@@ -45,9 +72,8 @@ struct Rope {
 }
 
 impl Rope {
-    /// cos/sin of `position · inv_freq`, computed in f32 as transformers does
-    /// (`inv_freq = 1 / θ^(2i/d)`, `emb = cat(freqs, freqs)`). Row `r` starts at
-    /// `start − left_pad[r]` (its padding does not count as positions).
+    /// The tables of [`rope_tables`] for each row: row `r` starts at `start − left_pad[r]` (its
+    /// padding does not count as positions).
     fn new(
         start: usize,
         t: usize,
@@ -56,11 +82,6 @@ impl Rope {
         theta: f64,
         x: &Tensor<4>,
     ) -> Self {
-        let half = head_dim / 2;
-        let base = theta as f32;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
         let offsets: Vec<usize> = if left_pad.iter().all(|&p| p == 0) {
             vec![0]
         } else {
@@ -70,16 +91,9 @@ impl Rope {
         let mut cos = Vec::with_capacity(rows * t * head_dim);
         let mut sin = Vec::with_capacity(rows * t * head_dim);
         for &pad in &offsets {
-            for p in start..start + t {
-                let p = p.saturating_sub(pad) as f32;
-                for _ in 0..2 {
-                    for f in &inv_freq {
-                        let a = p * f;
-                        cos.push(a.cos());
-                        sin.push(a.sin());
-                    }
-                }
-            }
+            let tables = rope_tables(start, t, pad, head_dim, theta);
+            cos.extend(tables.cos);
+            sin.extend(tables.sin);
         }
         let opts = (&x.device(), x.dtype());
         Rope {
@@ -134,6 +148,25 @@ impl DecoderLayer {
             up_proj: Linear::load(w, &p("mlp.up_proj"), d, f, false),
             down_proj: Linear::load(w, &p("mlp.down_proj"), f, d, false),
         }
+    }
+
+    /// The layer's operands for the host pass over a prompt, where every product of it takes
+    /// bf16 products on this machine.
+    fn host(&self) -> Option<HostDecoder<'_>> {
+        HostDecoder::of(DecoderParts {
+            input_norm: (&self.input_layernorm.weight, self.input_layernorm.eps),
+            post_norm: (
+                &self.post_attention_layernorm.weight,
+                self.post_attention_layernorm.eps,
+            ),
+            q: &self.q_proj,
+            k: &self.k_proj,
+            v: &self.v_proj,
+            o: &self.o_proj,
+            gate: &self.gate_proj,
+            up: &self.up_proj,
+            down: &self.down_proj,
+        })
     }
 
     /// One layer over `x` (`[batch, t, hidden]`), whose rows are the groups' rows in order:
@@ -310,6 +343,16 @@ impl Llm {
         x: Tensor<3>,
         groups: &mut [(usize, &mut KvCache)],
     ) -> Result<Tensor<3>> {
+        self.run(x, groups, true)
+    }
+
+    /// [`forward_groups`](Self::forward_groups); `host`: a prompt may take the host pass.
+    fn run(
+        &self,
+        x: Tensor<3>,
+        groups: &mut [(usize, &mut KvCache)],
+        host: bool,
+    ) -> Result<Tensor<3>> {
         let [b, t, d] = x.dims();
         if d != self.config.hidden_size || t == 0 {
             return Err(Error::InvalidInput(format!(
@@ -365,14 +408,66 @@ impl Llm {
             });
         }
         let mut x = x;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &mut parts, i, c);
+        match self.host_prompt(&x, &parts).filter(|_| host) {
+            Some(layers) => {
+                drop(parts);
+                let (_, cache) = &mut groups[0];
+                x = self.forward_host(&layers, x, cache);
+            }
+            None => {
+                for (i, layer) in self.layers.iter().enumerate() {
+                    x = layer.forward(x, &mut parts, i, c);
+                }
+                drop(parts);
+            }
         }
-        drop(parts);
         for (_, cache) in groups.iter_mut() {
             cache.advance(t);
         }
         Ok(self.norm.forward(x))
+    }
+
+    /// The layers' operands for the host pass over a prompt ([`host_prompt`](super::host_prompt)):
+    /// bf16 compute on the CPU (f32 activations, every product on the bf16 kernels), a prompt
+    /// (more positions than a decoding step takes) of one sequence without padding.
+    fn host_prompt(&self, x: &Tensor<3>, groups: &[Group<'_>]) -> Option<Vec<HostDecoder<'_>>> {
+        let [b, t, _] = x.dims();
+        let one = matches!(groups, [g] if g.mask.is_none() && g.rows == 1);
+        if b != 1
+            || !one
+            || t <= super::attention::DIRECT_MAX_QUERIES
+            || x.dtype() != DType::F32
+            || !crate::device::is_cpu(&x.device())
+        {
+            return None;
+        }
+        self.layers.iter().map(DecoderLayer::host).collect()
+    }
+
+    /// Every layer over one sequence's prompt `x` (`[1, t, hidden]`) on host buffers, appending
+    /// to `cache` (not yet advanced).
+    fn forward_host(
+        &self,
+        layers: &[HostDecoder<'_>],
+        x: Tensor<3>,
+        cache: &mut KvCache,
+    ) -> Tensor<3> {
+        let c = &self.config;
+        let [b, t, w] = x.dims();
+        let device = x.device();
+        let mut values = host_values(&x);
+        let rope = rope_tables(cache.len(), t, 0, c.head_dim, c.rope_theta);
+        let mut scratch = Scratch::default();
+        for (i, layer) in layers.iter().enumerate() {
+            let shape = DecoderShape {
+                layer: i,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            layer.forward(&mut values, w, shape, &rope, cache, &device, &mut scratch);
+        }
+        Tensor::from_data(TensorData::new(values, [b, t, w]), &device)
     }
 
     /// Text logits `[batch, t, vocab]` for hidden states from [`forward`](Self::forward), with
@@ -380,5 +475,83 @@ impl Llm {
     /// other rows.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         self.lm_head.forward_step(hidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::host_prompt::tests::{compare, linear, value, vector};
+
+    /// A prompt through decoder layers on host buffers against their tensor form, on the bf16
+    /// products (two query heads of 32 over one key/value head), with an empty cache and then
+    /// after the positions of a first prompt; the caches must end up alike.
+    #[test]
+    fn decoder_layers_on_host_buffers_match_the_tensor_form() {
+        if crate::nn::kernels::Bf16Gemm::selected().unwrap().is_none() {
+            return;
+        }
+        let (d, heads, kv_heads, head_dim, f) = (64, 2, 1, 32, 96);
+        let config = TextConfig {
+            vocab_size: 32,
+            hidden_size: d,
+            intermediate_size: f,
+            num_hidden_layers: 2,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+        };
+        let norm = |seed| RmsNorm {
+            weight: vector(d, seed, 1.0),
+            eps: 1e-6,
+        };
+        let layers = (0..2)
+            .map(|i| DecoderLayer {
+                input_layernorm: norm(20 * i),
+                q_proj: linear(heads * head_dim, d, 20 * i + 1, false),
+                k_proj: linear(kv_heads * head_dim, d, 20 * i + 2, false),
+                v_proj: linear(kv_heads * head_dim, d, 20 * i + 3, false),
+                o_proj: linear(d, heads * head_dim, 20 * i + 4, false),
+                post_attention_layernorm: norm(20 * i + 5),
+                gate_proj: linear(f, d, 20 * i + 6, false),
+                up_proj: linear(f, d, 20 * i + 7, false),
+                down_proj: linear(d, f, 20 * i + 8, false),
+            })
+            .collect();
+        let llm = Llm {
+            embed_tokens: linear(32, d, 90, false).weight,
+            layers,
+            norm: norm(91),
+            lm_head: linear(32, d, 92, false),
+            config,
+        };
+        let device = crate::device::default_device();
+        let prompt = |t: usize, seed: usize| {
+            let x: Vec<f32> = (0..t * d).map(|i| 2.0 * value(i, seed)).collect();
+            Tensor::<3>::from_data(TensorData::new(x, [1, t, d]), &device)
+        };
+        let mut host_cache = llm.new_cache(8);
+        let mut tensor_cache = llm.new_cache(8);
+        for (t, seed) in [(40, 1), (23, 2)] {
+            let x = prompt(t, seed);
+            let got = llm
+                .run(x.clone(), &mut [(1, &mut host_cache)], true)
+                .unwrap();
+            let want = llm.run(x, &mut [(1, &mut tensor_cache)], false).unwrap();
+            let worst = compare(got, want);
+            println!("{t} positions: host against tensor form {worst:.2e}");
+            assert!(worst < 1e-3, "{t} positions: {worst}");
+        }
+        assert_eq!(host_cache.len(), tensor_cache.len());
+        // One decoding step over each cache: the keys and values the prompts left agree.
+        let x = prompt(1, 3);
+        let got = llm.forward(x.clone(), &mut host_cache).unwrap();
+        let want = llm.forward(x, &mut tensor_cache).unwrap();
+        let worst = compare(got, want);
+        assert!(worst < 1e-3, "step: {worst}");
     }
 }

@@ -5,6 +5,7 @@
 pub mod activation;
 mod attention;
 pub mod heads;
+mod host_prompt;
 pub mod kernels;
 pub mod kv_cache;
 pub mod llm;

@@ -3,13 +3,14 @@
 //! final LayerNorm, whose output is the feature map (the attention-pool head is not used).
 
 use super::activation::gelu_erf;
-use burn::tensor::Tensor;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::config::VisionConfig;
 use crate::load::Weights;
 
+use super::host_prompt::{HostBlock, Scratch, host_values};
 use super::{LayerNorm, Linear};
 
 /// One pre-norm transformer block.
@@ -47,7 +48,7 @@ pub struct SigLip {
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<3>, heads: usize) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>, heads: usize) -> Tensor<3> {
         let [b, n, w] = x.dims();
         let hd = w / heads;
         let qkv = self
@@ -82,10 +83,37 @@ impl SigLip {
         );
         let [b, w, gh, gw] = x.dims();
         let mut x = x.reshape([b, w, gh * gw]).swap_dims(1, 2) + self.pos_embed.clone();
-        for block in &self.blocks {
-            x = block.forward(x, c.num_attention_heads);
+        if let Some(blocks) = self.host_blocks(&x) {
+            x = Self::forward_host(&blocks, x, c.num_attention_heads);
+        } else {
+            for block in &self.blocks {
+                x = block.forward(x, c.num_attention_heads);
+            }
         }
         self.norm.forward(x)
+    }
+
+    /// The blocks' operands for the host pass ([`host_prompt`](super::host_prompt)): with bf16
+    /// compute on the CPU (f32 activations, every product on the bf16 kernels).
+    fn host_blocks(&self, x: &Tensor<3>) -> Option<Vec<HostBlock<'_>>> {
+        if x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
+            return None;
+        }
+        self.blocks.iter().map(HostBlock::of).collect()
+    }
+
+    /// Every block over `x` (`[batch, patches, width]`) on host buffers, one image at a time.
+    pub(crate) fn forward_host(blocks: &[HostBlock<'_>], x: Tensor<3>, heads: usize) -> Tensor<3> {
+        let [b, n, w] = x.dims();
+        let device = x.device();
+        let mut values = host_values(&x);
+        let mut scratch = Scratch::default();
+        for image in values.chunks_exact_mut(n * w) {
+            for block in blocks {
+                block.forward(image, w, heads, &mut scratch);
+            }
+        }
+        Tensor::from_data(TensorData::new(values, [b, n, w]), &device)
     }
 
     pub(crate) fn load(w: &mut Weights<'_>, c: &VisionConfig) -> Self {

@@ -146,8 +146,73 @@ pub fn bf16_gemm(
     d_in: usize,
     y: &mut [f32],
 ) -> Result<()> {
+    let mut packed = PackedRows::default();
+    packed.pack(path, x, rows, d_in)?;
+    bf16_gemm_packed(&packed, w, y)
+}
+
+/// Activation rows rounded to bf16 and laid out as one path's products read them, so that
+/// several weights can multiply the same rows (a layer's q, k and v, or gate and up) with one
+/// conversion. The buffer is kept between [`pack`](Self::pack) calls.
+#[derive(Debug, Default)]
+pub struct PackedRows {
+    path: Option<Bf16Gemm>,
+    rows: usize,
+    d_in: usize,
+    /// AMX: bf16 pairs in blocks of 16 rows ([`amx::pack`]). AVX512-BF16: bf16 values, rows of
+    /// `d_in + 32` ([`dot::pack`]), as pairs of values.
+    data: Vec<u32>,
+}
+
+impl PackedRows {
+    /// Packs `x` (`[rows, d_in]`) for `path`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when `x` does not hold `rows` rows of `d_in`, `d_in` is not a
+    /// multiple of [`ALIGN`], or this machine cannot run `path`.
+    pub fn pack(&mut self, path: Bf16Gemm, x: &[f32], rows: usize, d_in: usize) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
+        if d_in == 0 || !d_in.is_multiple_of(ALIGN) {
+            return bad(format!(
+                "an input width of {d_in} is not a multiple of {ALIGN}"
+            ));
+        }
+        if x.len() != rows * d_in {
+            return bad(format!(
+                "x has {} values, for {rows} rows of {d_in} inputs",
+                x.len()
+            ));
+        }
+        if !path.supported() {
+            return bad(format!("this machine cannot run the {} path", path.name()));
+        }
+        match path {
+            Bf16Gemm::Amx => amx::pack(x, rows, d_in, &mut self.data),
+            Bf16Gemm::Avx512Bf16 => dot::pack(x, rows, d_in, &mut self.data),
+        }
+        self.path = Some(path);
+        self.rows = rows;
+        self.d_in = d_in;
+        Ok(())
+    }
+
+    /// Rows packed.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// `y = x · wᵀ` ([`bf16_gemm`]) for rows packed by [`PackedRows::pack`], on their path.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when nothing was packed, `w` is not rows of the packed width in a
+/// shape the paths cover, or `y` does not hold `[rows, out]`.
+pub fn bf16_gemm_packed(x: &PackedRows, w: &[u16], y: &mut [f32]) -> Result<()> {
     let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
-    if d_in == 0 || !w.len().is_multiple_of(d_in) {
+    let (Some(path), rows, d_in) = (x.path, x.rows, x.d_in) else {
+        return bad("no activation rows were packed".into());
+    };
+    if !w.len().is_multiple_of(d_in) {
         return bad(format!("{} weight values are not rows of {d_in}", w.len()));
     }
     let out = w.len() / d_in;
@@ -156,22 +221,18 @@ pub fn bf16_gemm(
             "a [{out}, {d_in}] weight is not in multiples of {ALIGN}"
         ));
     }
-    if x.len() != rows * d_in || y.len() != rows * out {
+    if y.len() != rows * out {
         return bad(format!(
-            "x has {} values and y {}, for {rows} rows of {d_in} inputs and {out} outputs",
-            x.len(),
+            "y has {} values, for {rows} rows of {out} outputs",
             y.len()
         ));
-    }
-    if !path.supported() {
-        return bad(format!("this machine cannot run the {} path", path.name()));
     }
     if rows == 0 {
         return Ok(());
     }
     match path {
-        Bf16Gemm::Amx => amx::gemm(x, rows, w, d_in, out, y),
-        Bf16Gemm::Avx512Bf16 => dot::gemm(x, rows, w, d_in, out, y),
+        Bf16Gemm::Amx => amx::gemm(&x.data, rows, w, d_in, out, y),
+        Bf16Gemm::Avx512Bf16 => dot::gemm(&x.data, rows, w, d_in, out, y),
     }
     Ok(())
 }
@@ -251,30 +312,134 @@ pub(crate) mod amx {
 
     /// `x` as bf16 pairs in blocks of 16 rows: block `b`, pair `p`, row `j` at
     /// `(b · d_in/2 + p) · 16 + j`, holding `x[16b + j][2p]` (low half) and `x[..][2p + 1]`; rows
-    /// past `rows` are zero, to a whole number of 32-row blocks.
-    fn pack(x: &[f32], rows: usize, d_in: usize) -> Vec<u32> {
+    /// past `rows` are zero, to a whole number of 32-row blocks. The buffer keeps its memory
+    /// between calls; every value is written.
+    pub(super) fn pack(x: &[f32], rows: usize, d_in: usize, packed: &mut Vec<u32>) {
         let blocks = rows.div_ceil(2 * TILE) * 2;
         let pairs = d_in / 2;
-        let mut packed = vec![0u32; blocks * pairs * TILE];
+        if packed.len() != blocks * pairs * TILE {
+            packed.resize(blocks * pairs * TILE, 0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        let vector = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        let vector = false;
         packed
             .par_chunks_mut(pairs * TILE)
             .enumerate()
             .for_each(|(b, block)| {
-                let mut row = vec![0u16; d_in];
-                for j in 0..TILE.min(rows.saturating_sub(b * TILE)) {
-                    let r = b * TILE + j;
-                    to_bf16(&x[r * d_in..(r + 1) * d_in], &mut row);
-                    for p in 0..pairs {
-                        block[p * TILE + j] =
-                            u32::from(row[2 * p]) | (u32::from(row[2 * p + 1]) << 16);
-                    }
+                let first = b * TILE;
+                let n = TILE.min(rows.saturating_sub(first));
+                let lo = first.min(rows);
+                let x = &x[lo * d_in..(lo + n) * d_in];
+                if vector {
+                    // SAFETY: the features were detected above; `x` holds `n` ≤ 16 rows of
+                    // `d_in` (a multiple of 32) and `block` 16 rows of `d_in / 2` pairs.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        pack_block_avx512(x, n, d_in, block)
+                    };
+                } else {
+                    pack_block(x, n, d_in, block);
                 }
             });
-        packed
     }
 
-    pub fn gemm(x: &[f32], rows: usize, w: &[u16], d_in: usize, out: usize, y: &mut [f32]) {
-        let packed = pack(x, rows, d_in);
+    /// One block of [`pack`]: `n` rows of `x` (16 with zeros after them) into `block`.
+    fn pack_block(x: &[f32], n: usize, d_in: usize, block: &mut [u32]) {
+        let mut row = vec![0u16; d_in];
+        for j in 0..TILE {
+            if j < n {
+                to_bf16(&x[j * d_in..(j + 1) * d_in], &mut row);
+            } else {
+                row.fill(0);
+            }
+            for (p, pair) in row.chunks_exact(2).enumerate() {
+                block[p * TILE + j] = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
+            }
+        }
+    }
+
+    /// [`pack_block`] on AVX512-BF16: each row's 32 values of a step rounded to bf16 pairs in
+    /// one instruction (to nearest even, as [`to_bf16`]; subnormal inputs become zero, as in
+    /// oneDNN), then sixteen rows' pairs transposed in registers into the tile's order.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 must be available; as [`pack_block`]'s shapes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_block_avx512(x: &[f32], n: usize, d_in: usize, block: &mut [u32]) {
+        use std::arch::x86_64::*;
+        assert!(n <= TILE && x.len() == n * d_in && block.len() == TILE * d_in / 2);
+        for s in 0..d_in / 32 {
+            // SAFETY: reads 32 values of row j < n at step s inside `x`; writes 256 values
+            // inside `block`.
+            unsafe {
+                let r: [__m512; 16] = std::array::from_fn(|j| {
+                    if j < n {
+                        let src = x.as_ptr().add(j * d_in + 32 * s);
+                        let lo = _mm512_loadu_ps(src);
+                        let hi = _mm512_loadu_ps(src.add(16));
+                        _mm512_castsi512_ps(std::mem::transmute::<__m512bh, __m512i>(
+                            _mm512_cvtne2ps_pbh(hi, lo),
+                        ))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                let t = transpose16(r);
+                let dst = block.as_mut_ptr().add(s * TILE * 16).cast::<f32>();
+                for (p, v) in t.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add(16 * p), *v);
+                }
+            }
+        }
+    }
+
+    /// Sixteen vectors of 16 lanes transposed: lane `i` of result `j` is lane `j` of input `i`
+    /// (unpacks, then lane shuffles; the bits move unchanged).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+        use std::arch::x86_64::*;
+        // u[g][q], lane L: inputs 4g..4g + 4 of column 4L + q.
+        let u: [[__m512; 4]; 4] = std::array::from_fn(|g| {
+            let lo01 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+            let hi01 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+            let lo23 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+            let hi23 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+            [
+                _mm512_shuffle_ps::<0x44>(lo01, lo23),
+                _mm512_shuffle_ps::<0xEE>(lo01, lo23),
+                _mm512_shuffle_ps::<0x44>(hi01, hi23),
+                _mm512_shuffle_ps::<0xEE>(hi01, hi23),
+            ]
+        });
+        let mut out = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            // Lanes 0 and 2 of two groups, and lanes 1 and 3.
+            let a0 = _mm512_shuffle_f32x4::<0x88>(u[0][q], u[1][q]);
+            let a2 = _mm512_shuffle_f32x4::<0x88>(u[2][q], u[3][q]);
+            let b0 = _mm512_shuffle_f32x4::<0xDD>(u[0][q], u[1][q]);
+            let b2 = _mm512_shuffle_f32x4::<0xDD>(u[2][q], u[3][q]);
+            out[q] = _mm512_shuffle_f32x4::<0x88>(a0, a2);
+            out[4 + q] = _mm512_shuffle_f32x4::<0x88>(b0, b2);
+            out[8 + q] = _mm512_shuffle_f32x4::<0xDD>(a0, a2);
+            out[12 + q] = _mm512_shuffle_f32x4::<0xDD>(b0, b2);
+        }
+        out
+    }
+
+    /// `y = x·wᵀ` for `packed` from [`pack`].
+    pub(super) fn gemm(
+        packed: &[u32],
+        rows: usize,
+        w: &[u16],
+        d_in: usize,
+        out: usize,
+        y: &mut [f32],
+    ) {
         let per = rows_per_task(out, d_in, 2 * TILE, rayon::current_num_threads());
         let y = Out(y.as_mut_ptr());
         (0..out.div_ceil(per)).into_par_iter().for_each(|task| {
@@ -282,7 +447,7 @@ pub(crate) mod amx {
             let last = (first + per).min(out);
             // SAFETY: this task writes columns first..last of y only; `usable` was checked by
             // the caller, shapes are multiples of 32 and the packed rows cover every block.
-            unsafe { block(&packed, rows, w, d_in, out, first, last, y) };
+            unsafe { block(packed, rows, w, d_in, out, first, last, y) };
         });
     }
 
@@ -376,13 +541,15 @@ pub(crate) mod amx {
                         options(nostack, nomem)
                     );
                     for s in 0..steps {
+                        // Each load just before the first product that needs it, so the
+                        // next loads overlap the products already issued.
                         asm!(
                             "tileloadd tmm4, [{a0} + {st}*1]",
-                            "tileloadd tmm5, [{a1} + {st}*1]",
                             "tileloadd tmm6, [{b0} + {st}*1]",
-                            "tileloadd tmm7, [{b1} + {st}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1} + {st}*1]",
                             "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm5, [{a1} + {st}*1]",
                             "tdpbf16ps tmm2, tmm5, tmm6",
                             "tdpbf16ps tmm3, tmm5, tmm7",
                             a0 = in(reg) w0.add(tile * s),
@@ -405,20 +572,44 @@ pub(crate) mod amx {
                         s = in(reg) stride,
                         options(nostack)
                     );
-                    // Result tile (i, j): weight rows n + 16i.., activation rows 16(mb + j)...
+                    // Result tile (i, j): weight rows n + 16i.., activation rows 16(mb + j)..,
+                    // transposed into y's rows.
                     for (t, tile) in res.iter().enumerate() {
                         let (i, j) = (t / 2, t % 2);
                         let r0 = (mb + j) * TILE;
-                        for jj in 0..TILE.min(rows.saturating_sub(r0)) {
-                            let dst = y.0.add((r0 + jj) * out + n + i * TILE);
-                            for ii in 0..TILE {
-                                *dst.add(ii) = tile[ii * TILE + jj];
-                            }
+                        let take = TILE.min(rows.saturating_sub(r0));
+                        if take > 0 {
+                            transpose_store(tile, y.0.add(r0 * out + n + i * TILE), out, take);
                         }
                     }
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// Writes column `j` of the 16×16 `tile` as 16 consecutive values at `dst + j·stride`, for
+    /// `j < take` ([`transpose16`]).
+    ///
+    /// # Safety
+    /// AVX-512F must be available (every AMX CPU has it); `dst + j·stride .. + 16` must be
+    /// writable for `j < take`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose_store(
+        tile: &[f32; TILE * TILE],
+        dst: *mut f32,
+        stride: usize,
+        take: usize,
+    ) {
+        use std::arch::x86_64::*;
+        // SAFETY: loads read inside `tile`; stores write what the caller vouches for.
+        unsafe {
+            let r: [__m512; 16] =
+                std::array::from_fn(|i| _mm512_loadu_ps(tile.as_ptr().add(16 * i)));
+            for (j, v) in transpose16(r).iter().enumerate().take(take) {
+                _mm512_storeu_ps(dst.add(j * stride), *v);
+            }
         }
     }
 
@@ -449,15 +640,40 @@ mod dot {
     /// Activation rows per kernel call.
     const MR: usize = 4;
 
-    pub fn gemm(x: &[f32], rows: usize, w: &[u16], d_in: usize, out: usize, y: &mut [f32]) {
-        // Activations as bf16, padded with zero rows to a multiple of MR, each row one cache
-        // line longer than `d_in` so that the rows a kernel reads do not share L1 sets.
+    /// Activations as bf16 (two to a `u32`), padded with zero rows to a multiple of MR, each
+    /// row one cache line longer than `d_in` so that the rows a kernel reads do not share L1
+    /// sets.
+    pub(super) fn pack(x: &[f32], rows: usize, d_in: usize, packed: &mut Vec<u32>) {
         let padded = rows.next_multiple_of(MR);
-        let stride = d_in + 32;
-        let mut xb = vec![0u16; padded * stride];
-        xb.par_chunks_mut(stride)
+        let stride = (d_in + 32) / 2;
+        packed.clear();
+        packed.resize(padded * stride, 0);
+        packed
+            .par_chunks_mut(stride)
             .zip(x.par_chunks(d_in))
-            .for_each(|(d, s)| to_bf16(s, &mut d[..d_in]));
+            .for_each(|(d, s)| {
+                for (p, v) in d.iter_mut().zip(s.chunks_exact(2)) {
+                    let lo = half::bf16::from_f32(v[0]).to_bits();
+                    let hi = half::bf16::from_f32(v[1]).to_bits();
+                    *p = u32::from(lo) | (u32::from(hi) << 16);
+                }
+            });
+    }
+
+    /// `y = x·wᵀ` for `packed` from [`pack`].
+    pub(super) fn gemm(
+        packed: &[u32],
+        rows: usize,
+        w: &[u16],
+        d_in: usize,
+        out: usize,
+        y: &mut [f32],
+    ) {
+        let stride = d_in + 32;
+        // SAFETY: u32 has the alignment of two u16 and no invalid bit patterns; the values are
+        // bf16 pairs, low half first (x86-64 is little-endian).
+        let xb: &[u16] =
+            unsafe { std::slice::from_raw_parts(packed.as_ptr().cast::<u16>(), packed.len() * 2) };
         let per = rows_per_task(out, d_in, NR, rayon::current_num_threads());
         let y = Out(y.as_mut_ptr());
         (0..out.div_ceil(per)).into_par_iter().for_each(|task| {
@@ -465,7 +681,7 @@ mod dot {
             let last = (first + per).min(out);
             // SAFETY: this task writes columns first..last of y only; the caller checked the
             // instructions, `out` is a multiple of NR and `xb` holds `padded` rows.
-            unsafe { block(&xb, stride, rows, w, d_in, out, first, last, y) };
+            unsafe { block(xb, stride, rows, w, d_in, out, first, last, y) };
         });
     }
 

@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod group_norm;
 pub mod half_matvec;
 pub mod quant;
+pub(crate) mod simd;
 #[cfg(feature = "flex")]
 pub mod winograd;
 
