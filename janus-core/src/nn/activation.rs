@@ -42,7 +42,10 @@ fn map_f32<const D: usize, F: Fn(f32) -> f32 + Sync>(
         .try_into_vec()
         .expect("an f32 tensor reads back as f32");
     values.par_chunks_mut(CHUNK).for_each(|chunk| {
-        super::kernels::simd::widest(|| chunk.iter_mut().for_each(|v| *v = f(*v)))
+        super::kernels::simd::widest(
+            #[inline(always)]
+            || chunk.iter_mut().for_each(|v| *v = f(*v)),
+        )
     });
     Tensor::from_data(TensorData::new(values, shape), &device)
 }

@@ -214,23 +214,26 @@ pub(crate) fn prompt_host(
             let (kh, vh) = (&k[kv * s * d..][..s * d], &v[kv * s * d..][..s * d]);
             let qh = &q[task * t * d..][..t * d];
             SCRATCH.with_borrow_mut(|(p, keys, values_t)| {
-                widest(|| {
-                    head(
-                        path,
-                        qh,
-                        kh,
-                        vh,
-                        (t, s, d, padded),
-                        row,
-                        hidden,
-                        scale,
-                        causal,
-                        p,
-                        keys,
-                        values_t,
-                        out,
-                    )
-                })
+                widest(
+                    #[inline(always)]
+                    || {
+                        head(
+                            path,
+                            qh,
+                            kh,
+                            vh,
+                            (t, s, d, padded),
+                            row,
+                            hidden,
+                            scale,
+                            causal,
+                            p,
+                            keys,
+                            values_t,
+                            out,
+                        )
+                    },
+                )
             });
         });
 }
@@ -260,7 +263,7 @@ fn head(
     values_t: &mut Vec<u16>,
     out: &mut [f32],
 ) {
-    let bf16 = |x: f32| half::bf16::from_f32(x).to_bits();
+    let bf16 = simd::bf16_bits;
     // Every score is written by the product below (padding keys give 0).
     p.resize(t * padded, 0.0);
     match path {

@@ -59,7 +59,10 @@ impl<'a> HostLinear<'a> {
         bf16_gemm_packed(x, self.w, y).expect("the layers' widths were checked when they loaded");
         if let Some(b) = &self.bias {
             rows_mut(y, self.out).for_each(|row| {
-                widest(|| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                widest(
+                    #[inline(always)]
+                    || row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
+                );
             });
         }
     }
@@ -69,7 +72,12 @@ impl<'a> HostLinear<'a> {
         self.apply(y, scratch);
         x.par_chunks_mut(ROWS_PER_TASK * self.out)
             .zip(scratch.par_chunks(ROWS_PER_TASK * self.out))
-            .for_each(|(x, y)| widest(|| x.iter_mut().zip(y).for_each(|(x, y)| *x += y)));
+            .for_each(|(x, y)| {
+                widest(
+                    #[inline(always)]
+                    || x.iter_mut().zip(y).for_each(|(x, y)| *x += y),
+                )
+            });
     }
 }
 
@@ -85,16 +93,19 @@ fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f64, o
     out.par_chunks_mut(ROWS_PER_TASK * width)
         .zip(x.par_chunks(ROWS_PER_TASK * width))
         .for_each(|(out, x)| {
-            widest(|| {
-                for (o, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-                    let mean = simd::sum(x) / width as f32;
-                    let var = simd::sum_sq(x, mean) / width as f32;
-                    let inv = 1.0 / (var + eps).sqrt();
-                    for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
-                        *o = (v - mean) * inv * w + b;
+            widest(
+                #[inline(always)]
+                || {
+                    for (o, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+                        let mean = simd::sum(x) / width as f32;
+                        let var = simd::sum_sq(x, mean) / width as f32;
+                        let inv = 1.0 / (var + eps).sqrt();
+                        for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+                            *o = (v - mean) * inv * w + b;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -104,21 +115,28 @@ fn rms_norm(x: &[f32], width: usize, weight: &[f32], eps: f64, out: &mut [f32]) 
     out.par_chunks_mut(ROWS_PER_TASK * width)
         .zip(x.par_chunks(ROWS_PER_TASK * width))
         .for_each(|(out, x)| {
-            widest(|| {
-                for (o, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-                    let inv = 1.0 / (simd::sum_sq(x, 0.0) / width as f32 + eps).sqrt();
-                    for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
-                        *o = v * inv * w;
+            widest(
+                #[inline(always)]
+                || {
+                    for (o, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+                        let inv = 1.0 / (simd::sum_sq(x, 0.0) / width as f32 + eps).sqrt();
+                        for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+                            *o = v * inv * w;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
 /// `f` on every value of `x`, in place, on the thread pool.
 fn map_values(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-    x.par_chunks_mut(1 << 14)
-        .for_each(|c| widest(|| c.iter_mut().for_each(|v| *v = f(*v))));
+    x.par_chunks_mut(1 << 14).for_each(|c| {
+        widest(
+            #[inline(always)]
+            || c.iter_mut().for_each(|v| *v = f(*v)),
+        )
+    });
 }
 
 /// Heads `[rows, …, heads · d …]` (head `i` of row `r` at `r·row + first + i·d`) copied out as
@@ -387,11 +405,14 @@ impl<'a> HostDecoder<'a> {
         s.a.par_chunks_mut(1 << 14)
             .zip(s.b.par_chunks(1 << 14))
             .for_each(|(g, u)| {
-                widest(|| {
-                    g.iter_mut()
-                        .zip(u)
-                        .for_each(|(g, &u)| *g = silu_value(*g) * u)
-                })
+                widest(
+                    #[inline(always)]
+                    || {
+                        g.iter_mut()
+                            .zip(u)
+                            .for_each(|(g, &u)| *g = silu_value(*g) * u)
+                    },
+                )
             });
         let f = self.gate.out;
         s.packed

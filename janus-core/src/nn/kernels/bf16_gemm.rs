@@ -107,7 +107,7 @@ impl Bf16Gemm {
 /// `x` rounded to bf16 (to nearest, ties to even, as PyTorch converts).
 fn to_bf16(x: &[f32], dst: &mut [u16]) {
     for (d, &v) in dst.iter_mut().zip(x) {
-        *d = half::bf16::from_f32(v).to_bits();
+        *d = super::simd::bf16_bits(v);
     }
 }
 
@@ -541,6 +541,17 @@ pub(crate) mod amx {
                         options(nostack, nomem)
                     );
                     for s in 0..steps {
+                        // The four tiles of two steps ahead into L1: the tile loads then
+                        // wait less (Pro-1B shapes, 600 rows, 2 threads: ~1.15 → ~1.3 TFLOP/s;
+                        // one step or four ahead measured no better).
+                        if s + 2 < steps {
+                            for line in 0..TILE {
+                                prefetch(w0.add(tile * (s + 2) + 32 * line));
+                                prefetch(w1.add(tile * (s + 2) + 32 * line));
+                                prefetch(x0.add(16 * TILE * (s + 2) + 16 * line));
+                                prefetch(x1.add(16 * TILE * (s + 2) + 16 * line));
+                            }
+                        }
                         // Each load just before the first product that needs it, so the
                         // next loads overlap the products already issued.
                         asm!(
@@ -586,6 +597,15 @@ pub(crate) mod amx {
             }
             asm!("tilerelease", options(nostack, nomem));
         }
+    }
+
+    /// Asks for the cache line at `p` in L1 (a hint: it never faults).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch reads nothing the program can observe and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
     /// Writes column `j` of the 16×16 `tile` as 16 consecutive values at `dst + j·stride`, for
@@ -652,11 +672,16 @@ mod dot {
             .par_chunks_mut(stride)
             .zip(x.par_chunks(d_in))
             .for_each(|(d, s)| {
-                for (p, v) in d.iter_mut().zip(s.chunks_exact(2)) {
-                    let lo = half::bf16::from_f32(v[0]).to_bits();
-                    let hi = half::bf16::from_f32(v[1]).to_bits();
-                    *p = u32::from(lo) | (u32::from(hi) << 16);
-                }
+                super::super::simd::widest(
+                    #[inline(always)]
+                    || {
+                        for (p, v) in d.iter_mut().zip(s.chunks_exact(2)) {
+                            let lo = super::super::simd::bf16_bits(v[0]);
+                            let hi = super::super::simd::bf16_bits(v[1]);
+                            *p = u32::from(lo) | (u32::from(hi) << 16);
+                        }
+                    },
+                )
             });
     }
 

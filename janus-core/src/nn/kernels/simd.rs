@@ -71,6 +71,20 @@ unsafe fn v3<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `x` rounded to bf16 (to nearest, ties to even; a NaN stays a quiet NaN): what
+/// `half::bf16::from_f32` gives, without branches, so that loops of it vectorize.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b >> 16) | 0x40;
+    (if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
+}
+
 /// Lanes the reductions below keep (one 512-bit vector of f32).
 const LANES: usize = 16;
 
@@ -128,6 +142,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bf16_rounding_is_halfs() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+        ];
+        let spread = (0..200_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)));
+        for x in specials.into_iter().chain(spread) {
+            assert_eq!(
+                bf16_bits(x),
+                half::bf16::from_f32(x).to_bits(),
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        }
+    }
+
+    #[test]
     fn reductions_match_their_definitions() {
         for n in [0usize, 1, 15, 16, 17, 100, 1000] {
             let x: Vec<f32> = (0..n)
@@ -137,7 +181,10 @@ mod tests {
             let want_sum: f64 = x.iter().map(|&v| f64::from(v)).sum();
             let c = 0.25f32;
             let want_sq: f64 = x.iter().map(|&v| f64::from(v - c).powi(2)).sum();
-            let (m, s, q) = widest(|| (max(&x), sum(&x), sum_sq(&x, c)));
+            let (m, s, q) = widest(
+                #[inline(always)]
+                || (max(&x), sum(&x), sum_sq(&x, c)),
+            );
             assert_eq!(m, want_max, "{n}");
             assert!(
                 (f64::from(s) - want_sum).abs() < 1e-3,
