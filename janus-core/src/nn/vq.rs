@@ -19,6 +19,9 @@ use super::kernels::group_norm::group_norm;
 use super::kernels::winograd::{self, ConvAlgo, conv3x3_same};
 use super::weight::Matrix;
 
+/// A convolution of one image's host values into another's.
+type ImageConv<'a> = dyn Fn(&[f32], &mut [f32]) -> crate::Result<()> + 'a;
+
 /// A 2-D convolution's parameters.
 #[derive(Debug, Clone)]
 pub struct Conv {
@@ -84,6 +87,47 @@ impl Conv {
         self.each_image(x, |src, dims, bias, dst| {
             conv3x3_same(path, src, dims, &w, bias, dst)
         })
+    }
+
+    /// [`forward`](Self::forward) of host values `x` (`[b, c, h, w]`) into a buffer of `pool`.
+    fn forward_host(&self, x: &[f32], [b, c, h, w]: [usize; 4], pool: &mut Pool) -> Vec<f32> {
+        let k = self.shape[2];
+        let out = self.shape[0];
+        let bias = host_values(&self.bias);
+        let mut y = pool.take(b * out * h * w);
+        let each = |conv: &ImageConv<'_>, y: &mut [f32]| {
+            for (src, dst) in x
+                .chunks_exact(c * h * w)
+                .zip(y.chunks_exact_mut(out * h * w))
+            {
+                conv(src, dst).expect("the weight's shape is the layer's");
+            }
+        };
+        if let Some((path, bits)) = self.weight.bf16_operands() {
+            each(
+                &|src, dst| conv_same_bf16(path, src, (c, h, w), bits, k, &bias, dst),
+                &mut y,
+            );
+            return y;
+        }
+        #[cfg(feature = "flex")]
+        if k == 3
+            && winograd::applies(c, out)
+            && ConvAlgo::selected().is_ok_and(|a| a == ConvAlgo::Winograd)
+        {
+            let wf = self.weight.host_f32();
+            // The path was validated when the model loaded.
+            let path = KernelPath::selected().unwrap_or(KernelPath::Portable);
+            each(
+                &|src, dst| conv3x3_same(path, src, (c, h, w), &wf, &bias, dst),
+                &mut y,
+            );
+            return y;
+        }
+        let device = self.bias.device();
+        let t = Tensor::<4>::from_data(TensorData::new(x.to_vec(), [b, c, h, w]), &device);
+        y.copy_from_slice(&host_values(&self.forward(t)));
+        y
     }
 
     /// Runs a "same" convolution on the host image by image: `conv(x, [c, h, w], bias, y)`.
@@ -216,6 +260,20 @@ impl GroupNorm {
         Tensor::from_data(TensorData::new(y, [b, c, h, w]), &device)
     }
 
+    /// The norm (and swish) of host values `x` (`[images, c, pixels]`) in place.
+    fn host_in_place(&self, x: &mut [f32], c: usize, pixels: usize, swish: bool) {
+        group_norm(
+            x,
+            (c, pixels),
+            Self::GROUPS,
+            Self::EPS,
+            &host_values(&self.weight),
+            &host_values(&self.bias),
+            swish,
+        )
+        .expect("the norm's shapes are the layer's");
+    }
+
     fn load(w: &mut Weights<'_>, prefix: &str, c: usize) -> Self {
         GroupNorm {
             weight: w.get(&format!("{prefix}.weight"), [c]),
@@ -248,6 +306,36 @@ impl ResBlock {
             None => x,
         };
         shortcut + h
+    }
+
+    /// [`forward`](Self::forward) on host values (`[b, c, h, w]`); returns the output and
+    /// its channels.
+    fn forward_host(
+        &self,
+        x: Vec<f32>,
+        [b, c, h, w]: [usize; 4],
+        pool: &mut Pool,
+    ) -> (Vec<f32>, usize) {
+        let out = self.conv1.shape[0];
+        let mut t = pool.take(x.len());
+        t.copy_from_slice(&x);
+        self.norm1.host_in_place(&mut t, c, h * w, true);
+        let mut y = self.conv1.forward_host(&t, [b, c, h, w], pool);
+        pool.give(t);
+        self.norm2.host_in_place(&mut y, out, h * w, true);
+        let y2 = self.conv2.forward_host(&y, [b, out, h, w], pool);
+        pool.give(y);
+        let mut shortcut = match &self.nin_shortcut {
+            Some(conv) => {
+                let s = conv.forward_host(&x, [b, c, h, w], pool);
+                pool.give(x);
+                s
+            }
+            None => x,
+        };
+        add_in_place(&mut shortcut, &y2);
+        pool.give(y2);
+        (shortcut, out)
     }
 
     fn load(w: &mut Weights<'_>, p: &str, c_in: usize, c_out: usize) -> Self {
@@ -401,6 +489,9 @@ impl Trunk {
         let mut x = self.conv_in.forward(x);
         if !down {
             x = self.mid.forward(x);
+            if x.dtype() == DType::F32 && crate::device::is_cpu(&x.device()) {
+                return self.decode_host(x);
+            }
         }
         for level in &self.levels {
             for (j, res) in level.res.iter().enumerate() {
@@ -422,6 +513,117 @@ impl Trunk {
         }
         self.conv_out.forward(self.norm_out.forward_swish(x))
     }
+}
+
+impl Trunk {
+    /// The decoder's levels, output norm and conv over host buffers (f32 on the CPU): each
+    /// ResNet block reads and writes buffers of one pool, so the full-resolution activations
+    /// (75 MB at 384×384 with 128 channels) reuse memory instead of each being fresh pages
+    /// (page faults and zeroing were a fifth of the decoder's time). Attention blocks (at the
+    /// lowest resolution) run as tensors.
+    fn decode_host(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, mut c, mut h, mut w] = x.dims();
+        let device = x.device();
+        let mut pool = Pool::default();
+        let mut x = host_values(&x);
+        for level in &self.levels {
+            for (j, res) in level.res.iter().enumerate() {
+                (x, c) = res.forward_host(x, [b, c, h, w], &mut pool);
+                if let Some(attn) = level.attn.get(j) {
+                    let t = Tensor::<4>::from_data(TensorData::new(x, [b, c, h, w]), &device);
+                    x = host_values(&attn.forward(t));
+                }
+            }
+            if let Some(conv) = &level.resample {
+                let up = upsample2_host(&x, [b, c, h, w], &mut pool);
+                pool.give(x);
+                (h, w) = (2 * h, 2 * w);
+                // Buffers of the lower resolution are too small from here on.
+                pool.keep_at_least(b * c * h * w);
+                x = conv.forward_host(&up, [b, c, h, w], &mut pool);
+                pool.give(up);
+            }
+        }
+        self.norm_out.host_in_place(&mut x, c, h * w, true);
+        let y = self.conv_out.forward_host(&x, [b, c, h, w], &mut pool);
+        let out = self.conv_out.shape[0];
+        Tensor::from_data(TensorData::new(y, [b, out, h, w]), &device)
+    }
+}
+
+/// Host buffers a decoder pass reuses.
+#[derive(Default)]
+struct Pool(Vec<Vec<f32>>);
+
+impl Pool {
+    /// A buffer of `len` values: a returned one where one is large enough (its old values are
+    /// left in place: every caller overwrites them all), else a new one.
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        let fit = self
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        let mut v = match fit {
+            Some(i) => self.0.swap_remove(i),
+            None => Vec::new(),
+        };
+        v.truncate(len);
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// Frees the buffers of fewer than `len` values.
+    fn keep_at_least(&mut self, len: usize) {
+        self.0.retain(|v| v.capacity() >= len);
+    }
+
+    /// Returns a buffer for later [`take`](Self::take)s.
+    fn give(&mut self, v: Vec<f32>) {
+        self.0.push(v);
+    }
+}
+
+/// A small tensor's (or an activation's) values in host memory, as f32.
+fn host_values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
+    t.clone()
+        .cast(DType::F32)
+        .into_data()
+        .try_into_vec()
+        .expect("a tensor cast to f32 reads back as f32")
+}
+
+/// `x += y`, on the thread pool.
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    use rayon::prelude::*;
+    x.par_chunks_mut(1 << 16)
+        .zip(y.par_chunks(1 << 16))
+        .for_each(|(x, y)| {
+            super::kernels::simd::widest(
+                #[inline(always)]
+                || x.iter_mut().zip(y).for_each(|(x, y)| *x += y),
+            )
+        });
+}
+
+/// Nearest-neighbour ×2 upsampling of host values `[b, c, h, w]` into a buffer of `pool`.
+fn upsample2_host(x: &[f32], [b, c, h, w]: [usize; 4], pool: &mut Pool) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut y = pool.take(b * c * 4 * h * w);
+    y.par_chunks_mut(4 * h * w)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for (rows, srow) in dst.chunks_exact_mut(4 * w).zip(src.chunks_exact(w)) {
+                let (top, bottom) = rows.split_at_mut(2 * w);
+                for (pair, &v) in top.chunks_exact_mut(2).zip(srow) {
+                    pair.fill(v);
+                }
+                bottom.copy_from_slice(top);
+            }
+        });
+    y
 }
 
 /// The VQ model.

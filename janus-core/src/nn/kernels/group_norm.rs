@@ -44,6 +44,34 @@ pub fn group_norm(
         return Ok(());
     }
     x.par_chunks_mut(per).enumerate().for_each(|(k, values)| {
+        super::simd::widest(
+            #[inline(always)]
+            || {
+                normalize(
+                    values, k, pixels, groups, channels, eps, weight, bias, swish,
+                )
+            },
+        )
+    });
+    Ok(())
+}
+
+/// One group of [`group_norm`] (group `k` of all images' groups), in place.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn normalize(
+    values: &mut [f32],
+    k: usize,
+    pixels: usize,
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    weight: &[f32],
+    bias: &[f32],
+    swish: bool,
+) {
+    let per = values.len();
+    {
         let first = (k % groups) * (channels / groups);
         let mean = sum(values, |v| v) / per as f64;
         let var = sum(values, |v| (v - mean) * (v - mean)) / per as f64;
@@ -63,8 +91,7 @@ pub fn group_norm(
                 }
             }
         }
-    });
-    Ok(())
+    }
 }
 
 /// `Σ f(v)` over `values` in f64, in eight independent running sums (so the loop vectorises
