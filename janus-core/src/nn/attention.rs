@@ -213,7 +213,7 @@ pub(crate) fn prompt_host(
             let kv = row * kvh + task % h / (h / kvh);
             let (kh, vh) = (&k[kv * s * d..][..s * d], &v[kv * s * d..][..s * d]);
             let qh = &q[task * t * d..][..t * d];
-            SCRATCH.with_borrow_mut(|(p, keys, values_t)| {
+            SCRATCH.with_borrow_mut(|(p, norms, keys, values_t)| {
                 widest(
                     #[inline(always)]
                     || {
@@ -228,6 +228,7 @@ pub(crate) fn prompt_host(
                             scale,
                             causal,
                             p,
+                            norms,
                             keys,
                             values_t,
                             out,
@@ -238,10 +239,13 @@ pub(crate) fn prompt_host(
         });
 }
 
+/// See [`SCRATCH`].
+type Scratch = (Vec<f32>, Vec<f32>, Vec<u16>, Vec<u16>);
+
 thread_local! {
-    /// A task's scores and bf16 keys and values, kept between tasks.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<u16>, Vec<u16>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// A task's scores, row normalisers and bf16 keys and values, kept between tasks.
+    static SCRATCH: std::cell::RefCell<Scratch> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// One query head of [`prompt_host`]: `qh` `[t, d]` over `kh`, `vh` `[s, d]` into `out`
@@ -259,6 +263,7 @@ fn head(
     scale: f32,
     causal: bool,
     p: &mut Vec<f32>,
+    norms: &mut Vec<f32>,
     keys: &mut Vec<u16>,
     values_t: &mut Vec<u16>,
     out: &mut [f32],
@@ -282,12 +287,14 @@ fn head(
             }
         }
     }
-    for (i, pr) in p.chunks_exact_mut(padded).enumerate() {
+    // Each row's weights are left unnormalised; its output row is scaled by 1/Σ at the end.
+    norms.clear();
+    norms.extend(p.chunks_exact_mut(padded).enumerate().map(|(i, pr)| {
         // Keys 0..upto are not in the query's future.
         let upto = if causal { s - t + i + 1 } else { s };
         let mask = hidden.map(|m| &m[(row * t + i) * s..][..upto]);
-        softmax_row(pr, upto, s, mask, scale);
-    }
+        softmax_row(pr, upto, s, mask, scale)
+    }));
     match path {
         Some(path) => {
             values_t.clear();
@@ -311,13 +318,16 @@ fn head(
             }
         }
     }
+    for (or, &n) in out.chunks_exact_mut(d).zip(norms.iter()) {
+        or.iter_mut().for_each(|o| *o *= n);
+    }
 }
 
-/// One query's scores `pr` (keys `0..upto` seen, `upto..` set to 0) turned into probabilities
-/// in place: scaled, `mask`ed (true = hidden) and normalised; with every key hidden, the
-/// average over all `s` keys.
+/// One query's scores `pr` (keys `0..upto` seen, `upto..` set to 0) turned into softmax
+/// weights in place, up to their normaliser, which is returned: scaled, `mask`ed (true =
+/// hidden), `exp(x − max)`; with every key hidden, 1 for each of the `s` keys (their average).
 #[inline(always)]
-fn softmax_row(pr: &mut [f32], upto: usize, s: usize, mask: Option<&[bool]>, scale: f32) {
+fn softmax_row(pr: &mut [f32], upto: usize, s: usize, mask: Option<&[bool]>, scale: f32) -> f32 {
     let (seen, rest) = pr.split_at_mut(upto);
     rest.fill(0.0);
     let max = match mask {
@@ -329,20 +339,21 @@ fn softmax_row(pr: &mut [f32], upto: usize, s: usize, mask: Option<&[bool]>, sca
             .fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x)),
     };
     if max == f32::NEG_INFINITY {
-        pr[..s].fill(1.0 / s as f32);
-        return;
+        pr[..s].fill(1.0);
+        return 1.0 / s as f32;
     }
     // scale > 0: the largest score scaled is the largest scaled score.
     let max = max * scale;
-    seen.iter_mut().for_each(|x| *x = exp_neg(max - *x * scale));
-    if let Some(m) = mask {
-        seen.iter_mut()
-            .zip(m)
-            .filter(|(_, hid)| **hid)
-            .for_each(|(x, _)| *x = 0.0);
-    }
-    let inv = 1.0 / simd::sum(seen);
-    seen.iter_mut().for_each(|x| *x *= inv);
+    let sum = match mask {
+        None => simd::map_sum(seen, |x| exp_neg(max - x * scale)),
+        Some(m) => {
+            for (x, hid) in seen.iter_mut().zip(m) {
+                *x = if *hid { 0.0 } else { exp_neg(max - *x * scale) };
+            }
+            simd::sum(seen)
+        }
+    };
+    1.0 / sum
 }
 
 #[cfg(test)]

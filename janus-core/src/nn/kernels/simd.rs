@@ -118,6 +118,25 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
     chunks.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
 }
 
+/// `x ← f(x)` for every value, and the sum of the results, in lanes.
+#[inline(always)]
+pub(crate) fn map_sum(x: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = f(*v);
+            *a += *v;
+        }
+    }
+    let mut tail = 0.0f32;
+    for v in chunks.into_remainder() {
+        *v = f(*v);
+        tail += *v;
+    }
+    tail + acc.iter().sum::<f32>()
+}
+
 /// The sums of `x` and of its squares about `center`, in lanes.
 #[inline(always)]
 pub(crate) fn sum_sq(x: &[f32], center: f32) -> f32 {
