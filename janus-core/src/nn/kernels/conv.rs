@@ -71,7 +71,7 @@ pub fn conv_same_bf16(
         .for_each(|(dst, src)| {
             for (drow, srow) in dst[p * pw..].chunks_exact_mut(pw).zip(src.chunks_exact(wd)) {
                 for (d, &v) in drow[p..p + wd].iter_mut().zip(srow) {
-                    *d = half::bf16::from_f32(v).to_bits();
+                    *d = super::simd::bf16_bits(v);
                 }
             }
         });
@@ -129,6 +129,7 @@ mod direct {
 
     use super::super::bf16_gemm::amx::{Config, TILE};
     use super::super::prefer_huge_pages;
+    use super::super::simd::bf16_bits;
     use rayon::prelude::*;
 
     /// Whether the direct form takes this shape: whole tiles of input channels and outputs, rows
@@ -161,14 +162,19 @@ mod direct {
                 &x[2 * cp * h * wd..][..h * wd],
                 &x[(2 * cp + 1) * h * wd..][..h * wd],
             );
-            for r in 0..h {
-                let row = &mut dst[(r + p) * pw + p..][..wd];
-                for (c, d) in row.iter_mut().enumerate() {
-                    let lo = half::bf16::from_f32(a[r * wd + c]).to_bits();
-                    let hi = half::bf16::from_f32(b[r * wd + c]).to_bits();
-                    *d = u32::from(lo) | (u32::from(hi) << 16);
-                }
-            }
+            super::super::simd::widest(
+                #[inline(always)]
+                || {
+                    for r in 0..h {
+                        let row = &mut dst[(r + p) * pw + p..][..wd];
+                        let (a, b) = (&a[r * wd..][..wd], &b[r * wd..][..wd]);
+                        for ((d, &lo), &hi) in row.iter_mut().zip(a).zip(b) {
+                            let (lo, hi) = (bf16_bits(lo), bf16_bits(hi));
+                            *d = u32::from(lo) | (u32::from(hi) << 16);
+                        }
+                    }
+                },
+            )
         });
         // The weights a tile after another: output block ob (16), tap t, input block ib (32).
         let (taps, blocks) = (k * k, c_in / 32);
