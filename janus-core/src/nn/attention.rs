@@ -213,29 +213,32 @@ pub(crate) fn prompt_host(
             let kv = row * kvh + task % h / (h / kvh);
             let (kh, vh) = (&k[kv * s * d..][..s * d], &v[kv * s * d..][..s * d]);
             let qh = &q[task * t * d..][..t * d];
-            SCRATCH.with_borrow_mut(|(p, norms, keys, values_t)| {
-                widest(
-                    #[inline(always)]
-                    || {
-                        head(
-                            path,
-                            qh,
-                            kh,
-                            vh,
-                            (t, s, d, padded),
-                            row,
-                            hidden,
-                            scale,
-                            causal,
-                            p,
-                            norms,
-                            keys,
-                            values_t,
-                            out,
-                        )
-                    },
-                )
-            });
+            // Taken out of the thread's slot, not borrowed from it: the products below wait on
+            // the pool, and this thread may meanwhile run another head's task, which then
+            // finds the slot empty and makes its own.
+            let (mut p, mut norms, mut keys, mut values_t) = SCRATCH.take();
+            widest(
+                #[inline(always)]
+                || {
+                    head(
+                        path,
+                        qh,
+                        kh,
+                        vh,
+                        (t, s, d, padded),
+                        row,
+                        hidden,
+                        scale,
+                        causal,
+                        &mut p,
+                        &mut norms,
+                        &mut keys,
+                        &mut values_t,
+                        out,
+                    )
+                },
+            );
+            SCRATCH.set((p, norms, keys, values_t));
         });
 }
 

@@ -87,9 +87,9 @@ fn rows_mut(x: &mut [f32], width: usize) -> impl ParallelIterator<Item = &mut [f
         .flat_map_iter(move |rows| rows.chunks_exact_mut(width))
 }
 
-/// LayerNorm of each row of `x` (`width` wide) into `out`, statistics in f32 lanes.
-fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f64, out: &mut [f32]) {
-    let eps = eps as f32;
+/// `f(row of x, row of out)` for each row (`width` wide), rows in tasks on the thread pool,
+/// compiled for the widest vectors ([`widest`]; pass an `#[inline(always)]` closure).
+fn each_row(x: &[f32], width: usize, out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
     out.par_chunks_mut(ROWS_PER_TASK * width)
         .zip(x.par_chunks(ROWS_PER_TASK * width))
         .for_each(|(out, x)| {
@@ -97,36 +97,47 @@ fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f64, o
                 #[inline(always)]
                 || {
                     for (o, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-                        let mean = simd::sum(x) / width as f32;
-                        let var = simd::sum_sq(x, mean) / width as f32;
-                        let inv = 1.0 / (var + eps).sqrt();
-                        for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
-                            *o = (v - mean) * inv * w + b;
-                        }
+                        f(x, o);
                     }
                 },
             )
         });
 }
 
+/// LayerNorm of each row of `x` (`width` wide) into `out`, statistics in f32 lanes.
+fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f64, out: &mut [f32]) {
+    let eps = eps as f32;
+    each_row(
+        x,
+        width,
+        out,
+        #[inline(always)]
+        |x, o| {
+            let mean = simd::sum(x) / width as f32;
+            let var = simd::sum_sq(x, mean) / width as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+                *o = (v - mean) * inv * w + b;
+            }
+        },
+    );
+}
+
 /// RMSNorm of each row of `x` (`width` wide) into `out`, the mean square in f32 lanes.
 fn rms_norm(x: &[f32], width: usize, weight: &[f32], eps: f64, out: &mut [f32]) {
     let eps = eps as f32;
-    out.par_chunks_mut(ROWS_PER_TASK * width)
-        .zip(x.par_chunks(ROWS_PER_TASK * width))
-        .for_each(|(out, x)| {
-            widest(
-                #[inline(always)]
-                || {
-                    for (o, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-                        let inv = 1.0 / (simd::sum_sq(x, 0.0) / width as f32 + eps).sqrt();
-                        for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
-                            *o = v * inv * w;
-                        }
-                    }
-                },
-            )
-        });
+    each_row(
+        x,
+        width,
+        out,
+        #[inline(always)]
+        |x, o| {
+            let inv = 1.0 / (simd::sum_sq(x, 0.0) / width as f32 + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+                *o = v * inv * w;
+            }
+        },
+    );
 }
 
 /// `f` on every value of `x`, in place, on the thread pool.
@@ -179,6 +190,25 @@ pub(crate) struct Scratch {
     heads: Vec<f32>,
 }
 
+impl Scratch {
+    /// Attention of the heads in `q`, `k`, `v` (scale `1/√d`) into `heads` (`[h, t, d]`).
+    fn attend(&mut self, path: Bf16Gemm, shape: HostShape, causal: bool) {
+        self.heads.resize(shape.h * shape.t * shape.d, 0.0);
+        let scale = 1.0 / (shape.d as f32).sqrt();
+        prompt_host(
+            Some(path),
+            &self.q,
+            &self.k,
+            &self.v,
+            shape,
+            None,
+            scale,
+            causal,
+            &mut self.heads,
+        );
+    }
+}
+
 /// A SigLIP block's operands on the host.
 pub(crate) struct HostBlock<'a> {
     norm1: (Vec<f32>, Vec<f32>, f64),
@@ -221,7 +251,6 @@ impl<'a> HostBlock<'a> {
         gather_heads(&s.a, 3 * width, 0, heads, d, &mut s.q);
         gather_heads(&s.a, 3 * width, width, heads, d, &mut s.k);
         gather_heads(&s.a, 3 * width, 2 * width, heads, d, &mut s.v);
-        s.heads.resize(s.q.len(), 0.0);
         let shape = HostShape {
             b: 1,
             h: heads,
@@ -230,18 +259,7 @@ impl<'a> HostBlock<'a> {
             s: n,
             d,
         };
-        let scale = 1.0 / (d as f32).sqrt();
-        prompt_host(
-            Some(path),
-            &s.q,
-            &s.k,
-            &s.v,
-            shape,
-            None,
-            scale,
-            false,
-            &mut s.heads,
-        );
+        s.attend(path, shape, false);
         scatter_heads(&s.heads, heads, d, &mut s.normed);
         s.packed
             .pack(path, &s.normed, n, width)
@@ -376,19 +394,7 @@ impl<'a> HostDecoder<'a> {
             s: start + t,
             d,
         };
-        s.heads.resize(heads * t * d, 0.0);
-        let scale = 1.0 / (d as f32).sqrt();
-        prompt_host(
-            Some(path),
-            &s.q,
-            &s.k,
-            &s.v,
-            shape,
-            None,
-            scale,
-            true,
-            &mut s.heads,
-        );
+        s.attend(path, shape, true);
         s.normed.resize(t * heads * d, 0.0);
         scatter_heads(&s.heads, heads, d, &mut s.normed);
         s.packed
