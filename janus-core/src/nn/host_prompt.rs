@@ -24,7 +24,7 @@ use super::{LayerNorm, Linear};
 /// Rows one task of the row-wise loops takes.
 const ROWS_PER_TASK: usize = 16;
 
-/// A small tensor's values in host memory, as f32.
+/// A tensor's values in host memory, as f32 (a copy where the tensor is shared).
 pub(crate) fn host_values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
     t.clone()
         .cast(DType::F32)

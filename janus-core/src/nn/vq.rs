@@ -10,6 +10,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use crate::config::VqConfig;
 use crate::load::Weights;
 
+use super::host_prompt::host_values;
 use super::kernels::Bf16Gemm;
 #[cfg(feature = "flex")]
 use super::kernels::KernelPath;
@@ -143,13 +144,7 @@ impl Conv {
             .into_data()
             .try_into_vec()
             .expect("an f32 tensor reads back as f32");
-        let bias: Vec<f32> = self
-            .bias
-            .clone()
-            .cast(DType::F32)
-            .into_data()
-            .try_into_vec()
-            .expect("a tensor cast to f32 reads back as f32");
+        let bias = host_values(&self.bias);
         let mut y = vec![0.0f32; b * out * h * w];
         for (src, dst) in xs
             .chunks_exact(c * h * w)
@@ -236,13 +231,6 @@ impl GroupNorm {
     fn on_host(&self, x: Tensor<4>, swish: bool) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let device = x.device();
-        let host = |t: &Tensor<1>| -> Vec<f32> {
-            t.clone()
-                .cast(DType::F32)
-                .into_data()
-                .try_into_vec()
-                .expect("a tensor cast to f32 reads back as f32")
-        };
         let mut y: Vec<f32> = x
             .into_data()
             .try_into_vec()
@@ -252,8 +240,8 @@ impl GroupNorm {
             (c, h * w),
             Self::GROUPS,
             Self::EPS,
-            &host(&self.weight),
-            &host(&self.bias),
+            &host_values(&self.weight),
+            &host_values(&self.bias),
             swish,
         )
         .expect("the norm's shapes are the layer's");
@@ -584,15 +572,6 @@ impl Pool {
     fn give(&mut self, v: Vec<f32>) {
         self.0.push(v);
     }
-}
-
-/// A small tensor's (or an activation's) values in host memory, as f32.
-fn host_values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    t.clone()
-        .cast(DType::F32)
-        .into_data()
-        .try_into_vec()
-        .expect("a tensor cast to f32 reads back as f32")
 }
 
 /// `x += y`, on the thread pool.
