@@ -277,8 +277,10 @@ fn head(
     match path {
         Some(path) => {
             keys.clear();
-            keys.extend(kh.iter().map(|&x| bf16(x)));
             keys.resize(padded * d, 0);
+            for (k, &x) in keys.iter_mut().zip(kh) {
+                *k = bf16(x);
+            }
             bf16_gemm(path, qh, t, keys, d, p)
                 .expect("the head width is covered and the shapes match");
         }
@@ -291,13 +293,15 @@ fn head(
         }
     }
     // Each row's weights are left unnormalised; its output row is scaled by 1/Σ at the end.
+    // (Plain loops here and below, not `extend` over an iterator: the iterator's `fold` would
+    // be a function of its own, compiled without the vector instructions `widest` enables.)
     norms.clear();
-    norms.extend(p.chunks_exact_mut(padded).enumerate().map(|(i, pr)| {
+    for (i, pr) in p.chunks_exact_mut(padded).enumerate() {
         // Keys 0..upto are not in the query's future.
         let upto = if causal { s - t + i + 1 } else { s };
         let mask = hidden.map(|m| &m[(row * t + i) * s..][..upto]);
-        softmax_row(pr, upto, s, mask, scale)
-    }));
+        norms.push(softmax_row(pr, upto, s, mask, scale));
+    }
     match path {
         Some(path) => {
             values_t.clear();
