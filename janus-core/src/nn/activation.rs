@@ -41,13 +41,19 @@ fn map_f32<const D: usize, F: Fn(f32) -> f32 + Sync>(
         .into_data()
         .try_into_vec()
         .expect("an f32 tensor reads back as f32");
-    values.par_chunks_mut(CHUNK).for_each(|chunk| {
+    map_in_place(&mut values, f);
+    Tensor::from_data(TensorData::new(values, shape), &device)
+}
+
+/// `f` on every value of `x`, in place, in chunks on the thread pool, compiled for the widest
+/// vectors ([`widest`](super::kernels::simd::widest)).
+pub(crate) fn map_in_place<F: Fn(f32) -> f32 + Sync>(x: &mut [f32], f: F) {
+    x.par_chunks_mut(CHUNK).for_each(|chunk| {
         super::kernels::simd::widest(
             #[inline(always)]
             || chunk.iter_mut().for_each(|v| *v = f(*v)),
         )
     });
-    Tensor::from_data(TensorData::new(values, shape), &device)
 }
 
 /// `x·σ(x)`, with `σ(x) = 1/(1 + e^(−|x|))` for `x ≥ 0` and `e^(−|x|)/(1 + e^(−|x|))` below (no

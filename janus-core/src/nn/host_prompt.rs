@@ -14,7 +14,7 @@
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::activation::{gelu_value, silu_value};
+use super::activation::{gelu_value, map_in_place, silu_value};
 use super::attention::{HostShape, prompt_host};
 use super::kernels::bf16_gemm::{Bf16Gemm, PackedRows, bf16_gemm_packed};
 use super::kernels::simd::{self, widest};
@@ -140,16 +140,6 @@ fn rms_norm(x: &[f32], width: usize, weight: &[f32], eps: f64, out: &mut [f32]) 
     );
 }
 
-/// `f` on every value of `x`, in place, on the thread pool.
-fn map_values(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-    x.par_chunks_mut(1 << 14).for_each(|c| {
-        widest(
-            #[inline(always)]
-            || c.iter_mut().for_each(|v| *v = f(*v)),
-        )
-    });
-}
-
 /// Heads `[rows, …, heads · d …]` (head `i` of row `r` at `r·row + first + i·d`) copied out as
 /// `[heads, rows, d]`.
 fn gather_heads(src: &[f32], row: usize, first: usize, heads: usize, d: usize, dst: &mut Vec<f32>) {
@@ -271,7 +261,7 @@ impl<'a> HostBlock<'a> {
             .pack(path, &s.normed, n, width)
             .expect("the path was checked by HostLinear::of");
         self.fc1.apply(&s.packed, &mut s.b);
-        map_values(&mut s.b, gelu_value);
+        map_in_place(&mut s.b, gelu_value);
         s.packed
             .pack(path, &s.b, n, self.fc1.out)
             .expect("the path was checked by HostLinear::of");
