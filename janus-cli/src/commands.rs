@@ -67,13 +67,22 @@ fn load(common: &Common, progress: &mut Progress) -> Result<Janus> {
         weights: common.weights.into(),
     };
     let janus = Janus::load(&dir, &options)?;
+    let storage = janus.storage();
+    let mapped = if storage.mapped > 0 {
+        format!(
+            ", {:.2} GB of it mapped from the files",
+            storage.mapped as f64 / 1e9
+        )
+    } else {
+        String::new()
+    };
     progress.done(&format!(
-        "loaded {} in {:.1} s (dtype {}, weights {}, {:.2} GB resident)",
+        "loaded {} in {:.1} s (dtype {}, weights {}, {:.2} GB resident{mapped})",
         dir.display(),
         started.elapsed().as_secs_f64(),
         janus.dtype().name(),
         janus.weights(),
-        janus.storage().bytes as f64 / 1e9
+        storage.bytes as f64 / 1e9
     ));
     Ok(janus)
 }

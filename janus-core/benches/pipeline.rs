@@ -375,7 +375,10 @@ fn batch(janus: &Janus, args: &Args) -> Result<Value, String> {
 }
 
 fn repeated(args: &Args, mut run: impl FnMut() -> Result<(), String>) -> Result<Value, String> {
+    // The first run in the process is the warm-up; its time is reported as `first_ms`.
+    let t = Instant::now();
     run()?;
+    let first = ms(t.elapsed());
     let mut window = PerfWindow::from_env()?;
     let mut times = Vec::with_capacity(args.repeat);
     for _ in 0..args.repeat.max(1) {
@@ -387,7 +390,13 @@ fn repeated(args: &Args, mut run: impl FnMut() -> Result<(), String>) -> Result<
     }
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
     let max = times.iter().copied().fold(0.0, f64::max);
-    Ok(json!({ "ms": median(times.clone()), "min_ms": min, "max_ms": max, "runs_ms": times }))
+    Ok(json!({
+        "ms": median(times.clone()),
+        "min_ms": min,
+        "max_ms": max,
+        "runs_ms": times,
+        "first_ms": first,
+    }))
 }
 
 /// The timed repetitions of a task as the only window a profiler samples: with

@@ -309,3 +309,46 @@ fn bf16_compute_against_pytorch_bf16() {
 
 /// See [`bf16_compute_against_pytorch_bf16`].
 const BF16_MARGIN: f64 = 1e-2;
+
+/// bf16 safetensors are read in place (the matrices borrow the mapped files' pages), the same
+/// tensors pickled are copied; both give the same logits, bit for bit (the tests above check
+/// each against the reference).
+#[test]
+fn bf16_safetensors_are_read_in_place() {
+    if !is_cpu() {
+        return;
+    }
+    let device = device();
+    let load = |dir: &str| {
+        JanusModel::load_with(
+            &fixture(dir),
+            &device,
+            ComputeDType::F32,
+            WeightFormat::Auto,
+        )
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+    };
+    let mapped = load("hf-tiny-bf16-sharded");
+    let copied = load("hf-tiny-bin-sharded-bf16");
+    assert_eq!(copied.storage.mapped, 0, "a pickled checkpoint is copied");
+    if janus_core::load::in_place() {
+        assert!(
+            mapped.storage.mapped > 0 && mapped.storage.mapped <= mapped.storage.bytes,
+            "{:?}",
+            mapped.storage
+        );
+    } else {
+        assert_eq!(mapped.storage.mapped, 0, "JANUS_MMAP=0 copies");
+    }
+    let r = read_reference(&fixture("hf-tiny-bf16-sharded").join("expected/llm.safetensors"));
+    let ids = id_rows(&r["input_ids"]);
+    let logits = |m: &JanusModel| {
+        let mut cache = m.llm.new_cache(ids[0].len());
+        let h = m
+            .llm
+            .forward(m.llm.embed(&ids).unwrap(), &mut cache)
+            .unwrap();
+        values(m.llm.logits(h)).1
+    };
+    assert_eq!(logits(&mapped), logits(&copied));
+}

@@ -24,7 +24,7 @@ use crate::nn::kernels::winograd::ConvAlgo;
 use crate::nn::kernels::{
     Bf16Gemm, HalfKind, KernelPath, QK, QuantKind, QuantMatrix, prefer_huge_pages,
 };
-use crate::nn::weight::{HalfMatrix, Matrix, WeightFormat};
+use crate::nn::weight::{HalfBits, HalfMatrix, Matrix, WeightFormat};
 
 pub(crate) use keys::FileKeys;
 
@@ -346,6 +346,10 @@ pub struct WeightStorage {
     pub bytes: usize,
     /// Bytes held in each storage, largest first.
     pub by_format: Vec<(WeightFormat, usize)>,
+    /// Bytes of them read in place from the memory-mapped checkpoint files (pages of the
+    /// system's file cache, shared with other processes that map the same files; see
+    /// [`in_place`]).
+    pub mapped: usize,
 }
 
 /// Checks that `choice` is possible for this device and compute dtype, before anything is read.
@@ -416,6 +420,7 @@ pub(crate) struct Weights<'a> {
     mismatch: WeightMismatch,
     error: Option<Error>,
     resident: HashMap<WeightFormat, usize>,
+    mapped: usize,
 }
 
 /// One file tensor behind a canonical name: its key, its metadata, the shape expected of it.
@@ -457,6 +462,7 @@ impl<'a> Weights<'a> {
             mismatch: WeightMismatch::default(),
             error: None,
             resident: HashMap::new(),
+            mapped: 0,
         }
     }
 
@@ -623,6 +629,9 @@ impl<'a> Weights<'a> {
         match m {
             Ok(m) => {
                 *self.resident.entry(m.format()).or_default() += m.bytes();
+                if matches!(&m, Matrix::Half(h) if h.bits.is_mapped()) {
+                    self.mapped += m.bytes();
+                }
                 m
             }
             Err(e) => {
@@ -675,9 +684,26 @@ impl<'a> Weights<'a> {
         Ok(bytes)
     }
 
-    /// Parts as 16-bit patterns of `kind`, concatenated.
-    fn read_half(&self, parts: &[Part<'a>], kind: HalfKind, total: usize) -> Result<Vec<u16>> {
+    /// Parts as 16-bit patterns of `kind`, concatenated: read in place from the mapped file
+    /// where one stored tensor already holds them (see [`in_place`]), else copied.
+    fn read_half(&self, parts: &[Part<'a>], kind: HalfKind, total: usize) -> Result<HalfBits> {
         use rayon::prelude::*;
+        if let [(key, info, shape)] = parts
+            && let Some(bits) = self.half_in_place(info, kind)
+        {
+            let numel: usize = shape.iter().product();
+            if bits.len() != numel {
+                return Err(Error::checkpoint(
+                    self.ckpt.path_of(key),
+                    format!(
+                        "tensor {key} has {} bytes, expected {}",
+                        2 * bits.len(),
+                        2 * numel
+                    ),
+                ));
+            }
+            return Ok(bits);
+        }
         let mut bits = vec![0u16; total];
         prefer_huge_pages(&mut bits);
         let mut at = 0;
@@ -694,7 +720,29 @@ impl<'a> Weights<'a> {
             release(info);
             at += numel;
         }
-        Ok(bits)
+        Ok(bits.into())
+    }
+
+    /// The stored patterns of a mapped tensor of `kind`, borrowed from the map (its pages asked
+    /// for now, so that the first product does not fault them in one by one).
+    fn half_in_place(&self, info: &TensorInfo, kind: HalfKind) -> Option<HalfBits> {
+        let TensorSource::Mapped { map, start, end } = &info.source else {
+            return None;
+        };
+        let same = matches!(
+            (&info.dtype, kind),
+            (StoredDType::BF16, HalfKind::Bf16) | (StoredDType::F16, HalfKind::F16)
+        );
+        if !same || !in_place() {
+            return None;
+        }
+        let bits = HalfBits::mapped(Arc::clone(map), *start, *end)?;
+        #[cfg(target_os = "linux")]
+        {
+            // A refusal (a kernel older than 5.14) only leaves the pages to be faulted on use.
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, *start, *end - *start);
+        }
+        Some(bits)
     }
 
     /// Parts quantized row by row into one matrix.
@@ -770,6 +818,7 @@ impl<'a> Weights<'a> {
                 format,
                 bytes: by_format.iter().map(|f| f.1).sum(),
                 by_format,
+                mapped: self.mapped,
             })
         } else {
             Err(Error::Weights(Box::new(self.mismatch)))
@@ -785,6 +834,18 @@ fn same_shape(expected: &[usize], found: &[usize]) -> bool {
         &s[first..]
     }
     strip(expected) == strip(found)
+}
+
+/// Whether bf16/f16 weights stored as they are held are read in place from the mapped
+/// checkpoint files (the default: no copy, and the model's weights share the system's cached
+/// pages of the files). `JANUS_MMAP=0` copies them into memory of the process instead, for files
+/// that may change or go away while the model runs (a mapped file that shrinks under a running
+/// model ends it with `SIGBUS`).
+pub fn in_place() -> bool {
+    !matches!(
+        std::env::var("JANUS_MMAP").as_deref(),
+        Ok("0" | "false" | "off" | "no")
+    )
 }
 
 /// Lets the kernel drop the pages of a mapped tensor whose bytes are no longer needed, so that

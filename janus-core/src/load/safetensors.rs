@@ -16,6 +16,13 @@ pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
     // SAFETY: the map is read-only and private; the file is not modified while the model loads
     // (the same assumption every safetensors reader makes).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    #[cfg(target_os = "linux")]
+    if super::in_place() {
+        // Weights read in place stream through the file's pages at every decoding step: large
+        // pages where the system's file cache can give them (fewer TLB misses). A refusal
+        // leaves ordinary pages.
+        let _ = mmap.advise(memmap2::Advice::HugePage);
+    }
     let mmap = Arc::new(mmap);
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap[..])
         .map_err(|e| Error::checkpoint(path, format!("invalid safetensors file: {e}")))?;

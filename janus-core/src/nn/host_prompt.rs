@@ -459,13 +459,13 @@ pub(crate) mod tests {
     /// `1/√d_in`).
     pub(crate) fn linear(out: usize, d_in: usize, seed: usize, bias: bool) -> Linear {
         let scale = 2.0 / (d_in as f32).sqrt();
-        let bits = (0..out * d_in)
+        let bits: Vec<u16> = (0..out * d_in)
             .map(|i| half::bf16::from_f32(scale * value(i, seed)).to_bits())
             .collect();
         Linear {
             weight: Matrix::Half(Arc::new(HalfMatrix {
                 kind: HalfKind::Bf16,
-                bits,
+                bits: bits.into(),
                 out,
                 d_in,
                 bf16_products: true,

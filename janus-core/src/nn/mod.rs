@@ -236,7 +236,8 @@ mod tests {
                 bits: values(out, seed)
                     .iter()
                     .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect(),
+                    .collect::<Vec<_>>()
+                    .into(),
                 out,
                 d_in,
                 bf16_products: false,

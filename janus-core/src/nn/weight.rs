@@ -98,11 +98,77 @@ impl FromStr for WeightFormat {
     }
 }
 
+/// The 16-bit patterns of a [`HalfMatrix`]: in memory of their own, or the stored bytes of a
+/// memory-mapped checkpoint file that already holds them in this layout (no copy at load: the
+/// matrix reads the system's cached pages of the file).
+pub(crate) enum HalfBits {
+    /// Patterns of their own.
+    Owned(Vec<u16>),
+    /// `len` patterns at byte `start` of `map` (2-byte aligned, checked by [`HalfBits::mapped`]).
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl HalfBits {
+    /// The bytes `start..end` of `map` as little-endian 16-bit patterns, where they can be read
+    /// in place: an even start and length inside the map, on a little-endian machine.
+    pub(crate) fn mapped(map: Arc<memmap2::Mmap>, start: usize, end: usize) -> Option<Self> {
+        let fits = end <= map.len() && start <= end && (end - start).is_multiple_of(2);
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<u16>());
+        (cfg!(target_endian = "little") && fits && aligned).then(|| HalfBits::Mapped {
+            map,
+            start,
+            len: (end - start) / 2,
+        })
+    }
+
+    /// Whether the patterns are read from a mapped file.
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self, HalfBits::Mapped { .. })
+    }
+}
+
+impl From<Vec<u16>> for HalfBits {
+    fn from(bits: Vec<u16>) -> Self {
+        HalfBits::Owned(bits)
+    }
+}
+
+impl std::ops::Deref for HalfBits {
+    type Target = [u16];
+
+    fn deref(&self) -> &[u16] {
+        match self {
+            HalfBits::Owned(bits) => bits,
+            HalfBits::Mapped { map, start, len } => {
+                let bytes = &map[*start..*start + 2 * *len];
+                // SAFETY: `mapped` checked that the range lies inside the map, has an even
+                // length and starts 2-byte aligned; any bit pattern is a valid `u16`; the map is
+                // read-only and lives as long as `self` (the `Arc`).
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u16>(), *len) }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for HalfBits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (how, len) = match self {
+            HalfBits::Owned(bits) => ("owned", bits.len()),
+            HalfBits::Mapped { len, .. } => ("mapped", *len),
+        };
+        write!(f, "HalfBits({how}, {len} values)")
+    }
+}
+
 /// bf16 or f16 values as their 16-bit patterns, `[out, in]` row-major.
 #[derive(Debug)]
 pub(crate) struct HalfMatrix {
     pub kind: HalfKind,
-    pub bits: Vec<u16>,
+    pub bits: HalfBits,
     pub out: usize,
     pub d_in: usize,
     /// bf16 compute (`--dtype bf16` on the CPU): prompt-shaped products round the activations
@@ -338,7 +404,7 @@ impl Matrix {
                 let ws: Vec<&[u16]> = mats
                     .iter()
                     .map(|m| match m {
-                        Matrix::Half(o) => o.bits.as_slice(),
+                        Matrix::Half(o) => &o.bits[..],
                         _ => unreachable!("checked above: all bf16/f16 of one kind"),
                     })
                     .collect();
@@ -541,6 +607,42 @@ mod tests {
         ));
     }
 
+    /// Mapped patterns read the file's bytes in place; ranges that cannot be read as `u16`
+    /// (odd start or length, past the end) are refused.
+    #[test]
+    fn mapped_bits_read_the_file_in_place() {
+        use std::io::Write;
+        let values: Vec<u16> = (0..1000u16).map(|i| i.wrapping_mul(40503)).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 6]).unwrap();
+        for v in &values {
+            file.write_all(&v.to_le_bytes()).unwrap();
+        }
+        // SAFETY: a private temporary file nothing else writes.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+        let end = 6 + 2 * values.len();
+        let bits = HalfBits::mapped(Arc::clone(&map), 6, end).unwrap();
+        assert!(bits.is_mapped());
+        assert_eq!(&bits[..], &values[..]);
+        assert_eq!(
+            &HalfBits::mapped(Arc::clone(&map), 8, 12).unwrap()[..],
+            &values[1..3]
+        );
+        assert!(
+            HalfBits::mapped(Arc::clone(&map), 7, 11).is_none(),
+            "odd start"
+        );
+        assert!(
+            HalfBits::mapped(Arc::clone(&map), 6, 11).is_none(),
+            "odd length"
+        );
+        assert!(
+            HalfBits::mapped(Arc::clone(&map), 6, end + 2).is_none(),
+            "past the end"
+        );
+        assert!(!HalfBits::from(values).is_mapped());
+    }
+
     /// Every storage, decode- and prompt-shaped products and row lookups, against the f64
     /// product over the values the storage holds.
     #[test]
@@ -559,7 +661,7 @@ mod tests {
                 .collect();
             Matrix::Half(Arc::new(HalfMatrix {
                 kind,
-                bits,
+                bits: HalfBits::Owned(bits),
                 out,
                 d_in,
                 bf16_products: false,
