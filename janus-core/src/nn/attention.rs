@@ -16,6 +16,7 @@ use burn::tensor::{Bool, DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::activation::exp_neg;
+use super::kernels::bf16_gemm::{ALIGN, PackedRows, amx_gemm_t};
 use super::kernels::simd::{self, widest};
 use super::kernels::{Bf16Gemm, bf16_gemm};
 
@@ -216,7 +217,7 @@ pub(crate) fn prompt_host(
             // Taken out of the thread's slot, not borrowed from it: the products below wait on
             // the pool, and this thread may meanwhile run another head's task, which then
             // finds the slot empty and makes its own.
-            let (mut p, mut norms, mut keys, mut values_t) = SCRATCH.take();
+            let mut scratch = SCRATCH.take();
             widest(
                 #[inline(always)]
                 || {
@@ -230,25 +231,35 @@ pub(crate) fn prompt_host(
                         hidden,
                         scale,
                         causal,
-                        &mut p,
-                        &mut norms,
-                        &mut keys,
-                        &mut values_t,
+                        &mut scratch,
                         out,
                     )
                 },
             );
-            SCRATCH.set((p, norms, keys, values_t));
+            SCRATCH.set(scratch);
         });
 }
 
-/// See [`SCRATCH`].
-type Scratch = (Vec<f32>, Vec<f32>, Vec<u16>, Vec<u16>);
+/// A head's buffers (see [`SCRATCH`]).
+#[derive(Default)]
+struct Scratch {
+    /// Scores, then softmax weights, `[t, padded]` (AMX: `[t` rounded up to 32`, padded]`).
+    p: Vec<f32>,
+    /// Each query's 1/Σ.
+    norms: Vec<f32>,
+    /// bf16 keys (AMX: queries).
+    keys: Vec<u16>,
+    /// bf16 `vᵀ` (AMX: softmax weights).
+    values_t: Vec<u16>,
+    /// AMX: keys, then `vᵀ`, as the products' activation rows.
+    packed: PackedRows,
+    /// AMX: `vᵀ` in f32, then the output rows.
+    wide: Vec<f32>,
+}
 
 thread_local! {
-    /// A task's scores, row normalisers and bf16 keys and values, kept between tasks.
-    static SCRATCH: std::cell::RefCell<Scratch> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+    /// A task's buffers, kept between tasks.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// One query head of [`prompt_host`]: `qh` `[t, d]` over `kh`, `vh` `[s, d]` into `out`
@@ -265,12 +276,30 @@ fn head(
     hidden: Option<&[bool]>,
     scale: f32,
     causal: bool,
-    p: &mut Vec<f32>,
-    norms: &mut Vec<f32>,
-    keys: &mut Vec<u16>,
-    values_t: &mut Vec<u16>,
+    sc: &mut Scratch,
     out: &mut [f32],
 ) {
+    if path == Some(Bf16Gemm::Amx) {
+        return head_amx(
+            qh,
+            kh,
+            vh,
+            (t, s, d, padded),
+            row,
+            hidden,
+            scale,
+            causal,
+            sc,
+            out,
+        );
+    }
+    let Scratch {
+        p,
+        norms,
+        keys,
+        values_t,
+        ..
+    } = sc;
     let bf16 = simd::bf16_bits;
     // Every score is written by the product below (padding keys give 0).
     p.resize(t * padded, 0.0);
@@ -292,16 +321,7 @@ fn head(
             }
         }
     }
-    // Each row's weights are left unnormalised; its output row is scaled by 1/Σ at the end.
-    // (Plain loops here and below, not `extend` over an iterator: the iterator's `fold` would
-    // be a function of its own, compiled without the vector instructions `widest` enables.)
-    norms.clear();
-    for (i, pr) in p.chunks_exact_mut(padded).enumerate() {
-        // Keys 0..upto are not in the query's future.
-        let upto = if causal { s - t + i + 1 } else { s };
-        let mask = hidden.map(|m| &m[(row * t + i) * s..][..upto]);
-        norms.push(softmax_row(pr, upto, s, mask, scale));
-    }
+    softmax_rows(p, (t, s, padded), row, hidden, scale, causal, norms);
     match path {
         Some(path) => {
             values_t.clear();
@@ -327,6 +347,99 @@ fn head(
     }
     for (or, &n) in out.chunks_exact_mut(d).zip(norms.iter()) {
         or.iter_mut().for_each(|o| *o *= n);
+    }
+}
+
+/// The softmax of the first `t` rows of `padded` scores in `p`, each left unnormalised with its
+/// 1/Σ in `norms` (the output row is scaled at the end).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn softmax_rows(
+    p: &mut [f32],
+    (t, s, padded): (usize, usize, usize),
+    row: usize,
+    hidden: Option<&[bool]>,
+    scale: f32,
+    causal: bool,
+    norms: &mut Vec<f32>,
+) {
+    // (Plain loops here and in the callers, not `extend` over an iterator: the iterator's
+    // `fold` would be a function of its own, compiled without the vector instructions `widest`
+    // enables.)
+    norms.clear();
+    for (i, pr) in p.chunks_exact_mut(padded).take(t).enumerate() {
+        // Keys 0..upto are not in the query's future.
+        let upto = if causal { s - t + i + 1 } else { s };
+        let mask = hidden.map(|m| &m[(row * t + i) * s..][..upto]);
+        norms.push(softmax_row(pr, upto, s, mask, scale));
+    }
+}
+
+/// [`head`] on AMX, with both products' results stored as the tiles leave them: the scores
+/// with the queries as the weight rows and the keys as the activation rows (`q·kᵀ` row by
+/// row), the output with the softmax weights as the weight rows and `vᵀ` as the activation
+/// rows. The operands round to bf16 as in [`head`]; no result tile is transposed.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn head_amx(
+    qh: &[f32],
+    kh: &[f32],
+    vh: &[f32],
+    (t, s, d, padded): (usize, usize, usize, usize),
+    row: usize,
+    hidden: Option<&[bool]>,
+    scale: f32,
+    causal: bool,
+    sc: &mut Scratch,
+    out: &mut [f32],
+) {
+    const FITS: &str = "the head width is covered and the shapes match";
+    let bf16 = simd::bf16_bits;
+    let rows = t.next_multiple_of(ALIGN);
+    // Queries as bf16 weight rows, zero rows up to a multiple of 32.
+    sc.keys.clear();
+    sc.keys.resize(rows * d, 0);
+    for (q, &x) in sc.keys.iter_mut().zip(qh) {
+        *q = bf16(x);
+    }
+    sc.packed.pack(Bf16Gemm::Amx, kh, s, d).expect(FITS);
+    sc.p.resize(rows * padded, 0.0);
+    amx_gemm_t(&sc.packed, &sc.keys, &mut sc.p, padded).expect(FITS);
+    softmax_rows(
+        &mut sc.p,
+        (t, s, padded),
+        row,
+        hidden,
+        scale,
+        causal,
+        &mut sc.norms,
+    );
+    // The weights as bf16 rows (zero rows after the queries), `vᵀ` with zero keys after `s`.
+    sc.values_t.clear();
+    sc.values_t.resize(rows * padded, 0);
+    for (w, &x) in sc.values_t.iter_mut().zip(&sc.p[..t * padded]) {
+        *w = bf16(x);
+    }
+    sc.wide.clear();
+    sc.wide.resize(d * padded, 0.0);
+    for (j, vr) in vh.chunks_exact(d).enumerate() {
+        for (c, &x) in vr.iter().enumerate() {
+            sc.wide[c * padded + j] = x;
+        }
+    }
+    sc.packed
+        .pack(Bf16Gemm::Amx, &sc.wide, d, padded)
+        .expect(FITS);
+    sc.wide.resize(rows * d, 0.0);
+    amx_gemm_t(&sc.packed, &sc.values_t, &mut sc.wide, d).expect(FITS);
+    for ((or, wr), &n) in out
+        .chunks_exact_mut(d)
+        .zip(sc.wide.chunks_exact(d))
+        .zip(&sc.norms)
+    {
+        for (o, &w) in or.iter_mut().zip(wr) {
+            *o = w * n;
+        }
     }
 }
 

@@ -237,6 +237,41 @@ pub fn bf16_gemm_packed(x: &PackedRows, w: &[u16], y: &mut [f32]) -> Result<()> 
     Ok(())
 }
 
+/// `yt = w · xᵀ` on the AMX path: the transpose of [`bf16_gemm_packed`]'s result, `yt[o]` a
+/// row of `ld` values (`ld` ≥ the packed rows rounded up to [`ALIGN`]; up to there the values
+/// past the packed rows are those of zero rows, 0; the rest of each row is left as it was). The result tiles are stored as the products leave them,
+/// with none of the transposes `y`'s layout takes: for products whose result is wanted this
+/// way round (attention scores with the queries as `w`, `p·v` with `p` as `w`).
+///
+/// # Errors
+/// [`Error::InvalidInput`] when the rows were not packed for AMX, `w` is not rows of the packed
+/// width in a shape AMX covers, or `yt` does not hold `[out, ld]` with a large enough `ld`.
+pub(crate) fn amx_gemm_t(x: &PackedRows, w: &[u16], yt: &mut [f32], ld: usize) -> Result<()> {
+    let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
+    let (Some(Bf16Gemm::Amx), rows, d_in) = (x.path, x.rows, x.d_in) else {
+        return bad("the rows were not packed for AMX".into());
+    };
+    if !w.len().is_multiple_of(d_in) {
+        return bad(format!("{} weight values are not rows of {d_in}", w.len()));
+    }
+    let out = w.len() / d_in;
+    if !Bf16Gemm::covers(out, d_in) {
+        return bad(format!(
+            "a [{out}, {d_in}] weight is not in multiples of {ALIGN}"
+        ));
+    }
+    if ld < rows.next_multiple_of(ALIGN) || yt.len() != out * ld {
+        return bad(format!(
+            "yt has {} values, for {out} rows of {ld} (at least {rows} rounded up to {ALIGN})",
+            yt.len()
+        ));
+    }
+    if rows > 0 {
+        amx::gemm_into(&x.data, rows, w, d_in, out, yt, amx::Store::Direct { ld });
+    }
+    Ok(())
+}
+
 /// `y`'s base pointer, shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
 pub(crate) struct Out(pub(crate) *mut f32);
@@ -440,14 +475,37 @@ pub(crate) mod amx {
         out: usize,
         y: &mut [f32],
     ) {
+        gemm_into(packed, rows, w, d_in, out, y, Store::Transposed);
+    }
+
+    /// How result tiles (`[16 weight rows, 16 activation rows]`) reach the output.
+    #[derive(Clone, Copy)]
+    pub(super) enum Store {
+        /// Transposed into `y` `[rows, out]`.
+        Transposed,
+        /// As they are into `yt` `[out, ld]`.
+        Direct { ld: usize },
+    }
+
+    /// [`gemm`] with the output as `store` says.
+    pub(super) fn gemm_into(
+        packed: &[u32],
+        rows: usize,
+        w: &[u16],
+        d_in: usize,
+        out: usize,
+        y: &mut [f32],
+        store: Store,
+    ) {
         let per = rows_per_task(out, d_in, 2 * TILE, rayon::current_num_threads());
         let y = Out(y.as_mut_ptr());
         (0..out.div_ceil(per)).into_par_iter().for_each(|task| {
             let first = task * per;
             let last = (first + per).min(out);
-            // SAFETY: this task writes columns first..last of y only; `usable` was checked by
-            // the caller, shapes are multiples of 32 and the packed rows cover every block.
-            unsafe { block(packed, rows, w, d_in, out, first, last, y) };
+            // SAFETY: this task writes the outputs of weight rows first..last only; `usable`
+            // was checked by the caller, shapes are multiples of 32, the packed rows cover
+            // every block and a direct `yt` has rows of at least the padded row count.
+            unsafe { block(packed, rows, w, d_in, out, first, last, y, store) };
         });
     }
 
@@ -499,6 +557,7 @@ pub(crate) mod amx {
         first: usize,
         last: usize,
         y: Out,
+        store: Store,
     ) {
         if !(2 * d_in).is_multiple_of(ALIASED_ROWS) {
             // Tiles read straight from the rows: they fall in different cache sets.
@@ -509,7 +568,7 @@ pub(crate) mod amx {
                 row_bytes: 2 * d_in,
             };
             // SAFETY: as this function's.
-            return unsafe { tiled_block(packed, rows, layout, d_in, out, first, last, y) };
+            return unsafe { tiled_block(packed, rows, layout, d_in, out, first, last, y, store) };
         }
         TILES.with_borrow_mut(|tiles| {
             tile_order(w, d_in, first, last, tiles);
@@ -519,7 +578,7 @@ pub(crate) mod amx {
                 row_bytes: 64,
             };
             // SAFETY: as this function's.
-            unsafe { tiled_block(packed, rows, layout, d_in, out, first, last, y) }
+            unsafe { tiled_block(packed, rows, layout, d_in, out, first, last, y, store) }
         })
     }
 
@@ -547,6 +606,7 @@ pub(crate) mod amx {
         first: usize,
         last: usize,
         y: Out,
+        store: Store,
     ) {
         use std::arch::asm;
         let config = Config::new();
@@ -604,6 +664,25 @@ pub(crate) mod amx {
                             wst = in(reg) tiles.row_bytes,
                             options(nostack, readonly)
                         );
+                    }
+                    if let Store::Direct { ld } = store {
+                        // Tile (i, j) at yt's rows n + 16i.., columns 16(mb + j)..: inside
+                        // yt, whose rows hold every padded activation row.
+                        let at =
+                            |i: usize, j: usize| y.0.add((n + TILE * i) * ld + (mb + j) * TILE);
+                        asm!(
+                            "tilestored [{r0} + {s}*1], tmm0",
+                            "tilestored [{r1} + {s}*1], tmm1",
+                            "tilestored [{r2} + {s}*1], tmm2",
+                            "tilestored [{r3} + {s}*1], tmm3",
+                            r0 = in(reg) at(0, 0),
+                            r1 = in(reg) at(0, 1),
+                            r2 = in(reg) at(1, 0),
+                            r3 = in(reg) at(1, 1),
+                            s = in(reg) 4 * ld,
+                            options(nostack)
+                        );
+                        continue;
                     }
                     asm!(
                         "tilestored [{r0} + {s}*1], tmm0",
@@ -678,6 +757,7 @@ pub(crate) mod amx {
         _: usize,
         _: usize,
         _: Out,
+        _: Store,
     ) {
         unreachable!("AMX is x86-64 only and `usable` says so")
     }
@@ -866,6 +946,41 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The AMX product stored the other way round is the transpose of the definition, padding
+    /// columns included (products with zero rows).
+    #[test]
+    fn amx_transposed_output_is_the_transpose() {
+        if !Bf16Gemm::Amx.supported() {
+            return;
+        }
+        for &(rows, d_in, out, ld) in &[(7, 64, 96, 32), (33, 96, 64, 96), (64, 1024, 32, 64)] {
+            let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 3)).collect();
+            let w = weight(out, d_in);
+            let mut want = vec![0.0; rows * out];
+            reference(&x, rows, &w, d_in, &mut want);
+            let mut packed = PackedRows::default();
+            packed.pack(Bf16Gemm::Amx, &x, rows, d_in).unwrap();
+            let mut yt = vec![f32::NAN; out * ld];
+            amx_gemm_t(&packed, &w, &mut yt, ld).unwrap();
+            let padded = rows.next_multiple_of(ALIGN);
+            for o in 0..out {
+                assert!(yt[o * ld + padded..(o + 1) * ld].iter().all(|v| v.is_nan()));
+                for r in 0..padded {
+                    let (g, e) = (
+                        yt[o * ld + r],
+                        if r < rows { want[r * out + o] } else { 0.0 },
+                    );
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{rows}x{d_in}x{out} at ({o}, {r}): {g} vs {e}"
+                    );
+                }
+            }
+            let mut short = vec![0.0; out * (padded - 1)];
+            assert!(amx_gemm_t(&packed, &w, &mut short, padded - 1).is_err());
         }
     }
 
