@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::activation::{gelu_value, map_in_place, silu_value};
 use super::attention::{HostShape, prompt_host};
-use super::kernels::bf16_gemm::{Bf16Gemm, PackedRows, bf16_gemm_packed};
+use super::kernels::bf16_gemm::{Bf16Gemm, Epilogue, PackedRows, bf16_gemm_packed_with};
 use super::kernels::simd::{self, widest};
 use super::kv_cache::KvCache;
 use super::{LayerNorm, Linear};
@@ -56,35 +56,22 @@ impl<'a> HostLinear<'a> {
     /// `y = x·Wᵀ + b` for rows packed on this layer's path (`y` `[rows, out]`, overwritten).
     fn apply(&self, x: &PackedRows, y: &mut Vec<f32>) {
         y.resize(x.rows() * self.out, 0.0);
-        bf16_gemm_packed(x, self.w, y).expect("the layers' widths were checked when they loaded");
-        if let Some(b) = &self.bias {
-            rows_mut(y, self.out).for_each(|row| {
-                widest(
-                    #[inline(always)]
-                    || row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
-                );
-            });
-        }
+        self.product(x, y, false);
     }
 
-    /// `x += y·Wᵀ + b`: a residual branch's output projection.
-    fn add_into(&self, y: &PackedRows, x: &mut [f32], scratch: &mut Vec<f32>) {
-        self.apply(y, scratch);
-        x.par_chunks_mut(ROWS_PER_TASK * self.out)
-            .zip(scratch.par_chunks(ROWS_PER_TASK * self.out))
-            .for_each(|(x, y)| {
-                widest(
-                    #[inline(always)]
-                    || x.iter_mut().zip(y).for_each(|(x, y)| *x += y),
-                )
-            });
+    /// `x += y·Wᵀ + b`: a residual branch's output projection, added as the results are stored.
+    fn add_into(&self, y: &PackedRows, x: &mut [f32]) {
+        self.product(y, x, true);
     }
-}
 
-/// `ROWS_PER_TASK` rows of `width` at a time on the thread pool.
-fn rows_mut(x: &mut [f32], width: usize) -> impl ParallelIterator<Item = &mut [f32]> {
-    x.par_chunks_mut(ROWS_PER_TASK * width)
-        .flat_map_iter(move |rows| rows.chunks_exact_mut(width))
+    fn product(&self, x: &PackedRows, y: &mut [f32], accumulate: bool) {
+        let epilogue = Epilogue {
+            bias: self.bias.as_deref(),
+            accumulate,
+        };
+        bf16_gemm_packed_with(x, self.w, y, epilogue)
+            .expect("the layers' widths were checked when they loaded");
+    }
 }
 
 /// `f(row of x, row of out)` for each row (`width` wide), rows in tasks on the thread pool,
@@ -254,7 +241,7 @@ impl<'a> HostBlock<'a> {
         s.packed
             .pack(path, &s.normed, n, width)
             .expect("the path was checked by HostLinear::of");
-        self.proj.add_into(&s.packed, x, &mut s.a);
+        self.proj.add_into(&s.packed, x);
         let (w, b, eps) = &self.norm2;
         layer_norm(x, width, w, b, *eps, &mut s.normed);
         s.packed
@@ -265,7 +252,7 @@ impl<'a> HostBlock<'a> {
         s.packed
             .pack(path, &s.b, n, self.fc1.out)
             .expect("the path was checked by HostLinear::of");
-        self.fc2.add_into(&s.packed, x, &mut s.a);
+        self.fc2.add_into(&s.packed, x);
     }
 }
 
@@ -390,7 +377,7 @@ impl<'a> HostDecoder<'a> {
         s.packed
             .pack(path, &s.normed, t, heads * d)
             .expect("the path was checked by HostLinear::of");
-        self.o.add_into(&s.packed, x, &mut s.a);
+        self.o.add_into(&s.packed, x);
         s.normed.resize(x.len(), 0.0);
         rms_norm(x, width, &self.post_norm.0, self.post_norm.1, &mut s.normed);
         s.packed
@@ -414,7 +401,7 @@ impl<'a> HostDecoder<'a> {
         s.packed
             .pack(path, &s.a, t, f)
             .expect("the path was checked by HostLinear::of");
-        self.down.add_into(&s.packed, x, &mut s.b);
+        self.down.add_into(&s.packed, x);
     }
 }
 

@@ -208,6 +208,30 @@ impl PackedRows {
 /// [`Error::InvalidInput`] when nothing was packed, `w` is not rows of the packed width in a
 /// shape the paths cover, or `y` does not hold `[rows, out]`.
 pub fn bf16_gemm_packed(x: &PackedRows, w: &[u16], y: &mut [f32]) -> Result<()> {
+    bf16_gemm_packed_with(x, w, y, Epilogue::default())
+}
+
+/// What a product does with each result as it stores it: `y = x·wᵀ + bias` (`bias` one value
+/// per output), or with `accumulate` `y += x·wᵀ + bias` (a residual branch added to its input).
+/// The sum, the bias and the earlier value are added in that order, as separate passes would.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Added to each row of results.
+    pub bias: Option<&'a [f32]>,
+    /// Add to `y` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+/// [`bf16_gemm_packed`] with an [`Epilogue`] applied as results are stored.
+///
+/// # Errors
+/// As [`bf16_gemm_packed`]'s, and when the bias does not hold one value per output.
+pub fn bf16_gemm_packed_with(
+    x: &PackedRows,
+    w: &[u16],
+    y: &mut [f32],
+    epilogue: Epilogue<'_>,
+) -> Result<()> {
     let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
     let (Some(path), rows, d_in) = (x.path, x.rows, x.d_in) else {
         return bad("no activation rows were packed".into());
@@ -227,12 +251,25 @@ pub fn bf16_gemm_packed(x: &PackedRows, w: &[u16], y: &mut [f32]) -> Result<()> 
             y.len()
         ));
     }
+    if let Some(b) = epilogue.bias
+        && b.len() != out
+    {
+        return bad(format!("a bias of {} values for {out} outputs", b.len()));
+    }
     if rows == 0 {
         return Ok(());
     }
     match path {
-        Bf16Gemm::Amx => amx::gemm(&x.data, rows, w, d_in, out, y),
-        Bf16Gemm::Avx512Bf16 => dot::gemm(&x.data, rows, w, d_in, out, y),
+        Bf16Gemm::Amx => amx::gemm_into(
+            &x.data,
+            rows,
+            w,
+            d_in,
+            out,
+            y,
+            amx::Store::Transposed(epilogue),
+        ),
+        Bf16Gemm::Avx512Bf16 => dot::gemm(&x.data, rows, w, d_in, out, y, epilogue),
     }
     Ok(())
 }
@@ -466,28 +503,16 @@ pub(crate) mod amx {
         out
     }
 
-    /// `y = x·wᵀ` for `packed` from [`pack`].
-    pub(super) fn gemm(
-        packed: &[u32],
-        rows: usize,
-        w: &[u16],
-        d_in: usize,
-        out: usize,
-        y: &mut [f32],
-    ) {
-        gemm_into(packed, rows, w, d_in, out, y, Store::Transposed);
-    }
-
     /// How result tiles (`[16 weight rows, 16 activation rows]`) reach the output.
     #[derive(Clone, Copy)]
-    pub(super) enum Store {
-        /// Transposed into `y` `[rows, out]`.
-        Transposed,
+    pub(super) enum Store<'a> {
+        /// Transposed into `y` `[rows, out]`, with the epilogue.
+        Transposed(Epilogue<'a>),
         /// As they are into `yt` `[out, ld]`.
         Direct { ld: usize },
     }
 
-    /// [`gemm`] with the output as `store` says.
+    /// `y = x·wᵀ` for `packed` from [`pack`], stored as `store` says.
     pub(super) fn gemm_into(
         packed: &[u32],
         rows: usize,
@@ -495,7 +520,7 @@ pub(crate) mod amx {
         d_in: usize,
         out: usize,
         y: &mut [f32],
-        store: Store,
+        store: Store<'_>,
     ) {
         let per = rows_per_task(out, d_in, 2 * TILE, rayon::current_num_threads());
         let y = Out(y.as_mut_ptr());
@@ -557,7 +582,7 @@ pub(crate) mod amx {
         first: usize,
         last: usize,
         y: Out,
-        store: Store,
+        store: Store<'_>,
     ) {
         if !(2 * d_in).is_multiple_of(ALIASED_ROWS) {
             // Tiles read straight from the rows: they fall in different cache sets.
@@ -606,7 +631,7 @@ pub(crate) mod amx {
         first: usize,
         last: usize,
         y: Out,
-        store: Store,
+        store: Store<'_>,
     ) {
         use std::arch::asm;
         let config = Config::new();
@@ -698,12 +723,23 @@ pub(crate) mod amx {
                     );
                     // Result tile (i, j): weight rows n + 16i.., activation rows 16(mb + j)..,
                     // transposed into y's rows.
+                    let Store::Transposed(epilogue) = store else {
+                        unreachable!("direct stores continue above")
+                    };
                     for (t, tile) in res.iter().enumerate() {
                         let (i, j) = (t / 2, t % 2);
                         let r0 = (mb + j) * TILE;
                         let take = TILE.min(rows.saturating_sub(r0));
                         if take > 0 {
-                            transpose_store(tile, y.0.add(r0 * out + n + i * TILE), out, take);
+                            let bias = epilogue.bias.map(|b| b[n + i * TILE..].as_ptr());
+                            transpose_store(
+                                tile,
+                                y.0.add(r0 * out + n + i * TILE),
+                                out,
+                                take,
+                                bias,
+                                epilogue.accumulate,
+                            );
                         }
                     }
                 }
@@ -722,11 +758,12 @@ pub(crate) mod amx {
     }
 
     /// Writes column `j` of the 16×16 `tile` as 16 consecutive values at `dst + j·stride`, for
-    /// `j < take` ([`transpose16`]).
+    /// `j < take` ([`transpose16`]), plus the 16 values at `bias` if any, plus the values
+    /// already there with `accumulate`.
     ///
     /// # Safety
     /// AVX-512F must be available (every AMX CPU has it); `dst + j·stride .. + 16` must be
-    /// writable for `j < take`.
+    /// writable (and, with `accumulate`, readable) for `j < take`; `bias` must hold 16 values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn transpose_store(
@@ -734,14 +771,25 @@ pub(crate) mod amx {
         dst: *mut f32,
         stride: usize,
         take: usize,
+        bias: Option<*const f32>,
+        accumulate: bool,
     ) {
         use std::arch::x86_64::*;
-        // SAFETY: loads read inside `tile`; stores write what the caller vouches for.
+        // SAFETY: loads read inside `tile` and what the caller vouches for; stores write what
+        // the caller vouches for.
         unsafe {
             let r: [__m512; 16] =
                 std::array::from_fn(|i| _mm512_loadu_ps(tile.as_ptr().add(16 * i)));
+            let b = bias.map(|b| _mm512_loadu_ps(b));
             for (j, v) in transpose16(r).iter().enumerate().take(take) {
-                _mm512_storeu_ps(dst.add(j * stride), *v);
+                let mut v = *v;
+                if let Some(b) = b {
+                    v = _mm512_add_ps(v, b);
+                }
+                if accumulate {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(dst.add(j * stride)));
+                }
+                _mm512_storeu_ps(dst.add(j * stride), v);
             }
         }
     }
@@ -757,7 +805,7 @@ pub(crate) mod amx {
         _: usize,
         _: usize,
         _: Out,
-        _: Store,
+        _: Store<'_>,
     ) {
         unreachable!("AMX is x86-64 only and `usable` says so")
     }
@@ -807,6 +855,7 @@ mod dot {
         d_in: usize,
         out: usize,
         y: &mut [f32],
+        epilogue: Epilogue<'_>,
     ) {
         let stride = d_in + 32;
         // SAFETY: u32 has the alignment of two u16 and no invalid bit patterns; the values are
@@ -820,7 +869,7 @@ mod dot {
             let last = (first + per).min(out);
             // SAFETY: this task writes columns first..last of y only; the caller checked the
             // instructions, `out` is a multiple of NR and `xb` holds `padded` rows.
-            unsafe { block(xb, stride, rows, w, d_in, out, first, last, y) };
+            unsafe { block(xb, stride, rows, w, d_in, out, first, last, y, epilogue) };
         });
     }
 
@@ -845,6 +894,7 @@ mod dot {
         first: usize,
         last: usize,
         y: Out,
+        epilogue: Epilogue<'_>,
     ) {
         use std::arch::x86_64::*;
         // Activation rows one pass keeps in L2 next to the task's weight rows.
@@ -877,7 +927,14 @@ mod dot {
                         for j in 0..MR.min(r1 - m) {
                             let dst = y.0.add((m + j) * out + n);
                             for (i, a) in acc.iter().enumerate() {
-                                *dst.add(i) = _mm512_reduce_add_ps(a[j]);
+                                let mut v = _mm512_reduce_add_ps(a[j]);
+                                if let Some(b) = epilogue.bias {
+                                    v += b[n + i];
+                                }
+                                if epilogue.accumulate {
+                                    v += *dst.add(i);
+                                }
+                                *dst.add(i) = v;
                             }
                         }
                     }
@@ -900,6 +957,7 @@ mod dot {
         _: usize,
         _: usize,
         _: Out,
+        _: Epilogue<'_>,
     ) {
         unreachable!("AVX512-BF16 is x86-64 only and `supported` says so")
     }
@@ -945,6 +1003,51 @@ mod tests {
                         path.name()
                     );
                 }
+            }
+        }
+    }
+
+    /// Bias and accumulation as results are stored, on every path: `y += x·wᵀ + b`, exactly
+    /// the separate passes' sums (the same three terms added in the same order).
+    #[test]
+    fn the_epilogue_adds_bias_and_input() {
+        for path in Bf16Gemm::ALL.into_iter().filter(|p| p.supported()) {
+            for &(rows, d_in, out) in &[(7, 64, 96), (50, 160, 128), (33, 1024, 64)] {
+                let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 4)).collect();
+                let w = weight(out, d_in);
+                let bias: Vec<f32> = (0..out).map(|i| value(i, 5)).collect();
+                let before: Vec<f32> = (0..rows * out).map(|i| value(i, 6)).collect();
+                let mut packed = PackedRows::default();
+                packed.pack(path, &x, rows, d_in).unwrap();
+                let mut plain = vec![0.0; rows * out];
+                bf16_gemm_packed(&packed, &w, &mut plain).unwrap();
+                let mut want = before.clone();
+                for (r, row) in want.chunks_exact_mut(out).enumerate() {
+                    for (o, v) in row.iter_mut().enumerate() {
+                        *v += plain[r * out + o] + bias[o];
+                    }
+                }
+                let mut got = before.clone();
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    accumulate: true,
+                };
+                bf16_gemm_packed_with(&packed, &w, &mut got, epilogue).unwrap();
+                assert_eq!(got, want, "{} {rows}x{d_in}x{out}", path.name());
+                let mut biased = vec![f32::NAN; rows * out];
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    accumulate: false,
+                };
+                bf16_gemm_packed_with(&packed, &w, &mut biased, epilogue).unwrap();
+                for (i, (g, p)) in biased.iter().zip(&plain).enumerate() {
+                    assert_eq!(*g, p + bias[i % out]);
+                }
+                let short = Epilogue {
+                    bias: Some(&bias[1..]),
+                    accumulate: false,
+                };
+                assert!(bf16_gemm_packed_with(&packed, &w, &mut biased, short).is_err());
             }
         }
     }
