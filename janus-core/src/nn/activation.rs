@@ -108,14 +108,18 @@ pub(crate) fn exp_neg(v: f32) -> f32 {
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer without a library call.
     const ROUND: f32 = 12_582_912.0;
     let v = v.min(87.0);
-    let n = (-v * LOG2E + ROUND) - ROUND;
+    let shifted = -v * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = -v - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2ⁿ from its exponent bits (n ≥ −126 for v ≤ 87).
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from its exponent bits (−126 ≤ n ≤ 0 for 0 ≤ v ≤ 87). The low mantissa bits of
+    // `shifted` hold 2²² + n, so the low 9 bits of its bits plus 127 are n + 127: shifted into
+    // the exponent field, the rest falls off. Integer lane operations only; `n as i32` would
+    // be converted one lane at a time (its saturating semantics have no vector instruction).
+    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
@@ -142,6 +146,15 @@ mod tests {
             );
         }
         assert_eq!(exp_neg(1e30), exp_neg(87.0));
+        // 2ⁿ from the shifted value's bits is 2ⁿ from n converted to an integer.
+        for i in 0..=870_000 {
+            let v = i as f32 * 1e-4;
+            let n = (-v * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let by_int = f32::from_bits(((n as i32 + 127) as u32) << 23);
+            let shifted = -v * std::f32::consts::LOG2_E + 12_582_912.0;
+            let by_bits = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
+            assert_eq!(by_bits.to_bits(), by_int.to_bits(), "v = {v}");
+        }
         assert_eq!(erf(0.0), 0.0);
         assert!(erf(-0.0).is_sign_negative());
     }
