@@ -397,11 +397,12 @@ fn head_amx(
     let bf16 = simd::bf16_bits;
     let rows = t.next_multiple_of(ALIGN);
     // Queries as bf16 weight rows, zero rows up to a multiple of 32.
-    sc.keys.clear();
-    sc.keys.resize(rows * d, 0);
-    for (q, &x) in sc.keys.iter_mut().zip(qh) {
+    set_len(&mut sc.keys, rows * d);
+    let (queries, pad) = sc.keys.split_at_mut(t * d);
+    for (q, &x) in queries.iter_mut().zip(qh) {
         *q = bf16(x);
     }
+    pad.fill(0);
     sc.packed.pack(Bf16Gemm::Amx, kh, s, d).expect(FITS);
     sc.p.resize(rows * padded, 0.0);
     amx_gemm_t(&sc.packed, &sc.keys, &mut sc.p, padded).expect(FITS);
@@ -415,22 +416,25 @@ fn head_amx(
         &mut sc.norms,
     );
     // The weights as bf16 rows (zero rows after the queries), `vᵀ` with zero keys after `s`.
-    sc.values_t.clear();
-    sc.values_t.resize(rows * padded, 0);
-    for (w, &x) in sc.values_t.iter_mut().zip(&sc.p[..t * padded]) {
+    set_len(&mut sc.values_t, rows * padded);
+    let (weights, pad) = sc.values_t.split_at_mut(t * padded);
+    for (w, &x) in weights.iter_mut().zip(&sc.p[..t * padded]) {
         *w = bf16(x);
     }
-    sc.wide.clear();
-    sc.wide.resize(d * padded, 0.0);
+    pad.fill(0);
+    set_len(&mut sc.wide, d * padded);
     for (j, vr) in vh.chunks_exact(d).enumerate() {
         for (c, &x) in vr.iter().enumerate() {
             sc.wide[c * padded + j] = x;
         }
     }
+    for row in sc.wide.chunks_exact_mut(padded) {
+        row[s..].fill(0.0);
+    }
     sc.packed
         .pack(Bf16Gemm::Amx, &sc.wide, d, padded)
         .expect(FITS);
-    sc.wide.resize(rows * d, 0.0);
+    set_len(&mut sc.wide, rows * d);
     amx_gemm_t(&sc.packed, &sc.values_t, &mut sc.wide, d).expect(FITS);
     for ((or, wr), &n) in out
         .chunks_exact_mut(d)
@@ -440,6 +444,17 @@ fn head_amx(
         for (o, &w) in or.iter_mut().zip(wr) {
             *o = w * n;
         }
+    }
+}
+
+/// `v` holding `n` values, every one of which the caller writes: memory is zeroed only where
+/// the buffer grows, not on every reuse.
+#[inline(always)]
+fn set_len<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    } else {
+        v.truncate(n);
     }
 }
 
