@@ -221,16 +221,19 @@ pub(crate) fn prompt_host(
             widest(
                 #[inline(always)]
                 || {
+                    let weights = Weights {
+                        row,
+                        hidden,
+                        scale,
+                        causal,
+                    };
                     head(
                         path,
                         qh,
                         kh,
                         vh,
                         (t, s, d, padded),
-                        row,
-                        hidden,
-                        scale,
-                        causal,
+                        weights,
                         &mut scratch,
                         out,
                     )
@@ -262,6 +265,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
+/// How a head's scores become softmax weights: the batch row (for `hidden`, `[b, t, s]`, true =
+/// hidden), the scale, causal or not.
+#[derive(Clone, Copy)]
+struct Weights<'a> {
+    row: usize,
+    hidden: Option<&'a [bool]>,
+    scale: f32,
+    causal: bool,
+}
+
 /// One query head of [`prompt_host`]: `qh` `[t, d]` over `kh`, `vh` `[s, d]` into `out`
 /// `[t, d]`; `padded`: the key count the products take.
 #[inline(always)]
@@ -272,26 +285,12 @@ fn head(
     kh: &[f32],
     vh: &[f32],
     (t, s, d, padded): (usize, usize, usize, usize),
-    row: usize,
-    hidden: Option<&[bool]>,
-    scale: f32,
-    causal: bool,
+    weights: Weights<'_>,
     sc: &mut Scratch,
     out: &mut [f32],
 ) {
     if path == Some(Bf16Gemm::Amx) {
-        return head_amx(
-            qh,
-            kh,
-            vh,
-            (t, s, d, padded),
-            row,
-            hidden,
-            scale,
-            causal,
-            sc,
-            out,
-        );
+        return head_amx(qh, kh, vh, (t, s, d, padded), weights, sc, out);
     }
     let Scratch {
         p,
@@ -321,7 +320,7 @@ fn head(
             }
         }
     }
-    softmax_rows(p, (t, s, padded), row, hidden, scale, causal, norms);
+    softmax_rows(p, (t, s, padded), weights, norms);
     match path {
         Some(path) => {
             values_t.clear();
@@ -353,16 +352,18 @@ fn head(
 /// The softmax of the first `t` rows of `padded` scores in `p`, each left unnormalised with its
 /// 1/Σ in `norms` (the output row is scaled at the end).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn softmax_rows(
     p: &mut [f32],
     (t, s, padded): (usize, usize, usize),
-    row: usize,
-    hidden: Option<&[bool]>,
-    scale: f32,
-    causal: bool,
+    weights: Weights<'_>,
     norms: &mut Vec<f32>,
 ) {
+    let Weights {
+        row,
+        hidden,
+        scale,
+        causal,
+    } = weights;
     // (Plain loops here and in the callers, not `extend` over an iterator: the iterator's
     // `fold` would be a function of its own, compiled without the vector instructions `widest`
     // enables.)
@@ -380,16 +381,12 @@ fn softmax_rows(
 /// row), the output with the softmax weights as the weight rows and `vᵀ` as the activation
 /// rows. The operands round to bf16 as in [`head`]; no result tile is transposed.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn head_amx(
     qh: &[f32],
     kh: &[f32],
     vh: &[f32],
     (t, s, d, padded): (usize, usize, usize, usize),
-    row: usize,
-    hidden: Option<&[bool]>,
-    scale: f32,
-    causal: bool,
+    weights: Weights<'_>,
     sc: &mut Scratch,
     out: &mut [f32],
 ) {
@@ -406,15 +403,7 @@ fn head_amx(
     sc.packed.pack(Bf16Gemm::Amx, kh, s, d).expect(FITS);
     sc.p.resize(rows * padded, 0.0);
     amx_gemm_t(&sc.packed, &sc.keys, &mut sc.p, padded).expect(FITS);
-    softmax_rows(
-        &mut sc.p,
-        (t, s, padded),
-        row,
-        hidden,
-        scale,
-        causal,
-        &mut sc.norms,
-    );
+    softmax_rows(&mut sc.p, (t, s, padded), weights, &mut sc.norms);
     // The weights as bf16 rows (zero rows after the queries), `vᵀ` with zero keys after `s`.
     set_len(&mut sc.values_t, rows * padded);
     let (weights, pad) = sc.values_t.split_at_mut(t * padded);

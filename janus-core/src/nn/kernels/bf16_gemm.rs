@@ -236,15 +236,7 @@ pub fn bf16_gemm_packed_with(
     let (Some(path), rows, d_in) = (x.path, x.rows, x.d_in) else {
         return bad("no activation rows were packed".into());
     };
-    if !w.len().is_multiple_of(d_in) {
-        return bad(format!("{} weight values are not rows of {d_in}", w.len()));
-    }
-    let out = w.len() / d_in;
-    if !Bf16Gemm::covers(out, d_in) {
-        return bad(format!(
-            "a [{out}, {d_in}] weight is not in multiples of {ALIGN}"
-        ));
-    }
+    let out = weight_rows(w, d_in)?;
     if y.len() != rows * out {
         return bad(format!(
             "y has {} values, for {rows} rows of {out} outputs",
@@ -274,20 +266,9 @@ pub fn bf16_gemm_packed_with(
     Ok(())
 }
 
-/// `yt = w · xᵀ` on the AMX path: the transpose of [`bf16_gemm_packed`]'s result, `yt[o]` a
-/// row of `ld` values (`ld` ≥ the packed rows rounded up to [`ALIGN`]; up to there the values
-/// past the packed rows are those of zero rows, 0; the rest of each row is left as it was). The result tiles are stored as the products leave them,
-/// with none of the transposes `y`'s layout takes: for products whose result is wanted this
-/// way round (attention scores with the queries as `w`, `p·v` with `p` as `w`).
-///
-/// # Errors
-/// [`Error::InvalidInput`] when the rows were not packed for AMX, `w` is not rows of the packed
-/// width in a shape AMX covers, or `yt` does not hold `[out, ld]` with a large enough `ld`.
-pub(crate) fn amx_gemm_t(x: &PackedRows, w: &[u16], yt: &mut [f32], ld: usize) -> Result<()> {
+/// The rows of `w`, checked to be whole rows of `d_in` in a shape the products cover.
+fn weight_rows(w: &[u16], d_in: usize) -> Result<usize> {
     let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
-    let (Some(Bf16Gemm::Amx), rows, d_in) = (x.path, x.rows, x.d_in) else {
-        return bad("the rows were not packed for AMX".into());
-    };
     if !w.len().is_multiple_of(d_in) {
         return bad(format!("{} weight values are not rows of {d_in}", w.len()));
     }
@@ -297,6 +278,25 @@ pub(crate) fn amx_gemm_t(x: &PackedRows, w: &[u16], yt: &mut [f32], ld: usize) -
             "a [{out}, {d_in}] weight is not in multiples of {ALIGN}"
         ));
     }
+    Ok(out)
+}
+
+/// `yt = w · xᵀ` on the AMX path: the transpose of [`bf16_gemm_packed`]'s result, `yt[o]` a
+/// row of `ld` values (`ld` ≥ the packed rows rounded up to [`ALIGN`]; up to there the values
+/// past the packed rows are those of zero rows, 0; the rest of each row is left as it was).
+/// The result tiles are stored as the products leave them, with none of the transposes `y`'s
+/// layout takes: for products whose result is wanted this way round (attention scores with the
+/// queries as `w`, `p·v` with `p` as `w`).
+///
+/// # Errors
+/// [`Error::InvalidInput`] when the rows were not packed for AMX, `w` is not rows of the packed
+/// width in a shape AMX covers, or `yt` does not hold `[out, ld]` with a large enough `ld`.
+pub(crate) fn amx_gemm_t(x: &PackedRows, w: &[u16], yt: &mut [f32], ld: usize) -> Result<()> {
+    let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
+    let (Some(Bf16Gemm::Amx), rows, d_in) = (x.path, x.rows, x.d_in) else {
+        return bad("the rows were not packed for AMX".into());
+    };
+    let out = weight_rows(w, d_in)?;
     if ld < rows.next_multiple_of(ALIGN) || yt.len() != out * ld {
         return bad(format!(
             "yt has {} values, for {out} rows of {ld} (at least {rows} rounded up to {ALIGN})",
