@@ -13,8 +13,9 @@ use super::{StoredDType, TensorInfo, TensorSource};
 /// Opens one safetensors file and lists its tensors.
 pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the map is read-only and private; the file is not modified while the model loads
-    // (the same assumption every safetensors reader makes).
+    // SAFETY: the map is read-only; the file is not modified while the model loads, nor while
+    // it runs when weights are read in place from the map (the same assumption every
+    // safetensors reader that maps files makes; `JANUS_MMAP=0` copies them, see `in_place`).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     #[cfg(target_os = "linux")]
     if super::in_place() {

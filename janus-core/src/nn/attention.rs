@@ -221,7 +221,7 @@ pub(crate) fn prompt_host(
             widest(
                 #[inline(always)]
                 || {
-                    let weights = Weights {
+                    let softmax = Softmax {
                         row,
                         hidden,
                         scale,
@@ -233,7 +233,7 @@ pub(crate) fn prompt_host(
                         kh,
                         vh,
                         (t, s, d, padded),
-                        weights,
+                        softmax,
                         &mut scratch,
                         out,
                     )
@@ -268,7 +268,7 @@ thread_local! {
 /// How a head's scores become softmax weights: the batch row (for `hidden`, `[b, t, s]`, true =
 /// hidden), the scale, causal or not.
 #[derive(Clone, Copy)]
-struct Weights<'a> {
+struct Softmax<'a> {
     row: usize,
     hidden: Option<&'a [bool]>,
     scale: f32,
@@ -285,12 +285,12 @@ fn head(
     kh: &[f32],
     vh: &[f32],
     (t, s, d, padded): (usize, usize, usize, usize),
-    weights: Weights<'_>,
+    softmax: Softmax<'_>,
     sc: &mut Scratch,
     out: &mut [f32],
 ) {
     if path == Some(Bf16Gemm::Amx) {
-        return head_amx(qh, kh, vh, (t, s, d, padded), weights, sc, out);
+        return head_amx(qh, kh, vh, (t, s, d, padded), softmax, sc, out);
     }
     let Scratch {
         p,
@@ -320,7 +320,7 @@ fn head(
             }
         }
     }
-    softmax_rows(p, (t, s, padded), weights, norms);
+    softmax_rows(p, (t, s, padded), softmax, norms);
     match path {
         Some(path) => {
             values_t.clear();
@@ -355,15 +355,15 @@ fn head(
 fn softmax_rows(
     p: &mut [f32],
     (t, s, padded): (usize, usize, usize),
-    weights: Weights<'_>,
+    softmax: Softmax<'_>,
     norms: &mut Vec<f32>,
 ) {
-    let Weights {
+    let Softmax {
         row,
         hidden,
         scale,
         causal,
-    } = weights;
+    } = softmax;
     // (Plain loops here and in the callers, not `extend` over an iterator: the iterator's
     // `fold` would be a function of its own, compiled without the vector instructions `widest`
     // enables.)
@@ -386,7 +386,7 @@ fn head_amx(
     kh: &[f32],
     vh: &[f32],
     (t, s, d, padded): (usize, usize, usize, usize),
-    weights: Weights<'_>,
+    softmax: Softmax<'_>,
     sc: &mut Scratch,
     out: &mut [f32],
 ) {
@@ -403,11 +403,11 @@ fn head_amx(
     sc.packed.pack(Bf16Gemm::Amx, kh, s, d).expect(FITS);
     sc.p.resize(rows * padded, 0.0);
     amx_gemm_t(&sc.packed, &sc.keys, &mut sc.p, padded).expect(FITS);
-    softmax_rows(&mut sc.p, (t, s, padded), weights, &mut sc.norms);
+    softmax_rows(&mut sc.p, (t, s, padded), softmax, &mut sc.norms);
     // The weights as bf16 rows (zero rows after the queries), `vᵀ` with zero keys after `s`.
     set_len(&mut sc.values_t, rows * padded);
-    let (weights, pad) = sc.values_t.split_at_mut(t * padded);
-    for (w, &x) in weights.iter_mut().zip(&sc.p[..t * padded]) {
+    let (probs, pad) = sc.values_t.split_at_mut(t * padded);
+    for (w, &x) in probs.iter_mut().zip(&sc.p[..t * padded]) {
         *w = bf16(x);
     }
     pad.fill(0);

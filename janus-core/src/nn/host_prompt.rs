@@ -64,6 +64,8 @@ impl<'a> HostLinear<'a> {
         self.product(y, x, true);
     }
 
+    /// `y = x·Wᵀ + b`, or with `accumulate` `y += x·Wᵀ + b`, the bias and the sum applied as
+    /// the product stores its results.
     fn product(&self, x: &PackedRows, y: &mut [f32], accumulate: bool) {
         let epilogue = Epilogue {
             bias: self.bias.as_deref(),
