@@ -16,7 +16,7 @@ use burn::tensor::{Bool, DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::activation::exp_neg;
-use super::kernels::bf16_gemm::{ALIGN, PackedRows, amx_gemm_t};
+use super::kernels::bf16_gemm::{ALIGN, Aligned, PackedRows, aligned, amx_gemm_t};
 use super::kernels::simd::{self, widest};
 use super::kernels::{Bf16Gemm, bf16_gemm};
 
@@ -244,20 +244,32 @@ pub(crate) fn prompt_host(
 }
 
 /// A head's buffers (see [`SCRATCH`]).
-#[derive(Default)]
 struct Scratch {
     /// Scores, then softmax weights, `[t, padded]` (AMX: `[t` rounded up to 32`, padded]`).
-    p: Vec<f32>,
+    p: Aligned<f32>,
     /// Each query's 1/Σ.
     norms: Vec<f32>,
     /// bf16 keys (AMX: queries).
-    keys: Vec<u16>,
+    keys: Aligned<u16>,
     /// bf16 `vᵀ` (AMX: softmax weights).
-    values_t: Vec<u16>,
+    values_t: Aligned<u16>,
     /// AMX: keys, then `vᵀ`, as the products' activation rows.
     packed: PackedRows,
     /// AMX: `vᵀ` in f32, then the output rows.
-    wide: Vec<f32>,
+    wide: Aligned<f32>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            p: aligned(),
+            norms: Vec::new(),
+            keys: aligned(),
+            values_t: aligned(),
+            packed: PackedRows::default(),
+            wide: aligned(),
+        }
+    }
 }
 
 thread_local! {
@@ -439,7 +451,7 @@ fn head_amx(
 /// `v` holding `n` values, every one of which the caller writes: memory is zeroed only where
 /// the buffer grows, not on every reuse.
 #[inline(always)]
-fn set_len<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+fn set_len<T: Copy + Default>(v: &mut Aligned<T>, n: usize) {
     if v.len() < n {
         v.resize(n, T::default());
     } else {

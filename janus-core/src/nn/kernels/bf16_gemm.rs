@@ -104,6 +104,16 @@ impl Bf16Gemm {
     }
 }
 
+/// A buffer whose first value starts a cache line. An AMX tile row (64 bytes) read from an
+/// address that is not a multiple of 64 spans two lines and takes two loads: Pro-1B shapes, 600
+/// rows, one thread, ~0.8 TFLOP/s with the operands 16 bytes past a line against ~1.4 aligned.
+pub(crate) type Aligned<T> = aligned_vec::AVec<T, aligned_vec::ConstAlign<64>>;
+
+/// An empty [`Aligned`] buffer.
+pub(crate) fn aligned<T>() -> Aligned<T> {
+    Aligned::new(64)
+}
+
 /// `x` rounded to bf16 (to nearest, ties to even, as PyTorch converts).
 fn to_bf16(x: &[f32], dst: &mut [u16]) {
     for (d, &v) in dst.iter_mut().zip(x) {
@@ -154,14 +164,25 @@ pub fn bf16_gemm(
 /// Activation rows rounded to bf16 and laid out as one path's products read them, so that
 /// several weights can multiply the same rows (a layer's q, k and v, or gate and up) with one
 /// conversion. The buffer is kept between [`pack`](Self::pack) calls.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PackedRows {
     path: Option<Bf16Gemm>,
     rows: usize,
     d_in: usize,
     /// AMX: bf16 pairs in blocks of 16 rows ([`amx::pack`]). AVX512-BF16: bf16 values, rows of
     /// `d_in + 32` ([`dot::pack`]), as pairs of values.
-    data: Vec<u32>,
+    data: Aligned<u32>,
+}
+
+impl Default for PackedRows {
+    fn default() -> Self {
+        PackedRows {
+            path: None,
+            rows: 0,
+            d_in: 0,
+            data: aligned(),
+        }
+    }
 }
 
 impl PackedRows {
@@ -386,7 +407,7 @@ pub(crate) mod amx {
     /// `(b · d_in/2 + p) · 16 + j`, holding `x[16b + j][2p]` (low half) and `x[..][2p + 1]`; rows
     /// past `rows` are zero, to a whole number of 32-row blocks. The buffer keeps its memory
     /// between calls; every value is written.
-    pub(super) fn pack(x: &[f32], rows: usize, d_in: usize, packed: &mut Vec<u32>) {
+    pub(super) fn pack(x: &[f32], rows: usize, d_in: usize, packed: &mut Aligned<u32>) {
         let blocks = rows.div_ceil(2 * TILE) * 2;
         let pairs = d_in / 2;
         if packed.len() != blocks * pairs * TILE {
@@ -534,35 +555,20 @@ pub(crate) mod amx {
         });
     }
 
-    /// Rows `first..last` of `w` in tile order: block `i` of 16 rows, step `s` of 32 values at
-    /// `(i · steps + s) · 512`, 16 rows of 32 values (1 KiB, one tile) each, so that a tile load
-    /// reads 16 consecutive cache lines instead of 16 lines one weight row apart.
-    fn tile_order(w: &[u16], d_in: usize, first: usize, last: usize, dst: &mut Vec<u16>) {
-        let steps = d_in / 32;
-        dst.clear();
-        dst.resize((last - first) * d_in, 0);
-        for (i, tiles) in dst.chunks_exact_mut(TILE * d_in).enumerate() {
-            for r in 0..TILE {
-                let row = &w[(first + i * TILE + r) * d_in..][..d_in];
-                for (s, part) in row.chunks_exact(32).enumerate() {
-                    tiles[(s * TILE + r) * 32..][..32].copy_from_slice(part);
-                }
-            }
-            debug_assert_eq!(tiles.len(), steps * TILE * 32);
-        }
-    }
-
-    /// Weight rows whose length in bytes is a multiple of this are copied into tile order
-    /// first: read in place, a tile's 16 rows would map to one or two sets of the 4 KiB-periodic
-    /// L1 cache and evict each other (Pro-1B shapes, 600 rows, 2 threads: `in` = 2048 in place
-    /// ~1.1 TFLOP/s, in tile order ~1.35). Other rows are read in place, with no copy (`in` =
-    /// 5632: ~1.42 against ~1.34; the attention's products over 64–128-wide heads and
-    /// 576-key rows).
+    /// Weight rows whose length in bytes is a multiple of this are not read in place by every
+    /// pass over the activations: a tile's 16 rows would map to one or two sets of the 4
+    /// KiB-periodic L1 cache and evict each other (Pro-1B shapes, 600 rows, 2 threads: `in` =
+    /// 2048 in place ~1.1 TFLOP/s, in tile order ~1.35). The first pass stores the tiles it
+    /// loads in tile order ([`TILES`]) and the later passes read them from there; rows not
+    /// starting a cache line take the same route. Other rows are read in place throughout (`in`
+    /// = 5632; the attention's products over 64–128-wide heads and 576-key rows).
     const ALIASED_ROWS: usize = 2048;
 
     thread_local! {
-        /// The weight rows of a task in tile order ([`tile_order`]), kept between calls.
-        static TILES: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// The weight rows of a task in tile order: block `i` of 16 rows, step `s` of 32 values
+        /// at `(i · steps + s) · 512`, 16 rows of 32 values (1 KiB, one tile) each, so that a
+        /// tile load reads 16 consecutive cache lines. Kept between calls.
+        static TILES: std::cell::RefCell<Aligned<u16>> = std::cell::RefCell::new(aligned());
     }
 
     /// Weight rows `first..last` (multiples of 32) against every activation row.
@@ -584,26 +590,49 @@ pub(crate) mod amx {
         y: Out,
         store: Store<'_>,
     ) {
-        if !(2 * d_in).is_multiple_of(ALIASED_ROWS) {
-            // Tiles read straight from the rows: they fall in different cache sets.
-            let layout = WeightLayout {
-                // SAFETY: `first < out`, so the offset lies inside `w`.
-                base: unsafe { w.as_ptr().add(first * d_in) },
-                step: 32,
-                row_bytes: 2 * d_in,
-            };
+        let src = WeightLayout {
+            // SAFETY: `first < out`, so the offset lies inside `w`.
+            base: unsafe { w.as_ptr().add(first * d_in) },
+            step: 32,
+            row_bytes: 2 * d_in,
+        };
+        // One pass over the activations reads each weight tile once: no copy pays for itself.
+        let in_place = !(2 * d_in).is_multiple_of(ALIASED_ROWS)
+            && (src.base as usize).is_multiple_of(64)
+            || rows <= 2 * TILE;
+        if in_place {
             // SAFETY: as this function's.
-            return unsafe { tiled_block(packed, rows, layout, d_in, out, first, last, y, store) };
+            return unsafe {
+                tiled_block(packed, rows, src, None, d_in, out, first, last, y, store)
+            };
         }
         TILES.with_borrow_mut(|tiles| {
-            tile_order(w, d_in, first, last, tiles);
-            let layout = WeightLayout {
+            // Every tile is stored by the first pass before a later one reads it: the buffer
+            // only grows, and is not cleared.
+            let len = (last - first) * d_in;
+            if tiles.len() < len {
+                tiles.resize(len, 0);
+            }
+            let dst = WeightLayout {
                 base: tiles.as_ptr(),
                 step: TILE * 32,
                 row_bytes: 64,
             };
-            // SAFETY: as this function's.
-            unsafe { tiled_block(packed, rows, layout, d_in, out, first, last, y, store) }
+            // SAFETY: as this function's; `tiles` holds the task's rows in tile order.
+            unsafe {
+                tiled_block(
+                    packed,
+                    rows,
+                    src,
+                    Some(dst),
+                    d_in,
+                    out,
+                    first,
+                    last,
+                    y,
+                    store,
+                )
+            }
         })
     }
 
@@ -616,16 +645,18 @@ pub(crate) mod amx {
         row_bytes: usize,
     }
 
-    /// [`block`] over the weight rows in tile order.
+    /// [`block`] over the weight tiles at `src`; with `copy`, the first pass over the
+    /// activations also stores them there, and the later passes read them from there.
     ///
     /// # Safety
-    /// As [`block`]'s, with `tiles` from [`tile_order`] of rows `first..last`.
+    /// As [`block`]'s, with `src` the rows `first..last` of `w` and `copy` room for them.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tiled_block(
         packed: &[u32],
         rows: usize,
-        tiles: WeightLayout,
+        src: WeightLayout,
+        copy: Option<WeightLayout>,
         d_in: usize,
         out: usize,
         first: usize,
@@ -635,7 +666,7 @@ pub(crate) mod amx {
     ) {
         use std::arch::asm;
         let config = Config::new();
-        let mut res = [[0f32; TILE * TILE]; 4];
+        let mut res = ResultTiles([[0f32; TILE * TILE]; 4]);
         // Both operands' tiles are 16 rows of 64 bytes, one after the other.
         let stride = 4 * TILE;
         let steps = d_in / 32;
@@ -647,10 +678,16 @@ pub(crate) mod amx {
             for mb in (0..rows.div_ceil(2 * TILE)).map(|b| 2 * b) {
                 let x0 = packed.as_ptr().add(mb * (d_in / 2) * TILE);
                 let x1 = x0.add((d_in / 2) * TILE);
+                // The first pass reads the weight tiles from their rows and, with `copy`, stores
+                // them in tile order there for the later passes.
+                let tiles = match copy {
+                    Some(dst) if mb > 0 => dst,
+                    _ => src,
+                };
+                let store_to = copy.filter(|_| mb == 0);
                 for n in (first..last).step_by(2 * TILE) {
                     let w0 = tiles.base.add((n - first) * d_in);
                     let w1 = w0.add(TILE * d_in);
-                    let line_step = tiles.row_bytes / 2;
                     asm!(
                         "tilezero tmm0",
                         "tilezero tmm1",
@@ -663,12 +700,36 @@ pub(crate) mod amx {
                         // wait less (Pro-1B shapes, 600 rows, 2 threads: ~1.15 → ~1.3 TFLOP/s;
                         // one step or four ahead measured no better).
                         if s + 2 < steps {
-                            for line in 0..TILE {
-                                prefetch(w0.add(tiles.step * (s + 2) + line_step * line));
-                                prefetch(w1.add(tiles.step * (s + 2) + line_step * line));
-                                prefetch(x0.add(16 * TILE * (s + 2) + 16 * line));
-                                prefetch(x1.add(16 * TILE * (s + 2) + 16 * line));
-                            }
+                            prefetch_tile(w0.add(tiles.step * (s + 2)), tiles.row_bytes);
+                            prefetch_tile(w1.add(tiles.step * (s + 2)), tiles.row_bytes);
+                            prefetch_tile(x0.add(16 * TILE * (s + 2)), stride);
+                            prefetch_tile(x1.add(16 * TILE * (s + 2)), stride);
+                        }
+                        if let Some(dst) = store_to {
+                            let d0 = dst.base.add((n - first) * d_in);
+                            let d1 = d0.add(TILE * d_in);
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {wst}*1]",
+                                "tileloadd tmm6, [{b0} + {st}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {st}*1]",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{a1} + {wst}*1]",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "tilestored [{d0} + {st}*1], tmm4",
+                                "tilestored [{d1} + {st}*1], tmm5",
+                                a0 = in(reg) w0.add(tiles.step * s),
+                                a1 = in(reg) w1.add(tiles.step * s),
+                                b0 = in(reg) x0.add(16 * TILE * s),
+                                b1 = in(reg) x1.add(16 * TILE * s),
+                                d0 = in(reg) d0.add(dst.step * s),
+                                d1 = in(reg) d1.add(dst.step * s),
+                                st = in(reg) stride,
+                                wst = in(reg) tiles.row_bytes,
+                                options(nostack)
+                            );
+                            continue;
                         }
                         // Each load just before the first product that needs it, so the
                         // next loads overlap the products already issued.
@@ -714,10 +775,10 @@ pub(crate) mod amx {
                         "tilestored [{r1} + {s}*1], tmm1",
                         "tilestored [{r2} + {s}*1], tmm2",
                         "tilestored [{r3} + {s}*1], tmm3",
-                        r0 = in(reg) res[0].as_mut_ptr(),
-                        r1 = in(reg) res[1].as_mut_ptr(),
-                        r2 = in(reg) res[2].as_mut_ptr(),
-                        r3 = in(reg) res[3].as_mut_ptr(),
+                        r0 = in(reg) res.0[0].as_mut_ptr(),
+                        r1 = in(reg) res.0[1].as_mut_ptr(),
+                        r2 = in(reg) res.0[2].as_mut_ptr(),
+                        r3 = in(reg) res.0[3].as_mut_ptr(),
                         s = in(reg) stride,
                         options(nostack)
                     );
@@ -726,7 +787,7 @@ pub(crate) mod amx {
                     let Store::Transposed(epilogue) = store else {
                         unreachable!("direct stores continue above")
                     };
-                    for (t, tile) in res.iter().enumerate() {
+                    for (t, tile) in res.0.iter().enumerate() {
                         let (i, j) = (t / 2, t % 2);
                         let r0 = (mb + j) * TILE;
                         let take = TILE.min(rows.saturating_sub(r0));
@@ -748,13 +809,48 @@ pub(crate) mod amx {
         }
     }
 
-    /// Asks for the cache line at `p` in L1 (a hint: it never faults).
+    /// Four result tiles as `tilestored` writes them, each row on a cache line of its own.
+    #[repr(C, align(64))]
+    struct ResultTiles([[f32; TILE * TILE]; 4]);
+
+    /// Asks for the 16 cache lines of a tile (rows `stride` bytes apart from `p`) in L1 (a
+    /// hint: it never faults). Sixteen instructions off four base registers: the addresses
+    /// computed one by one were kept on the stack, and reloading them took load slots from
+    /// the tile loads.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn prefetch<T>(p: *const T) {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: a prefetch reads nothing the program can observe and cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    fn prefetch_tile<T>(p: *const T, stride: usize) {
+        // SAFETY: a prefetch reads nothing the program can observe and cannot fault; the
+        // registers are scratch values computed here.
+        unsafe {
+            std::arch::asm!(
+                "lea {s3}, [{s} + {s}*2]",
+                "lea {q}, [{p} + {s}*4]",
+                "prefetcht0 [{p}]",
+                "prefetcht0 [{p} + {s}]",
+                "prefetcht0 [{p} + {s}*2]",
+                "prefetcht0 [{p} + {s3}]",
+                "prefetcht0 [{q}]",
+                "prefetcht0 [{q} + {s}]",
+                "prefetcht0 [{q} + {s}*2]",
+                "prefetcht0 [{q} + {s3}]",
+                "lea {q}, [{q} + {s}*4]",
+                "prefetcht0 [{q}]",
+                "prefetcht0 [{q} + {s}]",
+                "prefetcht0 [{q} + {s}*2]",
+                "prefetcht0 [{q} + {s3}]",
+                "lea {q}, [{q} + {s}*4]",
+                "prefetcht0 [{q}]",
+                "prefetcht0 [{q} + {s}]",
+                "prefetcht0 [{q} + {s}*2]",
+                "prefetcht0 [{q} + {s3}]",
+                p = in(reg) p,
+                s = in(reg) stride,
+                s3 = out(reg) _,
+                q = out(reg) _,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
     }
 
     /// Writes column `j` of the 16×16 `tile` as 16 consecutive values at `dst + j·stride`, for
@@ -825,7 +921,7 @@ mod dot {
     /// Activations as bf16 (two to a `u32`), padded with zero rows to a multiple of MR, each
     /// row one cache line longer than `d_in` so that the rows a kernel reads do not share L1
     /// sets.
-    pub(super) fn pack(x: &[f32], rows: usize, d_in: usize, packed: &mut Vec<u32>) {
+    pub(super) fn pack(x: &[f32], rows: usize, d_in: usize, packed: &mut Aligned<u32>) {
         let padded = rows.next_multiple_of(MR);
         let stride = (d_in + 32) / 2;
         packed.clear();
@@ -986,22 +1082,31 @@ mod tests {
                 (33, 96, 64),
                 (50, 160, 128),
                 (100, 64, 320),
-                // Rows of 2 KiB and 4 KiB: the AMX path copies them into tile order first.
+                // Rows of 2 KiB and 4 KiB: the AMX path copies them into tile order as it
+                // goes (more than one pass over the activations) or reads them in place.
                 (40, 1024, 64),
+                (100, 1024, 96),
                 (3, 2048, 32),
             ] {
                 let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 2)).collect();
                 let w = weight(out, d_in);
                 let mut want = vec![0.0; rows * out];
                 reference(&x, rows, &w, d_in, &mut want);
-                let mut got = vec![f32::NAN; rows * out];
-                bf16_gemm(path, &x, rows, &w, d_in, &mut got).unwrap();
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                        "{} {rows}x{d_in}x{out} at {i}: {g} vs {e}",
-                        path.name()
-                    );
+                // The weight at the start of a cache line and one value past it (AMX reads
+                // the latter through its tile-order copy).
+                for skip in [0, 1] {
+                    let mut held: Aligned<u16> = aligned();
+                    held.resize(skip, 0);
+                    held.extend_from_slice(&w);
+                    let mut got = vec![f32::NAN; rows * out];
+                    bf16_gemm(path, &x, rows, &held[skip..], d_in, &mut got).unwrap();
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{} {rows}x{d_in}x{out} (skip {skip}) at {i}: {g} vs {e}",
+                            path.name()
+                        );
+                    }
                 }
             }
         }
