@@ -16,7 +16,7 @@ use burn::tensor::{Bool, DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::activation::exp_neg;
-use super::kernels::bf16_gemm::{ALIGN, Aligned, PackedRows, aligned, amx_gemm_t};
+use super::kernels::bf16_gemm::{ALIGN, Aligned, aligned};
 use super::kernels::simd::{self, widest};
 use super::kernels::{Bf16Gemm, bf16_gemm};
 
@@ -251,11 +251,13 @@ struct Scratch {
     norms: Vec<f32>,
     /// bf16 keys (AMX: queries).
     keys: Aligned<u16>,
-    /// bf16 `vᵀ` (AMX: softmax weights).
+    /// bf16 `vᵀ` (AMX: a block's softmax weights).
     values_t: Aligned<u16>,
-    /// AMX: keys, then `vᵀ`, as the products' activation rows.
-    packed: PackedRows,
-    /// AMX: `vᵀ` in f32, then the output rows.
+    /// AMX: the keys as pairs of rows.
+    key_pairs: Aligned<u32>,
+    /// AMX: the values as pairs of columns.
+    value_pairs: Aligned<u32>,
+    /// AMX: a block's output rows.
     wide: Aligned<f32>,
 }
 
@@ -266,7 +268,8 @@ impl Default for Scratch {
             norms: Vec::new(),
             keys: aligned(),
             values_t: aligned(),
-            packed: PackedRows::default(),
+            key_pairs: aligned(),
+            value_pairs: aligned(),
             wide: aligned(),
         }
     }
@@ -301,6 +304,7 @@ fn head(
     sc: &mut Scratch,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
     if path == Some(Bf16Gemm::Amx) {
         return head_amx(qh, kh, vh, (t, s, d, padded), softmax, sc, out);
     }
@@ -388,10 +392,13 @@ fn softmax_rows(
     }
 }
 
-/// [`head`] on AMX, with both products' results stored as the tiles leave them: the scores
-/// with the queries as the weight rows and the keys as the activation rows (`q·kᵀ` row by
-/// row), the output with the softmax weights as the weight rows and `vᵀ` as the activation
-/// rows. The operands round to bf16 as in [`head`]; no result tile is transposed.
+/// [`head`] on AMX, 32 queries at a time on this thread: their scores against the keys they
+/// see (a causal block stops at its last query's key, and skips the products past it), the
+/// softmax, then `p·v`, every buffer a block's size (a whole head's scores would not stay in
+/// the core's L2). The operands round to bf16 as in [`head`]: the queries as rows, the keys as
+/// the products' pairs of rows, the softmax weights as rows and the values as pairs of
+/// columns.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn head_amx(
     qh: &[f32],
@@ -402,50 +409,98 @@ fn head_amx(
     sc: &mut Scratch,
     out: &mut [f32],
 ) {
-    const FITS: &str = "the head width is covered and the shapes match";
+    use super::kernels::bf16_gemm::amx::{self, TILE};
+    let Softmax {
+        row,
+        hidden,
+        scale,
+        causal,
+    } = softmax;
     let bf16 = simd::bf16_bits;
+    // Queries as bf16 rows, zero rows up to a multiple of the block.
     let rows = t.next_multiple_of(ALIGN);
-    // Queries as bf16 weight rows, zero rows up to a multiple of 32.
     set_len(&mut sc.keys, rows * d);
     let (queries, pad) = sc.keys.split_at_mut(t * d);
     for (q, &x) in queries.iter_mut().zip(qh) {
         *q = bf16(x);
     }
     pad.fill(0);
-    sc.packed.pack(Bf16Gemm::Amx, kh, s, d).expect(FITS);
-    sc.p.resize(rows * padded, 0.0);
-    amx_gemm_t(&sc.packed, &sc.keys, &mut sc.p, padded).expect(FITS);
-    softmax_rows(&mut sc.p, (t, s, padded), softmax, &mut sc.norms);
-    // The weights as bf16 rows (zero rows after the queries), `vᵀ` with zero keys after `s`.
-    set_len(&mut sc.values_t, rows * padded);
-    let (probs, pad) = sc.values_t.split_at_mut(t * padded);
-    for (w, &x) in probs.iter_mut().zip(&sc.p[..t * padded]) {
-        *w = bf16(x);
-    }
-    pad.fill(0);
-    set_len(&mut sc.wide, d * padded);
-    for (j, vr) in vh.chunks_exact(d).enumerate() {
-        for (c, &x) in vr.iter().enumerate() {
-            sc.wide[c * padded + j] = x;
+    amx::pack_here(kh, s, d, &mut sc.key_pairs);
+    amx::pack_columns(vh, s, d, &mut sc.value_pairs);
+    set_len(&mut sc.p, ALIGN * padded);
+    set_len(&mut sc.values_t, ALIGN * padded);
+    set_len(&mut sc.wide, ALIGN * d);
+    // Values between two 16-key blocks of the packed keys, two 16-column blocks of the values.
+    let (key_block, value_block) = ((d / 2) * TILE, (padded / 2) * TILE);
+    // SAFETY: the AMX path was selected, so AMX is usable.
+    unsafe { amx::configure_tiles() };
+    for q0 in (0..t).step_by(ALIGN) {
+        let n = ALIGN.min(t - q0);
+        // The keys a query of the block sees (all of them where a mask may hide every
+        // one: such a query averages all `s` values).
+        let seen = match (causal, hidden) {
+            (true, None) => s - t + q0 + n,
+            _ => s,
+        };
+        let width = seen.next_multiple_of(ALIGN);
+        for k0 in (0..width).step_by(ALIGN) {
+            // SAFETY: tiles configured below; the queries hold 32 rows of `d` from `q0`
+            // (rows up to `t` rounded up to 32), the packed keys 16-key blocks up to
+            // `padded` ≥ `width`, the scores 32 rows of `padded`.
+            unsafe {
+                amx::block_32x32(
+                    sc.keys.as_ptr().add(q0 * d),
+                    2 * d,
+                    sc.key_pairs.as_ptr().add(k0 / TILE * key_block),
+                    key_block,
+                    d / ALIGN,
+                    sc.p.as_mut_ptr().add(k0),
+                    4 * padded,
+                )
+            };
+        }
+        sc.norms.clear();
+        let probs = sc.values_t.chunks_exact_mut(padded);
+        for (i, (pr, wr)) in sc.p.chunks_exact_mut(padded).zip(probs).enumerate() {
+            let (pr, wr) = (&mut pr[..width], &mut wr[..width]);
+            if i >= n {
+                wr.fill(0);
+                continue;
+            }
+            let q = q0 + i;
+            // Keys 0..upto are not in the query's future.
+            let upto = if causal { s - t + q + 1 } else { s };
+            let mask = hidden.map(|m| &m[(row * t + q) * s..][..upto]);
+            sc.norms.push(softmax_row(pr, upto, s, mask, scale));
+            for (w, &x) in wr.iter_mut().zip(pr.iter()) {
+                *w = bf16(x);
+            }
+        }
+        for c0 in (0..d).step_by(ALIGN) {
+            // SAFETY: as above; the weights hold 32 rows of `padded` bf16 values (the
+            // first `width` written), the packed values 16-column blocks of `padded`
+            // keys, the output buffer 32 rows of `d`.
+            unsafe {
+                amx::block_32x32(
+                    sc.values_t.as_ptr(),
+                    2 * padded,
+                    sc.value_pairs.as_ptr().add(c0 / TILE * value_block),
+                    value_block,
+                    width / ALIGN,
+                    sc.wide.as_mut_ptr().add(c0),
+                    4 * d,
+                )
+            };
+        }
+        let done = out[q0 * d..(q0 + n) * d].chunks_exact_mut(d);
+        for ((or, wr), &norm) in done.zip(sc.wide.chunks_exact(d)).zip(&sc.norms) {
+            for (o, &w) in or.iter_mut().zip(wr) {
+                *o = w * norm;
+            }
         }
     }
-    for row in sc.wide.chunks_exact_mut(padded) {
-        row[s..].fill(0.0);
-    }
-    sc.packed
-        .pack(Bf16Gemm::Amx, &sc.wide, d, padded)
-        .expect(FITS);
-    set_len(&mut sc.wide, rows * d);
-    amx_gemm_t(&sc.packed, &sc.values_t, &mut sc.wide, d).expect(FITS);
-    for ((or, wr), &n) in out
-        .chunks_exact_mut(d)
-        .zip(sc.wide.chunks_exact(d))
-        .zip(&sc.norms)
-    {
-        for (o, &w) in or.iter_mut().zip(wr) {
-            *o = w * n;
-        }
-    }
+    // SAFETY: as above.
+    unsafe { amx::release_tiles() };
 }
 
 /// `v` holding `n` values, every one of which the caller writes: memory is zeroed only where
@@ -475,7 +530,8 @@ fn softmax_row(pr: &mut [f32], upto: usize, s: usize, mask: Option<&[bool]>, sca
             .fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x)),
     };
     if max == f32::NEG_INFINITY {
-        pr[..s].fill(1.0);
+        let all = s.min(pr.len());
+        pr[..all].fill(1.0);
         return 1.0 / s as f32;
     }
     // scale > 0: the largest score scaled is the largest scaled score.
@@ -561,6 +617,55 @@ mod tests {
     /// The bf16 prompt form against the backend's fused f32 attention, causal with a longer cache
     /// and hidden keys, and bidirectional: within bf16 rounding of the operands. Queries that see
     /// no key average every value.
+    /// The bf16 prompt form over several blocks of queries and keys, head widths of 32 to
+    /// 128, causal without a mask (where a block of queries skips the keys after its last one)
+    /// and bidirectional, against the fused attention in f32.
+    #[test]
+    fn bf16_prompt_form_matches_over_many_blocks() {
+        let Some(path) = Bf16Gemm::best() else {
+            return;
+        };
+        for d in [32, 64, 128] {
+            for (t, s, is_causal) in [
+                (70, 70, true),
+                (40, 100, true),
+                (20, 37, true),
+                (70, 70, false),
+            ] {
+                let (b, h) = (1, 3);
+                let q = tensor([b, h, t, d], 7);
+                let k = tensor([b, h, s, d], 8);
+                let v = tensor([b, h, s, d], 9);
+                let scale = 1.0 / (d as f64).sqrt();
+                let got = if is_causal {
+                    causal(q.clone(), k.clone(), v.clone(), None, scale, Some(path))
+                } else {
+                    bidirectional(q.clone(), k.clone(), v.clone(), scale, Some(path))
+                };
+                let options = AttentionModuleOptions {
+                    scale: Some(scale),
+                    softcap: None,
+                    is_causal,
+                };
+                let want = attention(q, k, v, None, None, options);
+                let a: Vec<f32> = got.into_data().try_to_vec().unwrap();
+                let f: Vec<f32> = want.into_data().try_to_vec().unwrap();
+                let worst = a
+                    .iter()
+                    .zip(&f)
+                    .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    worst < 1e-2,
+                    "d {d}, t {t}, s {s}, causal {is_causal}: {worst}"
+                );
+                assert!(
+                    worst > 0.0,
+                    "d {d}, t {t}, s {s}: the bf16 path did not run"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bf16_prompt_form_matches_fused_attention() {
         let Some(path) = Bf16Gemm::best() else {

@@ -11,7 +11,7 @@
 //! from the projections' outputs. The arithmetic is the tensor form's: norms, softmax, RoPE and
 //! activations in f32, the products with bf16 operands and f32 sums.
 
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::activation::{gelu_value, map_in_place, silu_value};
@@ -356,10 +356,7 @@ impl<'a> HostDecoder<'a> {
         rotate(&mut s.q, t, d, rope);
         rotate(&mut s.k, t, d, rope);
         let start = cache.len();
-        let as_tensor = |v: &[f32]| {
-            Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, kv_heads, t, d]), device)
-        };
-        let (k_all, v_all) = cache.append(layer, as_tensor(&s.k), as_tensor(&s.v));
+        let (k_all, v_all) = cache.append_host(layer, &s.k, &s.v, [1, kv_heads, t, d], device);
         if start > 0 {
             // Earlier positions: every key and value so far, read back.
             s.k = host_values(&k_all);
@@ -430,6 +427,8 @@ fn rotate(x: &mut [f32], t: usize, d: usize, rope: &RopeTables) {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Arc;
+
+    use burn::tensor::TensorData;
 
     use super::*;
     use crate::nn::kernels::HalfKind;

@@ -6,6 +6,7 @@
 //! conditional/unconditional pair, several images).
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 /// The keys and values of every layer for the positions processed so far.
 #[derive(Debug)]
@@ -110,6 +111,50 @@ impl KvCache {
         (k_all, v_all)
     }
 
+    /// [`append`](Self::append) for keys and values in host memory (`[1, kv_heads, t, head_dim]`
+    /// as `dims` says). Where the layer holds nothing yet and the cache lives on the CPU in f32
+    /// (a prompt's first pass), its buffers are made from the host values directly, with no
+    /// tensor of the new positions and no copy into a zero tensor; the buffers' pages beyond
+    /// the written positions stay unmapped until decoding reaches them. Otherwise the values
+    /// go through [`append`](Self::append).
+    pub(crate) fn append_host(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        dims: [usize; 4],
+        device: &burn::tensor::Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let [b, h, t, d] = dims;
+        let fresh = self.len == 0
+            && self.layers[layer].is_none()
+            && b == 1
+            && crate::device::is_cpu(device);
+        if !fresh {
+            let tensor =
+                |x: &[f32]| Tensor::<4>::from_data(TensorData::new(x.to_vec(), dims), device);
+            return self.append(layer, tensor(k), tensor(v));
+        }
+        let cap = self.capacity_hint.max(t);
+        let buffer = |x: &[f32]| {
+            // A zeroed allocation: only the pages written are mapped, each head's on a thread
+            // of the pool (mapping fresh pages costs more than the copy).
+            let mut all = vec![0.0f32; h * cap * d];
+            all.par_chunks_mut(cap * d)
+                .zip(x.par_chunks(t * d))
+                .for_each(|(dst, src)| {
+                    super::kernels::map_pages_now(&mut dst[..t * d]);
+                    dst[..t * d].copy_from_slice(src);
+                });
+            Tensor::<4>::from_data(TensorData::new(all, [1, h, cap, d]), (device, DType::F32))
+        };
+        let (kc, vc) = rayon::join(|| buffer(k), || buffer(v));
+        let k_all = kc.clone().slice([0..1, 0..h, 0..t, 0..d]);
+        let v_all = vc.clone().slice([0..1, 0..h, 0..t, 0..d]);
+        self.layers[layer] = Some((kc, vc));
+        (k_all, v_all)
+    }
+
     /// Keeps the rows `rows` of the batch, in that order (a row may repeat): one prefill can serve
     /// several sequences that continue differently.
     pub fn select_rows(&mut self, rows: &[usize]) {
@@ -164,5 +209,54 @@ fn zeroed(shape: [usize; 4], like: &Tensor<4>) -> Tensor<4> {
         )
     } else {
         Tensor::zeros(shape, (&device, like.dtype()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7 + seed * 13) % 29) as f32 - 14.0).collect()
+    }
+
+    /// A prompt appended from host values, then a step appended as tensors, holds what the
+    /// same appends as tensors hold: the same positions, capacity and values.
+    #[test]
+    fn host_appends_hold_what_tensor_appends_hold() {
+        let device = crate::device::default_device();
+        let (h, t, d) = (3, 5, 4);
+        let tensor = |v: &[f32], t: usize| {
+            Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, h, t, d]), &device)
+        };
+        let (k, v) = (values(h * t * d, 1), values(h * t * d, 2));
+        let (k1, v1) = (values(h * d, 3), values(h * d, 4));
+        let mut host = KvCache::new(1, 8);
+        let mut plain = KvCache::new(1, 8);
+        let (hk, hv) = host.append_host(0, &k, &v, [1, h, t, d], &device);
+        let (pk, pv) = plain.append(0, tensor(&k, t), tensor(&v, t));
+        let same = |a: Tensor<4>, b: Tensor<4>| {
+            assert_eq!(a.dims(), b.dims());
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.into_data().try_to_vec().unwrap(),
+                b.into_data().try_to_vec().unwrap(),
+            );
+            assert_eq!(a, b);
+        };
+        same(hk, pk);
+        same(hv, pv);
+        host.advance(t);
+        plain.advance(t);
+        assert_eq!(host.capacity(), plain.capacity());
+        let (hk, hv) = host.append(0, tensor(&k1, 1), tensor(&v1, 1));
+        let (pk, pv) = plain.append(0, tensor(&k1, 1), tensor(&v1, 1));
+        same(hk, pk);
+        same(hv, pv);
+        // Once the layer holds positions, host values take the tensor route.
+        host.advance(1);
+        plain.advance(1);
+        let (hk, _) = host.append_host(0, &k1, &v1, [1, h, 1, d], &device);
+        let (pk, _) = plain.append(0, tensor(&k1, 1), tensor(&v1, 1));
+        same(hk, pk);
     }
 }

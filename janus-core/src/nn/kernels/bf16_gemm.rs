@@ -273,15 +273,7 @@ pub fn bf16_gemm_packed_with(
         return Ok(());
     }
     match path {
-        Bf16Gemm::Amx => amx::gemm_into(
-            &x.data,
-            rows,
-            w,
-            d_in,
-            out,
-            y,
-            amx::Store::Transposed(epilogue),
-        ),
+        Bf16Gemm::Amx => amx::gemm_into(&x.data, rows, w, d_in, out, y, epilogue),
         Bf16Gemm::Avx512Bf16 => dot::gemm(&x.data, rows, w, d_in, out, y, epilogue),
     }
     Ok(())
@@ -300,34 +292,6 @@ fn weight_rows(w: &[u16], d_in: usize) -> Result<usize> {
         ));
     }
     Ok(out)
-}
-
-/// `yt = w · xᵀ` on the AMX path: the transpose of [`bf16_gemm_packed`]'s result, `yt[o]` a
-/// row of `ld` values (`ld` ≥ the packed rows rounded up to [`ALIGN`]; up to there the values
-/// past the packed rows are those of zero rows, 0; the rest of each row is left as it was).
-/// The result tiles are stored as the products leave them, with none of the transposes `y`'s
-/// layout takes: for products whose result is wanted this way round (attention scores with the
-/// queries as `w`, `p·v` with `p` as `w`).
-///
-/// # Errors
-/// [`Error::InvalidInput`] when the rows were not packed for AMX, `w` is not rows of the packed
-/// width in a shape AMX covers, or `yt` does not hold `[out, ld]` with a large enough `ld`.
-pub(crate) fn amx_gemm_t(x: &PackedRows, w: &[u16], yt: &mut [f32], ld: usize) -> Result<()> {
-    let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
-    let (Some(Bf16Gemm::Amx), rows, d_in) = (x.path, x.rows, x.d_in) else {
-        return bad("the rows were not packed for AMX".into());
-    };
-    let out = weight_rows(w, d_in)?;
-    if ld < rows.next_multiple_of(ALIGN) || yt.len() != out * ld {
-        return bad(format!(
-            "yt has {} values, for {out} rows of {ld} (at least {rows} rounded up to {ALIGN})",
-            yt.len()
-        ));
-    }
-    if rows > 0 {
-        amx::gemm_into(&x.data, rows, w, d_in, out, yt, amx::Store::Direct { ld });
-    }
-    Ok(())
 }
 
 /// `y`'s base pointer, shared by tasks that write disjoint columns.
@@ -408,35 +372,143 @@ pub(crate) mod amx {
     /// past `rows` are zero, to a whole number of 32-row blocks. The buffer keeps its memory
     /// between calls; every value is written.
     pub(super) fn pack(x: &[f32], rows: usize, d_in: usize, packed: &mut Aligned<u32>) {
+        let pairs = d_in / 2;
+        let one = block_packer(x, rows, d_in, packed);
+        packed
+            .par_chunks_mut(pairs * TILE)
+            .enumerate()
+            .for_each(|(b, block)| one(b, block));
+    }
+
+    /// [`pack`] on the calling thread alone (for work already spread over the pool, as one
+    /// attention head per task).
+    pub(crate) fn pack_here(x: &[f32], rows: usize, d_in: usize, packed: &mut Aligned<u32>) {
+        let pairs = d_in / 2;
+        let one = block_packer(x, rows, d_in, packed);
+        packed
+            .chunks_mut(pairs * TILE)
+            .enumerate()
+            .for_each(|(b, block)| one(b, block));
+    }
+
+    /// Sizes `packed` for [`pack`] and returns the function that fills its block `b`.
+    fn block_packer<'a>(
+        x: &'a [f32],
+        rows: usize,
+        d_in: usize,
+        packed: &mut Aligned<u32>,
+    ) -> impl Fn(usize, &mut [u32]) + Sync + 'a {
         let blocks = rows.div_ceil(2 * TILE) * 2;
         let pairs = d_in / 2;
         if packed.len() != blocks * pairs * TILE {
             packed.resize(blocks * pairs * TILE, 0);
         }
+        let vector = vector_conversions();
+        move |b, block| {
+            let first = b * TILE;
+            let n = TILE.min(rows.saturating_sub(first));
+            let lo = first.min(rows);
+            let x = &x[lo * d_in..(lo + n) * d_in];
+            if vector {
+                // SAFETY: the features were detected; `x` holds `n` ≤ 16 rows of `d_in` (a
+                // multiple of 32) and `block` 16 rows of `d_in / 2` pairs.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    pack_block_avx512(x, n, d_in, block)
+                };
+            } else {
+                pack_block(x, n, d_in, block);
+            }
+        }
+    }
+
+    /// Whether AVX-512F and AVX512-BF16 convert to bf16 here (every AMX CPU so far has them).
+    fn vector_conversions() -> bool {
         #[cfg(target_arch = "x86_64")]
-        let vector = std::arch::is_x86_feature_detected!("avx512f")
+        return std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16");
         #[cfg(not(target_arch = "x86_64"))]
-        let vector = false;
-        packed
-            .par_chunks_mut(pairs * TILE)
-            .enumerate()
-            .for_each(|(b, block)| {
-                let first = b * TILE;
-                let n = TILE.min(rows.saturating_sub(first));
-                let lo = first.min(rows);
-                let x = &x[lo * d_in..(lo + n) * d_in];
-                if vector {
-                    // SAFETY: the features were detected above; `x` holds `n` ≤ 16 rows of
-                    // `d_in` (a multiple of 32) and `block` 16 rows of `d_in / 2` pairs.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        pack_block_avx512(x, n, d_in, block)
-                    };
-                } else {
-                    pack_block(x, n, d_in, block);
-                }
-            });
+        false
+    }
+
+    /// The columns of `v` (`[s, d]`) as [`pack`] lays out rows: the operand that multiplies
+    /// rows over `s` (the softmax weights of `p·v`) by `v`. Column block `c` (16 columns),
+    /// pair `p` (rows `2p`, `2p + 1`), column `16c + j` at `(c · keys/2 + p) · 16 + j`, rows
+    /// from `s` to `keys` (`s` rounded up to 32) zero. Runs on the calling thread.
+    pub(crate) fn pack_columns(v: &[f32], s: usize, d: usize, packed: &mut Aligned<u32>) {
+        assert!(
+            v.len() == s * d && d.is_multiple_of(TILE),
+            "[{s}, {d}] columns"
+        );
+        let pairs = s.next_multiple_of(2 * TILE) / 2;
+        packed.resize(d * pairs, 0);
+        #[cfg(target_arch = "x86_64")]
+        if vector_conversions() {
+            let row = |r: usize| (r < s).then(|| &v[r * d..][..d]);
+            for p in 0..pairs {
+                // SAFETY: the features were detected; rows are `d` values, `d` a multiple of
+                // 16, and the writes land inside `packed` (`d / 16` blocks of `pairs · 16`).
+                unsafe { pack_pair_avx512(row(2 * p), row(2 * p + 1), d, p, pairs, packed) };
+            }
+            return;
+        }
+        pack_columns_scalar(v, s, d, packed);
+    }
+
+    /// [`pack_columns`] one value at a time.
+    pub(crate) fn pack_columns_scalar(v: &[f32], s: usize, d: usize, packed: &mut Aligned<u32>) {
+        let pairs = s.next_multiple_of(2 * TILE) / 2;
+        packed.resize(d * pairs, 0);
+        let bits = |r: usize, c: usize| {
+            if r < s {
+                u32::from(super::super::simd::bf16_bits(v[r * d + c]))
+            } else {
+                0
+            }
+        };
+        for p in 0..pairs {
+            for c in 0..d {
+                packed[((c / TILE) * pairs + p) * TILE + c % TILE] =
+                    bits(2 * p, c) | (bits(2 * p + 1, c) << 16);
+            }
+        }
+    }
+
+    /// One pair of rows of [`pack_columns`]: 16 columns at a time, both rows rounded to bf16
+    /// in one instruction and interleaved.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX512-BW and AVX512-BF16 must be available; rows of `d` values, `d` a multiple
+    /// of 16, `packed` holding `d · pairs` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pack_pair_avx512(
+        a: Option<&[f32]>,
+        b: Option<&[f32]>,
+        d: usize,
+        p: usize,
+        pairs: usize,
+        packed: &mut [u32],
+    ) {
+        use std::arch::x86_64::*;
+        // Word 2j of the result: word j (row a's column j); word 2j + 1: word 16 + j.
+        let order: [u16; 32] = std::array::from_fn(|w| (w / 2 + 16 * (w % 2)) as u16);
+        // SAFETY: reads 16 values inside each row and writes 16 inside `packed` (as above).
+        unsafe {
+            let order = _mm512_loadu_si512(order.as_ptr().cast());
+            let load = |r: Option<&[f32]>, c: usize| match r {
+                Some(r) => _mm512_loadu_ps(r.as_ptr().add(c)),
+                None => _mm512_setzero_ps(),
+            };
+            for c in (0..d).step_by(TILE) {
+                let both: __m512i =
+                    std::mem::transmute(_mm512_cvtne2ps_pbh(load(b, c), load(a, c)));
+                let pairs_out = _mm512_permutexvar_epi16(order, both);
+                let at = packed.as_mut_ptr().add(((c / TILE) * pairs + p) * TILE);
+                _mm512_storeu_si512(at.cast(), pairs_out);
+            }
+        }
     }
 
     /// One block of [`pack`]: `n` rows of `x` (16 with zeros after them) into `block`.
@@ -524,16 +596,7 @@ pub(crate) mod amx {
         out
     }
 
-    /// How result tiles (`[16 weight rows, 16 activation rows]`) reach the output.
-    #[derive(Clone, Copy)]
-    pub(super) enum Store<'a> {
-        /// Transposed into `y` `[rows, out]`, with the epilogue.
-        Transposed(Epilogue<'a>),
-        /// As they are into `yt` `[out, ld]`.
-        Direct { ld: usize },
-    }
-
-    /// `y = x·wᵀ` for `packed` from [`pack`], stored as `store` says.
+    /// `y = x·wᵀ` for `packed` from [`pack`], the epilogue applied as results are stored.
     pub(super) fn gemm_into(
         packed: &[u32],
         rows: usize,
@@ -541,7 +604,7 @@ pub(crate) mod amx {
         d_in: usize,
         out: usize,
         y: &mut [f32],
-        store: Store<'_>,
+        epilogue: Epilogue<'_>,
     ) {
         let per = rows_per_task(out, d_in, 2 * TILE, rayon::current_num_threads());
         let y = Out(y.as_mut_ptr());
@@ -551,7 +614,7 @@ pub(crate) mod amx {
             // SAFETY: this task writes the outputs of weight rows first..last only; `usable`
             // was checked by the caller, shapes are multiples of 32, the packed rows cover
             // every block and a direct `yt` has rows of at least the padded row count.
-            unsafe { block(packed, rows, w, d_in, out, first, last, y, store) };
+            unsafe { block(packed, rows, w, d_in, out, first, last, y, epilogue) };
         });
     }
 
@@ -588,7 +651,7 @@ pub(crate) mod amx {
         first: usize,
         last: usize,
         y: Out,
-        store: Store<'_>,
+        epilogue: Epilogue<'_>,
     ) {
         let src = WeightLayout {
             // SAFETY: `first < out`, so the offset lies inside `w`.
@@ -603,7 +666,7 @@ pub(crate) mod amx {
         if in_place {
             // SAFETY: as this function's.
             return unsafe {
-                tiled_block(packed, rows, src, None, d_in, out, first, last, y, store)
+                tiled_block(packed, rows, src, None, d_in, out, first, last, y, epilogue)
             };
         }
         TILES.with_borrow_mut(|tiles| {
@@ -630,7 +693,7 @@ pub(crate) mod amx {
                     first,
                     last,
                     y,
-                    store,
+                    epilogue,
                 )
             }
         })
@@ -662,7 +725,7 @@ pub(crate) mod amx {
         first: usize,
         last: usize,
         y: Out,
-        store: Store<'_>,
+        epilogue: Epilogue<'_>,
     ) {
         use std::arch::asm;
         let config = Config::new();
@@ -751,25 +814,6 @@ pub(crate) mod amx {
                             options(nostack, readonly)
                         );
                     }
-                    if let Store::Direct { ld } = store {
-                        // Tile (i, j) at yt's rows n + 16i.., columns 16(mb + j)..: inside
-                        // yt, whose rows hold every padded activation row.
-                        let at =
-                            |i: usize, j: usize| y.0.add((n + TILE * i) * ld + (mb + j) * TILE);
-                        asm!(
-                            "tilestored [{r0} + {s}*1], tmm0",
-                            "tilestored [{r1} + {s}*1], tmm1",
-                            "tilestored [{r2} + {s}*1], tmm2",
-                            "tilestored [{r3} + {s}*1], tmm3",
-                            r0 = in(reg) at(0, 0),
-                            r1 = in(reg) at(0, 1),
-                            r2 = in(reg) at(1, 0),
-                            r3 = in(reg) at(1, 1),
-                            s = in(reg) 4 * ld,
-                            options(nostack)
-                        );
-                        continue;
-                    }
                     asm!(
                         "tilestored [{r0} + {s}*1], tmm0",
                         "tilestored [{r1} + {s}*1], tmm1",
@@ -784,9 +828,6 @@ pub(crate) mod amx {
                     );
                     // Result tile (i, j): weight rows n + 16i.., activation rows 16(mb + j)..,
                     // transposed into y's rows.
-                    let Store::Transposed(epilogue) = store else {
-                        unreachable!("direct stores continue above")
-                    };
                     for (t, tile) in res.0.iter().enumerate() {
                         let (i, j) = (t / 2, t % 2);
                         let r0 = (mb + j) * TILE;
@@ -806,6 +847,100 @@ pub(crate) mod amx {
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// Configures this thread's tiles as [`Config::new`] says (for [`block_32x32`]); release
+    /// them with [`release_tiles`].
+    ///
+    /// # Safety
+    /// AMX must be [`usable`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn configure_tiles() {
+        let config = Config::new();
+        // SAFETY: AMX is usable (the caller's promise); the configuration is this thread's.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+        }
+    }
+
+    /// Releases this thread's tiles.
+    ///
+    /// # Safety
+    /// AMX must be [`usable`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn release_tiles() {
+        // SAFETY: AMX is usable (the caller's promise).
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// `c = a · bᵀ` for 32 rows of `a` and 32 rows of `b`, over `steps` steps of 32 values:
+    /// `a` bf16 rows `a_row` bytes apart (step `k` at `a + 32k`); `b` two blocks of 16 rows
+    /// in [`pack`]'s pair layout, the second `b_next` values after the first (step `k` at
+    /// `+ 256k`); `c` 32 rows of 32 f32 `c_row` bytes apart (row `i` for `a`'s row `i`, column
+    /// `j` for `b`'s row `j`), overwritten.
+    ///
+    /// # Safety
+    /// Between [`configure_tiles`] and [`release_tiles`]; every tile read (16 rows of 64 bytes at the places above, for
+    /// `k < steps`) and written lies inside live buffers.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn block_32x32(
+        a: *const u16,
+        a_row: usize,
+        b: *const u32,
+        b_next: usize,
+        steps: usize,
+        c: *mut f32,
+        c_row: usize,
+    ) {
+        use std::arch::asm;
+        // SAFETY (all asm blocks): as this function's.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            let a1 = a.byte_add(TILE * a_row);
+            let b1 = b.add(b_next);
+            for k in 0..steps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {ast}*1]",
+                    "tileloadd tmm6, [{b0} + {bst}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {bst}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {ast}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a.add(32 * k),
+                    a1 = in(reg) a1.add(32 * k),
+                    b0 = in(reg) b.add(16 * TILE * k),
+                    b1 = in(reg) b1.add(16 * TILE * k),
+                    ast = in(reg) a_row,
+                    bst = in(reg) 4 * TILE,
+                    options(nostack, readonly)
+                );
+            }
+            let c1 = c.byte_add(TILE * c_row);
+            asm!(
+                "tilestored [{r0} + {s}*1], tmm0",
+                "tilestored [{r1} + {s}*1], tmm1",
+                "tilestored [{r2} + {s}*1], tmm2",
+                "tilestored [{r3} + {s}*1], tmm3",
+                r0 = in(reg) c,
+                r1 = in(reg) c.add(TILE),
+                r2 = in(reg) c1,
+                r3 = in(reg) c1.add(TILE),
+                s = in(reg) c_row,
+                options(nostack)
+            );
         }
     }
 
@@ -901,7 +1036,7 @@ pub(crate) mod amx {
         _: usize,
         _: usize,
         _: Out,
-        _: Store<'_>,
+        _: Epilogue<'_>,
     ) {
         unreachable!("AMX is x86-64 only and `usable` says so")
     }
@@ -1157,38 +1292,95 @@ mod tests {
         }
     }
 
-    /// The AMX product stored the other way round is the transpose of the definition, padding
-    /// columns included (products with zero rows).
+    /// The attention's AMX block product over rows packed by `pack_here` (keys) and columns
+    /// packed by `pack_columns` (values, `s` not always a multiple of 32), against the
+    /// definition on the bf16-rounded operands; the columns' vector packing against its scalar
+    /// form.
     #[test]
-    fn amx_transposed_output_is_the_transpose() {
+    fn amx_blocks_of_32_match_the_definition() {
         if !Bf16Gemm::Amx.supported() {
             return;
         }
-        for &(rows, d_in, out, ld) in &[(7, 64, 96, 32), (33, 96, 64, 96), (64, 1024, 32, 64)] {
-            let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 3)).collect();
-            let w = weight(out, d_in);
-            let mut want = vec![0.0; rows * out];
-            reference(&x, rows, &w, d_in, &mut want);
-            let mut packed = PackedRows::default();
-            packed.pack(Bf16Gemm::Amx, &x, rows, d_in).unwrap();
-            let mut yt = vec![f32::NAN; out * ld];
-            amx_gemm_t(&packed, &w, &mut yt, ld).unwrap();
-            let padded = rows.next_multiple_of(ALIGN);
-            for o in 0..out {
-                assert!(yt[o * ld + padded..(o + 1) * ld].iter().all(|v| v.is_nan()));
-                for r in 0..padded {
-                    let (g, e) = (
-                        yt[o * ld + r],
-                        if r < rows { want[r * out + o] } else { 0.0 },
-                    );
-                    assert!(
-                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                        "{rows}x{d_in}x{out} at ({o}, {r}): {g} vs {e}"
+        #[cfg(target_arch = "x86_64")]
+        for &(s, d) in &[(45, 32), (64, 64), (100, 128)] {
+            let round = |v: f32| half::bf16::from_f32(v).to_f32();
+            let bits = |b: u16| half::bf16::from_bits(b).to_f32();
+            let keys: Vec<f32> = (0..s * d).map(|i| value(i, 5)).collect();
+            let values: Vec<f32> = (0..s * d).map(|i| value(i, 6)).collect();
+            let rows = s.next_multiple_of(ALIGN);
+            // 32 query rows of `d`, and 32 rows of weights over `rows` keys (zero past `s`).
+            let mut queries: Aligned<u16> = aligned();
+            queries.resize(ALIGN * d, 0);
+            for (i, q) in queries.iter_mut().enumerate() {
+                *q = half::bf16::from_f32(value(i, 7)).to_bits();
+            }
+            let mut weights: Aligned<u16> = aligned();
+            weights.resize(ALIGN * rows, 0);
+            for (i, w) in weights.iter_mut().enumerate() {
+                let v = if i % rows < s { value(i, 8) } else { 0.0 };
+                *w = half::bf16::from_f32(v).to_bits();
+            }
+
+            let mut key_pairs = aligned();
+            amx::pack_here(&keys, s, d, &mut key_pairs);
+            let mut value_pairs = aligned();
+            amx::pack_columns(&values, s, d, &mut value_pairs);
+            let mut scalar = aligned();
+            amx::pack_columns_scalar(&values, s, d, &mut scalar);
+            assert_eq!(&value_pairs[..], &scalar[..], "[{s}, {d}] columns");
+            let mut scores: Aligned<f32> = aligned();
+            scores.resize(ALIGN * rows, f32::NAN);
+            let mut out: Aligned<f32> = aligned();
+            out.resize(ALIGN * d, f32::NAN);
+            let (key_block, value_block) = ((d / 2) * amx::TILE, (rows / 2) * amx::TILE);
+            // SAFETY: AMX is usable; the buffers hold what each call reads and writes.
+            unsafe {
+                amx::configure_tiles();
+                for k0 in (0..rows).step_by(ALIGN) {
+                    amx::block_32x32(
+                        queries.as_ptr(),
+                        2 * d,
+                        key_pairs.as_ptr().add(k0 / amx::TILE * key_block),
+                        key_block,
+                        d / ALIGN,
+                        scores.as_mut_ptr().add(k0),
+                        4 * rows,
                     );
                 }
+                for c0 in (0..d).step_by(ALIGN) {
+                    amx::block_32x32(
+                        weights.as_ptr(),
+                        2 * rows,
+                        value_pairs.as_ptr().add(c0 / amx::TILE * value_block),
+                        value_block,
+                        rows / ALIGN,
+                        out.as_mut_ptr().add(c0),
+                        4 * d,
+                    );
+                }
+                amx::release_tiles();
             }
-            let mut short = vec![0.0; out * (padded - 1)];
-            assert!(amx_gemm_t(&packed, &w, &mut short, padded - 1).is_err());
+            let close = |g: f32, e: f32| (g - e).abs() <= 1e-4 * (1.0 + e.abs());
+            for i in 0..ALIGN {
+                for j in 0..rows {
+                    let e = if j < s {
+                        (0..d)
+                            .map(|c| bits(queries[i * d + c]) * round(keys[j * d + c]))
+                            .sum()
+                    } else {
+                        0.0
+                    };
+                    let g = scores[i * rows + j];
+                    assert!(close(g, e), "scores [{s}, {d}] ({i}, {j}): {g} vs {e}");
+                }
+                for c in 0..d {
+                    let e: f32 = (0..s)
+                        .map(|j| bits(weights[i * rows + j]) * round(values[j * d + c]))
+                        .sum();
+                    let g = out[i * d + c];
+                    assert!(close(g, e), "p·v [{s}, {d}] ({i}, {c}): {g} vs {e}");
+                }
+            }
         }
     }
 
