@@ -14,7 +14,7 @@
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::activation::{gelu_value, map_in_place, silu_value};
+use super::activation::{gelu_value, map_in_place};
 use super::attention::{HostShape, prompt_host};
 use super::kernels::bf16_gemm::{Bf16Gemm, Epilogue, PackedRows, bf16_gemm_packed_with};
 use super::kernels::simd::{self, widest};
@@ -56,20 +56,45 @@ impl<'a> HostLinear<'a> {
     /// `y = x·Wᵀ + b` for rows packed on this layer's path (`y` `[rows, out]`, overwritten).
     fn apply(&self, x: &PackedRows, y: &mut Vec<f32>) {
         y.resize(x.rows() * self.out, 0.0);
-        self.product(x, y, false);
+        self.product(x, y, Epilogue::default());
+    }
+
+    /// [`apply`](Self::apply) with `y` laid out as heads of `d` outputs (`[out / d, rows, d]`),
+    /// as the attention reads them.
+    fn apply_heads(&self, x: &PackedRows, d: usize, y: &mut Vec<f32>) {
+        y.resize(x.rows() * self.out, 0.0);
+        let heads = Epilogue {
+            head_width: Some(d),
+            ..Epilogue::default()
+        };
+        self.product(x, y, heads);
+    }
+
+    /// `y = silu(gate) · (x·Wᵀ + b)`: a SwiGLU's up projection times its activated gate
+    /// projection (`gate` `[rows, out]`), as the results are stored.
+    fn apply_gated(&self, x: &PackedRows, gate: &[f32], y: &mut Vec<f32>) {
+        y.resize(x.rows() * self.out, 0.0);
+        let gated = Epilogue {
+            gate: Some(gate),
+            ..Epilogue::default()
+        };
+        self.product(x, y, gated);
     }
 
     /// `x += y·Wᵀ + b`: a residual branch's output projection, added as the results are stored.
     fn add_into(&self, y: &PackedRows, x: &mut [f32]) {
-        self.product(y, x, true);
+        let residual = Epilogue {
+            accumulate: true,
+            ..Epilogue::default()
+        };
+        self.product(y, x, residual);
     }
 
-    /// `y = x·Wᵀ + b`, or with `accumulate` `y += x·Wᵀ + b`, the bias and the sum applied as
-    /// the product stores its results.
-    fn product(&self, x: &PackedRows, y: &mut [f32], accumulate: bool) {
+    /// The product with `epilogue` and this layer's bias applied as it stores its results.
+    fn product(&self, x: &PackedRows, y: &mut [f32], epilogue: Epilogue<'_>) {
         let epilogue = Epilogue {
             bias: self.bias.as_deref(),
-            accumulate,
+            ..epilogue
         };
         bf16_gemm_packed_with(x, self.w, y, epilogue)
             .expect("the layers' widths were checked when they loaded");
@@ -129,20 +154,6 @@ fn rms_norm(x: &[f32], width: usize, weight: &[f32], eps: f64, out: &mut [f32]) 
     );
 }
 
-/// Heads `[rows, …, heads · d …]` (head `i` of row `r` at `r·row + first + i·d`) copied out as
-/// `[heads, rows, d]`.
-fn gather_heads(src: &[f32], row: usize, first: usize, heads: usize, d: usize, dst: &mut Vec<f32>) {
-    let rows = src.len() / row;
-    dst.resize(heads * rows * d, 0.0);
-    dst.par_chunks_mut(rows * d)
-        .enumerate()
-        .for_each(|(i, head)| {
-            for (r, v) in head.chunks_exact_mut(d).enumerate() {
-                v.copy_from_slice(&src[r * row + first + i * d..][..d]);
-            }
-        });
-}
-
 /// `[heads, rows, d]` laid out as `[rows, heads · d]`.
 fn scatter_heads(src: &[f32], heads: usize, d: usize, dst: &mut [f32]) {
     let rows = src.len() / (heads * d);
@@ -169,23 +180,18 @@ pub(crate) struct Scratch {
     heads: Vec<f32>,
 }
 
-impl Scratch {
-    /// Attention of the heads in `q`, `k`, `v` (scale `1/√d`) into `heads` (`[h, t, d]`).
-    fn attend(&mut self, path: Bf16Gemm, shape: HostShape, causal: bool) {
-        self.heads.resize(shape.h * shape.t * shape.d, 0.0);
-        let scale = 1.0 / (shape.d as f32).sqrt();
-        prompt_host(
-            Some(path),
-            &self.q,
-            &self.k,
-            &self.v,
-            shape,
-            None,
-            scale,
-            causal,
-            &mut self.heads,
-        );
-    }
+/// Attention of the heads in `q`, `k`, `v` (`[heads, rows, d]`, scale `1/√d`) into `heads`
+/// (`[h, t, d]`).
+fn attend(
+    path: Bf16Gemm,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    shape: HostShape,
+    causal: bool,
+    heads: &mut Vec<f32>,
+) {
+    heads.resize(shape.h * shape.t * shape.d, 0.0);
+    let scale = 1.0 / (shape.d as f32).sqrt();
+    prompt_host(Some(path), q, k, v, shape, None, scale, causal, heads);
 }
 
 /// A SigLIP block's operands on the host.
@@ -226,10 +232,10 @@ impl<'a> HostBlock<'a> {
         s.packed
             .pack(path, &s.normed, n, width)
             .expect("the path was checked by HostLinear::of");
-        self.qkv.apply(&s.packed, &mut s.a);
-        gather_heads(&s.a, 3 * width, 0, heads, d, &mut s.q);
-        gather_heads(&s.a, 3 * width, width, heads, d, &mut s.k);
-        gather_heads(&s.a, 3 * width, 2 * width, heads, d, &mut s.v);
+        // Queries, keys and values, each as `heads` heads of `[n, d]`.
+        self.qkv.apply_heads(&s.packed, d, &mut s.a);
+        let (q, kv) = s.a.split_at(n * width);
+        let (k, v) = kv.split_at(n * width);
         let shape = HostShape {
             b: 1,
             h: heads,
@@ -238,7 +244,7 @@ impl<'a> HostBlock<'a> {
             s: n,
             d,
         };
-        s.attend(path, shape, false);
+        attend(path, (q, k, v), shape, false, &mut s.heads);
         scatter_heads(&s.heads, heads, d, &mut s.normed);
         s.packed
             .pack(path, &s.normed, n, width)
@@ -347,12 +353,9 @@ impl<'a> HostDecoder<'a> {
         s.packed
             .pack(path, &s.normed, t, width)
             .expect("the path was checked by HostLinear::of");
-        self.q.apply(&s.packed, &mut s.a);
-        gather_heads(&s.a, heads * d, 0, heads, d, &mut s.q);
-        self.k.apply(&s.packed, &mut s.a);
-        gather_heads(&s.a, kv_heads * d, 0, kv_heads, d, &mut s.k);
-        self.v.apply(&s.packed, &mut s.a);
-        gather_heads(&s.a, kv_heads * d, 0, kv_heads, d, &mut s.v);
+        self.q.apply_heads(&s.packed, d, &mut s.q);
+        self.k.apply_heads(&s.packed, d, &mut s.k);
+        self.v.apply_heads(&s.packed, d, &mut s.v);
         rotate(&mut s.q, t, d, rope);
         rotate(&mut s.k, t, d, rope);
         let start = cache.len();
@@ -370,7 +373,7 @@ impl<'a> HostDecoder<'a> {
             s: start + t,
             d,
         };
-        s.attend(path, shape, true);
+        attend(path, (&s.q, &s.k, &s.v), shape, true, &mut s.heads);
         s.normed.resize(t * heads * d, 0.0);
         scatter_heads(&s.heads, heads, d, &mut s.normed);
         s.packed
@@ -383,22 +386,10 @@ impl<'a> HostDecoder<'a> {
             .pack(path, &s.normed, t, width)
             .expect("the path was checked by HostLinear::of");
         self.gate.apply(&s.packed, &mut s.a);
-        self.up.apply(&s.packed, &mut s.b);
-        s.a.par_chunks_mut(1 << 14)
-            .zip(s.b.par_chunks(1 << 14))
-            .for_each(|(g, u)| {
-                widest(
-                    #[inline(always)]
-                    || {
-                        g.iter_mut()
-                            .zip(u)
-                            .for_each(|(g, &u)| *g = silu_value(*g) * u)
-                    },
-                )
-            });
+        self.up.apply_gated(&s.packed, &s.a, &mut s.b);
         let f = self.gate.out;
         s.packed
-            .pack(path, &s.a, t, f)
+            .pack(path, &s.b, t, f)
             .expect("the path was checked by HostLinear::of");
         self.down.add_into(&s.packed, x);
     }

@@ -217,7 +217,9 @@ mod tests {
     use super::*;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7 + seed * 13) % 29) as f32 - 14.0).collect()
+        (0..n)
+            .map(|i| ((i * 7 + seed * 13) % 29) as f32 - 14.0)
+            .collect()
     }
 
     /// A prompt appended from host values, then a step appended as tensors, holds what the

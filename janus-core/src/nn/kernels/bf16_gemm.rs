@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::super::activation::silu_value;
 use crate::error::{Error, Result};
 
 /// `in` and `out` must be multiples of this for the instruction paths.
@@ -233,14 +234,39 @@ pub fn bf16_gemm_packed(x: &PackedRows, w: &[u16], y: &mut [f32]) -> Result<()> 
 }
 
 /// What a product does with each result as it stores it: `y = x·wᵀ + bias` (`bias` one value
-/// per output), or with `accumulate` `y += x·wᵀ + bias` (a residual branch added to its input).
-/// The sum, the bias and the earlier value are added in that order, as separate passes would.
+/// per output), times `silu(gate)` with a `gate` (a SwiGLU's up projection times its activated
+/// gate projection, `gate` laid out as `y`), or with `accumulate` `y += …` (a residual branch
+/// added to its input). The sum, the bias, the gate and the earlier value are applied in that
+/// order, as separate passes would. With `head_width`, `y` is laid out as heads of that many
+/// outputs, one after the other: `[out / head_width, rows, head_width]` instead of
+/// `[rows, out]`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Epilogue<'a> {
     /// Added to each row of results.
     pub bias: Option<&'a [f32]>,
     /// Add to `y` instead of overwriting it.
     pub accumulate: bool,
+    /// Each result times `silu` of the value at its place here.
+    pub gate: Option<&'a [f32]>,
+    /// `y` as heads of this many outputs (a multiple of 16 that divides the outputs).
+    pub head_width: Option<usize>,
+}
+
+impl Epilogue<'_> {
+    /// Where result `(r, o)` of a `[rows, out]` product goes in `y`.
+    #[inline(always)]
+    fn place(&self, rows: usize, out: usize, r: usize, o: usize) -> usize {
+        match self.head_width {
+            None => r * out + o,
+            Some(d) => (o / d * rows + r) * d + o % d,
+        }
+    }
+
+    /// The distance in `y` between one row's result and the next row's for the same output.
+    #[inline(always)]
+    fn row_stride(&self, out: usize) -> usize {
+        self.head_width.unwrap_or(out)
+    }
 }
 
 /// [`bf16_gemm_packed`] with an [`Epilogue`] applied as results are stored.
@@ -268,6 +294,19 @@ pub fn bf16_gemm_packed_with(
         && b.len() != out
     {
         return bad(format!("a bias of {} values for {out} outputs", b.len()));
+    }
+    if let Some(g) = epilogue.gate
+        && g.len() != rows * out
+    {
+        return bad(format!(
+            "a gate of {} values for {rows} rows of {out} outputs",
+            g.len()
+        ));
+    }
+    if let Some(d) = epilogue.head_width
+        && (d == 0 || !d.is_multiple_of(16) || !out.is_multiple_of(d))
+    {
+        return bad(format!("heads of {d} outputs for {out} outputs"));
     }
     if rows == 0 {
         return Ok(());
@@ -833,13 +872,15 @@ pub(crate) mod amx {
                         let r0 = (mb + j) * TILE;
                         let take = TILE.min(rows.saturating_sub(r0));
                         if take > 0 {
-                            let bias = epilogue.bias.map(|b| b[n + i * TILE..].as_ptr());
+                            let o = n + i * TILE;
+                            let at = epilogue.place(rows, out, r0, o);
                             transpose_store(
                                 tile,
-                                y.0.add(r0 * out + n + i * TILE),
-                                out,
+                                y.0.add(at),
+                                epilogue.row_stride(out),
                                 take,
-                                bias,
+                                epilogue.bias.map(|b| b[o..].as_ptr()),
+                                epilogue.gate.map(|g| g[at..].as_ptr()),
                                 epilogue.accumulate,
                             );
                         }
@@ -989,12 +1030,13 @@ pub(crate) mod amx {
     }
 
     /// Writes column `j` of the 16×16 `tile` as 16 consecutive values at `dst + j·stride`, for
-    /// `j < take` ([`transpose16`]), plus the 16 values at `bias` if any, plus the values
-    /// already there with `accumulate`.
+    /// `j < take` ([`transpose16`]), plus the 16 values at `bias` if any, times `silu` of the
+    /// values at `gate + j·stride` if any, plus the values already there with `accumulate`.
     ///
     /// # Safety
     /// AVX-512F must be available (every AMX CPU has it); `dst + j·stride .. + 16` must be
-    /// writable (and, with `accumulate`, readable) for `j < take`; `bias` must hold 16 values.
+    /// writable (and, with `accumulate`, readable) for `j < take`, and as much readable at
+    /// `gate`; `bias` must hold 16 values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn transpose_store(
@@ -1003,6 +1045,7 @@ pub(crate) mod amx {
         stride: usize,
         take: usize,
         bias: Option<*const f32>,
+        gate: Option<*const f32>,
         accumulate: bool,
     ) {
         use std::arch::x86_64::*;
@@ -1016,6 +1059,15 @@ pub(crate) mod amx {
                 let mut v = *v;
                 if let Some(b) = b {
                     v = _mm512_add_ps(v, b);
+                }
+                if let Some(g) = gate {
+                    let mut lanes = [0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                    let g = std::slice::from_raw_parts(g.add(j * stride), 16);
+                    for (x, &g) in lanes.iter_mut().zip(g) {
+                        *x *= silu_value(g);
+                    }
+                    v = _mm512_loadu_ps(lanes.as_ptr());
                 }
                 if accumulate {
                     v = _mm512_add_ps(v, _mm512_loadu_ps(dst.add(j * stride)));
@@ -1156,16 +1208,19 @@ mod dot {
                             }
                         }
                         for j in 0..MR.min(r1 - m) {
-                            let dst = y.0.add((m + j) * out + n);
                             for (i, a) in acc.iter().enumerate() {
+                                let at = epilogue.place(rows, out, m + j, n + i);
                                 let mut v = _mm512_reduce_add_ps(a[j]);
                                 if let Some(b) = epilogue.bias {
                                     v += b[n + i];
                                 }
-                                if epilogue.accumulate {
-                                    v += *dst.add(i);
+                                if let Some(g) = epilogue.gate {
+                                    v *= silu_value(g[at]);
                                 }
-                                *dst.add(i) = v;
+                                if epilogue.accumulate {
+                                    v += *y.0.add(at);
+                                }
+                                *y.0.add(at) = v;
                             }
                         }
                     }
@@ -1250,7 +1305,7 @@ mod tests {
     /// Bias and accumulation as results are stored, on every path: `y += x·wᵀ + b`, exactly
     /// the separate passes' sums (the same three terms added in the same order).
     #[test]
-    fn the_epilogue_adds_bias_and_input() {
+    fn the_epilogue_adds_bias_gate_and_input_and_lays_out_heads() {
         for path in Bf16Gemm::ALL.into_iter().filter(|p| p.supported()) {
             for &(rows, d_in, out) in &[(7, 64, 96), (50, 160, 128), (33, 1024, 64)] {
                 let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 4)).collect();
@@ -1271,13 +1326,14 @@ mod tests {
                 let epilogue = Epilogue {
                     bias: Some(&bias),
                     accumulate: true,
+                    ..Epilogue::default()
                 };
                 bf16_gemm_packed_with(&packed, &w, &mut got, epilogue).unwrap();
                 assert_eq!(got, want, "{} {rows}x{d_in}x{out}", path.name());
                 let mut biased = vec![f32::NAN; rows * out];
                 let epilogue = Epilogue {
                     bias: Some(&bias),
-                    accumulate: false,
+                    ..Epilogue::default()
                 };
                 bf16_gemm_packed_with(&packed, &w, &mut biased, epilogue).unwrap();
                 for (i, (g, p)) in biased.iter().zip(&plain).enumerate() {
@@ -1285,9 +1341,45 @@ mod tests {
                 }
                 let short = Epilogue {
                     bias: Some(&bias[1..]),
-                    accumulate: false,
+                    ..Epilogue::default()
                 };
                 assert!(bf16_gemm_packed_with(&packed, &w, &mut biased, short).is_err());
+                // Times silu of a gate, as a SwiGLU's up projection.
+                let gate: Vec<f32> = (0..rows * out).map(|i| 8.0 * value(i, 7)).collect();
+                let mut gated = vec![f32::NAN; rows * out];
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    gate: Some(&gate),
+                    ..Epilogue::default()
+                };
+                bf16_gemm_packed_with(&packed, &w, &mut gated, epilogue).unwrap();
+                for (i, g) in gated.iter().enumerate() {
+                    assert_eq!(*g, (plain[i] + bias[i % out]) * silu_value(gate[i]));
+                }
+                let short = Epilogue {
+                    gate: Some(&gate[1..]),
+                    ..Epilogue::default()
+                };
+                assert!(bf16_gemm_packed_with(&packed, &w, &mut gated, short).is_err());
+                // Laid out as heads of 32 outputs.
+                let d = 32;
+                let mut heads = vec![f32::NAN; rows * out];
+                let epilogue = Epilogue {
+                    head_width: Some(d),
+                    ..Epilogue::default()
+                };
+                bf16_gemm_packed_with(&packed, &w, &mut heads, epilogue).unwrap();
+                for (i, p) in plain.iter().enumerate() {
+                    let (r, o) = (i / out, i % out);
+                    assert_eq!(heads[(o / d * rows + r) * d + o % d], *p, "({r}, {o})");
+                }
+                for bad in [0, 24, 3 * out] {
+                    let epilogue = Epilogue {
+                        head_width: Some(bad),
+                        ..Epilogue::default()
+                    };
+                    assert!(bf16_gemm_packed_with(&packed, &w, &mut heads, epilogue).is_err());
+                }
             }
         }
     }
