@@ -144,6 +144,7 @@ fn bf16_prompt(
         t,
         s,
         d,
+        tokens: false,
     };
     let mut out = vec![0.0f32; b * h * t * d];
     prompt_host(
@@ -162,7 +163,9 @@ fn bf16_prompt(
 
 /// The shape of a [`prompt_host`] attention: `b` rows of `h` query heads over `kvh` key/value
 /// heads (`h` a multiple of `kvh`; query head `i` reads key/value head `i / (h / kvh)`), `t`
-/// queries, the last of `s` positions, head width `d`.
+/// queries, the last of `s` positions, head width `d`; with `tokens` the output is laid out
+/// `[b, t, h·d]` (each position's heads side by side, as the output projection reads them)
+/// instead of `[b, h, t, d]`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HostShape {
     pub b: usize,
@@ -171,10 +174,37 @@ pub(crate) struct HostShape {
     pub t: usize,
     pub s: usize,
     pub d: usize,
+    pub tokens: bool,
 }
 
-/// Attention of host values, one task per row and query head on the thread pool: `q` and `out`
-/// `[b, h, t, d]`, `k` and `v` `[b, kvh, s, d]`. The scores `q·kᵀ`, then in f32 the scale, the
+/// Where one head's output rows go: row `i` (`d` values) at `base + i·stride`.
+#[derive(Clone, Copy)]
+struct OutRows {
+    base: *mut f32,
+    stride: usize,
+    d: usize,
+}
+
+// SAFETY: each task writes the rows of its own head only (see `prompt_host`), and the output
+// outlives the parallel loop.
+unsafe impl Send for OutRows {}
+unsafe impl Sync for OutRows {}
+
+impl OutRows {
+    /// Row `i`.
+    ///
+    /// # Safety
+    /// `i` must be below the head's query count, and no other reference to the row may live.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize) -> &mut [f32] {
+        // SAFETY: the caller's promise; `prompt_host` checked the output's length.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(i * self.stride), self.d) }
+    }
+}
+
+/// Attention of host values, one task per row and query head on the thread pool: `q` `[b, h, t,
+/// d]`, `k` and `v` `[b, kvh, s, d]`, `out` as `shape.tokens` says. The scores `q·kᵀ`, then in f32 the scale, the
 /// mask (`causal`: query `i` sees keys `0..=s − t + i`; `hidden` `[b, t, s]`, true = hidden, as
 /// for [`causal`]) and the softmax, then `p·v`. With `path` and a head width it covers, both
 /// products take bf16 operands with f32 sums (keys and `vᵀ` padded with zero rows to a multiple
@@ -193,7 +223,15 @@ pub(crate) fn prompt_host(
     causal: bool,
     out: &mut [f32],
 ) {
-    let HostShape { b, h, kvh, t, s, d } = shape;
+    let HostShape {
+        b,
+        h,
+        kvh,
+        t,
+        s,
+        d,
+        tokens,
+    } = shape;
     assert!(
         kvh > 0 && h.is_multiple_of(kvh) && s >= t,
         "attention shape {shape:?}"
@@ -207,40 +245,59 @@ pub(crate) fn prompt_host(
         Some(_) => s.next_multiple_of(super::kernels::bf16_gemm::ALIGN),
         None => s,
     };
-    out.par_chunks_mut(t * d)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let row = task / h;
-            let kv = row * kvh + task % h / (h / kvh);
-            let (kh, vh) = (&k[kv * s * d..][..s * d], &v[kv * s * d..][..s * d]);
-            let qh = &q[task * t * d..][..t * d];
-            // Taken out of the thread's slot, not borrowed from it: the products below wait on
-            // the pool, and this thread may meanwhile run another head's task, which then
-            // finds the slot empty and makes its own.
-            let mut scratch = SCRATCH.take();
-            widest(
-                #[inline(always)]
-                || {
-                    let softmax = Softmax {
-                        row,
-                        hidden,
-                        scale,
-                        causal,
-                    };
-                    head(
-                        path,
-                        qh,
-                        kh,
-                        vh,
-                        (t, s, d, padded),
-                        softmax,
-                        &mut scratch,
-                        out,
-                    )
+    let base = OutRows {
+        base: out.as_mut_ptr(),
+        stride: 0,
+        d,
+    };
+    (0..b * h).into_par_iter().for_each(move |task| {
+        let base = base;
+        let row = task / h;
+        // SAFETY: inside `out` (its length was checked); each task's rows are its own.
+        let out = unsafe {
+            match tokens {
+                false => OutRows {
+                    base: base.base.add(task * t * d),
+                    stride: d,
+                    d,
                 },
-            );
-            SCRATCH.set(scratch);
-        });
+                true => OutRows {
+                    base: base.base.add(row * t * h * d + task % h * d),
+                    stride: h * d,
+                    d,
+                },
+            }
+        };
+        let kv = row * kvh + task % h / (h / kvh);
+        let (kh, vh) = (&k[kv * s * d..][..s * d], &v[kv * s * d..][..s * d]);
+        let qh = &q[task * t * d..][..t * d];
+        // Taken out of the thread's slot, not borrowed from it: the products below wait on
+        // the pool, and this thread may meanwhile run another head's task, which then
+        // finds the slot empty and makes its own.
+        let mut scratch = SCRATCH.take();
+        widest(
+            #[inline(always)]
+            || {
+                let softmax = Softmax {
+                    row,
+                    hidden,
+                    scale,
+                    causal,
+                };
+                head(
+                    path,
+                    qh,
+                    kh,
+                    vh,
+                    (t, s, d, padded),
+                    softmax,
+                    &mut scratch,
+                    out,
+                )
+            },
+        );
+        SCRATCH.set(scratch);
+    });
 }
 
 /// A head's buffers (see [`SCRATCH`]).
@@ -302,7 +359,7 @@ fn head(
     (t, s, d, padded): (usize, usize, usize, usize),
     softmax: Softmax<'_>,
     sc: &mut Scratch,
-    out: &mut [f32],
+    out: OutRows,
 ) {
     #[cfg(target_arch = "x86_64")]
     if path == Some(Bf16Gemm::Amx) {
@@ -313,9 +370,12 @@ fn head(
         norms,
         keys,
         values_t,
+        wide,
         ..
     } = sc;
     let bf16 = simd::bf16_bits;
+    // The head's output rows, scaled into `out` at the end.
+    set_len(wide, t * d);
     // Every score is written by the product below (padding keys give 0).
     p.resize(t * padded, 0.0);
     match path {
@@ -346,11 +406,11 @@ fn head(
                     values_t[c * padded + j] = bf16(x);
                 }
             }
-            bf16_gemm(path, p, t, values_t, padded, out)
+            bf16_gemm(path, p, t, values_t, padded, wide)
                 .expect("the head width is covered and the shapes match");
         }
         None => {
-            for (pr, or) in p.chunks_exact(padded).zip(out.chunks_exact_mut(d)) {
+            for (pr, or) in p.chunks_exact(padded).zip(wide.chunks_exact_mut(d)) {
                 or.fill(0.0);
                 for (&w, vr) in pr.iter().zip(vh.chunks_exact(d)) {
                     for (o, &x) in or.iter_mut().zip(vr) {
@@ -360,8 +420,12 @@ fn head(
             }
         }
     }
-    for (or, &n) in out.chunks_exact_mut(d).zip(norms.iter()) {
-        or.iter_mut().for_each(|o| *o *= n);
+    for (i, (wr, &n)) in wide.chunks_exact(d).zip(norms.iter()).enumerate() {
+        // SAFETY: `i < t`; this task's rows are its own.
+        let or = unsafe { out.row(i) };
+        for (o, &w) in or.iter_mut().zip(wr) {
+            *o = w * n;
+        }
     }
 }
 
@@ -407,7 +471,7 @@ fn head_amx(
     (t, s, d, padded): (usize, usize, usize, usize),
     softmax: Softmax<'_>,
     sc: &mut Scratch,
-    out: &mut [f32],
+    out: OutRows,
 ) {
     use super::kernels::bf16_gemm::amx::{self, TILE};
     let Softmax {
@@ -492,8 +556,10 @@ fn head_amx(
                 )
             };
         }
-        let done = out[q0 * d..(q0 + n) * d].chunks_exact_mut(d);
-        for ((or, wr), &norm) in done.zip(sc.wide.chunks_exact(d)).zip(&sc.norms) {
+        for (i, (wr, &norm)) in sc.wide.chunks_exact(d).zip(&sc.norms).enumerate() {
+            // SAFETY: `q0 + i < t` (one norm per query of the block); the rows are this task's
+            // own.
+            let or = unsafe { out.row(q0 + i) };
             for (o, &w) in or.iter_mut().zip(wr) {
                 *o = w * norm;
             }
@@ -617,15 +683,13 @@ mod tests {
     /// The bf16 prompt form against the backend's fused f32 attention, causal with a longer cache
     /// and hidden keys, and bidirectional: within bf16 rounding of the operands. Queries that see
     /// no key average every value.
-    /// The bf16 prompt form over several blocks of queries and keys, head widths of 32 to
-    /// 128, causal without a mask (where a block of queries skips the keys after its last one)
+    /// The bf16 prompt form on each path over several blocks of queries and keys, head widths
+    /// of 32 to 128, causal without a mask (where a block of queries skips the keys after its last one)
     /// and bidirectional, against the fused attention in f32.
     #[test]
     fn bf16_prompt_form_matches_over_many_blocks() {
-        let Some(path) = Bf16Gemm::best() else {
-            return;
-        };
-        for d in [32, 64, 128] {
+        let paths = Bf16Gemm::ALL.into_iter().filter(|p| p.supported());
+        for (path, d) in paths.flat_map(|p| [32, 64, 128].map(|d| (p, d))) {
             for (t, s, is_causal) in [
                 (70, 70, true),
                 (40, 100, true),

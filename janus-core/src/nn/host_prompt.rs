@@ -14,7 +14,6 @@
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::activation::{gelu_value, map_in_place};
 use super::attention::{HostShape, prompt_host};
 use super::kernels::bf16_gemm::{Bf16Gemm, Epilogue, PackedRows, bf16_gemm_packed_with};
 use super::kernels::simd::{self, widest};
@@ -68,6 +67,16 @@ impl<'a> HostLinear<'a> {
             ..Epilogue::default()
         };
         self.product(x, y, heads);
+    }
+
+    /// `y = gelu(x·Wᵀ + b)`: an MLP's first projection, activated as the results are stored.
+    fn apply_gelu(&self, x: &PackedRows, y: &mut Vec<f32>) {
+        y.resize(x.rows() * self.out, 0.0);
+        let gelu = Epilogue {
+            gelu: true,
+            ..Epilogue::default()
+        };
+        self.product(x, y, gelu);
     }
 
     /// `y = silu(gate) · (x·Wᵀ + b)`: a SwiGLU's up projection times its activated gate
@@ -154,19 +163,6 @@ fn rms_norm(x: &[f32], width: usize, weight: &[f32], eps: f64, out: &mut [f32]) 
     );
 }
 
-/// `[heads, rows, d]` laid out as `[rows, heads · d]`.
-fn scatter_heads(src: &[f32], heads: usize, d: usize, dst: &mut [f32]) {
-    let rows = src.len() / (heads * d);
-    dst.par_chunks_mut(heads * d)
-        .enumerate()
-        .for_each(|(r, row)| {
-            for (i, v) in row.chunks_exact_mut(d).enumerate() {
-                v.copy_from_slice(&src[(i * rows + r) * d..][..d]);
-            }
-        });
-    debug_assert_eq!(dst.len(), rows * heads * d);
-}
-
 /// Buffers reused from layer to layer.
 #[derive(Default)]
 pub(crate) struct Scratch {
@@ -177,21 +173,20 @@ pub(crate) struct Scratch {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    heads: Vec<f32>,
 }
 
-/// Attention of the heads in `q`, `k`, `v` (`[heads, rows, d]`, scale `1/√d`) into `heads`
-/// (`[h, t, d]`).
+/// Attention of the heads in `q`, `k`, `v` (`[heads, rows, d]`, scale `1/√d`) into `out`
+/// (`[t, h·d]`, the rows the output projection reads).
 fn attend(
     path: Bf16Gemm,
     (q, k, v): (&[f32], &[f32], &[f32]),
     shape: HostShape,
     causal: bool,
-    heads: &mut Vec<f32>,
+    out: &mut Vec<f32>,
 ) {
-    heads.resize(shape.h * shape.t * shape.d, 0.0);
+    out.resize(shape.h * shape.t * shape.d, 0.0);
     let scale = 1.0 / (shape.d as f32).sqrt();
-    prompt_host(Some(path), q, k, v, shape, None, scale, causal, heads);
+    prompt_host(Some(path), q, k, v, shape, None, scale, causal, out);
 }
 
 /// A SigLIP block's operands on the host.
@@ -243,9 +238,9 @@ impl<'a> HostBlock<'a> {
             t: n,
             s: n,
             d,
+            tokens: true,
         };
-        attend(path, (q, k, v), shape, false, &mut s.heads);
-        scatter_heads(&s.heads, heads, d, &mut s.normed);
+        attend(path, (q, k, v), shape, false, &mut s.normed);
         s.packed
             .pack(path, &s.normed, n, width)
             .expect("the path was checked by HostLinear::of");
@@ -255,8 +250,7 @@ impl<'a> HostBlock<'a> {
         s.packed
             .pack(path, &s.normed, n, width)
             .expect("the path was checked by HostLinear::of");
-        self.fc1.apply(&s.packed, &mut s.b);
-        map_in_place(&mut s.b, gelu_value);
+        self.fc1.apply_gelu(&s.packed, &mut s.b);
         s.packed
             .pack(path, &s.b, n, self.fc1.out)
             .expect("the path was checked by HostLinear::of");
@@ -372,10 +366,9 @@ impl<'a> HostDecoder<'a> {
             t,
             s: start + t,
             d,
+            tokens: true,
         };
-        attend(path, (&s.q, &s.k, &s.v), shape, true, &mut s.heads);
-        s.normed.resize(t * heads * d, 0.0);
-        scatter_heads(&s.heads, heads, d, &mut s.normed);
+        attend(path, (&s.q, &s.k, &s.v), shape, true, &mut s.normed);
         s.packed
             .pack(path, &s.normed, t, heads * d)
             .expect("the path was checked by HostLinear::of");

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::super::activation::silu_value;
+use super::super::activation::{gelu_value, silu_value};
 use crate::error::{Error, Result};
 
 /// `in` and `out` must be multiples of this for the instruction paths.
@@ -234,10 +234,11 @@ pub fn bf16_gemm_packed(x: &PackedRows, w: &[u16], y: &mut [f32]) -> Result<()> 
 }
 
 /// What a product does with each result as it stores it: `y = x·wᵀ + bias` (`bias` one value
-/// per output), times `silu(gate)` with a `gate` (a SwiGLU's up projection times its activated
-/// gate projection, `gate` laid out as `y`), or with `accumulate` `y += …` (a residual branch
-/// added to its input). The sum, the bias, the gate and the earlier value are applied in that
-/// order, as separate passes would. With `head_width`, `y` is laid out as heads of that many
+/// per output), through GELU with `gelu` (an MLP's first projection), times `silu(gate)` with a
+/// `gate` (a SwiGLU's up projection times its activated gate projection, `gate` laid out as
+/// `y`), or with `accumulate` `y += …` (a residual branch added to its input). The sum, the
+/// bias, the GELU, the gate and the earlier value are applied in that order, as separate passes
+/// would. With `head_width`, `y` is laid out as heads of that many
 /// outputs, one after the other: `[out / head_width, rows, head_width]` instead of
 /// `[rows, out]`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -246,6 +247,8 @@ pub struct Epilogue<'a> {
     pub bias: Option<&'a [f32]>,
     /// Add to `y` instead of overwriting it.
     pub accumulate: bool,
+    /// Each result through GELU (exact, with `erf`).
+    pub gelu: bool,
     /// Each result times `silu` of the value at its place here.
     pub gate: Option<&'a [f32]>,
     /// `y` as heads of this many outputs (a multiple of 16 that divides the outputs).
@@ -880,6 +883,7 @@ pub(crate) mod amx {
                                 epilogue.row_stride(out),
                                 take,
                                 epilogue.bias.map(|b| b[o..].as_ptr()),
+                                epilogue.gelu,
                                 epilogue.gate.map(|g| g[at..].as_ptr()),
                                 epilogue.accumulate,
                             );
@@ -1030,8 +1034,9 @@ pub(crate) mod amx {
     }
 
     /// Writes column `j` of the 16×16 `tile` as 16 consecutive values at `dst + j·stride`, for
-    /// `j < take` ([`transpose16`]), plus the 16 values at `bias` if any, times `silu` of the
-    /// values at `gate + j·stride` if any, plus the values already there with `accumulate`.
+    /// `j < take` ([`transpose16`]), plus the 16 values at `bias` if any, through GELU with
+    /// `gelu`, times `silu` of the values at `gate + j·stride` if any, plus the values already
+    /// there with `accumulate`.
     ///
     /// # Safety
     /// AVX-512F must be available (every AMX CPU has it); `dst + j·stride .. + 16` must be
@@ -1039,12 +1044,14 @@ pub(crate) mod amx {
     /// `gate`; `bias` must hold 16 values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn transpose_store(
         tile: &[f32; TILE * TILE],
         dst: *mut f32,
         stride: usize,
         take: usize,
         bias: Option<*const f32>,
+        gelu: bool,
         gate: Option<*const f32>,
         accumulate: bool,
     ) {
@@ -1059,6 +1066,14 @@ pub(crate) mod amx {
                 let mut v = *v;
                 if let Some(b) = b {
                     v = _mm512_add_ps(v, b);
+                }
+                if gelu {
+                    let mut lanes = [0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                    for x in &mut lanes {
+                        *x = gelu_value(*x);
+                    }
+                    v = _mm512_loadu_ps(lanes.as_ptr());
                 }
                 if let Some(g) = gate {
                     let mut lanes = [0f32; 16];
@@ -1214,6 +1229,9 @@ mod dot {
                                 if let Some(b) = epilogue.bias {
                                     v += b[n + i];
                                 }
+                                if epilogue.gelu {
+                                    v = gelu_value(v);
+                                }
                                 if let Some(g) = epilogue.gate {
                                     v *= silu_value(g[at]);
                                 }
@@ -1305,7 +1323,7 @@ mod tests {
     /// Bias and accumulation as results are stored, on every path: `y += x·wᵀ + b`, exactly
     /// the separate passes' sums (the same three terms added in the same order).
     #[test]
-    fn the_epilogue_adds_bias_gate_and_input_and_lays_out_heads() {
+    fn the_epilogue_applies_bias_activations_and_input_and_lays_out_heads() {
         for path in Bf16Gemm::ALL.into_iter().filter(|p| p.supported()) {
             for &(rows, d_in, out) in &[(7, 64, 96), (50, 160, 128), (33, 1024, 64)] {
                 let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 4)).collect();
@@ -1344,6 +1362,17 @@ mod tests {
                     ..Epilogue::default()
                 };
                 assert!(bf16_gemm_packed_with(&packed, &w, &mut biased, short).is_err());
+                // Through GELU, as an MLP's first projection.
+                let mut activated = vec![f32::NAN; rows * out];
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    gelu: true,
+                    ..Epilogue::default()
+                };
+                bf16_gemm_packed_with(&packed, &w, &mut activated, epilogue).unwrap();
+                for (i, g) in activated.iter().enumerate() {
+                    assert_eq!(*g, gelu_value(plain[i] + bias[i % out]));
+                }
                 // Times silu of a gate, as a SwiGLU's up projection.
                 let gate: Vec<f32> = (0..rows * out).map(|i| 8.0 * value(i, 7)).collect();
                 let mut gated = vec![f32::NAN; rows * out];
