@@ -16,7 +16,7 @@ use burn::tensor::{Bool, DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::activation::exp_neg;
-use super::kernels::bf16_gemm::{ALIGN, Aligned, aligned};
+use super::kernels::bf16_gemm::{ALIGN, Aligned, Out, aligned};
 use super::kernels::simd::{self, widest};
 use super::kernels::{Bf16Gemm, bf16_gemm};
 
@@ -204,8 +204,8 @@ impl OutRows {
 }
 
 /// Attention of host values, one task per row and query head on the thread pool: `q` `[b, h, t,
-/// d]`, `k` and `v` `[b, kvh, s, d]`, `out` as `shape.tokens` says. The scores `q·kᵀ`, then in f32 the scale, the
-/// mask (`causal`: query `i` sees keys `0..=s − t + i`; `hidden` `[b, t, s]`, true = hidden, as
+/// d]`, `k` and `v` `[b, kvh, s, d]`, `out` as `shape.tokens` says. The scores `q·kᵀ`, then in
+/// f32 the scale, the mask (`causal`: query `i` sees keys `0..=s − t + i`; `hidden` `[b, t, s]`, true = hidden, as
 /// for [`causal`]) and the softmax, then `p·v`. With `path` and a head width it covers, both
 /// products take bf16 operands with f32 sums (keys and `vᵀ` padded with zero rows to a multiple
 /// of 32), as PyTorch's bf16 eager attention rounds them; otherwise they are summed in f32. A
@@ -245,24 +245,20 @@ pub(crate) fn prompt_host(
         Some(_) => s.next_multiple_of(super::kernels::bf16_gemm::ALIGN),
         None => s,
     };
-    let base = OutRows {
-        base: out.as_mut_ptr(),
-        stride: 0,
-        d,
-    };
+    let all = Out(out.as_mut_ptr());
     (0..b * h).into_par_iter().for_each(move |task| {
-        let base = base;
+        let all = all;
         let row = task / h;
         // SAFETY: inside `out` (its length was checked); each task's rows are its own.
         let out = unsafe {
             match tokens {
                 false => OutRows {
-                    base: base.base.add(task * t * d),
+                    base: all.0.add(task * t * d),
                     stride: d,
                     d,
                 },
                 true => OutRows {
-                    base: base.base.add(row * t * h * d + task % h * d),
+                    base: all.0.add(row * t * h * d + task % h * d),
                     stride: h * d,
                     d,
                 },
@@ -314,7 +310,7 @@ struct Scratch {
     key_pairs: Aligned<u32>,
     /// AMX: the values as pairs of columns.
     value_pairs: Aligned<u32>,
-    /// AMX: a block's output rows.
+    /// The output rows before their 1/Σ (AMX: a block's).
     wide: Aligned<f32>,
 }
 
