@@ -47,61 +47,41 @@ fn prefetch<T>(p: *const T, bytes: usize) {
 
 /// Asks Linux to back a large, not yet touched weight buffer with transparent huge pages where
 /// the system allows them on request (`enabled` = `madvise`): 2 MiB faults instead of 512 small
-/// ones while it fills, and fewer TLB misses each time a decoding step streams it.
+/// ones while it fills, and fewer TLB misses each time a decoding step streams it. A refusal
+/// (old kernel, THP off) leaves ordinary pages.
 pub fn prefer_huge_pages<T>(buf: &mut [T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let len = std::mem::size_of_val(buf);
-        if len < 2 * HUGE {
-            return;
-        }
-        let start = buf.as_mut_ptr() as usize;
-        let first = start.next_multiple_of(HUGE);
-        let last = (start + len) / HUGE * HUGE;
-        if last > first {
-            // SAFETY: the range lies inside `buf`, which this function borrows mutably; the
-            // advice changes how its pages are backed, never their contents. A refusal (old
-            // kernel, THP off) leaves ordinary pages, so the result is ignored.
-            let _ = unsafe {
-                libc::madvise(
-                    first as *mut libc::c_void,
-                    last - first,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-        }
+    const HUGE: usize = 2 << 20;
+    if std::mem::size_of_val(buf) >= 2 * HUGE {
+        #[cfg(target_os = "linux")]
+        advise(buf, HUGE, libc::MADV_HUGEPAGE);
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
 }
 
 /// Asks Linux to map the pages of `buf` now, in one call, before it is written: a large
 /// zeroed allocation otherwise takes a page fault, a trap into the kernel, for each 4 KiB page
 /// as it is first written (~2 µs a page all told on a virtual machine, zeroing included).
-/// Only whole pages inside `buf` are asked for; a refusal (kernels before 5.14) leaves the
-/// faults to happen as before.
+/// A refusal (kernels before 5.14) leaves the faults to happen as before.
 pub fn map_pages_now<T>(buf: &mut [T]) {
     #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = buf.as_mut_ptr() as usize;
-        let first = start.next_multiple_of(PAGE);
-        let last = (start + std::mem::size_of_val(buf)) / PAGE * PAGE;
-        if last > first {
-            // SAFETY: the range lies inside `buf`, which this function borrows mutably; mapping
-            // a page of an allocation that reads as zero keeps it zero.
-            let _ = unsafe {
-                libc::madvise(
-                    first as *mut libc::c_void,
-                    last - first,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-        }
-    }
+    advise(buf, 4096, libc::MADV_POPULATE_WRITE);
     #[cfg(not(target_os = "linux"))]
     let _ = buf;
+}
+
+/// `madvise(advice)` over the whole `unit`-sized, `unit`-aligned pieces inside `buf`; the
+/// result is ignored (advice only changes how pages are backed, or maps zero pages, never the
+/// values the buffer holds).
+#[cfg(target_os = "linux")]
+fn advise<T>(buf: &mut [T], unit: usize, advice: libc::c_int) {
+    let start = buf.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(unit);
+    let last = (start + std::mem::size_of_val(buf)) / unit * unit;
+    if last > first {
+        // SAFETY: the range lies inside `buf`, which this function borrows mutably; the advice
+        // used here changes how its pages are backed, never their contents (a page mapped
+        // now of an allocation that reads as zero stays zero).
+        let _ = unsafe { libc::madvise(first as *mut libc::c_void, last - first, advice) };
+    }
 }
 
 /// Output rows of `W` one task computes (enough to amortise the task, small enough to spread a
