@@ -771,7 +771,42 @@ pub(crate) mod amx {
     ) {
         use std::arch::asm;
         let config = Config::new();
-        let mut res = ResultTiles([[0f32; TILE * TILE]; 4]);
+        // Two sets of result tiles: the products of one block of 32 × 32 results run while
+        // the last block's results, stored in the other set, are transposed into `y` a tile at
+        // a time between its steps (the tile products take ~19 cycles each and leave the
+        // vector units idle; run after them, the stores took a third of the time).
+        let mut res = [
+            ResultTiles([[0f32; TILE * TILE]; 4]),
+            ResultTiles([[0f32; TILE * TILE]; 4]),
+        ];
+        // Result tile `t` of the block `(mb, n)` held in `res[set]`, stored into `y`.
+        let store = |res: &ResultTiles, mb: usize, n: usize, t: usize| {
+            let (i, j) = (t / 2, t % 2);
+            let r0 = (mb + j) * TILE;
+            let take = TILE.min(rows.saturating_sub(r0));
+            if take > 0 {
+                let o = n + i * TILE;
+                let at = epilogue.place(rows, out, r0, o);
+                // SAFETY: result tile (i, j) holds weight rows n + 16i.. (outputs of this
+                // task) and activation rows r0..r0 + take, whose places in `y` (and `gate`)
+                // the caller vouches for.
+                unsafe {
+                    transpose_store(
+                        &res.0[t],
+                        y.0.add(at),
+                        epilogue.row_stride(out),
+                        take,
+                        epilogue.bias.map(|b| b[o..].as_ptr()),
+                        epilogue.gelu,
+                        epilogue.gate.map(|g| g[at..].as_ptr()),
+                        epilogue.accumulate,
+                    )
+                };
+            }
+        };
+        // The block whose results wait in `res[set ^ 1]`.
+        let mut pending: Option<(usize, usize)> = None;
+        let mut set = 0;
         // Both operands' tiles are 16 rows of 64 bytes, one after the other.
         let stride = 4 * TILE;
         let steps = d_in / 32;
@@ -834,61 +869,54 @@ pub(crate) mod amx {
                                 wst = in(reg) tiles.row_bytes,
                                 options(nostack)
                             );
-                            continue;
+                        } else {
+                            // Each load just before the first product that needs it, so the
+                            // next loads overlap the products already issued.
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {wst}*1]",
+                                "tileloadd tmm6, [{b0} + {st}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {st}*1]",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{a1} + {wst}*1]",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) w0.add(tiles.step * s),
+                                a1 = in(reg) w1.add(tiles.step * s),
+                                b0 = in(reg) x0.add(16 * TILE * s),
+                                b1 = in(reg) x1.add(16 * TILE * s),
+                                st = in(reg) stride,
+                                wst = in(reg) tiles.row_bytes,
+                                options(nostack, readonly)
+                            );
                         }
-                        // Each load just before the first product that needs it, so the
-                        // next loads overlap the products already issued.
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {wst}*1]",
-                            "tileloadd tmm6, [{b0} + {st}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1} + {st}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm5, [{a1} + {wst}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) w0.add(tiles.step * s),
-                            a1 = in(reg) w1.add(tiles.step * s),
-                            b0 = in(reg) x0.add(16 * TILE * s),
-                            b1 = in(reg) x1.add(16 * TILE * s),
-                            st = in(reg) stride,
-                            wst = in(reg) tiles.row_bytes,
-                            options(nostack, readonly)
-                        );
+                        // The last block's result tiles, spread over this block's steps.
+                        if let Some((pm, pn)) = pending {
+                            for t in (0..4).filter(|t| t * steps / 4 == s) {
+                                store(&res[set ^ 1], pm, pn, t);
+                            }
+                        }
                     }
+                    let r = &mut res[set].0;
                     asm!(
                         "tilestored [{r0} + {s}*1], tmm0",
                         "tilestored [{r1} + {s}*1], tmm1",
                         "tilestored [{r2} + {s}*1], tmm2",
                         "tilestored [{r3} + {s}*1], tmm3",
-                        r0 = in(reg) res.0[0].as_mut_ptr(),
-                        r1 = in(reg) res.0[1].as_mut_ptr(),
-                        r2 = in(reg) res.0[2].as_mut_ptr(),
-                        r3 = in(reg) res.0[3].as_mut_ptr(),
+                        r0 = in(reg) r[0].as_mut_ptr(),
+                        r1 = in(reg) r[1].as_mut_ptr(),
+                        r2 = in(reg) r[2].as_mut_ptr(),
+                        r3 = in(reg) r[3].as_mut_ptr(),
                         s = in(reg) stride,
                         options(nostack)
                     );
-                    // Result tile (i, j): weight rows n + 16i.., activation rows 16(mb + j)..,
-                    // transposed into y's rows.
-                    for (t, tile) in res.0.iter().enumerate() {
-                        let (i, j) = (t / 2, t % 2);
-                        let r0 = (mb + j) * TILE;
-                        let take = TILE.min(rows.saturating_sub(r0));
-                        if take > 0 {
-                            let o = n + i * TILE;
-                            let at = epilogue.place(rows, out, r0, o);
-                            transpose_store(
-                                tile,
-                                y.0.add(at),
-                                epilogue.row_stride(out),
-                                take,
-                                epilogue.bias.map(|b| b[o..].as_ptr()),
-                                epilogue.gelu,
-                                epilogue.gate.map(|g| g[at..].as_ptr()),
-                                epilogue.accumulate,
-                            );
-                        }
-                    }
+                    pending = Some((mb, n));
+                    set ^= 1;
+                }
+            }
+            if let Some((pm, pn)) = pending {
+                for t in 0..4 {
+                    store(&res[set ^ 1], pm, pn, t);
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
