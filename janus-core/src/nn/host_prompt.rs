@@ -110,6 +110,31 @@ impl<'a> HostLinear<'a> {
     }
 }
 
+/// An MLP's layers over `x` (`rows` rows of `d_in`) with exact GELU between them: each hidden
+/// layer activated as its results are stored. Returns the output rows and their width.
+pub(crate) fn mlp(
+    layers: &[HostLinear<'_>],
+    x: Vec<f32>,
+    rows: usize,
+    d_in: usize,
+) -> (Vec<f32>, usize) {
+    let mut packed = PackedRows::default();
+    let (mut x, mut width) = (x, d_in);
+    for (i, layer) in layers.iter().enumerate() {
+        packed
+            .pack(layer.path, &x, rows, width)
+            .expect("the layers' widths were checked when they loaded");
+        let mut y = Vec::new();
+        if i + 1 < layers.len() {
+            layer.apply_gelu(&packed, &mut y);
+        } else {
+            layer.apply(&packed, &mut y);
+        }
+        (x, width) = (y, layer.out);
+    }
+    (x, width)
+}
+
 /// `f(row of x, row of out)` for each row (`width` wide), rows in tasks on the thread pool,
 /// compiled for the widest vectors ([`widest`]; pass an `#[inline(always)]` closure).
 fn each_row(x: &[f32], width: usize, out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {

@@ -200,6 +200,9 @@ impl Mlp {
     }
 
     fn apply<const D: usize>(&self, x: Tensor<D>, step: bool) -> Tensor<D> {
+        if !step && let Some(y) = self.host_forward(&x) {
+            return y;
+        }
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             if i > 0 {
@@ -211,11 +214,81 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// The layers on host buffers with bf16 compute on the CPU, over prompt-shaped inputs (an
+    /// image's features through the aligner): the same products as [`Linear::forward`], each
+    /// hidden layer's GELU applied as its results are stored, without a tensor between the
+    /// layers. `None` where the layers take another path.
+    fn host_forward<const D: usize>(&self, x: &Tensor<D>) -> Option<Tensor<D>> {
+        if x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
+            return None;
+        }
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        if rows <= kernels::MAX_ROWS {
+            return None;
+        }
+        let layers: Vec<_> = self
+            .layers
+            .iter()
+            .map(host_prompt::HostLinear::of)
+            .collect::<Option<_>>()?;
+        let (y, out) = host_prompt::mlp(&layers, host_prompt::host_values(x), rows, d_in);
+        dims[D - 1] = out;
+        Some(Tensor::from_data(
+            burn::tensor::TensorData::new(y, dims),
+            &x.device(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::weight::FEW_ROWS;
     use super::*;
     use burn::tensor::TensorData;
+
+    /// An MLP on host buffers (bf16 products, GELU as the hidden layers store their results)
+    /// gives exactly what its layers give one at a time with GELU between them.
+    #[test]
+    fn mlp_on_host_buffers_equals_its_layers_one_at_a_time() {
+        use host_prompt::tests::linear;
+        let mlp = Mlp {
+            layers: vec![
+                linear(96, 64, 1, true),
+                linear(64, 96, 3, true),
+                linear(32, 64, 5, false),
+            ],
+        };
+        let (b, n, d) = (2, 20, 64);
+        let v: Vec<f32> = (0..b * n * d)
+            .map(|i| host_prompt::tests::value(i, 9))
+            .collect();
+        let x = Tensor::<3>::from_data(
+            TensorData::new(v, [b, n, d]),
+            &crate::device::default_device(),
+        );
+        let host = mlp.host_forward(&x);
+        assert_eq!(
+            host.is_some(),
+            kernels::Bf16Gemm::selected().unwrap().is_some(),
+            "the host form runs where the layers take bf16 products"
+        );
+        let mut want = x.clone();
+        for (i, layer) in mlp.layers.iter().enumerate() {
+            if i > 0 {
+                want = activation::gelu_erf(want);
+            }
+            want = layer.forward(want);
+        }
+        let got = mlp.forward(x);
+        assert_eq!(got.dims(), [b, n, 32]);
+        assert_eq!(
+            host_prompt::host_values(&got),
+            host_prompt::host_values(&want)
+        );
+    }
 
     /// Layers applied together give what each gives alone, for every storage and row count
     /// (decode-shaped ones over compact weights run as one pass), biases included.

@@ -3,8 +3,6 @@
 //! final LayerNorm, whose output is the feature map (the attention-pool head is not used).
 
 use super::activation::gelu_erf;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::config::VisionConfig;
@@ -33,10 +31,10 @@ pub struct Block {
 /// The vision tower: patch embedding, learned positions, blocks, final norm.
 #[derive(Debug, Clone)]
 pub struct SigLip {
-    /// Patch embedding conv weight `[width, channels, patch, patch]`.
-    pub patch_weight: Tensor<4>,
-    /// Patch embedding bias.
-    pub patch_bias: Tensor<1>,
+    /// Patch embedding: the convolution with stride = kernel = patch size as a product over
+    /// each patch's pixels (its weight `[width, channels, patch, patch]` read as `[width,
+    /// channels·patch²]`), so that it takes the layers' product paths (bf16 compute included).
+    pub patch: Linear,
     /// Learned absolute positions `[1, patches, width]`.
     pub pos_embed: Tensor<3>,
     /// Transformer blocks.
@@ -75,14 +73,16 @@ impl SigLip {
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
         let c = &self.config;
         let p = c.patch_size;
-        let x = conv2d(
-            pixels,
-            self.patch_weight.clone(),
-            Some(self.patch_bias.clone()),
-            ConvOptions::new([p, p], [0, 0], [1, 1], 1),
-        );
-        let [b, w, gh, gw] = x.dims();
-        let mut x = x.reshape([b, w, gh * gw]).swap_dims(1, 2) + self.pos_embed.clone();
+        let [b, ch, h, w] = pixels.dims();
+        let (gh, gw) = (h / p, w / p);
+        // Each patch's pixels in the weight's order (channel, row, column); pixels past the
+        // last whole patch are not seen, as by the strided convolution.
+        let patches = pixels
+            .slice([0..b, 0..ch, 0..gh * p, 0..gw * p])
+            .reshape([b, ch, gh, p, gw, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([b, gh * gw, ch * p * p]);
+        let mut x = self.patch.forward(patches) + self.pos_embed.clone();
         if let Some(blocks) = self.host_blocks(&x) {
             x = Self::forward_host(&blocks, x, c.num_attention_heads);
         } else {
@@ -139,11 +139,14 @@ impl SigLip {
             })
             .collect();
         SigLip {
-            patch_weight: w.get(
-                &format!("{p}.patch_embed.proj.weight"),
-                [width, c.num_channels, c.patch_size, c.patch_size],
-            ),
-            patch_bias: w.get(&format!("{p}.patch_embed.proj.bias"), [width]),
+            patch: Linear {
+                weight: w.matrix(
+                    &format!("{p}.patch_embed.proj.weight"),
+                    &[width, c.num_channels, c.patch_size, c.patch_size],
+                    false,
+                ),
+                bias: Some(w.get(&format!("{p}.patch_embed.proj.bias"), [width])),
+            },
             pos_embed: w.get(&format!("{p}.pos_embed"), [1, c.num_patches(), width]),
             blocks,
             norm: LayerNorm::load(w, &format!("{p}.norm"), width, eps),
