@@ -218,6 +218,28 @@ fn host_f32(x: Tensor<2>) -> Vec<f32> {
         .expect("a tensor cast to f32 reads back as f32")
 }
 
+/// `x·W_mᵀ` for AMX weights `ws` ([`Matrix::amx_weight`], all `[_, in]`): `x` rounded and packed
+/// once for all of them.
+#[cfg(feature = "flex")]
+fn amx_products(ws: &[&[u16]], x: Tensor<2>) -> Vec<Tensor<2>> {
+    let [rows, d_in] = x.dims();
+    let (dtype, device) = (x.dtype(), x.device());
+    let xs = host_f32(x);
+    let mut packed = bf16_gemm::PackedRows::default();
+    packed
+        .pack(Bf16Gemm::Amx, &xs, rows, d_in)
+        .expect("the weights' shapes were checked when they loaded");
+    ws.iter()
+        .map(|w| {
+            let out = w.len() / d_in;
+            let mut y = vec![0.0f32; rows * out];
+            bf16_gemm::bf16_gemm_packed(&packed, w, &mut y)
+                .expect("the product's shape was checked when the weight loaded");
+            Tensor::<2>::from_data(TensorData::new(y, [rows, out]), &device).cast(dtype)
+        })
+        .collect()
+}
+
 /// Most rows that use the `W·Xᵀ` form on a dense matrix (measured crossover on the CPU backend:
 /// beyond about a hundred rows `X·Wᵀ` is faster).
 pub(crate) const FEW_ROWS: usize = 128;
@@ -319,7 +341,9 @@ impl Matrix {
                     x.matmul(w.clone().transpose())
                 }
             }
-            _ if rows <= MAX_ROWS => self.decode_product(x),
+            // AMX reads the weights once for any number of rows, at the memory's speed from
+            // one row to 32: the prompt's product serves decoding steps too.
+            _ if rows <= MAX_ROWS && self.amx_weight().is_none() => self.decode_product(x),
             _ => self.prompt_product(x),
         }
     }
@@ -368,6 +392,9 @@ impl Matrix {
         match self {
             Matrix::Dense(_) if crate::device::is_cpu(device) => Some(1),
             Matrix::Dense(_) => None,
+            // Each result is one tile product over the whole input, the same instructions in
+            // the same order whatever the other rows ([`amx_weight`](Self::amx_weight)).
+            _ if self.amx_weight().is_some() => None,
             _ => Some(kernel_step_rows(
                 KernelPath::selected().unwrap_or(KernelPath::Portable),
             )),
@@ -379,6 +406,15 @@ impl Matrix {
     /// of one kind, or all quantized) run as one pass of the kernels over the thread pool.
     pub fn products(mats: &[&Matrix], x: Tensor<2>) -> Vec<Tensor<2>> {
         let [rows, d_in] = x.dims();
+        #[cfg(feature = "flex")]
+        if mats.len() > 1
+            && let Some(ws) = mats
+                .iter()
+                .map(|m| m.amx_weight())
+                .collect::<Option<Vec<_>>>()
+        {
+            return amx_products(&ws, x);
+        }
         let fused = rows <= MAX_ROWS
             && mats.len() > 1
             && mats.iter().all(|m| m.dims()[1] == d_in)
@@ -521,6 +557,18 @@ impl Matrix {
         }
     }
 
+    /// The weight's bf16 bits where its products take the AMX path: bf16 compute on a CPU with
+    /// AMX, in a shape the path covers. There every product, a decoding step's included, is the
+    /// tile product ([`bf16_gemm`]): one pass over the weights for any number of rows (at the
+    /// memory's speed up to 32 rows, where the vector kernels become bound by arithmetic), and
+    /// each row's result independent of the other rows, so batching changes no result.
+    fn amx_weight(&self) -> Option<&[u16]> {
+        match self.bf16_operands() {
+            Some((Bf16Gemm::Amx, w)) => Some(w),
+            _ => None,
+        }
+    }
+
     /// The bf16 instruction path of this machine when this matrix takes bf16 products
     /// ([`HalfMatrix::bf16_products`]), whatever its shape.
     pub fn bf16_path(&self) -> Option<Bf16Gemm> {
@@ -645,6 +693,53 @@ mod tests {
 
     /// Every storage, decode- and prompt-shaped products and row lookups, against the f64
     /// product over the values the storage holds.
+    /// With bf16 compute, a decoding step's products give each row what it gets alone,
+    /// whatever the number of rows and alone or with other weights, where the AMX path takes
+    /// every product (one pass for all rows) as where the vector kernels take a few rows at a
+    /// time.
+    #[test]
+    fn bf16_step_products_are_row_invariant() {
+        let device = crate::device::default_device();
+        let (d_in, outs) = (96, [64, 160]);
+        let mats: Vec<Matrix> = outs
+            .iter()
+            .enumerate()
+            .map(|(k, &out)| {
+                let bits = (0..out * d_in)
+                    .map(|i| half::bf16::from_f32(value(3 * i + k)).to_bits())
+                    .collect();
+                Matrix::Half(Arc::new(HalfMatrix {
+                    kind: HalfKind::Bf16,
+                    bits: HalfBits::Owned(bits),
+                    out,
+                    d_in,
+                    bf16_products: true,
+                }))
+            })
+            .collect();
+        let amx = Bf16Gemm::selected().unwrap() == Some(Bf16Gemm::Amx);
+        assert!(mats.iter().all(|m| m.amx_weight().is_some() == amx));
+        let rows = 37;
+        let x: Vec<f32> = (0..rows * d_in).map(|i| value(5 * i + 2)).collect();
+        let xt = |r0: usize, n: usize| {
+            Tensor::<2>::from_data(
+                TensorData::new(x[r0 * d_in..(r0 + n) * d_in].to_vec(), [n, d_in]),
+                &device,
+            )
+        };
+        let host = |t: Tensor<2>| -> Vec<f32> { t.into_data().try_into_vec().unwrap() };
+        let refs: Vec<&Matrix> = mats.iter().collect();
+        let together = Matrix::step_products(&refs, xt(0, rows));
+        for (m, (all, &out)) in mats.iter().zip(together.into_iter().zip(&outs)) {
+            let all = host(all);
+            assert_eq!(all, host(m.step_product(xt(0, rows))));
+            for r in 0..rows {
+                let alone = host(m.step_product(xt(r, 1)));
+                assert_eq!(alone, all[r * out..(r + 1) * out], "row {r} of {out}");
+            }
+        }
+    }
+
     #[test]
     fn every_storage_computes_the_product_of_its_values() {
         let device = crate::device::default_device();
