@@ -19,6 +19,7 @@ use super::activation::exp_neg;
 use super::kernels::bf16_gemm::{ALIGN, Aligned, Out, aligned};
 use super::kernels::simd::{self, widest};
 use super::kernels::{Bf16Gemm, bf16_gemm};
+use super::kv_cache::HostKv;
 
 /// Most queries per row that take the written-out form.
 pub(crate) const DIRECT_MAX_QUERIES: usize = 16;
@@ -79,6 +80,92 @@ pub(crate) fn causal(
         out
     } else {
         out.cast(dtype)
+    }
+}
+
+/// A decoding step's attention over a cache kept in host memory: `q` (`[b, h, 1, d]`) over the
+/// first `s` keys and values of its row in `kv` (kv head `i / (h / kv_heads)` for query head
+/// `i`), minus those `hidden` marks (`[b, 1, 1, s]`, true = hidden; a row that sees no key
+/// averages the values, as the tensor form does). Each row and head is a task on the pool that
+/// reads its keys and values once, in place.
+pub(crate) fn step_host(
+    q: Tensor<4>,
+    kv: &HostKv,
+    s: usize,
+    hidden: Option<&Tensor<4, Bool>>,
+    scale: f64,
+) -> Tensor<4> {
+    let [b, h, t, d] = q.dims();
+    let [_, kvh, _, kd] = kv.dims();
+    assert!(
+        t == 1 && kd == d && h.is_multiple_of(kvh),
+        "a step of [{b}, {h}, {t}, {d}] over kv heads of {kvh} × {kd}"
+    );
+    let device = q.device();
+    let queries = super::host_prompt::host_values(&q);
+    let mask: Option<Vec<bool>> = hidden.map(|m| {
+        m.clone()
+            .into_data()
+            .try_to_vec::<bool>()
+            .expect("a mask reads back as bool")
+    });
+    let scale = scale as f32;
+    let mut out = vec![0.0f32; b * h * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(task, o)| {
+        let (row, head) = (task / h, task % h);
+        let (keys, values) = kv.head(row, head / (h / kvh), s);
+        let q = &queries[task * d..][..d];
+        let hid = mask.as_ref().map(|m| &m[row * s..][..s]);
+        widest(
+            #[inline(always)]
+            || step_head(q, keys, values, hid, scale, o),
+        );
+    });
+    Tensor::from_data(TensorData::new(out, [b, h, 1, d]), &device)
+}
+
+/// One query over `keys` and `values` (rows of `q.len()`) into `out`: scores, their softmax
+/// ([`softmax_row`]) and the weighted sum of the values.
+#[inline(always)]
+fn step_head(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    hidden: Option<&[bool]>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    const LANES: usize = 16;
+    let d = q.len();
+    let mut scores: Vec<f32> = keys
+        .chunks_exact(d)
+        .map(|k| {
+            let mut acc = [0.0f32; LANES];
+            let (qs, ks) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
+            let tail: f32 = qs
+                .remainder()
+                .iter()
+                .zip(ks.remainder())
+                .map(|(a, b)| a * b)
+                .sum();
+            for (qc, kc) in qs.zip(ks) {
+                for i in 0..LANES {
+                    acc[i] += qc[i] * kc[i];
+                }
+            }
+            acc.iter().sum::<f32>() + tail
+        })
+        .collect();
+    let n = scores.len();
+    let norm = softmax_row(&mut scores, n, n, hidden, scale);
+    out.fill(0.0);
+    for (&p, v) in scores.iter().zip(values.chunks_exact(d)) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += p * x;
+        }
+    }
+    for o in out.iter_mut() {
+        *o *= norm;
     }
 }
 
@@ -629,6 +716,44 @@ mod tests {
     /// The written-out form (few queries) and the fused one (many) must agree, with the cache
     /// longer than the queries and some keys hidden: one function of positions, two code paths.
     /// Queries that see no key (padding positions of a prompt) must stay finite.
+    /// A step over a cache in host memory gives what the tensor form gives over the same keys
+    /// and values: grouped kv heads, a row with hidden keys and a row that sees none.
+    #[test]
+    fn step_over_a_host_cache_matches_the_tensor_form() {
+        let (b, h, kvh, d, s) = (3, 4, 2, 40, 21);
+        let device = crate::device::default_device();
+        let q = tensor([b, h, 1, d], 4);
+        let k = tensor([b, kvh, s, d], 5);
+        let v = tensor([b, kvh, s, d], 6);
+        let host = |t: &Tensor<4>| crate::nn::host_prompt::host_values(t);
+        let mut cache = crate::nn::kv_cache::KvCache::new(1, 32);
+        cache.append_host(0, &host(&k), &host(&v), [b, kvh, s, d]);
+        // Row 1 hides its first five keys, row 2 every key.
+        let flags: Vec<bool> = (0..b)
+            .flat_map(|r| (0..s).map(move |j| (r == 1 && j < 5) || r == 2))
+            .collect();
+        let hidden = Tensor::<4, Bool>::from_data(TensorData::new(flags, [b, 1, 1, s]), &device);
+        let scale = 0.2;
+        let got = step_host(
+            q.clone(),
+            cache.host_layer(0).unwrap(),
+            s,
+            Some(&hidden),
+            scale,
+        );
+        let repeat = |x: Tensor<4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kvh, h / kvh, s, d])
+                .reshape([b, h, s, d])
+        };
+        let want = causal(q, repeat(k), repeat(v), Some(&hidden), scale, None);
+        let (g, w) = (host(&got), host(&want));
+        assert_eq!(g.len(), w.len());
+        for (i, (x, y)) in g.iter().zip(&w).enumerate() {
+            assert!((x - y).abs() < 1e-5, "element {i}: {x} vs {y}");
+        }
+    }
+
     #[test]
     fn decoding_form_matches_fused_attention() {
         let (b, h, d) = (2, 3, 8);

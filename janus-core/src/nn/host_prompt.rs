@@ -11,7 +11,7 @@
 //! from the projections' outputs. The arithmetic is the tensor form's: norms, softmax, RoPE and
 //! activations in f32, the products with bf16 operands and f32 sums.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::attention::{HostShape, prompt_host};
@@ -378,11 +378,21 @@ impl<'a> HostDecoder<'a> {
         rotate(&mut s.q, t, d, rope);
         rotate(&mut s.k, t, d, rope);
         let start = cache.len();
-        let (k_all, v_all) = cache.append_host(layer, &s.k, &s.v, [1, kv_heads, t, d], device);
-        if start > 0 {
-            // Earlier positions: every key and value so far, read back.
-            s.k = host_values(&k_all);
-            s.v = host_values(&v_all);
+        let dims = [1, kv_heads, t, d];
+        if cache.takes_host_on(layer, device) {
+            cache.append_host(layer, &s.k, &s.v, dims);
+            if start > 0 {
+                // Earlier positions: every key and value so far.
+                (s.k, s.v) = cache.held_host(layer, t).expect("just written");
+            }
+        } else {
+            let tensor =
+                |x: &[f32]| Tensor::<4>::from_data(TensorData::new(x.to_vec(), dims), device);
+            let (k_all, v_all) = cache.append(layer, tensor(&s.k), tensor(&s.v));
+            if start > 0 {
+                s.k = host_values(&k_all);
+                s.v = host_values(&v_all);
+            }
         }
         let shape = HostShape {
             b: 1,

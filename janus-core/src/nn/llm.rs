@@ -196,6 +196,15 @@ impl DecoderLayer {
         let attend = |g: &mut Group<'_>, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| {
             let q = g.rope.apply(q);
             let k = g.rope.apply(k);
+            if step && g.cache.takes_host(layer, &k) {
+                // A step over a cache in host memory: its keys and values read in place.
+                let dims = k.dims();
+                let s = g.cache.len() + 1;
+                let host = super::host_prompt::host_values::<4>;
+                g.cache.append_host(layer, &host(&k), &host(&v), dims);
+                let kv = g.cache.host_layer(layer).expect("just written");
+                return super::attention::step_host(q, kv, s, g.mask.as_ref(), scale);
+            }
             let (k, v) = g.cache.append(layer, k, v);
             let (k, v) = if kvh == h {
                 (k, v)
