@@ -8,6 +8,8 @@
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::host_prompt::host_values;
+
 /// The keys and values of every layer for the positions processed so far.
 #[derive(Debug)]
 pub struct KvCache {
@@ -233,12 +235,7 @@ impl KvCache {
         let end = start + t;
         if self.takes_host(layer, &k) {
             let device = k.device();
-            self.append_host(
-                layer,
-                &host_values(k.clone()),
-                &host_values(v.clone()),
-                [b, h, t, d],
-            );
+            self.append_host(layer, &host_values(&k), &host_values(&v), [b, h, t, d]);
             if start == 0 {
                 // The only positions are these.
                 return (k, v);
@@ -328,14 +325,6 @@ impl KvCache {
     }
 }
 
-/// A tensor's values in host memory as f32.
-fn host_values(t: Tensor<4>) -> Vec<f32> {
-    t.cast(DType::F32)
-        .into_data()
-        .try_into_vec()
-        .expect("a tensor cast to f32 reads back as f32")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,8 +354,8 @@ mod tests {
         let mut mixed = KvCache::new(1, 8);
         host.append_host(0, &k, &v, [b, h, t, d]);
         let (mk, mv) = mixed.append(0, tensor(&k, t), tensor(&v, t));
-        assert_eq!(host_values(mk), k);
-        assert_eq!(host_values(mv), v);
+        assert_eq!(host_values(&mk), k);
+        assert_eq!(host_values(&mv), v);
         host.advance(t);
         mixed.advance(t);
         let mut want_k: Vec<Vec<f32>> = k.chunks(t * d).map(<[f32]>::to_vec).collect();
@@ -381,8 +370,8 @@ mod tests {
             let (hk, hv) = host.held_host(0, 1).unwrap();
             assert_eq!(hk, want_k.concat());
             assert_eq!(hv, want_v.concat());
-            assert_eq!(host_values(mk), hk);
-            assert_eq!(host_values(mv), hv);
+            assert_eq!(host_values(&mk), hk);
+            assert_eq!(host_values(&mv), hv);
             host.advance(1);
             mixed.advance(1);
         }
