@@ -341,7 +341,8 @@ impl<'a> HostDecoder<'a> {
     }
 
     /// The layer over one sequence's `t` new positions `x` (`[t, width]`, in place), after the
-    /// positions `cache` holds, appending their keys and values to it (as tensors on `device`).
+    /// positions `cache` holds, appending their keys and values to it (in its host buffers, or as
+    /// tensors on `device` where it keeps tensors).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,

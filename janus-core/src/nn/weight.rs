@@ -5,7 +5,9 @@
 //! bf16/f16 as stored ([`Matrix::Half`]) or GGML's `q8_0`/`q4_0` blocks ([`Matrix::Quant`]).
 //! Compact matrices widen (or dequantize) in registers for decode-shaped products (up to
 //! [`MAX_ROWS`] rows) and a block of rows at a time into f32 for prompt-shaped ones, which then
-//! run the backend's GEMM; row lookups (embedding tables) widen only the rows taken.
+//! run the backend's GEMM; row lookups (embedding tables) widen only the rows taken. With bf16
+//! compute, prompt-shaped products take the bf16 kernels, and on CPUs with AMX every product
+//! does, decoding steps included (one pass over the weights for every row of a step).
 
 use std::str::FromStr;
 use std::sync::Arc;
