@@ -579,6 +579,7 @@ fn head_amx(
     set_len(&mut sc.wide, ALIGN * d);
     // Values between two 16-key blocks of the packed keys, two 16-column blocks of the values.
     let (key_block, value_block) = ((d / 2) * TILE, (padded / 2) * TILE);
+    let vector_softmax = vector_softmax();
     // SAFETY: the AMX path was selected, so AMX is usable.
     unsafe { amx::configure_tiles() };
     for q0 in (0..t).step_by(ALIGN) {
@@ -618,6 +619,13 @@ fn head_amx(
             // Keys 0..upto are not in the query's future.
             let upto = if causal { s - t + q + 1 } else { s };
             let mask = hidden.map(|m| &m[(row * t + q) * s..][..upto]);
+            if mask.is_none() && vector_softmax {
+                // SAFETY: the features were detected; `pr` and `wr` are `width` long.
+                if let Some(norm) = unsafe { softmax_row_bf16(pr, upto, scale, wr) } {
+                    sc.norms.push(norm);
+                    continue;
+                }
+            }
             sc.norms.push(softmax_row(pr, upto, s, mask, scale));
             for (w, &x) in wr.iter_mut().zip(pr.iter()) {
                 *w = bf16(x);
@@ -650,6 +658,82 @@ fn head_amx(
     }
     // SAFETY: as above.
     unsafe { amx::release_tiles() };
+}
+
+/// Whether [`softmax_row_bf16`] runs here (AVX-512F and VL, AVX512-BF16, FMA: every CPU with
+/// AMX so far).
+#[cfg(target_arch = "x86_64")]
+fn vector_softmax() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512bf16")
+        && is_x86_feature_detected!("fma")
+}
+
+/// [`softmax_row`] without a mask, the weights rounded to bf16 into `wr` as they are computed
+/// (to nearest even; a subnormal weight, below `e⁻⁸⁷`, becomes zero), `pr` left as it was: one
+/// pass for the largest score, one for the weights, their sum and their bf16 form, in
+/// 16-lane vectors with fused multiply-adds. Keys from `upto` on get weight 0. `None` where
+/// every seen score is −∞ or NaN (for [`softmax_row`]'s average).
+///
+/// # Safety
+/// AVX-512F and VL, AVX512-BF16 and FMA must be available ([`vector_softmax`]); `pr` and `wr`
+/// as long, a multiple of 16, `upto` at most that.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bf16,fma")]
+unsafe fn softmax_row_bf16(pr: &[f32], upto: usize, scale: f32, wr: &mut [u16]) -> Option<f32> {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    assert!(pr.len() == wr.len() && pr.len().is_multiple_of(L) && upto <= pr.len());
+    let (p, w) = (pr.as_ptr(), wr.as_mut_ptr());
+    // The lanes of chunk `c` below `upto`.
+    let seen = |c: usize| -> __mmask16 {
+        match upto.saturating_sub(c * L) {
+            n if n >= L => 0xffff,
+            n => (1u16 << n) - 1,
+        }
+    };
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    // SAFETY: every load reads 16 values of chunk `c < pr.len() / 16` (masked loads touch no
+    // lane outside the mask), every store writes the 16 values of `wr`'s chunk `c`.
+    unsafe {
+        // Four accumulators: a chain of maxima waits on each one's latency. A NaN score is
+        // skipped (`max(x, acc)` returns `acc` then), as `simd::max` skips it.
+        let mut acc = [ninf; 4];
+        let full = upto / L;
+        for c in 0..full {
+            acc[c % 4] = _mm512_max_ps(_mm512_loadu_ps(p.add(c * L)), acc[c % 4]);
+        }
+        if full * L < upto {
+            let x = _mm512_mask_loadu_ps(ninf, seen(full), p.add(full * L));
+            acc[0] = _mm512_max_ps(x, acc[0]);
+        }
+        let max = _mm512_reduce_max_ps(_mm512_max_ps(
+            _mm512_max_ps(acc[0], acc[1]),
+            _mm512_max_ps(acc[2], acc[3]),
+        ));
+        if max == f32::NEG_INFINITY {
+            return None;
+        }
+        // scale > 0: the largest score scaled is the largest scaled score.
+        let (m, k) = (_mm512_set1_ps(max * scale), _mm512_set1_ps(scale));
+        let mut sums = [_mm512_setzero_ps(); 2];
+        for c in 0..pr.len() / L {
+            let mask = seen(c);
+            let e = match mask {
+                0 => _mm512_setzero_ps(),
+                _ => {
+                    let x = _mm512_maskz_loadu_ps(mask, p.add(c * L));
+                    let e = crate::nn::activation::exp_neg_avx512(_mm512_fnmadd_ps(x, k, m));
+                    _mm512_maskz_mov_ps(mask, e)
+                }
+            };
+            sums[c % 2] = _mm512_add_ps(sums[c % 2], e);
+            let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(w.add(c * L).cast(), bits);
+        }
+        Some(1.0 / _mm512_reduce_add_ps(_mm512_add_ps(sums[0], sums[1])))
+    }
 }
 
 /// `v` holding `n` values, every one of which the caller writes: memory is zeroed only where
@@ -807,6 +891,53 @@ mod tests {
     /// The bf16 prompt form on each path over several blocks of queries and keys, head widths
     /// of 32 to 128, causal without a mask (where a block of queries skips the keys after its last one)
     /// and bidirectional, against the fused attention in f32.
+    /// The vector softmax into bf16 against the plain one rounded after it: weights within a
+    /// bf16 rounding step (a −∞ score's as the plain one gives it), the normaliser within f32
+    /// rounding, NaN scores skipped by the largest score, keys from `upto` on zero, and no
+    /// answer where nothing is seen.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_softmax_matches_the_plain_one() {
+        if !vector_softmax() {
+            return;
+        }
+        let width = 96;
+        for upto in [1, 15, 16, 17, 50, 64, 95, 96] {
+            let mut scores: Vec<f32> = (0..width)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37)
+                .collect();
+            let hidden = (upto > 1).then_some(upto / 2);
+            if let Some(i) = hidden {
+                scores[i] = f32::NEG_INFINITY;
+            }
+            if upto > 3 {
+                scores[3] = f32::NAN;
+            }
+            let scale = 0.125;
+            let mut got = vec![0xffffu16; width];
+            // SAFETY: the features were detected; both rows are `width` long.
+            let norm = unsafe { softmax_row_bf16(&scores, upto, scale, &mut got) }.unwrap();
+            let mut plain = scores.clone();
+            let want_norm = softmax_row(&mut plain, upto, width, None, scale);
+            assert!(
+                (norm - want_norm).abs() <= 1e-5 * want_norm,
+                "{upto}: {norm} vs {want_norm}"
+            );
+            for (i, (&g, &p)) in got.iter().zip(&plain).enumerate() {
+                let g = f32::from(half::bf16::from_bits(g));
+                if i >= upto {
+                    assert_eq!(g, 0.0, "{upto}: key {i}");
+                } else if !(upto > 3 && i == 3) {
+                    assert!((g - p).abs() <= p / 128.0, "{upto}: key {i}: {g} vs {p}");
+                }
+            }
+        }
+        let unseen = vec![f32::NEG_INFINITY; 32];
+        let mut w = vec![0u16; 32];
+        // SAFETY: as above.
+        assert_eq!(unsafe { softmax_row_bf16(&unseen, 20, 1.0, &mut w) }, None);
+    }
+
     #[test]
     fn bf16_prompt_form_matches_over_many_blocks() {
         let paths = Bf16Gemm::ALL.into_iter().filter(|p| p.supported());
