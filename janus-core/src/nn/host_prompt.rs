@@ -15,7 +15,9 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::attention::{HostShape, prompt_host};
-use super::kernels::bf16_gemm::{Bf16Gemm, Epilogue, PackedRows, bf16_gemm_packed_with};
+use super::kernels::bf16_gemm::{
+    Bf16Gemm, Epilogue, PackedRows, bf16_gemm_packed_to_packed, bf16_gemm_packed_with,
+};
 use super::kernels::simd::{self, widest};
 use super::kv_cache::KvCache;
 use super::{LayerNorm, Linear};
@@ -69,14 +71,16 @@ impl<'a> HostLinear<'a> {
         self.product(x, y, heads);
     }
 
-    /// `y = gelu(x·Wᵀ + b)`: an MLP's first projection, activated as the results are stored.
-    fn apply_gelu(&self, x: &PackedRows, y: &mut Vec<f32>) {
-        y.resize(x.rows() * self.out, 0.0);
+    /// `next` ← `gelu(x·Wᵀ + b)` packed as the next layer's rows (an MLP's hidden layer, fed to
+    /// the next projection without its f32 values where the path allows; `scratch` otherwise).
+    fn apply_gelu_packed(&self, x: &PackedRows, next: &mut PackedRows, scratch: &mut Vec<f32>) {
         let gelu = Epilogue {
             gelu: true,
+            bias: self.bias.as_deref(),
             ..Epilogue::default()
         };
-        self.product(x, y, gelu);
+        bf16_gemm_packed_to_packed(x, self.w, gelu, next, scratch)
+            .expect("the layers' widths were checked when they loaded");
     }
 
     /// `y = silu(gate) · (x·Wᵀ + b)`: a SwiGLU's up projection times its activated gate
@@ -118,21 +122,22 @@ pub(crate) fn mlp(
     rows: usize,
     d_in: usize,
 ) -> (Vec<f32>, usize) {
-    let mut packed = PackedRows::default();
-    let (mut x, mut width) = (x, d_in);
-    for (i, layer) in layers.iter().enumerate() {
-        packed
-            .pack(layer.path, &x, rows, width)
-            .expect("the layers' widths were checked when they loaded");
-        let mut y = Vec::new();
-        if i + 1 < layers.len() {
-            layer.apply_gelu(&packed, &mut y);
-        } else {
-            layer.apply(&packed, &mut y);
-        }
-        (x, width) = (y, layer.out);
+    let Some((last, hidden)) = layers.split_last() else {
+        return (x, d_in);
+    };
+    let (mut packed, mut next) = (PackedRows::default(), PackedRows::default());
+    let first = hidden.first().unwrap_or(last);
+    packed
+        .pack(first.path, &x, rows, d_in)
+        .expect("the layers' widths were checked when they loaded");
+    let mut scratch = x;
+    for layer in hidden {
+        layer.apply_gelu_packed(&packed, &mut next, &mut scratch);
+        std::mem::swap(&mut packed, &mut next);
     }
-    (x, width)
+    let mut y = Vec::new();
+    last.apply(&packed, &mut y);
+    (y, last.out)
 }
 
 /// `f(row of x, row of out)` for each row (`width` wide), rows in tasks on the thread pool,
@@ -198,6 +203,8 @@ pub(crate) struct Scratch {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// An MLP's hidden rows, packed for its output projection.
+    hidden: PackedRows,
 }
 
 /// Attention of the heads in `q`, `k`, `v` (`[heads, rows, d]`, scale `1/√d`) into `out`
@@ -275,11 +282,9 @@ impl<'a> HostBlock<'a> {
         s.packed
             .pack(path, &s.normed, n, width)
             .expect("the path was checked by HostLinear::of");
-        self.fc1.apply_gelu(&s.packed, &mut s.b);
-        s.packed
-            .pack(path, &s.b, n, self.fc1.out)
-            .expect("the path was checked by HostLinear::of");
-        self.fc2.add_into(&s.packed, x);
+        self.fc1
+            .apply_gelu_packed(&s.packed, &mut s.hidden, &mut s.b);
+        self.fc2.add_into(&s.hidden, x);
     }
 }
 

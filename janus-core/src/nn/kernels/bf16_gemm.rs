@@ -18,6 +18,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::super::activation::gelu_avx512;
 use super::super::activation::{gelu_value, silu_value};
 use crate::error::{Error, Result};
 
@@ -282,17 +284,80 @@ pub fn bf16_gemm_packed_with(
     y: &mut [f32],
     epilogue: Epilogue<'_>,
 ) -> Result<()> {
+    let (path, rows, d_in, out) = check(x, w, epilogue)?;
+    if y.len() != rows * out {
+        return Err(Error::InvalidInput(format!(
+            "bf16 product: y has {} values, for {rows} rows of {out} outputs",
+            y.len()
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    match path {
+        Bf16Gemm::Amx => amx::gemm_into(
+            &x.data,
+            rows,
+            w,
+            d_in,
+            out,
+            amx::Dest::Rows(Out(y.as_mut_ptr())),
+            epilogue,
+        ),
+        Bf16Gemm::Avx512Bf16 => dot::gemm(&x.data, rows, w, d_in, out, y, epilogue),
+    }
+    Ok(())
+}
+
+/// [`bf16_gemm_packed_with`] whose results go to `next`, packed as the next product's rows on
+/// the same path: the bits [`PackedRows::pack`] of the f32 results would give. On AMX, with an
+/// epilogue of a bias and GELU at most (an MLP's hidden layer), each result tile is rounded and
+/// laid out as it is stored, and the f32 results are never written; otherwise they go through
+/// `scratch`.
+///
+/// # Errors
+/// As [`bf16_gemm_packed_with`]'s.
+pub fn bf16_gemm_packed_to_packed(
+    x: &PackedRows,
+    w: &[u16],
+    epilogue: Epilogue<'_>,
+    next: &mut PackedRows,
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
+    let (path, rows, d_in, out) = check(x, w, epilogue)?;
+    let direct = path == Bf16Gemm::Amx
+        && !epilogue.accumulate
+        && epilogue.gate.is_none()
+        && epilogue.head_width.is_none();
+    if !direct {
+        scratch.clear();
+        scratch.resize(rows * out, 0.0);
+        bf16_gemm_packed_with(x, w, scratch, epilogue)?;
+        return next.pack(path, scratch, rows, out);
+    }
+    amx::size(rows, out, &mut next.data);
+    next.path = Some(path);
+    next.rows = rows;
+    next.d_in = out;
+    if rows > 0 {
+        let dest = amx::Dest::Packed(Out(next.data.as_mut_ptr().cast()));
+        amx::gemm_into(&x.data, rows, w, d_in, out, dest, epilogue);
+    }
+    Ok(())
+}
+
+/// The path and shape of a product of `x` by `w` with `epilogue`, checked: (path, rows, input
+/// width, outputs).
+fn check(
+    x: &PackedRows,
+    w: &[u16],
+    epilogue: Epilogue<'_>,
+) -> Result<(Bf16Gemm, usize, usize, usize)> {
     let bad = |msg: String| Err(Error::InvalidInput(format!("bf16 product: {msg}")));
     let (Some(path), rows, d_in) = (x.path, x.rows, x.d_in) else {
         return bad("no activation rows were packed".into());
     };
     let out = weight_rows(w, d_in)?;
-    if y.len() != rows * out {
-        return bad(format!(
-            "y has {} values, for {rows} rows of {out} outputs",
-            y.len()
-        ));
-    }
     if let Some(b) = epilogue.bias
         && b.len() != out
     {
@@ -311,14 +376,7 @@ pub fn bf16_gemm_packed_with(
     {
         return bad(format!("heads of {d} outputs for {out} outputs"));
     }
-    if rows == 0 {
-        return Ok(());
-    }
-    match path {
-        Bf16Gemm::Amx => amx::gemm_into(&x.data, rows, w, d_in, out, y, epilogue),
-        Bf16Gemm::Avx512Bf16 => dot::gemm(&x.data, rows, w, d_in, out, y, epilogue),
-    }
-    Ok(())
+    Ok((path, rows, d_in, out))
 }
 
 /// The rows of `w`, checked to be whole rows of `d_in` in a shape the products cover.
@@ -370,6 +428,16 @@ pub(crate) mod amx {
                 // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
                 let leaf = std::arch::x86_64::__cpuid_count(7, 0);
                 if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+                    return false;
+                }
+                // The epilogues and conversions around the tile products (every AMX CPU so far
+                // has these).
+                let vector = std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+                    && std::arch::is_x86_feature_detected!("fma");
+                if !vector {
                     return false;
                 }
                 const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -440,11 +508,7 @@ pub(crate) mod amx {
         d_in: usize,
         packed: &mut Aligned<u32>,
     ) -> impl Fn(usize, &mut [u32]) + Sync + 'a {
-        let blocks = rows.div_ceil(2 * TILE) * 2;
-        let pairs = d_in / 2;
-        if packed.len() != blocks * pairs * TILE {
-            packed.resize(blocks * pairs * TILE, 0);
-        }
+        size(rows, d_in, packed);
         let vector = vector_conversions();
         move |b, block| {
             let first = b * TILE;
@@ -461,6 +525,14 @@ pub(crate) mod amx {
             } else {
                 pack_block(x, n, d_in, block);
             }
+        }
+    }
+
+    /// `packed` sized for [`pack`]'s layout of `rows` rows of `d_in` (values left to the caller).
+    pub(super) fn size(rows: usize, d_in: usize, packed: &mut Aligned<u32>) {
+        let len = rows.div_ceil(2 * TILE) * 2 * (d_in / 2) * TILE;
+        if packed.len() != len {
+            packed.resize(len, 0);
         }
     }
 
@@ -638,24 +710,34 @@ pub(crate) mod amx {
         out
     }
 
-    /// `y = x·wᵀ` for `packed` from [`pack`], the epilogue applied as results are stored.
+    /// Where a product's results go.
+    #[derive(Clone, Copy)]
+    pub(super) enum Dest {
+        /// `y` `[rows, out]` f32 (or as the epilogue lays out heads).
+        Rows(Out),
+        /// [`pack`]'s layout of `rows` rows of `out` (the pointer cast from its `u32`s), every
+        /// value written.
+        Packed(Out),
+    }
+
+    /// `y = x·wᵀ` for `packed` from [`pack`], the epilogue applied as results are stored into
+    /// `y` as it says; a packed `y` takes a bias and GELU only.
     pub(super) fn gemm_into(
         packed: &[u32],
         rows: usize,
         w: &[u16],
         d_in: usize,
         out: usize,
-        y: &mut [f32],
+        y: Dest,
         epilogue: Epilogue<'_>,
     ) {
         let per = rows_per_task(out, d_in, 2 * TILE, rayon::current_num_threads());
-        let y = Out(y.as_mut_ptr());
         (0..out.div_ceil(per)).into_par_iter().for_each(|task| {
             let first = task * per;
             let last = (first + per).min(out);
             // SAFETY: this task writes the outputs of weight rows first..last only; `usable`
             // was checked by the caller, shapes are multiples of 32, the packed rows cover
-            // every block and a direct `yt` has rows of at least the padded row count.
+            // every block, and so does a packed `y`.
             unsafe { block(packed, rows, w, d_in, out, first, last, y, epilogue) };
         });
     }
@@ -692,7 +774,7 @@ pub(crate) mod amx {
         out: usize,
         first: usize,
         last: usize,
-        y: Out,
+        y: Dest,
         epilogue: Epilogue<'_>,
     ) {
         let src = WeightLayout {
@@ -766,7 +848,7 @@ pub(crate) mod amx {
         out: usize,
         first: usize,
         last: usize,
-        y: Out,
+        y: Dest,
         epilogue: Epilogue<'_>,
     ) {
         use std::arch::asm;
@@ -784,6 +866,25 @@ pub(crate) mod amx {
             let (i, j) = (t / 2, t % 2);
             let r0 = (mb + j) * TILE;
             let take = TILE.min(rows.saturating_sub(r0));
+            let y = match y {
+                Dest::Rows(y) => y,
+                Dest::Packed(p) => {
+                    let o = n + i * TILE;
+                    // SAFETY: block `mb + j` of a packed `[rows, out]` (`out / 2` pairs of 16
+                    // rows each) holds the pairs of outputs o.. at the place below, written by
+                    // this task alone; the bias holds `out` values.
+                    unsafe {
+                        pack_store(
+                            &res.0[t],
+                            p.0.cast::<u32>().add(((mb + j) * (out / 2) + o / 2) * TILE),
+                            take,
+                            epilogue.bias.map(|b| b[o..].as_ptr()),
+                            epilogue.gelu,
+                        )
+                    };
+                    return;
+                }
+            };
             if take > 0 {
                 let o = n + i * TILE;
                 let at = epilogue.place(rows, out, r0, o);
@@ -1067,11 +1168,11 @@ pub(crate) mod amx {
     /// there with `accumulate`.
     ///
     /// # Safety
-    /// AVX-512F must be available (every AMX CPU has it); `dst + j·stride .. + 16` must be
+    /// AVX-512F and FMA must be available ([`usable`] checks); `dst + j·stride .. + 16` must be
     /// writable (and, with `accumulate`, readable) for `j < take`, and as much readable at
     /// `gate`; `bias` must hold 16 values.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn transpose_store(
         tile: &[f32; TILE * TILE],
@@ -1096,12 +1197,7 @@ pub(crate) mod amx {
                     v = _mm512_add_ps(v, b);
                 }
                 if gelu {
-                    let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-                    for x in &mut lanes {
-                        *x = gelu_value(*x);
-                    }
-                    v = _mm512_loadu_ps(lanes.as_ptr());
+                    v = gelu_avx512(v);
                 }
                 if let Some(g) = gate {
                     let mut lanes = [0f32; 16];
@@ -1120,6 +1216,54 @@ pub(crate) mod amx {
         }
     }
 
+    /// The 16×16 `tile` (row `k` output `k`, column `j` activation row `j`) plus the 16 values
+    /// at `bias` if any (one per output), through GELU with `gelu`, rounded to bf16 and stored
+    /// as [`pack`] lays out 16 outputs of a block of rows: pair `q` (outputs `2q`, `2q + 1`),
+    /// row `j` at `dst + 16q + j`; rows from `take` on zero.
+    ///
+    /// # Safety
+    /// AVX-512F and BW, AVX512-BF16 and FMA must be available ([`usable`] checks); `dst .. +
+    /// 128` must be writable, `bias` must hold 16 values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
+    unsafe fn pack_store(
+        tile: &[f32; TILE * TILE],
+        dst: *mut u32,
+        take: usize,
+        bias: Option<*const f32>,
+        gelu: bool,
+    ) {
+        use std::arch::x86_64::*;
+        let keep: __mmask16 = if take >= TILE {
+            0xffff
+        } else {
+            (1 << take) - 1
+        };
+        // Word 2j of a result: word j (output 2q's row j); word 2j + 1: word 16 + j.
+        let order: [u16; 32] = std::array::from_fn(|w| (w / 2 + 16 * (w % 2)) as u16);
+        // SAFETY: loads read inside `tile`, `order` and the 16 bias values; stores write what
+        // the caller vouches for.
+        unsafe {
+            let order = _mm512_loadu_si512(order.as_ptr().cast());
+            let row = |k: usize| {
+                let mut v = _mm512_loadu_ps(tile.as_ptr().add(TILE * k));
+                if let Some(b) = bias {
+                    v = _mm512_add_ps(v, _mm512_set1_ps(*b.add(k)));
+                }
+                if gelu {
+                    v = gelu_avx512(v);
+                }
+                _mm512_maskz_mov_ps(keep, v)
+            };
+            for q in 0..TILE / 2 {
+                let both: __m512i =
+                    std::mem::transmute(_mm512_cvtne2ps_pbh(row(2 * q + 1), row(2 * q)));
+                let pairs = _mm512_permutexvar_epi16(order, both);
+                _mm512_storeu_si512(dst.add(TILE * q).cast(), pairs);
+            }
+        }
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block(
@@ -1130,7 +1274,7 @@ pub(crate) mod amx {
         _: usize,
         _: usize,
         _: usize,
-        _: Out,
+        _: Dest,
         _: Epilogue<'_>,
     ) {
         unreachable!("AMX is x86-64 only and `usable` says so")
@@ -1398,8 +1542,13 @@ mod tests {
                     ..Epilogue::default()
                 };
                 bf16_gemm_packed_with(&packed, &w, &mut activated, epilogue).unwrap();
+                // (AMX evaluates GELU in vectors with fused multiply-adds.)
                 for (i, g) in activated.iter().enumerate() {
-                    assert_eq!(*g, gelu_value(plain[i] + bias[i % out]));
+                    let want = gelu_value(plain[i] + bias[i % out]);
+                    assert!(
+                        (g - want).abs() <= 4e-7 * want.abs().max(1.0),
+                        "{g} vs {want}"
+                    );
                 }
                 // Times silu of a gate, as a SwiGLU's up projection.
                 let gate: Vec<f32> = (0..rows * out).map(|i| 8.0 * value(i, 7)).collect();
@@ -1445,6 +1594,57 @@ mod tests {
     /// packed by `pack_columns` (values, `s` not always a multiple of 32), against the
     /// definition on the bf16-rounded operands; the columns' vector packing against its scalar
     /// form.
+    /// Results packed as they are stored carry the bits that packing the f32 results gives,
+    /// padding rows included, with each epilogue the direct form takes and one it does not.
+    #[test]
+    fn results_packed_for_the_next_product_are_the_packed_results() {
+        for path in Bf16Gemm::ALL.into_iter().filter(|p| p.supported()) {
+            for &(rows, d_in, out) in &[(1, 64, 96), (17, 160, 128), (40, 96, 64), (70, 64, 160)] {
+                let x: Vec<f32> = (0..rows * d_in).map(|i| value(i, 7) * 3.0).collect();
+                let w = weight(out, d_in);
+                let bias: Vec<f32> = (0..out).map(|i| value(i, 8)).collect();
+                let gate: Vec<f32> = (0..rows * out).map(|i| value(i, 9)).collect();
+                let mut packed = PackedRows::default();
+                packed.pack(path, &x, rows, d_in).unwrap();
+                let epilogues = [
+                    Epilogue::default(),
+                    Epilogue {
+                        bias: Some(&bias),
+                        ..Epilogue::default()
+                    },
+                    Epilogue {
+                        bias: Some(&bias),
+                        gelu: true,
+                        ..Epilogue::default()
+                    },
+                    Epilogue {
+                        gate: Some(&gate),
+                        ..Epilogue::default()
+                    },
+                ];
+                for (e, epilogue) in epilogues.into_iter().enumerate() {
+                    let mut y = vec![0.0; rows * out];
+                    bf16_gemm_packed_with(&packed, &w, &mut y, epilogue).unwrap();
+                    let mut want = PackedRows::default();
+                    want.pack(path, &y, rows, out).unwrap();
+                    // Stale values in both buffers: every value must be written.
+                    let mut got = PackedRows::default();
+                    got.pack(path, &vec![7.0; 3 * out], 3, out).unwrap();
+                    let mut scratch = vec![5.0; 4];
+                    bf16_gemm_packed_to_packed(&packed, &w, epilogue, &mut got, &mut scratch)
+                        .unwrap();
+                    let case = format!("{} {rows}x{d_in}x{out}, epilogue {e}", path.name());
+                    assert_eq!(
+                        (got.path, got.rows, got.d_in),
+                        (Some(path), rows, out),
+                        "{case}"
+                    );
+                    assert!(got.data.as_slice() == want.data.as_slice(), "{case}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn amx_blocks_of_32_match_the_definition() {
         if !Bf16Gemm::Amx.supported() {
