@@ -27,6 +27,8 @@ pub enum Command {
     /// Serve the model over HTTP: OpenAI-compatible chat completions (understanding) and image
     /// generations, batched across requests, with a web page at /.
     Serve(ServeArgs),
+    /// The training loss of each sample of a JSONL file, and their mean (no update).
+    Loss(LossArgs),
 }
 
 /// Flags every subcommand takes.
@@ -145,6 +147,21 @@ pub struct DecodeArgs {
     /// The PNG to write.
     #[arg(long, value_name = "PATH.png")]
     pub out: PathBuf,
+}
+
+/// `janus loss`.
+#[derive(Debug, Args)]
+pub struct LossArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Training samples, one JSON object a line: {"task": "generate", "prompt", "image"},
+    /// {"task": "understand", "images", "question", "answer"} or {"task": "text", "text"};
+    /// image paths relative to the file's folder.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: PathBuf,
+    /// Print one JSON object {losses, mean} instead of a line per sample.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `janus serve`.

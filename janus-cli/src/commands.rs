@@ -12,11 +12,12 @@ use janus_core::processor::image::open_image;
 use janus_core::tokenizer::strings::IMAGE_PLACEHOLDER;
 
 use crate::args::{
-    Command, Common, DecodeArgs, EncodeArgs, GenerateArgs, ServeArgs, UnderstandArgs,
+    Command, Common, DecodeArgs, EncodeArgs, GenerateArgs, LossArgs, ServeArgs, UnderstandArgs,
 };
 use crate::error::{CliError, Result};
 use crate::formats::{
-    EncodeJson, GenerateJson, UnderstandJson, check_output, output_paths, read_tokens, save_png,
+    EncodeJson, GenerateJson, LossJson, UnderstandJson, check_output, output_paths, read_tokens,
+    save_png,
 };
 use crate::progress::Progress;
 
@@ -28,7 +29,35 @@ pub fn run(command: Command) -> Result<()> {
         Command::EncodeImage(args) => encode_image(args),
         Command::DecodeImage(args) => decode_image(args),
         Command::Serve(args) => serve(args),
+        Command::Loss(args) => loss(args),
     }
+}
+
+/// `janus loss`: the samples are read (and checked) before the model loads.
+fn loss(args: LossArgs) -> Result<()> {
+    let mut progress = Progress::new(args.common.quiet);
+    let examples = janus_core::train::read_jsonl(&args.data)?;
+    let janus = load(&args.common, &mut progress)?;
+    let total = examples.len() as u64;
+    let losses = janus_core::train::losses(&janus, &examples, &mut |done, _| {
+        progress.count("computing losses", done as u64, total, false);
+        true
+    })?;
+    progress.clear();
+    if args.json {
+        return print_json(&LossJson {
+            losses: &losses.losses,
+            mean: losses.mean,
+        });
+    }
+    let mut lines: Vec<String> = examples
+        .iter()
+        .zip(&losses.losses)
+        .enumerate()
+        .map(|(i, (e, l))| format!("{}\t{}\t{l:.6}", i + 1, e.task()))
+        .collect();
+    lines.push(format!("mean\t\t{:.6}", losses.mean));
+    print_lines(&lines)
 }
 
 /// `janus serve`: the port is bound first, the model loads on the server's model thread.

@@ -39,6 +39,15 @@ pub struct GenerateJson {
     pub dtype: &'static str,
 }
 
+/// `loss --json`.
+#[derive(Debug, Serialize)]
+pub struct LossJson<'a> {
+    /// One loss per sample, in file order.
+    pub losses: &'a [f64],
+    /// Their unweighted mean.
+    pub mean: f64,
+}
+
 /// `encode-image --json`.
 #[derive(Debug, Serialize)]
 pub struct EncodeJson<'a> {

@@ -915,3 +915,49 @@ fn usage_errors_exit_with_2() {
         assert!(out.stdout.is_empty());
     }
 }
+
+// ---------------------------------------------------------------- loss
+
+#[test]
+fn loss_matches_transformers_and_names_bad_lines() {
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("hf-tiny/expected/losses.json")).unwrap(),
+    )
+    .unwrap();
+    let data = fixture("train/data.jsonl");
+    let model = fixture("hf-tiny");
+    let args = ["loss", "-q", "--model", path_str(&model)];
+    let v = ok_json(&[&args[..], &["--data", path_str(&data), "--json"]].concat());
+    assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    // Images quantised as the official code does: the fixture's `losses_l2norm`.
+    let want = expected["losses_l2norm"].as_array().unwrap();
+    let got = v["losses"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    let close = |g: &Value, w: &Value| {
+        let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+        assert!((g - w).abs() <= 1e-4 * w.abs(), "{g} vs {w}");
+    };
+    for (g, w) in got.iter().zip(want) {
+        close(g, w);
+    }
+    close(&v["mean"], &expected["mean_l2norm"]);
+    // Plain output: a line per sample, then the mean.
+    let text = ok(&[&args[..], &["--data", path_str(&data)]].concat());
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), want.len() + 1, "{text}");
+    assert!(lines[0].starts_with("1\tgenerate\t"), "{text}");
+    assert!(lines[want.len()].starts_with("mean\t"), "{text}");
+    // A malformed line is named before the model loads.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"task\": \"text\", \"text\": \"a\"}\n{\"task\": \"draw\"}\n",
+    )
+    .unwrap();
+    let out = janus(&[&args[..], &["--data", path_str(&bad), "--json"]].concat());
+    assert_fails(&out, "line 2");
+    let missing = tmp.path().join("missing.jsonl");
+    let out = janus(&[&args[..], &["--data", path_str(&missing)]].concat());
+    assert_fails(&out, "missing.jsonl");
+}

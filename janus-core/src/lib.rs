@@ -35,6 +35,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod processor;
 pub mod tokenizer;
+pub mod train;
 
 pub use burn::tensor::Device;
 pub use config::{JanusConfig, Layout};

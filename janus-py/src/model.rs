@@ -446,6 +446,40 @@ impl Janus {
         tokens_to_numpy(py, &tokens)
     }
 
+    /// The training loss of each sample of a JSONL file and their mean, without an update: a dict
+    /// ``{"losses": [float, ...], "mean": float}``, one loss per sample in file order (the mean
+    /// cross-entropy of the tokens it teaches; see ``janus loss``). ``progress(done, total)`` is
+    /// called after each sample; returning ``False`` cancels.
+    #[pyo3(signature = (data, progress = None))]
+    fn loss<'py>(
+        &self,
+        py: Python<'py>,
+        data: PathBuf,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let janus = &*self.inner;
+        let mut interrupt = None;
+        let result = py.detach(|| {
+            guarded(|| {
+                let examples = janus_core::train::read_jsonl(&data)?;
+                janus_core::train::losses(janus, &examples, &mut |done, total| {
+                    keep_going(&mut interrupt, |py| match &progress {
+                        None => Ok(true),
+                        Some(callback) => {
+                            let ret = callback.bind(py).call1((done, total))?;
+                            Ok(ret.is_none() || ret.is_truthy()?)
+                        }
+                    })
+                })
+            })
+        });
+        let losses = errors::finish(py, result, interrupt)?;
+        let out = pyo3::types::PyDict::new(py);
+        out.set_item("losses", losses.losses)?;
+        out.set_item("mean", losses.mean)?;
+        Ok(out)
+    }
+
     /// Decodes a token grid (a 2-D integer array of shape (rows, cols)) to a PIL image.
     fn decode_image<'py>(
         &self,

@@ -255,6 +255,22 @@ def test_encode_image_matches_the_official_quantizer() -> None:
     assert np.all(gaps[differ] < 1e-3), differ
 
 
+def test_loss_matches_transformers(hf, tmp_path) -> None:
+    expected = json.loads((FIXTURES / "hf-tiny" / "expected" / "losses.json").read_text())
+    seen = []
+    got = hf.loss(FIXTURES / "train" / "data.jsonl", progress=lambda done, total: seen.append((done, total)))
+    # janus-rs quantises images as the official code does (see the fixture's `losses_l2norm`).
+    assert got["losses"] == pytest.approx(expected["losses_l2norm"], rel=1e-4)
+    assert got["mean"] == pytest.approx(expected["mean_l2norm"], rel=1e-4)
+    assert seen == [(i, 6) for i in range(1, 7)]
+    with pytest.raises(janus_rs.Cancelled):
+        hf.loss(str(FIXTURES / "train" / "data.jsonl"), progress=lambda done, total: False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task": "text", "text": "a cat"}\n{"task": "draw"}\n')
+    with pytest.raises(janus_rs.JanusError, match="line 2"):
+        hf.loss(bad)
+
+
 def test_round_trip_and_batches(hf) -> None:
     image = hf.decode_image(np.arange(16, dtype=np.int64).reshape(4, 4) % 100)
     tokens = hf.encode_image(image)

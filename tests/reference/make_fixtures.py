@@ -31,6 +31,9 @@ PYTHONPATH for the steps that need the official DeepSeek code):
                      -> original-tiny/expected/chat.safetensors [transformers 4.57.1 + official code]
   check-tokenizer    re-check tokenize.json against transformers 4.57.1's AutoTokenizer and the Python
                      binding of tokenizers 0.22.x (= the Rust crate janus-core uses) [4.57.1 env]
+  loss               tests/fixtures/train/ (data.jsonl: generate / understand / text lines, small PNG images) and
+                     hf-tiny/expected/losses.json: the cross-entropy of each line through transformers' Janus
+                     (image-token loss over the VQ codes, answer + EOS loss, next-token text loss) [5.24 env]
   preprocess         image decoding and preprocessing references: tests/fixtures/preprocess/ (configs,
                      encoded files, expected.safetensors) from transformers 5.24's JanusImageProcessor,
                      Pillow and torchvision, and (re-running itself as `preprocess-original` under
@@ -2045,6 +2048,262 @@ def cmd_prompts(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Training data and the cross-entropy losses transformers' Janus gives for it
+# ------------------------------------------------------------------------------------------------
+TRAIN_DIR = FIXTURES / "train"
+TRAIN_SEED = INPUT_SEED + 30      # synthetic_image seeds of the training images: TRAIN_SEED + index in TRAIN_IMAGES
+MIN_CODE_GAP = 1e-3               # required second-minus-best VQ distance at every encoded position
+# (file name, kind): "vq" images are made at the VQ encoder's input size, "vision" ones at SigLIP's
+TRAIN_IMAGES = [("fox.png", "vq"), ("lake.png", "vq"), ("cat.png", "vision"), ("dog.png", "vision"),
+                ("bird.png", "vision")]
+TRAIN_LINES = [
+    {"task": "generate", "prompt": "a red fox in the snow", "image": "fox.png"},
+    {"task": "understand", "images": ["cat.png"], "question": "What is this?", "answer": "A cat asleep."},
+    {"task": "text", "text": "The quick brown fox jumps over the lazy dog."},
+    {"task": "generate", "prompt": "A beautiful landscape with mountains and a lake at sunset.", "image": "lake.png"},
+    {"task": "understand", "images": ["dog.png", "bird.png"], "question": "How are these two pictures different?",
+     "answer": "The first one shows a dog, the second a bird."},
+    {"task": "text", "text": "A watercolor painting of a small village by the sea, soft light."},
+]
+
+
+def vq_input_size(config) -> int:
+    """Side of the square image the VQ encoder maps onto its num_patches x num_patches grid: one halving
+    per level but the last (JanusVQVAEEncoder downsamples after every level except the last)."""
+    vq = config.vq_config
+    return vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1)
+
+
+def write_train_data(vision_size: int, vq_size: int) -> None:
+    """tests/fixtures/train/: data.jsonl (TRAIN_LINES) and its PNG images (Pillow, RGB)."""
+    from PIL import Image
+
+    sizes = {"vq": vq_size, "vision": vision_size}
+    if TRAIN_DIR.exists():
+        shutil.rmtree(TRAIN_DIR)
+    TRAIN_DIR.mkdir(parents=True)
+    for i, (name, kind) in enumerate(TRAIN_IMAGES):
+        Image.fromarray(synthetic_image(sizes[kind], sizes[kind], TRAIN_SEED + i)).save(TRAIN_DIR / name, "PNG")
+    lines = [json.dumps(line, ensure_ascii=False) for line in TRAIN_LINES]
+    (TRAIN_DIR / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def train_image(name: str, size: int):
+    """A training image as a reader of data.jsonl sees it: the PNG decoded to RGB (checked against its source)."""
+    import numpy as np
+    from PIL import Image
+
+    names = [n for n, _ in TRAIN_IMAGES]
+    with Image.open(TRAIN_DIR / name) as im:
+        arr = np.asarray(im.convert("RGB"))
+    assert np.array_equal(arr, synthetic_image(size, size, TRAIN_SEED + names.index(name))), name
+    return arr
+
+
+def loss_generate(model, processor, ids, line, vq_size):
+    """Teacher-forced image-token loss of one `generate` line (see LOSS_DEFINITIONS)."""
+    import torch
+    import torch.nn.functional as F
+
+    lm = model.model.language_model
+    vq = model.model.vqmodel
+    text = processor.apply_chat_template(api_messages([("user", line["prompt"], 0)]), add_generation_prompt=True)
+    prompt = processor(text=text, generation_mode="image", return_tensors="pt")["input_ids"]
+    assert prompt[0, 0].item() == ids[BOS] and prompt[0, -1].item() == ids[BOI], prompt
+    image = train_image(line["image"], vq_size)
+    # VQ input: the image is already vq_size x vq_size, so every resize / pad / crop is the identity and
+    # the input is (u8/255 - 0.5)/0.5; the processor's own output (resize + pad + rescale + normalise) agrees.
+    x = (torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    ip = processor.image_processor
+    if (ip.size["height"], ip.size["width"]) == (vq_size, vq_size):
+        pv = ip(images=[image], return_tensors="pt").pixel_values
+        assert torch.equal(pv.float(), x), (pv.float() - x).abs().max()
+    with torch.no_grad():
+        enc = vq.encode(x)
+        codes = enc.image_tokens.reshape(-1)                              # [N], row-major over the grid
+        n = codes.numel()
+        assert n == vq.config.num_patches ** 2 and enc.quantized_last_hidden_state.shape[-2:] == (
+            vq.config.num_patches, vq.config.num_patches)
+        # the same codes by hand (transformers' quantizer: plain squared distances, no l2 normalisation)
+        z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(n, -1).double()
+        e = vq.quantize.embedding.weight.double()
+        dist = torch.cdist(z, e) ** 2
+        assert torch.equal(dist.argmin(-1), codes), (dist.argmin(-1), codes)
+        # the official Janus quantizer (VectorQuantizer with codebook_l2_norm=True): l2-normalised latents
+        # and codebook
+        dist_l2 = torch.cdist(F.normalize(z, dim=-1), F.normalize(e, dim=-1)) ** 2
+        codes_l2 = dist_l2.argmin(-1)
+        gaps = [float((d.sort(-1).values[:, 1] - d.sort(-1).values[:, 0]).min()) for d in (dist, dist_l2)]
+
+        # loss: one causal pass over [embed_tokens(P); generation_aligner(generation_embeddings(c[:N-1]))]
+        def forward_loss(c):
+            emb = torch.cat([lm.embed_tokens(prompt), model.prepare_embeddings_for_image_generation(c[None, :-1])], 1)
+            hidden = lm(inputs_embeds=emb, use_cache=False).last_hidden_state[0]
+            P = prompt.shape[1]
+            scores = model.model.generation_head(hidden[P - 1:P - 1 + n])  # [N, codes]
+            return F.cross_entropy(scores, c)
+
+        loss = forward_loss(codes)
+        loss_l2 = forward_loss(codes_l2)
+        # cross-check: the generation loop's path (prefill, then one code at a time through the KV cache),
+        # the aligner applied by hand, log-softmax + gather by hand
+        o = lm(inputs_embeds=lm.embed_tokens(prompt), use_cache=True)
+        nll = []
+        for i in range(n):
+            logp = torch.log_softmax(model.model.generation_head(o.last_hidden_state[0, -1]), -1)
+            nll.append(-logp[codes[i]])
+            if i + 1 < n:
+                step = model.model.generation_aligner(model.model.generation_embeddings(codes[i:i + 1]))[None]
+                o = lm(inputs_embeds=step, cache=o.cache, use_cache=True)
+        check = torch.stack(nll).mean()
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    return {"task": "generate", "input_ids": prompt[0].tolist(), "codes": codes.tolist(),
+            "targets": codes.tolist(), "loss": float(loss),
+            "codes_l2norm": codes_l2.tolist(), "loss_l2norm": float(loss_l2)}, {
+        "min_code_gap": gaps[0], "min_code_gap_l2norm": gaps[1],
+        "codes_equal_l2norm": int((codes == codes_l2).sum()), "cross_check_rel": abs(check.item() / loss.item() - 1)}
+
+
+def loss_understand(model, processor, ids, line, vision_size):
+    """Answer + EOS loss of one `understand` line (see LOSS_DEFINITIONS)."""
+    import torch
+    import torch.nn.functional as F
+
+    tok = processor.tokenizer
+    text = processor.apply_chat_template(api_messages([("user", line["question"], len(line["images"]))]),
+                                         add_generation_prompt=True)
+    images = [train_image(name, vision_size) for name in line["images"]]
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    prompt = inputs["input_ids"][0]
+    assert prompt[0].item() == ids[BOS] and int((prompt == ids[IMAGE]).sum()) == len(images) * processor.num_image_tokens
+    answer = tok(line["answer"], add_special_tokens=False)["input_ids"]
+    assert ids[BOS] not in answer and answer
+    targets = answer + [tok.eos_token_id]
+    full = torch.cat([prompt, torch.tensor(targets, dtype=torch.int64)])[None]
+    L = prompt.shape[0]
+    pv = inputs["pixel_values"].float()
+    with torch.no_grad():
+        logits = model(input_ids=full, pixel_values=pv).logits[0]
+        loss = F.cross_entropy(logits[L - 1:full.shape[1] - 1], full[0, L:])
+        # cross-check: transformers' own causal-LM loss (labels, -100 on the prompt positions)
+        labels = full.clone()
+        labels[0, :L] = -100
+        check = model(input_ids=full, pixel_values=pv, labels=labels).loss
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    return {"task": "understand", "input_ids": full[0].tolist(), "targets": targets, "loss": float(loss)}, {
+        "cross_check_rel": abs(check.item() / loss.item() - 1)}
+
+
+def loss_text(model, processor, ids, line):
+    """Next-token loss of one `text` line (see LOSS_DEFINITIONS)."""
+    import torch
+    import torch.nn.functional as F
+
+    tok_ids = processor.tokenizer(line["text"])["input_ids"]
+    assert tok_ids[0] == ids[BOS] and ids[EOS] not in tok_ids, tok_ids
+    x = torch.tensor([tok_ids], dtype=torch.int64)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0]
+        loss = F.cross_entropy(logits[:-1], x[0, 1:])
+        check = model(input_ids=x, labels=x).loss                # transformers' causal-LM loss
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    return {"task": "text", "input_ids": tok_ids, "targets": tok_ids[1:], "loss": float(loss)}, {
+        "cross_check_rel": abs(check.item() / loss.item() - 1)}
+
+
+LOSS_DEFINITIONS = (
+    "Model: tests/fixtures/hf-tiny loaded by transformers' JanusForConditionalGeneration.from_pretrained "
+    "(float32, eager attention, eval, no grad, CPU, 1 thread); processor and tokenizer: AutoProcessor of the same "
+    "folder (chat template, use_default_system_prompt true). Images: the PNG files named in data.jsonl, decoded to "
+    "RGB. Every cross-entropy is torch.nn.functional.cross_entropy in float32, mean over the listed targets. "
+    "generate: P = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), "
+    "generation_mode='image').input_ids with messages = [{'role': 'user', 'content': [{'type': 'text', 'text': "
+    "prompt.strip()}]}] (BOS first, <begin_of_image> last; no system prompt in image mode) = input_ids. The image is "
+    "already the VQ input size (vq_config.num_patches * 2^(len(channel_multiplier) - 1)), so its VQ input is "
+    "x = (u8/255 - 0.5)/0.5, NCHW (the same as the processor's pixel_values for it). codes c = "
+    "model.model.vqmodel.encode(x).image_tokens: encoder -> quant_conv -> nearest codebook row by plain squared "
+    "distance (transformers' JanusVQVAEVectorQuantizer: NO l2 normalisation of latents or codebook), row-major over "
+    "the num_patches x num_patches grid, N codes. Input embeddings = [model.model.language_model.embed_tokens(P); "
+    "model.model.generation_aligner(model.model.generation_embeddings(c[0..N-1)))] (= "
+    "model.prepare_embeddings_for_image_generation); last_hidden_state of model.model.language_model over them "
+    "(causal, no cache, positions 0..); scores = model.model.generation_head(hidden) at positions len(P)-1 .. "
+    "len(P)+N-2, so <begin_of_image> predicts c[0]; targets = c; loss = mean CE over the N codes. codes_l2norm / "
+    "loss_l2norm: the same with the official Janus quantizer (VectorQuantizer, codebook_l2_norm=True: nearest "
+    "l2-normalised codebook row to the l2-normalised latent), as the official code and janus-rs encode images; "
+    "losses_l2norm / mean_l2norm: losses and mean with loss_l2norm in place of loss on the generate lines. "
+    "understand: prompt = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), "
+    "images=[the line's images]).input_ids with messages = [{'role': 'user', 'content': [{'type': 'image'}] * n + "
+    "[{'type': 'text', 'text': question.strip()}]}] (default system prompt, each image expanded to "
+    "<begin_of_image> + num_image_tokens x <image_placeholder> + <end_of_image>); input_ids = prompt + "
+    "tokenizer(answer, add_special_tokens=False).input_ids + [EOS]; logits = model(input_ids, "
+    "pixel_values=processor pixel_values).logits (image embeddings scattered at the placeholders, lm_head); "
+    "targets = the answer ids and EOS, each predicted from the position before it; loss = mean CE over them. "
+    "text: input_ids = tokenizer(text).input_ids (BOS from the post-processor, no EOS); logits = "
+    "model(input_ids).logits; targets = input_ids[1:], each predicted from the position before it. "
+    "losses[i] = examples[i].loss for line i of data.jsonl; mean = their unweighted mean (float64 sum / count). "
+    "Cross-checks (asserted within 1e-5 relative): understand and text against model(..., labels=...).loss "
+    "(transformers' ForCausalLMLoss; labels -100 on the prompt positions); generate against the generation loop's "
+    "path: a prefill over P, then one code embedding at a time through the KV cache, log-softmax of "
+    "generation_head and a gather by hand. Every code's second-best minus best distance is at least "
+    f"{MIN_CODE_GAP:g} for both quantizers."
+)
+
+
+def cmd_loss(args) -> None:
+    """tests/fixtures/train/ (data.jsonl + PNG images) and hf-tiny/expected/losses.json: the cross-entropy
+    losses of transformers' Janus on each line (image-token loss, answer loss, text loss)."""
+    torch_setup()
+    from transformers import AutoProcessor
+
+    model = hf_load(HF_F32)
+    processor = AutoProcessor.from_pretrained(str(HF_F32))
+    assert processor.use_default_system_prompt is True
+    check_hf_template(processor)
+    tok = processor.tokenizer
+    ids = {s: tok.convert_tokens_to_ids(s) for s in tokenizer_strings()}
+    assert ids == read_json(TOKENIZER_DIR / "tokenize.json")["special_token_ids"], ids
+    cfg = model.config
+    assert tok.eos_token_id == ids[EOS] == cfg.text_config.eos_token_id
+    assert tok.bos_token_id == ids[BOS] and cfg.image_token_id == ids[IMAGE]
+    vision_size = cfg.vision_config.image_size
+    ip_size = processor.image_processor.size
+    assert (ip_size["height"], ip_size["width"]) == (vision_size, vision_size), ip_size
+    assert processor.num_image_tokens == (vision_size // cfg.vision_config.patch_size) ** 2
+    vq_size = vq_input_size(cfg)
+    write_train_data(vision_size, vq_size)
+
+    examples, stats = [], []
+    for line in (json.loads(s) for s in (TRAIN_DIR / "data.jsonl").read_text(encoding="utf-8").splitlines()):
+        if line["task"] == "generate":
+            ex, st = loss_generate(model, processor, ids, line, vq_size)
+        elif line["task"] == "understand":
+            ex, st = loss_understand(model, processor, ids, line, vision_size)
+        else:
+            ex, st = loss_text(model, processor, ids, line)
+        examples.append(ex)
+        stats.append(st)
+        print(f"loss: {line['task']:<10} {ex['loss']:.6f}  {len(ex['input_ids'])} ids, {len(ex['targets'])} targets  "
+              + ", ".join(f"{k}={v:.3g}" for k, v in st.items()))
+        if "min_code_gap" in st and min(st["min_code_gap"], st["min_code_gap_l2norm"]) < MIN_CODE_GAP:
+            raise SystemExit(f"a VQ code of {line['image']} is nearly tied; change TRAIN_SEED")
+    losses = [ex["loss"] for ex in examples]
+    losses_l2 = [ex.get("loss_l2norm", ex["loss"]) for ex in examples]
+    record = {
+        "data": os.path.relpath(TRAIN_DIR / "data.jsonl", HF_F32 / "expected"),
+        "losses": losses,
+        "mean": sum(losses) / len(losses),
+        "losses_l2norm": losses_l2,
+        "mean_l2norm": sum(losses_l2) / len(losses_l2),
+        "examples": examples,
+        "definitions": LOSS_DEFINITIONS,
+        "versions": env_versions(),
+    }
+    write_compact_json(HF_F32 / "expected" / "losses.json", record, list_key="examples")
+    print(f"loss: {len(losses)} lines, mean {record['mean']:.6f} (l2norm codes {record['mean_l2norm']:.6f}); "
+          f"sizes vision {vision_size}, VQ {vq_size}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Orchestration
 # ------------------------------------------------------------------------------------------------
 DEFAULT_TF457 = "/opt/tf457"
@@ -2136,6 +2395,7 @@ def cmd_all(args) -> None:
     run_step("chat-hf")
     run_step("hf-v4", dict(os.environ, PYTHONPATH=str(args.tf457)))
     run_step("prompts")
+    run_step("loss")
     run_step("chat-original", env, cache_args)
     cmd_preprocess(args)
     print(f"all fixtures written in {time.perf_counter() - t0:.0f} s")
@@ -2155,6 +2415,7 @@ def main(argv=None) -> None:
     sub.add_parser("chat-hf")
     sub.add_parser("hf-v4")
     sub.add_parser("prompts")
+    sub.add_parser("loss")
     p = sub.add_parser("chat-original")
     p.add_argument("--cache", default=None)
     p = sub.add_parser("preprocess-original")
@@ -2180,6 +2441,7 @@ def main(argv=None) -> None:
         "chat-hf": cmd_chat_hf,
         "hf-v4": cmd_hf_v4,
         "prompts": cmd_prompts,
+        "loss": cmd_loss,
         "chat-original": cmd_chat_original,
         "preprocess-original": cmd_preprocess_original,
         "preprocess": cmd_preprocess,

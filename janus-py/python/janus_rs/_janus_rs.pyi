@@ -196,6 +196,13 @@ class Janus:
         """
     def encode_image(self, image: ImageLike) -> npt.NDArray[np.int32]:
         """The VQ token grid of an image, shape (rows, cols)."""
+    def loss(
+        self,
+        data: str | os.PathLike[str],
+        progress: Callable[[int, int], bool | None] | None = None,
+    ) -> dict[str, Any]:
+        """The training loss of each sample of a JSONL file and their mean (no update):
+        ``{"losses": [float, ...], "mean": float}``."""
     def decode_image(self, tokens: npt.ArrayLike) -> PIL.Image.Image:
         """Decodes a token grid of shape (rows, cols) to an RGB image."""
     def __repr__(self) -> str: ...

@@ -1,0 +1,217 @@
+//! The training objective: each sample's mean cross-entropy over the tokens it teaches.
+//!
+//! - **generate**: the generation prompt's ids `P` as [`Janus::generation_ids`] builds them
+//!   (ending with `<begin_of_image>`), then the image's `N` VQ codes `c` as
+//!   [`Janus::encode_image`] computes them. The input is the embeddings of `P` followed by the
+//!   generation embeddings of `c[0..N−1]` through the generation aligner; the generation head reads
+//!   the final hidden states at positions `|P|−1 … |P|+N−2`, so `<begin_of_image>` predicts `c[0]`.
+//!   The loss is the mean over all `N` codes.
+//! - **understand**: the understanding prompt as [`Janus::understand`] builds it (image tokens
+//!   expanded, image features in place), then the answer encoded alone (no special tokens), then
+//!   the end-of-sequence id; the loss covers the answer's tokens and the end of sequence, each
+//!   predicted by the language-model head from the position before it.
+//! - **text**: the text's ids with BOS as the tokenizer adds it, no end of sequence; the loss covers
+//!   every id after the first.
+//!
+//! The sums run in f64 over the logits of the compute dtype.
+
+use burn::tensor::Tensor;
+
+use super::data::Example;
+use crate::error::{Error, Result};
+use crate::generate::image::embed_image_tokens;
+use crate::pipeline::Janus;
+use crate::processor::image::open_image;
+
+/// Each sample's loss, in order, and their unweighted mean.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Losses {
+    /// One loss per sample.
+    pub losses: Vec<f64>,
+    /// Their mean.
+    pub mean: f64,
+}
+
+/// Every sample's loss ([`example_loss`]), calling `progress(done, total)` after each; returning
+/// `false` cancels with [`Error::Cancelled`].
+///
+/// # Errors
+/// The first sample's error, naming the sample.
+pub fn losses(
+    janus: &Janus,
+    examples: &[Example],
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Losses> {
+    let mut losses = Vec::with_capacity(examples.len());
+    for (i, example) in examples.iter().enumerate() {
+        let loss = example_loss(janus, example).map_err(|e| match e {
+            Error::InvalidInput(m) => Error::InvalidInput(format!("sample {}: {m}", i + 1)),
+            other => other,
+        })?;
+        losses.push(loss);
+        if !progress(i + 1, examples.len()) {
+            return Err(Error::Cancelled);
+        }
+    }
+    let mean = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+    Ok(Losses { losses, mean })
+}
+
+/// One sample's loss (see the module's definitions).
+///
+/// # Errors
+/// [`Error::Io`] or [`Error::InvalidInput`] for an image that cannot be read, a text with nothing
+/// to predict, an answer that holds an image token; the model's errors.
+pub fn example_loss(janus: &Janus, example: &Example) -> Result<f64> {
+    match example {
+        Example::Generate { prompt, image } => generate_loss(janus, prompt, &open_image(image)?),
+        Example::Understand {
+            images,
+            question,
+            answer,
+        } => {
+            let images = images
+                .iter()
+                .map(|p| open_image(p))
+                .collect::<Result<Vec<_>>>()?;
+            understand_loss(janus, &images, question, answer)
+        }
+        Example::Text { text } => text_loss(janus, text),
+    }
+}
+
+/// The generation loss of `image` after `prompt`.
+fn generate_loss(janus: &Janus, prompt: &str, image: &image::RgbImage) -> Result<f64> {
+    generation_loss(janus, prompt, &janus.encode_image(image)?.ids)
+}
+
+/// The generation loss of an image given by its VQ codes (row-major, as
+/// [`Janus::encode_image`] gives them) after `prompt`.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when `codes` is not one id below the codebook's size for every
+/// position of the VQ grid; the model's errors.
+pub fn generation_loss(janus: &Janus, prompt: &str, codes: &[u32]) -> Result<f64> {
+    let model = janus.model();
+    let vq = &model.config.vq;
+    let (tokens, book) = (vq.num_tokens(), vq.codebook_size);
+    if codes.len() != tokens {
+        return Err(Error::InvalidInput(format!(
+            "{} image codes, expected {tokens} ({}×{})",
+            codes.len(),
+            vq.grid,
+            vq.grid
+        )));
+    }
+    if let Some(&c) = codes.iter().find(|&&c| c as usize >= book) {
+        return Err(Error::InvalidInput(format!(
+            "image code {c} outside the codebook of {book}"
+        )));
+    }
+    let ids = janus.generation_ids(prompt)?;
+    let (p, n) = (ids.len(), codes.len());
+    let device = janus.device().clone();
+    let prompt_embeds = model.llm.embed(&[ids])?;
+    let hidden_size = prompt_embeds.dims()[2];
+    let inputs = codes[..n - 1].iter().map(|&c| i64::from(c)).collect();
+    // `[n − 1, 1, hidden]`: one code a row, as a decoding step embeds it; here one sequence.
+    let image_embeds = embed_image_tokens(model, inputs, &device).reshape([1, n - 1, hidden_size]);
+    let x = Tensor::cat(vec![prompt_embeds, image_embeds], 1);
+    let mut cache = model.llm.new_cache(p + n - 1);
+    let hidden = model.llm.forward(x, &mut cache)?;
+    let at = hidden.slice([0..1, p - 1..p + n - 1, 0..hidden_size]);
+    let logits = model.heads.gen_head.forward(at);
+    cross_entropy(logits, codes)
+}
+
+/// The understanding loss of `answer` to `question` about `images`.
+fn understand_loss(
+    janus: &Janus,
+    images: &[image::RgbImage],
+    question: &str,
+    answer: &str,
+) -> Result<f64> {
+    let tokenizer = janus.tokenizer();
+    let sp = tokenizer.special();
+    let mut ids = janus.understanding_ids(question, images.len())?;
+    let prompt = ids.len();
+    let mut targets = tokenizer.encode(answer, false)?;
+    if targets.contains(&sp.image_placeholder) {
+        return Err(Error::InvalidInput(
+            "the answer holds an image placeholder token".into(),
+        ));
+    }
+    targets.push(sp.eos);
+    ids.extend_from_slice(&targets);
+    let refs: Vec<&image::RgbImage> = images.iter().collect();
+    let (x, _) = janus.prompt_embeds(&ids, &refs)?;
+    predicted_loss(janus, x, prompt - 1, &targets)
+}
+
+/// The language-model loss of `text`.
+fn text_loss(janus: &Janus, text: &str) -> Result<f64> {
+    let ids = janus.tokenizer().encode(text, true)?;
+    if ids.len() < 2 {
+        return Err(Error::InvalidInput(format!(
+            "the text {text:?} has no token after the first to predict"
+        )));
+    }
+    let x = janus.model().llm.embed(std::slice::from_ref(&ids))?;
+    predicted_loss(janus, x, 0, &ids[1..])
+}
+
+/// The language-model head's loss of `targets` predicted at positions `first..` of the sequence
+/// embedded as `x` (`[1, t, hidden]`).
+fn predicted_loss(janus: &Janus, x: Tensor<3>, first: usize, targets: &[u32]) -> Result<f64> {
+    let llm = &janus.model().llm;
+    let [_, t, hidden_size] = x.dims();
+    let mut cache = llm.new_cache(t);
+    let hidden = llm.forward(x, &mut cache)?;
+    let at = hidden.slice([0..1, first..first + targets.len(), 0..hidden_size]);
+    cross_entropy(llm.logits(at), targets)
+}
+
+/// The mean cross-entropy of `targets` under `logits` (`[1, targets, classes]`), in f64.
+fn cross_entropy(logits: Tensor<3>, targets: &[u32]) -> Result<f64> {
+    let [_, n, classes] = logits.dims();
+    debug_assert_eq!(n, targets.len());
+    let values: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
+    let mut total = 0.0f64;
+    for (row, &target) in values.chunks_exact(classes).zip(targets) {
+        let target = target as usize;
+        if target >= classes {
+            return Err(Error::InvalidInput(format!(
+                "target id {target} outside the head's {classes} outputs"
+            )));
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        total += max + sum.ln() - row[target] as f64;
+    }
+    Ok(total / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn cross_entropy_follows_its_definition() {
+        let device = burn::tensor::Device::default();
+        let logits = Tensor::<3>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 0.0, 0.0, 100.0], [1, 2, 3]),
+            &device,
+        );
+        let got = cross_entropy(logits.clone(), &[0, 2]).unwrap();
+        let lse0 = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        let lse1 = 100.0 + (2.0 * (-100f64).exp() + 1.0).ln();
+        let want = ((lse0 - 1.0) + (lse1 - 100.0)) / 2.0;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        assert!(cross_entropy(logits, &[0, 3]).is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! Training data and the training objective.
+//!
+//! Janus is trained with cross-entropy on the tokens it must produce, and only those: the VQ
+//! codes of the image for a generation sample, the answer (and its end-of-sequence token) for an
+//! understanding sample, every token after the first for plain text. [`data`] reads samples from
+//! JSONL; [`loss`] computes each sample's loss with the model as it runs for inference.
+
+pub mod data;
+pub mod loss;
+
+pub use data::{Example, read_jsonl};
+pub use loss::{Losses, example_loss, generation_loss, losses};
