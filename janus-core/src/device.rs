@@ -54,11 +54,14 @@ impl Backend {
     }
 }
 
-/// Whether `device` is the CPU backend (flex), whose memory is the process's own.
+/// Whether `device` is the CPU backend (flex) without autodiff: its memory is the process's own,
+/// and host code may compute a step in place of the backend's operations. Under autodiff every
+/// step must stay an operation the graph records, so the host paths are off (device equality
+/// ignores autodiff, hence the second test).
 pub(crate) fn is_cpu(device: &Device) -> bool {
     #[cfg(feature = "flex")]
     {
-        *device == Device::flex()
+        *device == Device::flex() && !device.is_autodiff()
     }
     #[cfg(not(feature = "flex"))]
     {

@@ -15,7 +15,8 @@
 //!
 //! The sums run in f64 over the logits of the compute dtype.
 
-use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::data::Example;
 use crate::error::{Error, Result};
@@ -63,8 +64,89 @@ pub fn losses(
 /// [`Error::Io`] or [`Error::InvalidInput`] for an image that cannot be read, a text with nothing
 /// to predict, an answer that holds an image token; the model's errors.
 pub fn example_loss(janus: &Janus, example: &Example) -> Result<f64> {
+    score(janus, example)?.loss()
+}
+
+/// The generation loss of an image given by its VQ codes (row-major, as
+/// [`Janus::encode_image`] gives them) after `prompt`.
+///
+/// # Errors
+/// As [`generation_scored`]'s.
+pub fn generation_loss(janus: &Janus, prompt: &str, codes: &[u32]) -> Result<f64> {
+    generation_scored(janus, prompt, codes)?.loss()
+}
+
+/// A sample's logits at the positions its loss covers, and the targets there: what both the
+/// reported loss ([`Scored::loss`], in f64) and the training loss ([`Scored::loss_tensor`],
+/// differentiable under autodiff) reduce.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// `[1, targets, classes]`: the head's logits at each position that predicts a target.
+    pub logits: Tensor<3>,
+    /// The ids to predict, one per position.
+    pub targets: Vec<u32>,
+}
+
+impl Scored {
+    /// The mean cross-entropy of the targets, summed in f64 on the host.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a target outside the head's classes.
+    pub fn loss(&self) -> Result<f64> {
+        let [_, n, classes] = self.logits.dims();
+        self.check(classes)?;
+        let values: Vec<f32> = self
+            .logits
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
+        let mut total = 0.0f64;
+        for (row, &target) in values.chunks_exact(classes).zip(&self.targets) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            total += max + sum.ln() - row[target as usize] as f64;
+        }
+        Ok(total / n as f64)
+    }
+
+    /// The mean cross-entropy of the targets as a one-value tensor on the logits' device, in their
+    /// dtype: `−mean(log_softmax(logits)[target])`, differentiable under autodiff.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a target outside the head's classes.
+    pub fn loss_tensor(&self) -> Result<Tensor<1>> {
+        let [_, n, classes] = self.logits.dims();
+        self.check(classes)?;
+        let targets = self.targets.iter().map(|&t| i64::from(t)).collect();
+        let index =
+            Tensor::<3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &self.logits.device());
+        let picked = log_softmax(self.logits.clone(), 2).gather(2, index);
+        Ok(picked.neg().mean())
+    }
+
+    fn check(&self, classes: usize) -> Result<()> {
+        debug_assert_eq!(self.logits.dims()[1], self.targets.len());
+        match self.targets.iter().find(|&&t| t as usize >= classes) {
+            Some(t) => Err(Error::InvalidInput(format!(
+                "target id {t} outside the head's {classes} outputs"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A sample's [`Scored`] logits and targets (see the module's definitions).
+///
+/// # Errors
+/// As [`example_loss`]'s.
+pub fn score(janus: &Janus, example: &Example) -> Result<Scored> {
     match example {
-        Example::Generate { prompt, image } => generate_loss(janus, prompt, &open_image(image)?),
+        Example::Generate { prompt, image } => {
+            let codes = janus.encode_image(&open_image(image)?)?.ids;
+            generation_scored(janus, prompt, &codes)
+        }
         Example::Understand {
             images,
             question,
@@ -74,24 +156,18 @@ pub fn example_loss(janus: &Janus, example: &Example) -> Result<f64> {
                 .iter()
                 .map(|p| open_image(p))
                 .collect::<Result<Vec<_>>>()?;
-            understand_loss(janus, &images, question, answer)
+            understanding_scored(janus, &images, question, answer)
         }
-        Example::Text { text } => text_loss(janus, text),
+        Example::Text { text } => text_scored(janus, text),
     }
 }
 
-/// The generation loss of `image` after `prompt`.
-fn generate_loss(janus: &Janus, prompt: &str, image: &image::RgbImage) -> Result<f64> {
-    generation_loss(janus, prompt, &janus.encode_image(image)?.ids)
-}
-
-/// The generation loss of an image given by its VQ codes (row-major, as
-/// [`Janus::encode_image`] gives them) after `prompt`.
+/// The generation head's logits for an image given by its VQ codes after `prompt`.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] when `codes` is not one id below the codebook's size for every
 /// position of the VQ grid; the model's errors.
-pub fn generation_loss(janus: &Janus, prompt: &str, codes: &[u32]) -> Result<f64> {
+pub fn generation_scored(janus: &Janus, prompt: &str, codes: &[u32]) -> Result<Scored> {
     let model = janus.model();
     let vq = &model.config.vq;
     let (tokens, book) = (vq.num_tokens(), vq.codebook_size);
@@ -120,17 +196,20 @@ pub fn generation_loss(janus: &Janus, prompt: &str, codes: &[u32]) -> Result<f64
     let mut cache = model.llm.new_cache(p + n - 1);
     let hidden = model.llm.forward(x, &mut cache)?;
     let at = hidden.slice([0..1, p - 1..p + n - 1, 0..hidden_size]);
-    let logits = model.heads.gen_head.forward(at);
-    cross_entropy(logits, codes)
+    Ok(Scored {
+        logits: model.heads.gen_head.forward(at),
+        targets: codes.to_vec(),
+    })
 }
 
-/// The understanding loss of `answer` to `question` about `images`.
-fn understand_loss(
+/// The language-model head's logits for `answer` after the understanding prompt of `question`
+/// about `images`.
+fn understanding_scored(
     janus: &Janus,
     images: &[image::RgbImage],
     question: &str,
     answer: &str,
-) -> Result<f64> {
+) -> Result<Scored> {
     let tokenizer = janus.tokenizer();
     let sp = tokenizer.special();
     let mut ids = janus.understanding_ids(question, images.len())?;
@@ -145,11 +224,11 @@ fn understand_loss(
     ids.extend_from_slice(&targets);
     let refs: Vec<&image::RgbImage> = images.iter().collect();
     let (x, _) = janus.prompt_embeds(&ids, &refs)?;
-    predicted_loss(janus, x, prompt - 1, &targets)
+    language_scored(janus, x, prompt - 1, targets)
 }
 
-/// The language-model loss of `text`.
-fn text_loss(janus: &Janus, text: &str) -> Result<f64> {
+/// The language-model head's logits for every token of `text` after the first.
+fn text_scored(janus: &Janus, text: &str) -> Result<Scored> {
     let ids = janus.tokenizer().encode(text, true)?;
     if ids.len() < 2 {
         return Err(Error::InvalidInput(format!(
@@ -157,48 +236,40 @@ fn text_loss(janus: &Janus, text: &str) -> Result<f64> {
         )));
     }
     let x = janus.model().llm.embed(std::slice::from_ref(&ids))?;
-    predicted_loss(janus, x, 0, &ids[1..])
+    language_scored(janus, x, 0, ids[1..].to_vec())
 }
 
-/// The language-model head's loss of `targets` predicted at positions `first..` of the sequence
-/// embedded as `x` (`[1, t, hidden]`).
-fn predicted_loss(janus: &Janus, x: Tensor<3>, first: usize, targets: &[u32]) -> Result<f64> {
+/// The language-model head's logits for `targets` predicted at positions `first..` of the
+/// sequence embedded as `x` (`[1, t, hidden]`).
+///
+/// # Errors
+/// [`Error::InvalidInput`] when the targets run past the sequence; the model's errors.
+pub fn language_scored(
+    janus: &Janus,
+    x: Tensor<3>,
+    first: usize,
+    targets: Vec<u32>,
+) -> Result<Scored> {
     let llm = &janus.model().llm;
     let [_, t, hidden_size] = x.dims();
+    if first + targets.len() > t {
+        return Err(Error::InvalidInput(format!(
+            "{} targets from position {first} of a sequence of {t}",
+            targets.len()
+        )));
+    }
     let mut cache = llm.new_cache(t);
     let hidden = llm.forward(x, &mut cache)?;
     let at = hidden.slice([0..1, first..first + targets.len(), 0..hidden_size]);
-    cross_entropy(llm.logits(at), targets)
-}
-
-/// The mean cross-entropy of `targets` under `logits` (`[1, targets, classes]`), in f64.
-fn cross_entropy(logits: Tensor<3>, targets: &[u32]) -> Result<f64> {
-    let [_, n, classes] = logits.dims();
-    debug_assert_eq!(n, targets.len());
-    let values: Vec<f32> = logits
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
-    let mut total = 0.0f64;
-    for (row, &target) in values.chunks_exact(classes).zip(targets) {
-        let target = target as usize;
-        if target >= classes {
-            return Err(Error::InvalidInput(format!(
-                "target id {target} outside the head's {classes} outputs"
-            )));
-        }
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-        total += max + sum.ln() - row[target] as f64;
-    }
-    Ok(total / n as f64)
+    Ok(Scored {
+        logits: llm.logits(at),
+        targets,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::TensorData;
 
     #[test]
     fn cross_entropy_follows_its_definition() {
@@ -207,11 +278,29 @@ mod tests {
             TensorData::new(vec![1.0f32, 2.0, 3.0, 0.0, 0.0, 100.0], [1, 2, 3]),
             &device,
         );
-        let got = cross_entropy(logits.clone(), &[0, 2]).unwrap();
         let lse0 = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         let lse1 = 100.0 + (2.0 * (-100f64).exp() + 1.0).ln();
         let want = ((lse0 - 1.0) + (lse1 - 100.0)) / 2.0;
+        let scored = Scored {
+            logits: logits.clone(),
+            targets: vec![0, 2],
+        };
+        let got = scored.loss().unwrap();
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
-        assert!(cross_entropy(logits, &[0, 3]).is_err());
+        let tensor: Vec<f32> = scored
+            .loss_tensor()
+            .unwrap()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert!(
+            (f64::from(tensor[0]) - want).abs() < 1e-6,
+            "{tensor:?} vs {want}"
+        );
+        let outside = Scored {
+            logits,
+            targets: vec![0, 3],
+        };
+        assert!(outside.loss().is_err() && outside.loss_tensor().is_err());
     }
 }

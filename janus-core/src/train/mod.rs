@@ -9,4 +9,7 @@ pub mod data;
 pub mod loss;
 
 pub use data::{Example, read_jsonl};
-pub use loss::{Losses, example_loss, generation_loss, losses};
+pub use loss::{
+    Losses, Scored, example_loss, generation_loss, generation_scored, language_scored, losses,
+    score,
+};
