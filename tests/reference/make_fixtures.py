@@ -34,6 +34,9 @@ PYTHONPATH for the steps that need the official DeepSeek code):
   loss               tests/fixtures/train/ (data.jsonl: generate / understand / text lines, small PNG images) and
                      hf-tiny/expected/losses.json: the cross-entropy of each line through transformers' Janus
                      (image-token loss over the VQ codes, answer + EOS loss, next-token text loss) [5.24 env]
+  loss-original      original-tiny/expected/losses.json: the same lines' losses through the official DeepSeek
+                     code on the gen_original.py checkpoint (the official, l2-normalised VQ codes)
+                     [transformers 4.57.1 + official code]
   preprocess         image decoding and preprocessing references: tests/fixtures/preprocess/ (configs,
                      encoded files, expected.safetensors) from transformers 5.24's JanusImageProcessor,
                      Pillow and torchvision, and (re-running itself as `preprocess-original` under
@@ -1250,15 +1253,31 @@ def und_image_384():
     return np.repeat(np.repeat(small, 8, axis=0), 8, axis=1)
 
 
+def original_understanding_conversation(question: str, images: list) -> list:
+    """The official conversation of a question about `images` (names): one `<image_placeholder>` per
+    image, each on its own line before the question (janus-rs's placement when the question has no
+    tags), and an empty assistant turn. VLChatProcessor adds its system prompt (sft format deepseek)."""
+    return [
+        {"role": USER, "content": f"{IMAGE}\n" * len(images) + question, "images": list(images)},
+        {"role": ASSISTANT, "content": ""},
+    ]
+
+
+def original_generation_prompt(proc, prompt: str) -> str:
+    """The official generation prompt (generation_inference.py): the sft format of a user turn with the
+    prompt and an empty assistant turn, no system prompt, then the image start tag."""
+    conversation = [{"role": USER, "content": prompt}, {"role": ASSISTANT, "content": ""}]
+    sft = proc.apply_sft_template_for_multi_turn_prompts(conversations=conversation, sft_format=proc.sft_format,
+                                                         system_prompt="")
+    return sft + proc.image_start_tag
+
+
 def original_understanding(model, proc, ids, out_dir, common_meta) -> dict:
     import torch
     from PIL import Image
 
     image = und_image_384()
-    conversation = [
-        {"role": USER, "content": f"{IMAGE}\nWhat is shown in this image?", "images": ["synthetic"]},
-        {"role": ASSISTANT, "content": ""},
-    ]
+    conversation = original_understanding_conversation("What is shown in this image?", ["synthetic"])
     prep = proc(conversations=conversation, images=[Image.fromarray(image)], force_batchify=True)
     pixel_values = prep.pixel_values.float()                     # [1, 1, 3, 384, 384]
     formula = ((torch.from_numpy(image).permute(2, 0, 1).double() / 255 - 0.5) / 0.5)[None, None]
@@ -1320,10 +1339,7 @@ def original_generation(model, proc, ids, out_dir, common_meta) -> dict:
 
     cfg_weight = 5.0
     n_tokens, img_size, patch = 576, 384, 16
-    conversation = [{"role": USER, "content": "a photo of a cat"}, {"role": ASSISTANT, "content": ""}]
-    sft = proc.apply_sft_template_for_multi_turn_prompts(conversations=conversation, sft_format=proc.sft_format,
-                                                         system_prompt="")
-    prompt = sft + proc.image_start_tag
+    prompt = original_generation_prompt(proc, "a photo of a cat")
     input_ids = torch.LongTensor(proc.tokenizer.encode(prompt))
     tokens = torch.zeros((2, len(input_ids)), dtype=torch.int)
     tokens[0] = input_ids
@@ -2304,6 +2320,285 @@ def cmd_loss(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The same training lines through the official DeepSeek code (original layout)
+# ------------------------------------------------------------------------------------------------
+def train_image_as_stored(name: str):
+    """A training image (PNG -> RGB) at the size it was written (square; checked against its source)."""
+    from PIL import Image
+
+    with Image.open(TRAIN_DIR / name) as im:
+        w, h = im.size
+    assert w == h, (name, w, h)
+    return train_image(name, w)
+
+
+def original_vq_input(proc, image, size: int):
+    """VQ input of one image as janus-rs makes it (preprocess_for_vq): torchvision Resize(size, BICUBIC,
+    antialias) (the short side to `size`, Pillow bicubic on a PIL image) + CenterCrop(size), then
+    (u8/255 - 0.5)/0.5, NCHW float32. Returns (x, crop_u8)."""
+    import numpy as np
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    crop = np.asarray(T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.BICUBIC,
+                                                  antialias=True)(pil)))
+    h, w = image.shape[:2]
+    if h == w:
+        # a square image: the same pixels as Pillow's own bicubic resize, and as the official
+        # understanding preprocessing (VLMImageProcessor.resize: bicubic to the image size, nothing to pad)
+        assert np.array_equal(crop, np.asarray(pil.resize((size, size), Image.BICUBIC)))
+        if proc.image_processor.image_size == size:
+            assert np.array_equal(crop, proc.image_processor.resize(pil).transpose(1, 2, 0))
+    x = (torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    return x, crop
+
+
+# The official VQ has 16384 codes of width 8 and a 64x64 training image gives 576 positions, so on these
+# random weights a few positions have a best-vs-second gap under MIN_CODE_GAP (fox.png 15, min 4.8e-5;
+# lake.png 8, min 2.4e-5).
+# The generate examples list them (near_tie_positions); the hard floor is this one, 10x the largest change
+# of an official encode gap between two CPUs (9.5e-7, vq_preprocess.safetensors regenerated elsewhere).
+ORIGINAL_MIN_CODE_GAP = 1e-5
+
+
+def original_loss_generate(model, proc, ids, line, vq_size):
+    """Teacher-forced image-token loss of one `generate` line through the official code
+    (see ORIGINAL_LOSS_DEFINITIONS)."""
+    import torch
+    import torch.nn.functional as F
+
+    tok = proc.tokenizer
+    lm = model.language_model
+    vq = model.gen_vision_model
+    text = original_generation_prompt(proc, line["prompt"])
+    # janus-rs's generation prompt (PromptFormat::generation_prompt, no chat template) + <begin_of_image>
+    assert text == f"{USER}: {line['prompt'].strip()}\n\n{ASSISTANT}:{BOI}", text
+    P = tok.encode(text)
+    assert P[0] == ids[BOS] and P[-1] == ids[BOI] and P.count(ids[BOS]) == 1, P
+    prompt = torch.tensor([P], dtype=torch.int64)
+    x, _ = original_vq_input(proc, train_image_as_stored(line["image"]), vq_size)
+    with torch.no_grad():
+        quant, _, info = vq.encode(x)
+        codes = info[2].reshape(-1).to(torch.int64)                 # [N], row-major over the grid
+        n = codes.numel()
+        grid = vq_size // 2 ** (len(vq.config.encoder_ch_mult) - 1)
+        assert tuple(quant.shape[-2:]) == (grid, grid) and n == grid * grid, (quant.shape, n)
+        # the same codes by hand, and every position's gap between the best and the second-best code
+        h = vq.quant_conv(vq.encoder(x))
+        z = F.normalize(h.permute(0, 2, 3, 1).reshape(n, -1), p=2, dim=-1)
+        e = F.normalize(vq.quantize.embedding.weight, p=2, dim=-1)
+        d = (z ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * z @ e.T
+        assert torch.equal(d.argmin(1), codes)
+        d64 = torch.cdist(z.double(), e.double()) ** 2
+        assert torch.equal(d64.argmin(1), codes)
+        top2 = torch.topk(d64, 2, dim=1, largest=False).values
+        gaps = top2[:, 1] - top2[:, 0]
+
+        # loss: one causal pass over [embed_tokens(P); gen_aligner(gen_embed(c[:N-1]))]
+        emb = torch.cat([lm.get_input_embeddings()(prompt), model.prepare_gen_img_embeds(codes[None, :-1])], 1)
+        hidden = lm.model(inputs_embeds=emb, use_cache=False).last_hidden_state[0]
+        L = prompt.shape[1]
+        scores = model.gen_head(hidden[L - 1:L - 1 + n])            # [N, image_token_size]
+        loss = F.cross_entropy(scores, codes)
+        # cross-check: the generation loop's path (generation_inference.py: prefill, then one code at a
+        # time through the KV cache), log-softmax + gather by hand
+        out = lm.model(inputs_embeds=lm.get_input_embeddings()(prompt), use_cache=True)
+        nll = []
+        for i in range(n):
+            logp = torch.log_softmax(model.gen_head(out.last_hidden_state[0, -1]), -1)
+            nll.append(-logp[codes[i]])
+            if i + 1 < n:
+                step = model.prepare_gen_img_embeds(codes[i:i + 1]).unsqueeze(0)   # [1, 1, D]
+                out = lm.model(inputs_embeds=step, use_cache=True, past_key_values=out.past_key_values)
+        check = torch.stack(nll).mean()
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    c = codes.tolist()
+    near = torch.nonzero(gaps < MIN_CODE_GAP).reshape(-1).tolist()
+    return {"task": "generate", "input_ids": P, "codes": c, "targets": c, "loss": float(loss),
+            "codes_l2norm": c, "loss_l2norm": float(loss),
+            "min_code_gap": float(gaps.min()), "near_tie_positions": near}, {
+        "min_code_gap": float(gaps.min()), "codes_below_1e-3": len(near),
+        "distinct_codes": int(codes.unique().numel()), "cross_check_rel": abs(check.item() / loss.item() - 1)}
+
+
+def original_loss_understand(model, proc, ids, line):
+    """Answer + EOS loss of one `understand` line through the official code (see ORIGINAL_LOSS_DEFINITIONS)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    tok = proc.tokenizer
+    lm = model.language_model
+    images = [train_image_as_stored(name) for name in line["images"]]
+    pils = [Image.fromarray(im) for im in images]
+    conversation = original_understanding_conversation(line["question"], line["images"])
+    prep = proc(conversations=conversation, images=pils, force_batchify=True)
+    prompt = prep.input_ids[0].clone()
+    assert bool(prep.attention_mask.all()), "one sample: no padding"
+    k = proc.num_image_tokens
+    # janus-rs's understanding prompt (SFT format, system prompt, one placeholder line per image before
+    # the question), tokenised, each placeholder expanded to <begin_of_image> + k x <image_placeholder>
+    # + <end_of_image>
+    placed = (f"{IMAGE}\n" * len(images) + line["question"].strip()).strip()
+    text = f"{SYSTEM_PROMPT}\n\n{USER}: {placed}\n\n{ASSISTANT}:"
+    assert prep.sft_format[0] == text, prep.sft_format[0]
+    built = []
+    for t in tok.encode(text):
+        built += [ids[BOI]] + [ids[IMAGE]] * k + [ids[EOI]] if t == ids[IMAGE] else [t]
+    assert prompt.tolist() == built
+    assert prompt[0].item() == ids[BOS] and int((prompt == ids[IMAGE]).sum()) == len(images) * k
+    # pixel_values: the official VLMImageProcessor (bicubic to the image size, padded to a square)
+    pv = prep.pixel_values.float()                                 # [1, n, 3, S, S]
+    for j, pil in enumerate(pils):
+        u8 = torch.from_numpy(np.ascontiguousarray(proc.image_processor.resize(pil))).double()
+        assert (pv[0, j].double() - (u8 / 255 - 0.5) / 0.5).abs().max().item() < 1e-6
+    answer = tok.encode(line["answer"], add_special_tokens=False)
+    assert answer and ids[BOS] not in answer and ids[IMAGE] not in answer, answer
+    targets = answer + [tok.eos_token_id]
+    full = torch.cat([prompt, torch.tensor(targets, dtype=torch.int64)])[None]
+    L = prompt.shape[0]
+    with torch.no_grad():
+        emb = model.prepare_inputs_embeds(input_ids=prep.input_ids.clone(), pixel_values=pv,
+                                          images_seq_mask=prep.images_seq_mask,
+                                          images_emb_mask=prep.images_emb_mask)
+        emb = torch.cat([emb, lm.get_input_embeddings()(full[:, L:])], dim=1)
+        logits = lm(inputs_embeds=emb, use_cache=False).logits[0]  # lm_head over the final hidden states
+        loss = F.cross_entropy(logits[L - 1:full.shape[1] - 1], full[0, L:])
+        # cross-check: transformers' own causal-LM loss (labels, -100 on the prompt positions)
+        labels = full.clone()
+        labels[0, :L] = -100
+        check = lm(inputs_embeds=emb, labels=labels, use_cache=False).loss
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    return {"task": "understand", "input_ids": full[0].tolist(), "targets": targets, "loss": float(loss)}, {
+        "cross_check_rel": abs(check.item() / loss.item() - 1)}
+
+
+def original_loss_text(model, proc, ids, line):
+    """Next-token loss of one `text` line through the official code's language model."""
+    import torch
+    import torch.nn.functional as F
+
+    tok = proc.tokenizer
+    tok_ids = tok.encode(line["text"])
+    assert tok_ids[0] == ids[BOS] and tok_ids.count(ids[BOS]) == 1 and ids[EOS] not in tok_ids, tok_ids
+    x = torch.tensor([tok_ids], dtype=torch.int64)
+    lm = model.language_model
+    with torch.no_grad():
+        logits = lm(input_ids=x, use_cache=False).logits[0]
+        loss = F.cross_entropy(logits[:-1], x[0, 1:])
+        check = lm(input_ids=x, labels=x, use_cache=False).loss      # transformers' causal-LM loss
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    return {"task": "text", "input_ids": tok_ids, "targets": tok_ids[1:], "loss": float(loss)}, {
+        "cross_check_rel": abs(check.item() / loss.item() - 1)}
+
+
+ORIGINAL_LOSS_DEFINITIONS = (
+    "Model: the original-layout checkpoint of gen_original.py ($JANUS_FIXTURE_CACHE/original-tiny/safetensors, "
+    "bfloat16 values, config and tokenizer files = tests/fixtures/original-tiny) loaded by the official DeepSeek "
+    "code (deepseek-ai/Janus MultiModalityCausalLM.from_pretrained, transformers 4.57.1), upcast to float32, eager "
+    "attention, eval, no grad, CPU, 1 thread; processor and tokenizer: the official VLChatProcessor of the same "
+    "folder (sft format deepseek, its system prompt). Images: the PNG files named in data.jsonl (64x64), decoded "
+    "to RGB. Every cross-entropy is torch.nn.functional.cross_entropy in float32, mean over the listed targets. "
+    "generate: P = tokenizer.encode(prompt) of prompt = apply_sft_template_for_multi_turn_prompts([{'role': "
+    "'<|User|>', 'content': prompt}, {'role': '<|Assistant|>', 'content': ''}], system_prompt='') + "
+    "'<begin_of_image>' (generation_inference.py; = '<|User|>: {prompt}\\n\\n<|Assistant|>:<begin_of_image>', BOS "
+    "first) = input_ids. VQ input: the image's short side resized to S = vision image size (384; the VQ-16 grid "
+    "is S/16 = 24, the 576 tokens the official generation makes) with Pillow bicubic (torchvision Resize(S, "
+    "BICUBIC, antialias) on the PIL image), centre-cropped to S x S (torchvision CenterCrop), x = (u8/255 - "
+    "0.5)/0.5, NCHW; the 64x64 images are upscaled 6x (the same pixels as VLMImageProcessor's resize). codes c = "
+    "gen_vision_model.encode(x)[2][2] (the official VectorQuantizer, codebook_l2_norm: nearest l2-normalised "
+    "codebook row to the l2-normalised latent), row-major over the 24 x 24 grid, N = 576 codes. Input embeddings "
+    "= [language_model.get_input_embeddings()(P); prepare_gen_img_embeds(c[0..N-1)) = gen_aligner(gen_embed(.))]; "
+    "last_hidden_state of language_model.model over them (after the final norm; causal, no cache, positions "
+    "0..); scores = gen_head(hidden) at positions len(P)-1 .. len(P)+N-2, so <begin_of_image> predicts c[0]; "
+    "targets = c; loss = mean CE over the N codes. There is one quantizer here, so codes_l2norm = codes, "
+    "loss_l2norm = loss, losses_l2norm = losses and mean_l2norm = mean (kept for the schema of "
+    "hf-tiny/expected/losses.json). "
+    "understand: prompt = VLChatProcessor(conversations=[{'role': '<|User|>', 'content': '<image_placeholder>\\n' "
+    "* n + question}, {'role': '<|Assistant|>', 'content': ''}], images=[the line's images]).input_ids (system "
+    "prompt + '\\n\\n<|User|>: ' + the placeholders and question + '\\n\\n<|Assistant|>:', BOS first, each "
+    "placeholder expanded to <begin_of_image> + 576 x <image_placeholder> + <end_of_image>); pixel_values: "
+    "VLMImageProcessor (bicubic to 384 x 384, padded to a square: nothing to pad here; (u8/255 - 0.5)/0.5); "
+    "input_ids = prompt + tokenizer.encode(answer, add_special_tokens=False) + [EOS]; input embeddings = "
+    "prepare_inputs_embeds(prompt, pixel_values, images_seq_mask, images_emb_mask) (aligner(vision_model(.)) "
+    "at the placeholders) followed by the token embeddings of the answer and EOS; logits = "
+    "language_model(inputs_embeds).logits (lm_head over the final hidden states); targets = the answer ids and "
+    "EOS, each predicted from the position before it; loss = mean CE over them. "
+    "text: input_ids = tokenizer.encode(text) (BOS from the tokenizer, add_bos_token true; no EOS); logits = "
+    "language_model(input_ids).logits; targets = input_ids[1:], each predicted from the position before it. "
+    "losses[i] = examples[i].loss for line i of data.jsonl; mean = their unweighted mean (float64 sum / count). "
+    "Cross-checks (asserted within 1e-5 relative): understand and text against language_model(..., "
+    "labels=...).loss (transformers 4.57.1 LlamaForCausalLM's ForCausalLMLoss; labels -100 on the prompt "
+    "positions); generate against the generation loop's path: a prefill over P, then one code embedding at a "
+    "time through past_key_values, log-softmax of gen_head and a gather by hand. The prompts equal janus-rs's "
+    "SFT-format strings (asserted). min_code_gap (generate lines): the smallest second-best minus best squared "
+    "distance (float64, l2-normalised vectors) over the N positions; near_tie_positions: the positions (row-major "
+    f"indices into codes) where that gap is below {MIN_CODE_GAP:g}, where another float32 implementation may pick "
+    f"the other code (every gap is asserted to be at least {ORIGINAL_MIN_CODE_GAP:g})."
+)
+
+
+def cmd_loss_original(args) -> None:
+    """original-tiny/expected/losses.json: the losses of tests/fixtures/train/data.jsonl through the official
+    DeepSeek code on the gen_original.py checkpoint (same schema as hf-tiny/expected/losses.json)."""
+    torch_setup()
+    from janus.models import VLChatProcessor
+
+    cache = fixture_cache(args) / "original-tiny"
+    stamp = read_json(cache / "STAMP.json")
+    if stamp.get("data_sha256") != read_json(MANIFEST).get("data_sha256"):
+        raise SystemExit(f"{cache} is stale or missing: run tests/reference/gen_original.py first")
+    folder = cache / "safetensors"
+    model = load_official(folder)
+    proc = VLChatProcessor.from_pretrained(str(folder))
+    tok = proc.tokenizer
+    ids = {s: tok.vocab[s] for s in tokenizer_strings()}
+    assert ids == read_json(TOKENIZER_DIR / "tokenize.json")["special_token_ids"], ids
+    assert read_json(folder / "tokenizer_config.json")["add_bos_token"] is True and tok.add_bos_token
+    assert tok.bos_token_id == ids[BOS] and tok.eos_token_id == ids[EOS] and proc.image_id == ids[IMAGE]
+    assert proc.image_start_id == ids[BOI] and proc.image_end_id == ids[EOI] and proc.pad_id == ids[PAD]
+    assert proc.system_prompt == SYSTEM_PROMPT and proc.sft_format == "deepseek" and not proc.add_special_token
+    vision_size = model.config.vision_config.params.image_size
+    assert proc.image_processor.image_size == vision_size
+    assert proc.num_image_tokens == (vision_size // 16) ** 2          # SigLIP-L/16
+    vq_size = vision_size                                             # janus-rs: VQ grid = vision size / 16
+    if not (TRAIN_DIR / "data.jsonl").exists():
+        raise SystemExit(f"{TRAIN_DIR / 'data.jsonl'} is missing: run `make_fixtures.py loss` first")
+
+    examples, stats = [], []
+    for line in (json.loads(s) for s in (TRAIN_DIR / "data.jsonl").read_text(encoding="utf-8").splitlines()):
+        if line["task"] == "generate":
+            ex, st = original_loss_generate(model, proc, ids, line, vq_size)
+        elif line["task"] == "understand":
+            ex, st = original_loss_understand(model, proc, ids, line)
+        else:
+            ex, st = original_loss_text(model, proc, ids, line)
+        examples.append(ex)
+        stats.append(st)
+        print(f"loss-original: {line['task']:<10} {ex['loss']:.6f}  {len(ex['input_ids'])} ids, "
+              f"{len(ex['targets'])} targets  " + ", ".join(f"{k}={v:.3g}" for k, v in st.items()), flush=True)
+        if "min_code_gap" in st and st["min_code_gap"] < ORIGINAL_MIN_CODE_GAP:
+            raise SystemExit(f"loss-original: a VQ code of {line['image']} is nearly tied "
+                             f"(gap {st['min_code_gap']:.3g} < {ORIGINAL_MIN_CODE_GAP:g})")
+    losses = [ex["loss"] for ex in examples]
+    record = {
+        "data": os.path.relpath(TRAIN_DIR / "data.jsonl", ORIGINAL_DIR / "expected"),
+        "losses": losses,
+        "mean": sum(losses) / len(losses),
+        "losses_l2norm": losses,
+        "mean_l2norm": sum(losses) / len(losses),
+        "examples": examples,
+        "definitions": ORIGINAL_LOSS_DEFINITIONS,
+        "versions": {**env_versions(), "official_code_commit": official_commit()},
+    }
+    write_compact_json(ORIGINAL_DIR / "expected" / "losses.json", record, list_key="examples")
+    print(f"loss-original: {len(losses)} lines, mean {record['mean']:.6f}; sizes vision {vision_size}, VQ {vq_size}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Orchestration
 # ------------------------------------------------------------------------------------------------
 DEFAULT_TF457 = "/opt/tf457"
@@ -2396,6 +2691,7 @@ def cmd_all(args) -> None:
     run_step("hf-v4", dict(os.environ, PYTHONPATH=str(args.tf457)))
     run_step("prompts")
     run_step("loss")
+    run_step("loss-original", env, cache_args)
     run_step("chat-original", env, cache_args)
     cmd_preprocess(args)
     print(f"all fixtures written in {time.perf_counter() - t0:.0f} s")
@@ -2416,6 +2712,8 @@ def main(argv=None) -> None:
     sub.add_parser("hf-v4")
     sub.add_parser("prompts")
     sub.add_parser("loss")
+    p = sub.add_parser("loss-original")
+    p.add_argument("--cache", default=None)
     p = sub.add_parser("chat-original")
     p.add_argument("--cache", default=None)
     p = sub.add_parser("preprocess-original")
@@ -2442,6 +2740,7 @@ def main(argv=None) -> None:
         "hf-v4": cmd_hf_v4,
         "prompts": cmd_prompts,
         "loss": cmd_loss,
+        "loss-original": cmd_loss_original,
         "chat-original": cmd_chat_original,
         "preprocess-original": cmd_preprocess_original,
         "preprocess": cmd_preprocess,
