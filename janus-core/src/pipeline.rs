@@ -234,6 +234,13 @@ impl Janus {
         &self.model
     }
 
+    /// The networks, to change: which parameters training updates
+    /// ([`Module::set_require_grad`](burn::module::Module::set_require_grad) on
+    /// [`JanusModel::heads`](crate::model::JanusModel)), or the parameters an optimizer stepped.
+    pub fn model_mut(&mut self) -> &mut JanusModel {
+        &mut self.model
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &JanusTokenizer {
         &self.tokenizer

@@ -79,7 +79,7 @@ fn check_first_steps(
         let emb = model
             .heads
             .gen_aligner
-            .forward(embedding(model.heads.gen_embed.clone(), idx));
+            .forward(embedding(model.heads.gen_embed.val(), idx));
         last = llm.forward(emb, &mut cache).unwrap();
     }
     worst

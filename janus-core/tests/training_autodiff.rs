@@ -64,3 +64,93 @@ fn gradients_are_the_derivatives_of_the_loss() {
         "gradient along u {along}, central differences {differences}"
     );
 }
+
+/// The first training stage's gradients (the aligners, the generation embedding and the image
+/// head; the language model frozen but on the gradient's path) of the mean loss over the
+/// training samples, against PyTorch autograd on transformers' Janus
+/// (`tests/fixtures/hf-tiny/expected/grads.safetensors`, `make_fixtures.py grads`).
+#[test]
+fn stage_one_gradients_match_pytorch() {
+    use burn::module::Module;
+    use janus_core::train::{params, score};
+
+    let mut janus =
+        Janus::load_on(&fixture("hf-tiny"), &device().autodiff(), ComputeDType::F32).unwrap();
+    let heads = janus.model().heads.clone().set_require_grad(true);
+    janus.model_mut().heads = heads;
+    let examples = read_jsonl(&fixture("train").join("data.jsonl")).unwrap();
+    let losses: Vec<Tensor<1>> = examples
+        .iter()
+        .map(|e| score(&janus, e).unwrap().loss_tensor().unwrap())
+        .collect();
+    let loss = Tensor::cat(losses, 0).mean();
+    let r = read_reference(&fixture("hf-tiny").join("expected/grads.safetensors"));
+    let value: f32 = loss.clone().into_scalar();
+    assert!((f64::from(value) - r["loss"].values[0]).abs() <= 1e-5 * r["loss"].values[0]);
+    let grads = loss.backward();
+    let got = params::gradients(&janus.model().heads, &grads);
+    // janus-rs's fields (an MLP's layers counted without the activations between them) and
+    // transformers' names.
+    let names = [
+        ("aligner.layers.0.weight", "model.aligner.fc1.weight"),
+        ("aligner.layers.0.bias", "model.aligner.fc1.bias"),
+        (
+            "aligner.layers.1.weight",
+            "model.aligner.hidden_layers.0.weight",
+        ),
+        (
+            "aligner.layers.1.bias",
+            "model.aligner.hidden_layers.0.bias",
+        ),
+        ("gen_embed", "model.generation_embeddings.weight"),
+        (
+            "gen_aligner.layers.0.weight",
+            "model.generation_aligner.fc1.weight",
+        ),
+        (
+            "gen_aligner.layers.0.bias",
+            "model.generation_aligner.fc1.bias",
+        ),
+        (
+            "gen_aligner.layers.1.weight",
+            "model.generation_aligner.hidden_layers.0.weight",
+        ),
+        (
+            "gen_aligner.layers.1.bias",
+            "model.generation_aligner.hidden_layers.0.bias",
+        ),
+        (
+            "gen_head.output_mlp_projector.weight",
+            "model.generation_head.proj_out.weight",
+        ),
+        (
+            "gen_head.output_mlp_projector.bias",
+            "model.generation_head.proj_out.bias",
+        ),
+        (
+            "gen_head.vision_head.weight",
+            "model.generation_head.vision_head.weight",
+        ),
+        (
+            "gen_head.vision_head.bias",
+            "model.generation_head.vision_head.bias",
+        ),
+    ];
+    let paths: Vec<&str> = got.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, names.map(|(ours, _)| ours), "the stage's parameters");
+    for (p, (_, theirs)) in got.iter().zip(names) {
+        let want = &r[&format!("grad.{theirs}")];
+        assert_eq!(p.shape, want.shape, "{theirs}");
+        let norm = want.values.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let worst = p
+            .values
+            .iter()
+            .zip(&want.values)
+            .map(|(g, w)| (f64::from(*g) - w).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= 1e-4 * norm,
+            "{theirs}: {worst:e} off, gradient norm {norm}"
+        );
+    }
+}

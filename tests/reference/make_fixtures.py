@@ -34,6 +34,10 @@ PYTHONPATH for the steps that need the official DeepSeek code):
   loss               tests/fixtures/train/ (data.jsonl: generate / understand / text lines, small PNG images) and
                      hf-tiny/expected/losses.json: the cross-entropy of each line through transformers' Janus
                      (image-token loss over the VQ codes, answer + EOS loss, next-token text loss) [5.24 env]
+  grads              hf-tiny/expected/grads.safetensors: the gradients of the mean of those losses (generate lines
+                     with the official l2-normalised codes, as janus-rs) for the aligners, generation embeddings and
+                     head, four language-model tensors and lm_head, and those parameters after one AdamW step
+                     (checked in float64 and by central differences) [5.24 env; run `loss` first]
   loss-original      original-tiny/expected/losses.json: the same lines' losses through the official DeepSeek
                      code on the gen_original.py checkpoint (the official, l2-normalised VQ codes)
                      [transformers 4.57.1 + official code]
@@ -2116,12 +2120,12 @@ def train_image(name: str, size: int):
     return arr
 
 
-def loss_generate(model, processor, ids, line, vq_size):
-    """Teacher-forced image-token loss of one `generate` line (see LOSS_DEFINITIONS)."""
+def generate_inputs(model, processor, ids, line, vq_size) -> dict:
+    """The prompt ids `P` and the VQ codes of both quantizers of one `generate` line (see LOSS_DEFINITIONS);
+    no gradient flows into the VQ model."""
     import torch
     import torch.nn.functional as F
 
-    lm = model.model.language_model
     vq = model.model.vqmodel
     text = processor.apply_chat_template(api_messages([("user", line["prompt"], 0)]), add_generation_prompt=True)
     prompt = processor(text=text, generation_mode="image", return_tensors="pt")["input_ids"]
@@ -2150,19 +2154,38 @@ def loss_generate(model, processor, ids, line, vq_size):
         dist_l2 = torch.cdist(F.normalize(z, dim=-1), F.normalize(e, dim=-1)) ** 2
         codes_l2 = dist_l2.argmin(-1)
         gaps = [float((d.sort(-1).values[:, 1] - d.sort(-1).values[:, 0]).min()) for d in (dist, dist_l2)]
+    return {"prompt": prompt, "codes": codes, "codes_l2norm": codes_l2, "gaps": gaps}
 
-        # loss: one causal pass over [embed_tokens(P); generation_aligner(generation_embeddings(c[:N-1]))]
-        def forward_loss(c):
-            emb = torch.cat([lm.embed_tokens(prompt), model.prepare_embeddings_for_image_generation(c[None, :-1])], 1)
-            hidden = lm(inputs_embeds=emb, use_cache=False).last_hidden_state[0]
-            P = prompt.shape[1]
-            scores = model.model.generation_head(hidden[P - 1:P - 1 + n])  # [N, codes]
-            return F.cross_entropy(scores, c)
 
-        loss = forward_loss(codes)
-        loss_l2 = forward_loss(codes_l2)
+def generate_loss(model, prompt, codes):
+    """Teacher-forced image-token loss (a 0-d tensor; differentiable unless run under torch.no_grad): one causal
+    pass over [embed_tokens(P); generation_aligner(generation_embeddings(c[:N-1]))], generation_head at the
+    positions |P|-1 .. |P|+N-2 against the N codes."""
+    import torch
+    import torch.nn.functional as F
+
+    lm = model.model.language_model
+    n = codes.numel()
+    emb = torch.cat([lm.embed_tokens(prompt), model.prepare_embeddings_for_image_generation(codes[None, :-1])], 1)
+    hidden = lm(inputs_embeds=emb, use_cache=False).last_hidden_state[0]
+    P = prompt.shape[1]
+    scores = model.model.generation_head(hidden[P - 1:P - 1 + n])  # [N, codes]
+    return F.cross_entropy(scores, codes)
+
+
+def loss_generate(model, processor, ids, line, vq_size):
+    """Teacher-forced image-token loss of one `generate` line (see LOSS_DEFINITIONS)."""
+    import torch
+
+    g = generate_inputs(model, processor, ids, line, vq_size)
+    prompt, codes, codes_l2, gaps = g["prompt"], g["codes"], g["codes_l2norm"], g["gaps"]
+    n = codes.numel()
+    with torch.no_grad():
+        loss = generate_loss(model, prompt, codes)
+        loss_l2 = generate_loss(model, prompt, codes_l2)
         # cross-check: the generation loop's path (prefill, then one code at a time through the KV cache),
         # the aligner applied by hand, log-softmax + gather by hand
+        lm = model.model.language_model
         o = lm(inputs_embeds=lm.embed_tokens(prompt), use_cache=True)
         nll = []
         for i in range(n):
@@ -2180,10 +2203,9 @@ def loss_generate(model, processor, ids, line, vq_size):
         "codes_equal_l2norm": int((codes == codes_l2).sum()), "cross_check_rel": abs(check.item() / loss.item() - 1)}
 
 
-def loss_understand(model, processor, ids, line, vision_size):
-    """Answer + EOS loss of one `understand` line (see LOSS_DEFINITIONS)."""
+def understand_inputs(processor, ids, line, vision_size) -> dict:
+    """input_ids (prompt + answer + EOS), prompt length and pixel_values of one `understand` line."""
     import torch
-    import torch.nn.functional as F
 
     tok = processor.tokenizer
     text = processor.apply_chat_template(api_messages([("user", line["question"], len(line["images"]))]),
@@ -2196,11 +2218,27 @@ def loss_understand(model, processor, ids, line, vision_size):
     assert ids[BOS] not in answer and answer
     targets = answer + [tok.eos_token_id]
     full = torch.cat([prompt, torch.tensor(targets, dtype=torch.int64)])[None]
-    L = prompt.shape[0]
-    pv = inputs["pixel_values"].float()
+    return {"input_ids": full, "prompt_len": prompt.shape[0], "pixel_values": inputs["pixel_values"].float(),
+            "targets": targets}
+
+
+def understand_loss(model, full, L: int, pv):
+    """Answer + EOS loss (a 0-d tensor; differentiable unless under torch.no_grad): the logits of
+    model(full, pixel_values) at positions L-1 .. len-2 against full[L:]."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=full, pixel_values=pv).logits[0]
+    return F.cross_entropy(logits[L - 1:full.shape[1] - 1], full[0, L:])
+
+
+def loss_understand(model, processor, ids, line, vision_size):
+    """Answer + EOS loss of one `understand` line (see LOSS_DEFINITIONS)."""
+    import torch
+
+    u = understand_inputs(processor, ids, line, vision_size)
+    full, L, pv, targets = u["input_ids"], u["prompt_len"], u["pixel_values"], u["targets"]
     with torch.no_grad():
-        logits = model(input_ids=full, pixel_values=pv).logits[0]
-        loss = F.cross_entropy(logits[L - 1:full.shape[1] - 1], full[0, L:])
+        loss = understand_loss(model, full, L, pv)
         # cross-check: transformers' own causal-LM loss (labels, -100 on the prompt positions)
         labels = full.clone()
         labels[0, :L] = -100
@@ -2210,19 +2248,33 @@ def loss_understand(model, processor, ids, line, vision_size):
         "cross_check_rel": abs(check.item() / loss.item() - 1)}
 
 
-def loss_text(model, processor, ids, line):
-    """Next-token loss of one `text` line (see LOSS_DEFINITIONS)."""
+def text_inputs(processor, ids, line):
+    """input_ids [1, T] of one `text` line (BOS from the tokenizer, no EOS)."""
     import torch
-    import torch.nn.functional as F
 
     tok_ids = processor.tokenizer(line["text"])["input_ids"]
     assert tok_ids[0] == ids[BOS] and ids[EOS] not in tok_ids, tok_ids
-    x = torch.tensor([tok_ids], dtype=torch.int64)
+    return torch.tensor([tok_ids], dtype=torch.int64)
+
+
+def text_loss(model, x):
+    """Next-token loss (a 0-d tensor; differentiable unless under torch.no_grad) of input_ids x [1, T]."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=x).logits[0]
+    return F.cross_entropy(logits[:-1], x[0, 1:])
+
+
+def loss_text(model, processor, ids, line):
+    """Next-token loss of one `text` line (see LOSS_DEFINITIONS)."""
+    import torch
+
+    x = text_inputs(processor, ids, line)
     with torch.no_grad():
-        logits = model(input_ids=x).logits[0]
-        loss = F.cross_entropy(logits[:-1], x[0, 1:])
+        loss = text_loss(model, x)
         check = model(input_ids=x, labels=x).loss                # transformers' causal-LM loss
     assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    tok_ids = x[0].tolist()
     return {"task": "text", "input_ids": tok_ids, "targets": tok_ids[1:], "loss": float(loss)}, {
         "cross_check_rel": abs(check.item() / loss.item() - 1)}
 
@@ -2265,14 +2317,19 @@ LOSS_DEFINITIONS = (
 )
 
 
-def cmd_loss(args) -> None:
-    """tests/fixtures/train/ (data.jsonl + PNG images) and hf-tiny/expected/losses.json: the cross-entropy
-    losses of transformers' Janus on each line (image-token loss, answer loss, text loss)."""
-    torch_setup()
+def loss_setup():
+    """What `loss` and `grads` share: hf-tiny in float32 (hf_load: eager attention, eval mode), its processor
+    and tokenizer, the special-token ids and the two image sizes (vision, VQ input)."""
     from transformers import AutoProcessor
 
     model = hf_load(HF_F32)
-    processor = AutoProcessor.from_pretrained(str(HF_F32))
+    # The PIL image processor (transformers picks the torchvision one whenever torchvision is installed):
+    # losses.json was written with it, and its rescale then normalise gives exactly (u8/255 - 0.5)/0.5, the VQ
+    # input of the generate lines. The torchvision backend fuses both into (u8 - 127.5)/127.5 (janus-rs's
+    # PixelArithmetic::TorchFused, its default for this layout), one float32 ulp away for 128 of the 256 byte
+    # values: that fails the generate lines' pixel check and moves the understand losses by ~1e-7 relative.
+    processor = AutoProcessor.from_pretrained(str(HF_F32), backend="pil")
+    assert type(processor.image_processor).__name__ == "JanusImageProcessorPil", type(processor.image_processor)
     assert processor.use_default_system_prompt is True
     check_hf_template(processor)
     tok = processor.tokenizer
@@ -2285,11 +2342,22 @@ def cmd_loss(args) -> None:
     ip_size = processor.image_processor.size
     assert (ip_size["height"], ip_size["width"]) == (vision_size, vision_size), ip_size
     assert processor.num_image_tokens == (vision_size // cfg.vision_config.patch_size) ** 2
-    vq_size = vq_input_size(cfg)
+    return model, processor, ids, vision_size, vq_input_size(cfg)
+
+
+def train_lines() -> list:
+    return [json.loads(s) for s in (TRAIN_DIR / "data.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def cmd_loss(args) -> None:
+    """tests/fixtures/train/ (data.jsonl + PNG images) and hf-tiny/expected/losses.json: the cross-entropy
+    losses of transformers' Janus on each line (image-token loss, answer loss, text loss)."""
+    torch_setup()
+    model, processor, ids, vision_size, vq_size = loss_setup()
     write_train_data(vision_size, vq_size)
 
     examples, stats = [], []
-    for line in (json.loads(s) for s in (TRAIN_DIR / "data.jsonl").read_text(encoding="utf-8").splitlines()):
+    for line in train_lines():
         if line["task"] == "generate":
             ex, st = loss_generate(model, processor, ids, line, vq_size)
         elif line["task"] == "understand":
@@ -2317,6 +2385,276 @@ def cmd_loss(args) -> None:
     write_compact_json(HF_F32 / "expected" / "losses.json", record, list_key="examples")
     print(f"loss: {len(losses)} lines, mean {record['mean']:.6f} (l2norm codes {record['mean_l2norm']:.6f}); "
           f"sizes vision {vision_size}, VQ {vq_size}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients of the batch loss and one AdamW step (transformers' Janus on hf-tiny)
+# ------------------------------------------------------------------------------------------------
+GRAD_MODULES = ("aligner", "generation_embeddings", "generation_aligner", "generation_head")   # of model.model
+GRAD_LM_PARAMS = ("layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight",
+                  "layers.0.input_layernorm.weight", "embed_tokens.weight")               # of model.model.language_model
+ADAMW = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+GRAD_CHECK_SEED = 11         # torch.Generator seed of the random unit directions of the central-difference check
+GRAD_CHECK_STEP = 1e-4       # its step (float64)
+
+GRAD_DEFINITIONS = (
+    "Model, processor, images and the six lines of tests/fixtures/train/data.jsonl exactly as for "
+    "hf-tiny/expected/losses.json (make_fixtures.py loss: hf-tiny in float32, eager attention, eval mode (the model "
+    "has no dropout), CPU, 1 thread, deterministic algorithms; AutoProcessor of hf-tiny with backend='pil', whose "
+    "pixel_values are (u8/255 - 0.5)/0.5), but with gradients enabled. Per-line losses "
+    "(line_losses, [6]): as losses.json's losses_l2norm, i.e. generate lines with the official l2-normalised "
+    "quantizer's codes c = codes_l2norm, used both as the targets and as the teacher-forced inputs: input "
+    "embeddings [embed_tokens(P); generation_aligner(generation_embeddings(c[0..N-1)))], generation_head at "
+    "positions |P|-1 .. |P|+N-2 against c (the janus-rs definition); understand: answer + EOS; text: every id "
+    "after BOS; each a float32 mean cross-entropy over its targets. The VQ model only encodes (no gradient). "
+    "Batch loss L (loss, [1]) = torch.stack(line_losses).mean() in float32: unweighted mean over the 6 lines "
+    "(not over tokens). L.backward() once from zero gradients; grad.<name> = the .grad of parameter <name> "
+    "(a name of model.named_parameters(), which is also its key in hf-tiny/model.safetensors, same shape: "
+    "asserted), for every parameter of model.model.aligner, model.model.generation_embeddings, "
+    "model.model.generation_aligner and model.model.generation_head, and for model.model.language_model's "
+    + ", ".join(GRAD_LM_PARAMS) + ", and lm_head.weight. Then one step of torch.optim.AdamW over exactly those "
+    "parameters (one group; lr {lr:g}, betas ({b1:g}, {b2:g}), eps {eps:g}, weight_decay {wd:g}, amsgrad False, "
+    "maximize False, foreach False: the single-tensor loop) from fresh state: p <- p * (1 - lr * weight_decay) "
+    "(decoupled decay), m = (1 - b1) g, v = (1 - b2) g^2, p <- p - (lr / (1 - b1)) * m / (sqrt(v) / "
+    "sqrt(1 - b2) + eps), i.e. p(1 - lr wd) - lr g / (|g| + eps) at step 1 (a parameter element with g = 0 "
+    "only decays); after_adamw.<name> = the parameter after that step. The starting values are "
+    "hf-tiny/model.safetensors' tensors of the same names (not repeated here). Checks (asserted): every "
+    "line loss equals losses.json's losses_l2norm within 1e-6 relative, and the prompt ids and codes are "
+    "the ones recorded there; the same loss and gradients in float64 (a float64 copy of the model, same "
+    "inputs) agree with the float32 ones (stat_grad_rel_f32_vs_f64); for each saved tensor the float64 "
+    "gradient's directional derivative along a random unit direction (torch.Generator seed {seed}) matches "
+    "a central difference of the float64 batch loss with step {h:g} (stat_central_difference_rel); the "
+    "AdamW result matches the formula above evaluated in float64 from the float32 gradients. "
+    "stat_adamw_max_abs_vs_f64_grads: how far the step result moves when the float64 gradients replace the "
+    "float32 ones (an element whose |g| were within float32 noise of 0 could swing by up to 2 lr; on these data "
+    "this stat bounds the effect). Gradient rows that are exactly 0: in embed_tokens.weight every id that is not "
+    "an input, and also <image_placeholder> (its embeddings are replaced by the aligner's image embeddings) and "
+    "EOS (only the last input of the understand lines, an output no target uses); in "
+    "generation_embeddings.weight every code not in c[0..N-1) of a generate line (stat_all_zero_gradient_rows)."
+).format(lr=ADAMW["lr"], b1=ADAMW["betas"][0], b2=ADAMW["betas"][1], eps=ADAMW["eps"], wd=ADAMW["weight_decay"],
+         seed=GRAD_CHECK_SEED, h=GRAD_CHECK_STEP)
+
+
+def grad_param_names(model) -> list:
+    """The parameters whose gradients and AdamW step `grads` saves, as named by model.named_parameters()."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = []
+    for m in GRAD_MODULES:
+        names += [by_id[id(p)] for p in getattr(model.model, m).parameters()]
+    lm = dict(model.model.language_model.named_parameters())
+    names += [by_id[id(lm[n])] for n in GRAD_LM_PARAMS]
+    names.append(by_id[id(model.lm_head.weight)])
+    assert len(set(names)) == len(names), names
+    return names
+
+
+def grads_inputs(model, processor, ids, lines, vision_size, vq_size) -> list:
+    """The inputs of each line's loss (generate: the prompt and the l2-normalised quantizer's codes)."""
+    out = []
+    for line in lines:
+        if line["task"] == "generate":
+            g = generate_inputs(model, processor, ids, line, vq_size)
+            out.append({"task": "generate", "prompt": g["prompt"], "codes": g["codes_l2norm"]})
+        elif line["task"] == "understand":
+            out.append({"task": "understand", **understand_inputs(processor, ids, line, vision_size)})
+        else:
+            out.append({"task": "text", "input_ids": text_inputs(processor, ids, line)})
+    return out
+
+
+def grads_line_losses(model, inputs, dtype):
+    """The per-line losses [len(inputs)] (differentiable unless under torch.no_grad)."""
+    import torch
+
+    losses = []
+    for x in inputs:
+        if x["task"] == "generate":
+            losses.append(generate_loss(model, x["prompt"], x["codes"]))
+        elif x["task"] == "understand":
+            losses.append(understand_loss(model, x["input_ids"], x["prompt_len"], x["pixel_values"].to(dtype)))
+        else:
+            losses.append(text_loss(model, x["input_ids"]))
+    return torch.stack(losses)
+
+
+class Float64Compute:
+    """Inside `with Float64Compute(model64):` the float32 casts of transformers' eager attention
+    (softmax(..., dtype=torch.float32)) and of LlamaRMSNorm (hidden states to float32) leave float64 tensors in
+    float64, so a `.double()` copy of the model computes in float64 throughout (the rotary cos/sin remain
+    float32 values cast to float64: they depend on no parameter). Without it the float32 rounding inside a
+    float64 model makes central differences useless."""
+
+    def __init__(self, model):
+        self.norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        assert self.norms
+
+    def __enter__(self):
+        import types
+
+        import torch
+
+        functional = torch.nn.functional
+        self.softmax = softmax = functional.softmax
+
+        def softmax64(input, dim=None, _stacklevel=3, dtype=None):
+            if input.dtype == torch.float64 and dtype == torch.float32:
+                dtype = None
+            return softmax(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+        def rms_norm64(module, hidden_states):
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon))
+
+        functional.softmax = softmax64
+        for m in self.norms:
+            m.forward = types.MethodType(rms_norm64, m)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.nn.functional.softmax = self.softmax
+        for m in self.norms:
+            del m.forward
+        return False
+
+
+def adamw_step1_f64(p, g):
+    """One AdamW step from fresh state, in float64 (see GRAD_DEFINITIONS)."""
+    lr, (b1, b2), eps, wd = ADAMW["lr"], ADAMW["betas"], ADAMW["eps"], ADAMW["weight_decay"]
+    p, g = p.double(), g.double()
+    m, v = (1 - b1) * g, (1 - b2) * g * g
+    return p * (1 - lr * wd) - (lr / (1 - b1)) * m / ((v.sqrt() / (1 - b2) ** 0.5) + eps)
+
+
+def cmd_grads(args) -> None:
+    """hf-tiny/expected/grads.safetensors: gradients of the mean line loss of train/data.jsonl (janus-rs's
+    definition: the official quantizer's codes) for a set of parameters, and those parameters after one AdamW
+    step."""
+    torch = torch_setup()
+    from safetensors import safe_open
+
+    model, processor, ids, vision_size, vq_size = loss_setup()
+    lines = train_lines()
+    if lines != TRAIN_LINES:
+        raise SystemExit(f"{TRAIN_DIR / 'data.jsonl'} is not the script's TRAIN_LINES: run `make_fixtures.py loss` first")
+    ref = read_json(HF_F32 / "expected" / "losses.json")
+    inputs = grads_inputs(model, processor, ids, lines, vision_size, vq_size)
+    for x, ex in zip(inputs, ref["examples"], strict=True):
+        assert x["task"] == ex["task"], (x["task"], ex["task"])
+        if x["task"] == "generate":
+            assert x["prompt"][0].tolist() == ex["input_ids"] and x["codes"].tolist() == ex["codes_l2norm"], ex
+        else:
+            assert x["input_ids"][0].tolist() == ex["input_ids"], ex
+
+    names = grad_param_names(model)
+    params = dict(model.named_parameters())
+    with safe_open(str(HF_F32 / "model.safetensors"), framework="pt") as f:
+        file_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    for n in names:
+        assert file_shapes.get(n) == list(params[n].shape), (n, file_shapes.get(n), params[n].shape)
+    start = {n: params[n].detach().clone() for n in names}
+
+    # float32: the fixture
+    model.zero_grad(set_to_none=True)
+    line_losses = grads_line_losses(model, inputs, torch.float32)
+    loss = line_losses.mean()
+    rel = [abs(a / b - 1) for a, b in zip(line_losses.tolist(), ref["losses_l2norm"], strict=True)]
+    assert max(rel) <= 1e-6, (line_losses.tolist(), ref["losses_l2norm"])
+    loss.backward()
+    no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None)
+    assert not [n for n in names if n in no_grad], no_grad
+    grads = {n: params[n].grad.detach().clone() for n in names}
+    # the embedding rows with a gradient: the inputs before each line's last scored position, except
+    # <image_placeholder> (replaced by image embeddings); the codes fed to generation_embeddings
+    fed, codes_fed = set(), set()
+    for x in inputs:
+        if x["task"] == "generate":
+            fed |= set(x["prompt"][0].tolist())
+            codes_fed |= set(x["codes"][:-1].tolist())
+        else:
+            fed |= set(x["input_ids"][0, :-1].tolist())
+    fed.discard(ids[IMAGE])
+    for n, want in (("model.language_model.embed_tokens.weight", fed), ("model.generation_embeddings.weight", codes_fed)):
+        assert set((grads[n] != 0).any(-1).nonzero().reshape(-1).tolist()) == want, n
+
+    # float64: the same loss and gradients, and central differences of it along one direction per tensor
+    model64 = copy.deepcopy(model).double()
+    model64.zero_grad(set_to_none=True)
+    p64 = dict(model64.named_parameters())
+    with Float64Compute(model64):
+        loss64 = grads_line_losses(model64, inputs, torch.float64).mean()
+        loss64.backward()
+    g64 = {n: p64[n].grad.detach().clone() for n in names}
+    grad_rel = {n: float((grads[n].double() - g64[n]).norm() / g64[n].norm()) for n in names}
+    assert max(grad_rel.values()) <= 1e-4, grad_rel
+    gen = torch.Generator().manual_seed(GRAD_CHECK_SEED)
+    fd_rel = {}
+    with torch.no_grad(), Float64Compute(model64):
+        for n in names:
+            d = torch.randn(p64[n].shape, generator=gen, dtype=torch.float64)
+            d /= d.norm()
+            orig = p64[n].detach().clone()
+            p64[n].copy_(orig + GRAD_CHECK_STEP * d)
+            up = grads_line_losses(model64, inputs, torch.float64).mean()
+            p64[n].copy_(orig - GRAD_CHECK_STEP * d)
+            down = grads_line_losses(model64, inputs, torch.float64).mean()
+            p64[n].copy_(orig)
+            fd = float((up - down) / (2 * GRAD_CHECK_STEP))
+            an = float((g64[n] * d).sum())
+            fd_rel[n] = abs(fd - an) / abs(an)
+    assert max(fd_rel.values()) <= 1e-5, fd_rel
+    del model64
+
+    # one AdamW step over exactly these parameters
+    opt = torch.optim.AdamW([params[n] for n in names], lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"],
+                            weight_decay=ADAMW["weight_decay"], amsgrad=False, maximize=False, foreach=False)
+    opt.step()
+    after = {n: params[n].detach().clone() for n in names}
+    by_hand = max(float((adamw_step1_f64(start[n], grads[n]) - after[n].double()).abs().max()) for n in names)
+    assert by_hand <= 1e-6, by_hand
+    vs64 = max(float((adamw_step1_f64(start[n], g64[n]) - after[n].double()).abs().max()) for n in names)
+    for n in names:                      # every one moved (rows without gradient through the weight decay)
+        assert not torch.equal(after[n], start[n]), n
+
+    tensors = {"loss": loss.detach().reshape(1), "line_losses": line_losses.detach()}
+    tensors.update({f"grad.{n}": grads[n] for n in names})
+    tensors.update({f"after_adamw.{n}": after[n] for n in names})
+    grad_norms = {n: float(grads[n].double().norm()) for n in names}
+    zero_rows = {n: int((grads[n].reshape(grads[n].shape[0], -1) == 0).all(-1).sum())
+                 for n in names if grads[n].dim() == 2}
+    meta = {
+        "definitions": GRAD_DEFINITIONS,
+        "parameters": json.dumps(names),
+        "file_keys": "every <name> in grad.<name> / after_adamw.<name> is the name in model.named_parameters() "
+                     "and the key of the starting value in hf-tiny/model.safetensors (same shape; asserted)",
+        "data": os.path.relpath(TRAIN_DIR / "data.jsonl", HF_F32 / "expected"),
+        "losses_json": "losses.json (line_losses = its losses_l2norm)",
+        "adamw_lr": ADAMW["lr"], "adamw_beta1": ADAMW["betas"][0], "adamw_beta2": ADAMW["betas"][1],
+        "adamw_eps": ADAMW["eps"], "adamw_weight_decay": ADAMW["weight_decay"],
+        "adamw": "torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, amsgrad=False, "
+                 "maximize=False, foreach=False), one group, one step() from fresh state",
+        "loss_float64": repr(loss64.item()),
+        "stat_line_loss_rel_vs_losses_json": json.dumps(rel),
+        "stat_grad_norms": json.dumps(grad_norms),
+        "stat_grad_rel_f32_vs_f64": json.dumps(grad_rel),
+        "stat_central_difference_rel": json.dumps(fd_rel),
+        "stat_adamw_max_abs_vs_formula": by_hand,
+        "stat_adamw_max_abs_vs_f64_grads": vs64,
+        "stat_all_zero_gradient_rows": json.dumps(zero_rows),
+        "parameters_without_gradient": f"{len(no_grad)} of {len(params)} (the VQ model: it only encodes, "
+                                       "under torch.no_grad)",
+        **{f"version_{k}": v for k, v in env_versions().items()},
+    }
+    assert all(n.startswith("model.vqmodel.") for n in no_grad), no_grad
+    out = HF_F32 / "expected" / "grads.safetensors"
+    save_expected(out, tensors, meta)
+    print(f"grads: loss {loss.item():.6f} (float64 {loss64.item():.6f}), {len(names)} parameters, "
+          f"{out.stat().st_size} bytes; max rel |g32 - g64| {max(grad_rel.values()):.3g}, central differences "
+          f"{max(fd_rel.values()):.3g}, AdamW vs formula {by_hand:.3g}, vs float64 grads {vs64:.3g}")
+    for n in names:
+        print(f"  {n:<60} {str(list(grads[n].shape)):<12} |g| {grad_norms[n]:.6g}"
+              + (f"  zero rows {zero_rows[n]}" if n in zero_rows else ""))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2691,6 +3029,7 @@ def cmd_all(args) -> None:
     run_step("hf-v4", dict(os.environ, PYTHONPATH=str(args.tf457)))
     run_step("prompts")
     run_step("loss")
+    run_step("grads")
     run_step("loss-original", env, cache_args)
     run_step("chat-original", env, cache_args)
     cmd_preprocess(args)
@@ -2712,6 +3051,7 @@ def main(argv=None) -> None:
     sub.add_parser("hf-v4")
     sub.add_parser("prompts")
     sub.add_parser("loss")
+    sub.add_parser("grads")
     p = sub.add_parser("loss-original")
     p.add_argument("--cache", default=None)
     p = sub.add_parser("chat-original")
@@ -2740,6 +3080,7 @@ def main(argv=None) -> None:
         "hf-v4": cmd_hf_v4,
         "prompts": cmd_prompts,
         "loss": cmd_loss,
+        "grads": cmd_grads,
         "loss-original": cmd_loss_original,
         "chat-original": cmd_chat_original,
         "preprocess-original": cmd_preprocess_original,

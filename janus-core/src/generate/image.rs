@@ -233,7 +233,7 @@ pub(crate) fn embed_image_tokens(
     model
         .heads
         .gen_aligner
-        .forward_step(embedding(model.heads.gen_embed.clone(), idx))
+        .forward_step(embedding(model.heads.gen_embed.val(), idx))
 }
 
 /// Decodes token grids to RGB8 images as the reference does:

@@ -607,12 +607,12 @@ impl<'a> Weights<'a> {
     /// multiplied as matrices (they keep `auto`'s storage under a quantized format).
     pub(crate) fn matrix(&mut self, name: &str, shape: &[usize], quantizable: bool) -> Matrix {
         let Some(parts) = self.locate(name, shape) else {
-            return Matrix::Dense(self.placeholder());
+            return Matrix::dense_param(self.placeholder());
         };
         let out = shape[0];
         let d_in: usize = shape[1..].iter().product();
         let m = match self.target(&parts[0].1.dtype, d_in, quantizable) {
-            Target::Dense => self.read_dense(&parts, d_in).map(Matrix::Dense),
+            Target::Dense => self.read_dense(&parts, d_in).map(Matrix::dense_param),
             Target::Half(kind) => self.read_half(&parts, kind, out * d_in).map(|bits| {
                 Matrix::Half(std::sync::Arc::new(HalfMatrix {
                     kind,
@@ -636,7 +636,7 @@ impl<'a> Weights<'a> {
             }
             Err(e) => {
                 self.error = Some(e);
-                Matrix::Dense(self.placeholder())
+                Matrix::dense_param(self.placeholder())
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The small heads around the language model: understanding aligner, generation embedding,
 //! generation aligner and generation head.
 
+use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use burn::tensor::activation::gelu;
 
@@ -11,7 +12,7 @@ use super::{Linear, Mlp};
 
 /// Image-token head: `Linear(D, H) → GELU → Linear(H, codebook)`, read from the hidden state after
 /// the language model's final norm.
-#[derive(Debug, Clone)]
+#[derive(Module, Debug)]
 pub struct GenHead {
     output_mlp_projector: Linear,
     vision_head: Linear,
@@ -53,13 +54,14 @@ impl GenHead {
     }
 }
 
-/// The parts that connect images to the language model.
-#[derive(Debug, Clone)]
+/// The parts that connect images to the language model: the parameters Janus' first training
+/// stage trains.
+#[derive(Module, Debug)]
 pub struct Heads {
     /// Understanding aligner: SigLIP features → LLM embeddings.
     pub aligner: Mlp,
     /// Generation embedding table (its own table, not the VQ codebook).
-    pub gen_embed: Tensor<2>,
+    pub gen_embed: Param<Tensor<2>>,
     /// Generation aligner: `gen_embed` rows → LLM embeddings.
     pub gen_aligner: Mlp,
     /// Generation head: hidden states → image-token logits.
@@ -70,7 +72,9 @@ impl Heads {
     pub(crate) fn load(w: &mut Weights<'_>, c: &JanusConfig) -> Self {
         Heads {
             aligner: Mlp::load(w, "aligner", &c.aligner),
-            gen_embed: w.get("gen_embed.weight", [c.gen_embed_tokens, c.gen_embed_dim]),
+            gen_embed: super::param(
+                w.get("gen_embed.weight", [c.gen_embed_tokens, c.gen_embed_dim]),
+            ),
             gen_aligner: Mlp::load(w, "gen_aligner", &c.gen_aligner),
             gen_head: GenHead::load(w, c),
         }

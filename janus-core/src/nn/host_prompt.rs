@@ -50,7 +50,7 @@ impl<'a> HostLinear<'a> {
             path,
             w,
             out: layer.weight.dims()[0],
-            bias: layer.bias.as_ref().map(host_values),
+            bias: layer.bias.as_ref().map(|b| host_values(&b.val())),
         })
     }
 
@@ -483,7 +483,7 @@ pub(crate) mod tests {
                 d_in,
                 bf16_products: true,
             })),
-            bias: bias.then(|| vector(out, seed + 1, 0.0)),
+            bias: bias.then(|| super::super::param(vector(out, seed + 1, 0.0))),
         }
     }
 

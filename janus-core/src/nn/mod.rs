@@ -14,11 +14,17 @@ pub mod siglip;
 pub mod vq;
 pub mod weight;
 
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{DType, Tensor};
 
 use crate::config::MlpConfig;
 use crate::load::Weights;
 use weight::Matrix;
+
+/// A tensor as a parameter: no gradient unless training asks for one ([`Module::set_require_grad`]).
+pub(crate) fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
+    Param::initialized(ParamId::new(), t)
+}
 
 /// A linear layer, `y = x·Wᵀ + b`, with `W` (`[out, in]`) held as the load options ask: a
 /// tensor in the compute dtype, or on the CPU compact bf16/f16/`q8_0`/`q4_0` storage
@@ -28,10 +34,10 @@ use weight::Matrix;
 /// and by how many rows `x` has once its leading axes are folded (see
 /// [`Matrix::product`](weight::Matrix::product)). Folding the leading axes here also keeps
 /// backends from materialising a broadcast copy of `W` for a batched product.
-#[derive(Debug, Clone)]
+#[derive(Module, Debug)]
 pub struct Linear {
     weight: Matrix,
-    bias: Option<Tensor<1>>,
+    bias: Option<Param<Tensor<1>>>,
 }
 
 impl Linear {
@@ -57,7 +63,7 @@ impl Linear {
         quantizable: bool,
     ) -> Self {
         let weight = w.matrix(&format!("{prefix}.weight"), &[d_out, d_in], quantizable);
-        let bias = bias.then(|| w.get(&format!("{prefix}.bias"), [d_out]));
+        let bias = bias.then(|| param(w.get(&format!("{prefix}.bias"), [d_out])));
         Linear { weight, bias }
     }
 
@@ -123,7 +129,7 @@ impl Linear {
     /// The bias added to a product `[rows, out]`, laid out as the input's leading axes `dims`.
     fn finish<const D: usize>(&self, y: Tensor<2>, dims: [usize; D]) -> Tensor<D> {
         let y = match &self.bias {
-            Some(b) => y + b.clone().unsqueeze::<2>(),
+            Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,
         };
         let mut out = dims;
@@ -162,7 +168,7 @@ impl LayerNorm {
 }
 
 /// `Linear → GELU → Linear …`: the official `MlpProjector` (`mlp_gelu`) and HF's aligner MLPs.
-#[derive(Debug, Clone)]
+#[derive(Module, Debug)]
 pub struct Mlp {
     layers: Vec<Linear>,
 }
@@ -326,7 +332,7 @@ mod tests {
             ))
         };
         let dense = |out: usize, seed: usize| {
-            Matrix::Dense(Tensor::from_data(
+            Matrix::dense_param(Tensor::from_data(
                 TensorData::new(values(out, seed), [out, d_in]),
                 &device,
             ))
@@ -345,7 +351,7 @@ mod tests {
                 },
                 Linear {
                     weight: make(3, 2),
-                    bias: Some(bias(3)),
+                    bias: Some(param(bias(3))),
                 },
                 Linear {
                     weight: make(129, 3),
@@ -389,14 +395,14 @@ mod tests {
         let w: Vec<f32> = (0..d_out * d_in).map(value).collect();
         let b: Vec<f32> = (0..d_out).map(|i| value(i + 5)).collect();
         let layer = Linear {
-            weight: Matrix::Dense(Tensor::from_data(
+            weight: Matrix::dense_param(Tensor::from_data(
                 TensorData::new(w.clone(), [d_out, d_in]),
                 &device,
             )),
-            bias: Some(Tensor::from_data(
+            bias: Some(param(Tensor::from_data(
                 TensorData::new(b.clone(), [d_out]),
                 &device,
-            )),
+            ))),
         };
         for rows in [1, 2, 3, FEW_ROWS, FEW_ROWS + 1, 2 * FEW_ROWS + 6] {
             let x: Vec<f32> = (0..rows * d_in).map(|i| value(3 * i + 1)).collect();

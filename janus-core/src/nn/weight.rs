@@ -12,6 +12,10 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
+use burn::module::{
+    Content, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param,
+    ParamId,
+};
 use burn::tensor::module::embedding;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
@@ -204,8 +208,8 @@ impl HalfMatrix {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(crate) enum Matrix {
-    /// A tensor in the compute dtype.
-    Dense(Tensor<2>),
+    /// A tensor in the compute dtype: a parameter that training may update.
+    Dense(Param<Tensor<2>>),
     /// bf16/f16 in host memory (CPU backend).
     Half(Arc<HalfMatrix>),
     /// Quantized blocks in host memory (CPU backend).
@@ -270,7 +274,84 @@ fn kernel_step_rows(path: KernelPath) -> usize {
     }
 }
 
+/// A matrix is a module whose only parameter is a dense weight: compact storage is inference's
+/// (the CPU backend without autodiff) and is never trained, moved or recorded.
+impl Module for Matrix {
+    fn collect_devices(&self, devices: Vec<burn::tensor::Device>) -> Vec<burn::tensor::Device> {
+        match self {
+            Matrix::Dense(p) => p.collect_devices(devices),
+            _ => devices,
+        }
+    }
+
+    fn fork(self, device: &burn::tensor::Device) -> Self {
+        match self {
+            Matrix::Dense(p) => Matrix::Dense(p.fork(device)),
+            other => other,
+        }
+    }
+
+    fn to_device(self, device: &burn::tensor::Device) -> Self {
+        match self {
+            Matrix::Dense(p) => Matrix::Dense(p.to_device(device)),
+            other => other,
+        }
+    }
+
+    fn train(self) -> Self {
+        match self {
+            Matrix::Dense(p) => Matrix::Dense(p.train()),
+            other => other,
+        }
+    }
+
+    fn valid(&self) -> Self {
+        match self {
+            Matrix::Dense(p) => Matrix::Dense(p.valid()),
+            other => other.clone(),
+        }
+    }
+
+    fn materialize(self) -> Self {
+        match self {
+            Matrix::Dense(p) => Matrix::Dense(p.materialize()),
+            other => other,
+        }
+    }
+
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        if let Matrix::Dense(p) = self {
+            Module::visit(p, visitor);
+        }
+    }
+
+    fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
+        match self {
+            Matrix::Dense(p) => Matrix::Dense(Module::map(p, mapper)),
+            other => other,
+        }
+    }
+}
+
+impl ModuleDisplayDefault for Matrix {
+    fn content(&self, content: Content) -> Option<Content> {
+        match self {
+            Matrix::Dense(p) => p.content(content),
+            _ => content
+                .add_formatted(&format!("{} matrix {:?}", self.format(), self.dims()))
+                .optional(),
+        }
+    }
+}
+
+impl ModuleDisplay for Matrix {}
+
 impl Matrix {
+    /// A dense matrix: `w` as a parameter (no gradient unless training asks for one).
+    pub(crate) fn dense_param(w: Tensor<2>) -> Self {
+        Matrix::Dense(Param::initialized(ParamId::new(), w))
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
@@ -335,12 +416,13 @@ impl Matrix {
         let [rows, _] = x.dims();
         match self {
             Matrix::Dense(w) => {
+                let w = w.val();
                 if matvec::applies(&x.device(), rows) {
-                    matvec::forward(x, w)
+                    matvec::forward(x, &w)
                 } else if (2..=FEW_ROWS).contains(&rows) {
-                    w.clone().matmul(x.transpose()).transpose()
+                    w.matmul(x.transpose()).transpose()
                 } else {
-                    x.matmul(w.clone().transpose())
+                    x.matmul(w.transpose())
                 }
             }
             // AMX reads the weights once for any number of rows, at the memory's speed from
@@ -591,7 +673,7 @@ impl Matrix {
     /// weight, once per call).
     pub fn dense(&self, dtype: DType, device: &burn::tensor::Device) -> Tensor<2> {
         match self {
-            Matrix::Dense(w) => w.clone(),
+            Matrix::Dense(w) => w.val(),
             _ => Tensor::<2>::from_data(TensorData::new(self.host_f32(), self.dims()), device)
                 .cast(dtype),
         }
@@ -601,7 +683,7 @@ impl Matrix {
     /// storage).
     pub fn host_f32(&self) -> Vec<f32> {
         match self {
-            Matrix::Dense(w) => host_f32(w.clone()),
+            Matrix::Dense(w) => host_f32(w.val()),
             _ => {
                 let [out, d_in] = self.dims();
                 let mut values = vec![0.0f32; out * d_in];
@@ -620,7 +702,7 @@ impl Matrix {
                 let flat: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
                 let idx =
                     Tensor::<2, Int>::from_data(TensorData::new(flat, [1, ids.len()]), device);
-                let rows: Tensor<3> = embedding(w.clone(), idx);
+                let rows: Tensor<3> = embedding(w.val(), idx);
                 rows.reshape([ids.len(), d_in])
             }
             _ => {
@@ -772,7 +854,7 @@ mod tests {
                 .unwrap(),
             ))
         };
-        let dense = Matrix::Dense(Tensor::from_data(
+        let dense = Matrix::dense_param(Tensor::from_data(
             TensorData::new(w.clone(), [out, d_in]),
             &device,
         ));

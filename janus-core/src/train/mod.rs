@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod loss;
+pub mod params;
 
 pub use data::{Example, read_jsonl};
 pub use loss::{
