@@ -72,6 +72,7 @@ fn gradients_are_the_derivatives_of_the_loss() {
 #[test]
 fn stage_one_gradients_match_pytorch() {
     use burn::module::Module;
+    use burn::optim::{AdamWConfig, GradientsParams};
     use janus_core::train::{params, score};
 
     let mut janus =
@@ -152,5 +153,27 @@ fn stage_one_gradients_match_pytorch() {
             worst <= 1e-4 * norm,
             "{theirs}: {worst:e} off, gradient norm {norm}"
         );
+    }
+    // One step of Burn's AdamW with PyTorch's settings moves the parameters as
+    // `torch.optim.AdamW` does.
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.1)
+        .init();
+    let heads = janus.model().heads.clone();
+    let step = GradientsParams::from_grads(grads, &heads);
+    let stepped = params::values(&optim.step(1e-3, heads, step));
+    assert_eq!(stepped.len(), names.len());
+    for (p, (_, theirs)) in stepped.iter().zip(names) {
+        let want = &r[&format!("after_adamw.{theirs}")];
+        let worst = p
+            .values
+            .iter()
+            .zip(&want.values)
+            .map(|(g, w)| (f64::from(*g) - w).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-6, "{theirs} after AdamW: {worst:e} off");
     }
 }
