@@ -2,6 +2,7 @@
 //! half-split ("rotate half") RoPE, grouped/multi-head causal attention, SwiGLU MLP, no biases,
 //! an untied `lm_head`.
 
+use burn::module::{Module, Param};
 use burn::tensor::{Bool, DType, Tensor, TensorData};
 
 use crate::config::TextConfig;
@@ -16,16 +17,16 @@ use super::kv_cache::KvCache;
 use super::weight::Matrix;
 
 /// Root-mean-square norm: normalised in f32, cast back, then scaled by the weight.
-#[derive(Debug, Clone)]
+#[derive(Module, Debug)]
 pub struct RmsNorm {
-    weight: Tensor<1>,
+    weight: Param<Tensor<1>>,
     eps: f64,
 }
 
 impl RmsNorm {
     fn load(w: &mut Weights<'_>, name: &str, dim: usize, eps: f64) -> Self {
         RmsNorm {
-            weight: w.get(name, [dim]),
+            weight: super::param(w.get(name, [dim])),
             eps,
         }
     }
@@ -36,7 +37,7 @@ impl RmsNorm {
         let x = x.cast(DType::F32);
         let var = x.clone().square().mean_dim(D - 1);
         let y = x / (var + self.eps).sqrt();
-        y.cast(dtype) * self.weight.clone().unsqueeze()
+        y.cast(dtype) * self.weight.val().unsqueeze()
     }
 }
 
@@ -112,7 +113,7 @@ impl Rope {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Module, Debug)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     q_proj: Linear,
@@ -255,13 +256,15 @@ fn repeat_kv(x: Tensor<4>, n: usize) -> Tensor<4> {
         .reshape([b, kvh * n, s, d])
 }
 
-/// The language model: token embeddings, decoder layers, final norm and `lm_head`.
-#[derive(Debug, Clone)]
+/// The language model: token embeddings, decoder layers, final norm and `lm_head` (the
+/// parameters of Janus' second training stage).
+#[derive(Module, Debug)]
 pub struct Llm {
     embed_tokens: Matrix,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    #[module(skip)]
     config: TextConfig,
 }
 
@@ -515,7 +518,7 @@ mod tests {
             tie_word_embeddings: false,
         };
         let norm = |seed| RmsNorm {
-            weight: vector(d, seed, 1.0),
+            weight: crate::nn::param(vector(d, seed, 1.0)),
             eps: 1e-6,
         };
         let layers = (0..2)
