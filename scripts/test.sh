@@ -13,7 +13,7 @@ cargo test --workspace
 # The model through the portable kernels too (the widest path this CPU has ran above).
 JANUS_KERNELS=portable cargo test -p janus-core --test llm_parity --test vq
 # The training objective under Burn's autodiff (feature `train`).
-cargo test -p janus-core --features train --test training_autodiff
+cargo test -p janus-core --features train --lib --test training_autodiff
 
 # The Python package, built into the test virtual environment, and its tests. janus-core gets the
 # test profile's optimisation so that maturin reuses what `cargo test` built.

@@ -184,7 +184,13 @@ pub fn generation_scored(janus: &Janus, prompt: &str, codes: &[u32]) -> Result<S
             "image code {c} outside the codebook of {book}"
         )));
     }
-    let ids = janus.generation_ids(prompt)?;
+    generation_scored_ids(janus, janus.generation_ids(prompt)?, codes)
+}
+
+/// [`generation_scored`] after prompt ids already built (the unconditional prompt of a sample
+/// whose condition training drops). `codes` must be checked by the caller.
+pub(crate) fn generation_scored_ids(janus: &Janus, ids: Vec<u32>, codes: &[u32]) -> Result<Scored> {
+    let model = janus.model();
     let (p, n) = (ids.len(), codes.len());
     let device = janus.device().clone();
     let prompt_embeds = model.llm.embed(&[ids])?;

@@ -8,6 +8,8 @@
 pub mod data;
 pub mod loss;
 pub mod params;
+#[cfg(feature = "train")]
+pub mod trainer;
 
 pub use data::{Example, read_jsonl};
 pub use loss::{
