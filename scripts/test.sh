@@ -14,6 +14,7 @@ cargo test --workspace
 JANUS_KERNELS=portable cargo test -p janus-core --test llm_parity --test vq
 # The training objective under Burn's autodiff (feature `train`).
 cargo test -p janus-core --features train --lib --test training_autodiff
+cargo test -p janus-core --features train --doc
 
 # The Python package, built into the test virtual environment, and its tests. janus-core gets the
 # test profile's optimisation so that maturin reuses what `cargo test` built.
