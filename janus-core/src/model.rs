@@ -1,7 +1,10 @@
 //! The whole Janus model: language model, vision encoder, heads and VQ codec, loaded from a
 //! model folder onto a device.
 
+use std::collections::HashMap;
 use std::path::Path;
+
+use burn::module::ParamId;
 
 use burn::tensor::Device;
 
@@ -31,6 +34,8 @@ pub struct JanusModel {
     pub storage: WeightStorage,
     /// The compute dtype (never [`ComputeDType::Auto`]: what it resolved to).
     pub dtype: ComputeDType,
+    /// The canonical name of each parameter (what saving a trained model writes).
+    pub(crate) param_names: HashMap<ParamId, String>,
 }
 
 impl JanusModel {
@@ -69,6 +74,7 @@ impl JanusModel {
         plan.finish()?;
         let mut load = Weights::new(ckpt, config.layout, device, dtype, weights, false);
         let mut model = Self::build(&mut load, &config);
+        model.param_names = load.take_names();
         model.storage = load.finish()?;
         model.dtype = dtype;
         Ok(model)
@@ -83,6 +89,7 @@ impl JanusModel {
             config: config.clone(),
             storage: WeightStorage::default(),
             dtype: ComputeDType::F32,
+            param_names: HashMap::new(),
         }
     }
 }

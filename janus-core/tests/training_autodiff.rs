@@ -317,3 +317,89 @@ fn training_without_autodiff_or_samples_is_an_error() {
     let err = train(&mut tracked, &[], &options, &mut |_| true).unwrap_err();
     assert!(matches!(err, Error::InvalidInput(_)), "{err}");
 }
+
+/// A trained model saved in its input's layout loads again with the trained values: f32 files
+/// give the same losses; bf16 shards (with their index) hold the trained values rounded to bf16;
+/// every tensor training does not touch keeps its bytes; the folder's other files are copied.
+#[test]
+fn trained_models_save_in_their_layout() {
+    use janus_core::train::export::save_model;
+    use janus_core::train::trainer::{Stage, TrainOptions, train};
+
+    let examples = read_jsonl(&fixture("train").join("data.jsonl")).unwrap();
+    let options = TrainOptions {
+        stage: Stage::Two,
+        lr: 1e-2,
+        steps: 3,
+        cfg_drop: 0.0,
+        ..TrainOptions::default()
+    };
+    for dir in ["hf-tiny", "hf-tiny-bf16-sharded"] {
+        let input = fixture(dir);
+        let mut janus = Janus::load_on(&input, &device().autodiff(), ComputeDType::F32).unwrap();
+        train(&mut janus, &examples, &options, &mut |_| true).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        save_model(&janus, out.path()).unwrap();
+        assert!(save_model(&janus, &input).is_err(), "never over the input");
+        // (On an autodiff device every weight is a dense parameter, whatever the file stores.)
+        let saved = Janus::load_on(out.path(), &device().autodiff(), ComputeDType::F32).unwrap();
+        let trained = params::values(&janus.model().llm);
+        let reloaded = params::values(&saved.model().llm);
+        let bf16 = dir.ends_with("sharded");
+        for (t, r) in trained.iter().zip(&reloaded) {
+            assert_eq!(t.path, r.path);
+            for (a, b) in t.values.iter().zip(&r.values) {
+                let want = if bf16 {
+                    f32::from(half::bf16::from_f32(*a))
+                } else {
+                    *a
+                };
+                assert_eq!(want.to_bits(), b.to_bits(), "{dir}: {}", t.path);
+            }
+        }
+        if !bf16 {
+            let got = losses(&saved, &examples, &mut |_, _| true).unwrap();
+            let want = losses(&janus, &examples, &mut |_, _| true).unwrap();
+            for (g, w) in got.losses.iter().zip(&want.losses) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{dir}: {g} vs {w}"
+                );
+            }
+        }
+        // The vision tower was not trained: its tensors' bytes are the input's.
+        let tensors = |d: &std::path::Path| {
+            let mut all = std::collections::HashMap::new();
+            for f in std::fs::read_dir(d).unwrap() {
+                let p = f.unwrap().path();
+                if p.extension().is_some_and(|e| e == "safetensors") {
+                    let bytes = std::fs::read(&p).unwrap();
+                    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+                    for (n, v) in st.tensors() {
+                        all.insert(n, v.data().to_vec());
+                    }
+                }
+            }
+            all
+        };
+        let (before, after) = (tensors(&input), tensors(out.path()));
+        assert_eq!(before.len(), after.len(), "{dir}");
+        let vision = before.keys().filter(|k| k.contains("vision_model")).count();
+        assert!(vision > 0);
+        for (k, v) in &before {
+            if k.contains("vision_model") || k.contains("vqmodel") {
+                assert_eq!(v, &after[k], "{dir}: {k}");
+            }
+        }
+        for f in std::fs::read_dir(&input).unwrap() {
+            let path = f.unwrap().path();
+            let name = path.file_name().unwrap();
+            if path.is_file() {
+                assert!(
+                    out.path().join(name).is_file(),
+                    "{dir}: {name:?} not written"
+                );
+            }
+        }
+    }
+}

@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use burn::module::{Param, ParamId};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::config::Layout;
@@ -421,6 +422,8 @@ pub(crate) struct Weights<'a> {
     error: Option<Error>,
     resident: HashMap<WeightFormat, usize>,
     mapped: usize,
+    /// The canonical name of every parameter made ([`param`](Self::param), dense matrices).
+    names: HashMap<ParamId, String>,
 }
 
 /// One file tensor behind a canonical name: its key, its metadata, the shape expected of it.
@@ -463,7 +466,25 @@ impl<'a> Weights<'a> {
             error: None,
             resident: HashMap::new(),
             mapped: 0,
+            names: HashMap::new(),
         }
+    }
+
+    /// [`get`](Self::get) as a parameter (no gradient unless training asks for one), its
+    /// canonical name recorded.
+    pub(crate) fn param<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Param<Tensor<D>> {
+        let p = Param::initialized(ParamId::new(), self.get(name, shape));
+        self.names.insert(p.id, name.to_string());
+        p
+    }
+
+    /// The canonical name of each parameter made, by id (what saving a trained model writes).
+    pub(crate) fn take_names(&mut self) -> HashMap<ParamId, String> {
+        std::mem::take(&mut self.names)
     }
 
     /// The compute dtype's storage name.
@@ -628,6 +649,9 @@ impl<'a> Weights<'a> {
         };
         match m {
             Ok(m) => {
+                if let Matrix::Dense(p) = &m {
+                    self.names.insert(p.id, name.to_string());
+                }
                 *self.resident.entry(m.format()).or_default() += m.bytes();
                 if matches!(&m, Matrix::Half(h) if h.bits.is_mapped()) {
                     self.mapped += m.bytes();

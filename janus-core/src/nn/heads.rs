@@ -72,9 +72,7 @@ impl Heads {
     pub(crate) fn load(w: &mut Weights<'_>, c: &JanusConfig) -> Self {
         Heads {
             aligner: Mlp::load(w, "aligner", &c.aligner),
-            gen_embed: super::param(
-                w.get("gen_embed.weight", [c.gen_embed_tokens, c.gen_embed_dim]),
-            ),
+            gen_embed: w.param("gen_embed.weight", [c.gen_embed_tokens, c.gen_embed_dim]),
             gen_aligner: Mlp::load(w, "gen_aligner", &c.gen_aligner),
             gen_head: GenHead::load(w, c),
         }

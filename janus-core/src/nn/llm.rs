@@ -26,7 +26,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     fn load(w: &mut Weights<'_>, name: &str, dim: usize, eps: f64) -> Self {
         RmsNorm {
-            weight: super::param(w.get(name, [dim])),
+            weight: w.param(name, [dim]),
             eps,
         }
     }

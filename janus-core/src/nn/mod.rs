@@ -14,16 +14,17 @@ pub mod siglip;
 pub mod vq;
 pub mod weight;
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::tensor::{DType, Tensor};
 
 use crate::config::MlpConfig;
 use crate::load::Weights;
 use weight::Matrix;
 
-/// A tensor as a parameter: no gradient unless training asks for one ([`Module::set_require_grad`]).
+/// A tensor as a parameter (a test's layer): no gradient unless training asks for one.
+#[cfg(test)]
 pub(crate) fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
-    Param::initialized(ParamId::new(), t)
+    Param::initialized(burn::module::ParamId::new(), t)
 }
 
 /// A linear layer, `y = x·Wᵀ + b`, with `W` (`[out, in]`) held as the load options ask: a
@@ -63,7 +64,7 @@ impl Linear {
         quantizable: bool,
     ) -> Self {
         let weight = w.matrix(&format!("{prefix}.weight"), &[d_out, d_in], quantizable);
-        let bias = bias.then(|| param(w.get(&format!("{prefix}.bias"), [d_out])));
+        let bias = bias.then(|| w.param(&format!("{prefix}.bias"), [d_out]));
         Linear { weight, bias }
     }
 

@@ -145,9 +145,7 @@ impl SigLip {
                     &[width, c.num_channels, c.patch_size, c.patch_size],
                     false,
                 ),
-                bias: Some(super::param(
-                    w.get(&format!("{p}.patch_embed.proj.bias"), [width]),
-                )),
+                bias: Some(w.param(&format!("{p}.patch_embed.proj.bias"), [width])),
             },
             pos_embed: w.get(&format!("{p}.pos_embed"), [1, c.num_patches(), width]),
             blocks,

@@ -6,6 +6,7 @@
 //! JSONL; [`loss`] computes each sample's loss with the model as it runs for inference.
 
 pub mod data;
+pub mod export;
 pub mod loss;
 pub mod params;
 #[cfg(feature = "train")]

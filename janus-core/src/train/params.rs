@@ -2,7 +2,7 @@
 //! with their values or their gradients as host values: what a test compares with another
 //! library's, and what an export names.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 #[cfg(feature = "train")]
 use burn::tensor::Gradients;
 use burn::tensor::Tensor;
@@ -12,6 +12,8 @@ use burn::tensor::Tensor;
 pub struct HostParam {
     /// The fields from the module down to the parameter, joined by dots.
     pub path: String,
+    /// The parameter's id (kept by optimizer steps).
+    pub id: ParamId,
     /// Its shape.
     pub shape: Vec<usize>,
     /// Its values as f32, row-major.
@@ -55,7 +57,7 @@ struct Collect<'a> {
 }
 
 impl Collect<'_> {
-    fn push<const D: usize>(&mut self, t: Tensor<D>) {
+    fn push<const D: usize>(&mut self, id: ParamId, t: Tensor<D>) {
         let shape = t.dims().to_vec();
         let values = t
             .into_data()
@@ -64,6 +66,7 @@ impl Collect<'_> {
             .expect("a tensor converted to f32 reads back as f32");
         self.out.push(HostParam {
             path: self.path.join("."),
+            id,
             shape,
             values,
         });
@@ -83,10 +86,10 @@ impl ModuleVisitor for Collect<'_> {
         #[cfg(feature = "train")]
         if let Some(grads) = self.grads {
             if let Some(g) = param.val().grad(grads) {
-                self.push(g);
+                self.push(param.id, g);
             }
             return;
         }
-        self.push(param.val());
+        self.push(param.id, param.val());
     }
 }

@@ -1,0 +1,175 @@
+//! A trained model saved as a folder in its input's layout: the input's weight files rewritten
+//! with the trained values (every other tensor's bytes as they were, each file's dtype kept),
+//! and its other files (config, tokenizer, processor, chat template) copied, so that janus-rs
+//! and the reference libraries load it as they load the input.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use super::params::{HostParam, values};
+use crate::error::{Error, Result};
+use crate::load::{Checkpoint, FileKeys};
+use crate::pipeline::Janus;
+
+/// Writes `janus`'s model into `out` (created if missing; never the folder it was loaded
+/// from): each weight file of the input again under its name, the adaptors', heads' and
+/// language model's parameters with their current values, in the dtype the file stores.
+///
+/// # Errors
+/// [`Error::Unsupported`] for a model loaded from pickled weights (`pytorch_model.bin`);
+/// [`Error::InvalidInput`] when `out` is the input folder; [`Error::Io`] for a file that
+/// cannot be read or written.
+pub fn save_model(janus: &Janus, out: &Path) -> Result<()> {
+    let dir = janus.dir();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let same = std::fs::canonicalize(dir).map_err(io(dir))?
+        == std::fs::canonicalize(out).map_err(io(out))?;
+    if same {
+        return Err(Error::InvalidInput(format!(
+            "{}: a trained model is not saved over the folder it was loaded from",
+            out.display()
+        )));
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    let files = ckpt.files().to_vec();
+    if files
+        .iter()
+        .any(|f| f.extension().and_then(|e| e.to_str()) != Some("safetensors"))
+    {
+        return Err(Error::Unsupported(
+            "saving a model loaded from pickled weights (pytorch_model.bin): convert the \
+             checkpoint to safetensors first"
+                .into(),
+        ));
+    }
+    let trained = trained_by_file_key(janus)?;
+    let mut written = 0;
+    for file in &files {
+        let name = file.file_name().expect("a weight file has a name");
+        written += rewrite(file, &out.join(name), &trained)?;
+    }
+    if written != trained.len() {
+        return Err(Error::InvalidInput(format!(
+            "{} trained tensors, {written} found in the weight files",
+            trained.len()
+        )));
+    }
+    // Everything else of the folder: configuration, tokenizer, processor, template, index.
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        let weights = files.iter().any(|f| f == &path)
+            || matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("safetensors" | "bin" | "pt" | "pth")
+            );
+        if path.is_file() && !weights {
+            let to = out.join(entry.file_name());
+            std::fs::copy(&path, &to).map_err(io(&to))?;
+        }
+    }
+    Ok(())
+}
+
+/// The trained parameters' values by the file key that holds each.
+fn trained_by_file_key(janus: &Janus) -> Result<HashMap<String, HostParam>> {
+    let model = janus.model();
+    let keys = FileKeys::new(model.config.layout);
+    let mut by_key = HashMap::new();
+    for p in values(&model.heads).into_iter().chain(values(&model.llm)) {
+        let Some(name) = model.param_names.get(&p.id) else {
+            return Err(Error::InvalidInput(format!(
+                "the parameter {} has no name in the checkpoint",
+                p.path
+            )));
+        };
+        match keys.file_keys(name).as_slice() {
+            [key] => {
+                by_key.insert(key.clone(), p);
+            }
+            many => {
+                return Err(Error::Unsupported(format!(
+                    "{name} is stored as {} tensors; saving it is not supported",
+                    many.len()
+                )));
+            }
+        }
+    }
+    Ok(by_key)
+}
+
+/// `src` written to `dst` (through a temporary file renamed at the end), the tensors named in
+/// `trained` replaced. Returns how many were.
+fn rewrite(src: &Path, dst: &Path, trained: &HashMap<String, HostParam>) -> Result<usize> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let bytes = std::fs::read(src).map_err(io(src))?;
+    let bad = |m: String| Error::Checkpoint {
+        path: src.to_path_buf(),
+        message: m,
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut replaced = 0;
+    for (name, view) in st.tensors() {
+        let data = match trained.get(&name) {
+            Some(p) => {
+                if p.shape != view.shape() {
+                    return Err(bad(format!(
+                        "{name} is {:?} in the file, {:?} in the model",
+                        view.shape(),
+                        p.shape
+                    )));
+                }
+                replaced += 1;
+                encode(&p.values, view.dtype()).ok_or_else(|| {
+                    bad(format!(
+                        "{name}: saving {:?} tensors is not supported",
+                        view.dtype()
+                    ))
+                })?
+            }
+            None => view.data().to_vec(),
+        };
+        owned.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| bad(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let partial = dst.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, metadata.metadata().clone(), &partial)
+        .map_err(|e| bad(format!("writing {}: {e}", partial.display())))?;
+    std::fs::rename(&partial, dst).map_err(io(dst))?;
+    Ok(replaced)
+}
+
+/// f32 values as a file dtype's little-endian bytes (f32, bf16 or f16, rounded to nearest).
+fn encode(values: &[f32], dtype: Dtype) -> Option<Vec<u8>> {
+    Some(match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => return None,
+    })
+}
