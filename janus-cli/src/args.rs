@@ -29,6 +29,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// The training loss of each sample of a JSONL file, and their mean (no update).
     Loss(LossArgs),
+    /// Fine-tune with Janus' recipe on a JSONL file and save the model (in f32, on autodiff).
+    Train(TrainArgs),
 }
 
 /// Flags every subcommand takes.
@@ -162,6 +164,53 @@ pub struct LossArgs {
     /// Print one JSON object {losses, mean} instead of a line per sample.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `janus train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Training samples, as `janus loss` reads them.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: PathBuf,
+    /// The folder to write the fine-tuned model to (in the input's layout), with
+    /// train_log.jsonl.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// 1: aligners, generation embedding and image head; 2 and 3: the language model too.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub stage: u8,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4, value_name = "LR")]
+    pub lr: f64,
+    /// Passes over the samples (the default: 1).
+    #[arg(long, value_name = "N", conflicts_with = "steps")]
+    pub epochs: Option<usize>,
+    /// Optimizer updates, each of batch-size × grad-accum samples.
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+    /// Samples a micro-batch.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub batch_size: usize,
+    /// Micro-batches an update.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub grad_accum: usize,
+    /// Updates of linear warmup before the cosine decay.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub warmup: usize,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.1, value_name = "W")]
+    pub weight_decay: f32,
+    /// Largest global gradient norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0, value_name = "NORM")]
+    pub clip: f32,
+    /// Probability that a generation sample's prompt becomes the unconditional prompt.
+    #[arg(long, default_value_t = 0.1, value_name = "P")]
+    pub cfg_drop: f64,
+    /// Seed of the sample order and the condition drops.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
 }
 
 /// `janus serve`.

@@ -12,7 +12,8 @@ use janus_core::processor::image::open_image;
 use janus_core::tokenizer::strings::IMAGE_PLACEHOLDER;
 
 use crate::args::{
-    Command, Common, DecodeArgs, EncodeArgs, GenerateArgs, LossArgs, ServeArgs, UnderstandArgs,
+    Command, Common, DecodeArgs, EncodeArgs, GenerateArgs, LossArgs, ServeArgs, TrainArgs,
+    UnderstandArgs,
 };
 use crate::error::{CliError, Result};
 use crate::formats::{
@@ -30,7 +31,79 @@ pub fn run(command: Command) -> Result<()> {
         Command::DecodeImage(args) => decode_image(args),
         Command::Serve(args) => serve(args),
         Command::Loss(args) => loss(args),
+        Command::Train(args) => train(args),
     }
+}
+
+/// `janus train`: the samples are read and the options checked before the model loads; the
+/// model loads on the backend's autodiff device in f32, trains, and is saved with its log.
+fn train(args: TrainArgs) -> Result<()> {
+    use janus_core::train::trainer::{Stage, TrainOptions, train};
+    let mut progress = Progress::new(args.common.quiet);
+    let examples = janus_core::train::read_jsonl(&args.data)?;
+    let per_update = args.batch_size.max(1) * args.grad_accum.max(1);
+    let steps = match (args.steps, args.epochs) {
+        (Some(s), _) => s,
+        (None, e) => (e.unwrap_or(1) * examples.len()).div_ceil(per_update),
+    };
+    let options = TrainOptions {
+        stage: match args.stage {
+            1 => Stage::One,
+            2 => Stage::Two,
+            _ => Stage::Three,
+        },
+        lr: args.lr,
+        steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        warmup: args.warmup,
+        weight_decay: args.weight_decay,
+        clip: (args.clip > 0.0).then_some(args.clip),
+        cfg_drop: args.cfg_drop,
+        seed: args.seed,
+    };
+    options.check()?;
+    let dir = {
+        let mut on_hub = |event: HubEvent<'_>| progress.hub(event);
+        janus_core::hub::resolve(&args.common.model, Some(&mut on_hub))?
+    };
+    let device = janus_core::Backend::from(args.common.backend)
+        .device()?
+        .autodiff();
+    progress.stage(&format!("loading {} for training (f32)", dir.display()));
+    janus_core::train::export::check_out(&dir, &args.out)?;
+    let mut janus = Janus::load_on(&dir, &device, janus_core::ComputeDType::F32)?;
+    let log_path = args.out.join("train_log.jsonl");
+    let write_error = |e: std::io::Error| CliError::Write {
+        path: log_path.clone(),
+        message: e.to_string(),
+    };
+    let mut log = std::fs::File::create(&log_path).map_err(write_error)?;
+    let mut failed = None;
+    let started = Instant::now();
+    train(&mut janus, &examples, &options, &mut |r| {
+        let line =
+            serde_json::json!({"step": r.step, "loss": r.loss, "lr": r.lr, "samples": r.samples});
+        if let Err(e) = writeln!(log, "{line}") {
+            failed = Some(e);
+            return false;
+        }
+        let rate = r.samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        progress.count(
+            &format!("training: loss {:.4}, {rate:.2} samples/s", r.loss),
+            r.step as u64,
+            steps as u64,
+            false,
+        );
+        true
+    })?;
+    if let Some(e) = failed {
+        return Err(write_error(e));
+    }
+    progress.stage(&format!("saving {}", args.out.display()));
+    janus_core::train::export::save_model(&janus, &args.out)?;
+    progress.done(&format!("saved {}", args.out.display()));
+    Ok(())
 }
 
 /// `janus loss`: the samples are read (and checked) before the model loads.

@@ -961,3 +961,74 @@ fn loss_matches_transformers_and_names_bad_lines() {
     let out = janus(&[&args[..], &["--data", path_str(&missing)]].concat());
     assert_fails(&out, "missing.jsonl");
 }
+
+// ---------------------------------------------------------------- train
+
+#[test]
+fn train_writes_a_model_that_loads_with_a_lower_loss() {
+    let model = fixture("hf-tiny");
+    let data = fixture("train/data.jsonl");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tuned");
+    let train = |extra: &[&str]| {
+        let base = [
+            "train",
+            "-q",
+            "--model",
+            path_str(&model),
+            "--data",
+            path_str(&data),
+        ];
+        janus(&[&base[..], extra].concat())
+    };
+    let run = train(&[
+        "--out",
+        path_str(&out),
+        "--stage",
+        "2",
+        "--lr",
+        "1e-2",
+        "--steps",
+        "10",
+        "--batch-size",
+        "2",
+        "--cfg-drop",
+        "0",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let steps: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 10);
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["step"], json!(i + 1));
+        assert_eq!(s["samples"], json!(2 * (i + 1)));
+        assert!(s["loss"].as_f64().unwrap().is_finite() && s["lr"].as_f64().unwrap() > 0.0);
+    }
+    let mean = |dir: &Path| {
+        ok_json(&[
+            "loss",
+            "-q",
+            "--model",
+            path_str(dir),
+            "--data",
+            path_str(&data),
+            "--json",
+        ])["mean"]
+            .as_f64()
+            .unwrap()
+    };
+    let (before, after) = (mean(&model), mean(&out));
+    assert!(after < before / 2.0, "mean loss {before} -> {after}");
+    // Usage errors exit 2; saving over the input is refused before training.
+    let both = train(&["--out", path_str(&out), "--steps", "1", "--epochs", "1"]);
+    assert_eq!(both.status.code(), Some(2));
+    let over = train(&["--out", path_str(&model), "--steps", "1"]);
+    assert_fails(&over, "loaded from");
+}

@@ -28,15 +28,7 @@ pub fn save_model(janus: &Janus, out: &Path) -> Result<()> {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let same = std::fs::canonicalize(dir).map_err(io(dir))?
-        == std::fs::canonicalize(out).map_err(io(out))?;
-    if same {
-        return Err(Error::InvalidInput(format!(
-            "{}: a trained model is not saved over the folder it was loaded from",
-            out.display()
-        )));
-    }
+    check_out(dir, out)?;
     let ckpt = Checkpoint::open(dir)?;
     let files = ckpt.files().to_vec();
     if files
@@ -74,6 +66,28 @@ pub fn save_model(janus: &Janus, out: &Path) -> Result<()> {
             let to = out.join(entry.file_name());
             std::fs::copy(&path, &to).map_err(io(&to))?;
         }
+    }
+    Ok(())
+}
+
+/// Creates `out` if missing, and checks that it is not the model folder `dir` (what
+/// [`save_model`] does first; a command checks it before it trains).
+///
+/// # Errors
+/// [`Error::InvalidInput`] when `out` is `dir`; [`Error::Io`] when `out` cannot be created.
+pub fn check_out(dir: &Path, out: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let same = std::fs::canonicalize(dir).map_err(io(dir))?
+        == std::fs::canonicalize(out).map_err(io(out))?;
+    if same {
+        return Err(Error::InvalidInput(format!(
+            "{}: a trained model is not saved over the folder it was loaded from",
+            out.display()
+        )));
     }
     Ok(())
 }

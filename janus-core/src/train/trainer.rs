@@ -97,6 +97,14 @@ impl TrainOptions {
         self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
     }
 
+    /// Whether the options are in range.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the option out of range.
+    pub fn check(&self) -> Result<()> {
+        self.validate()
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidInput(format!("training options: {m}")));
         if !(self.lr.is_finite() && self.lr > 0.0) {
