@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, ids};
 use janus_core::JanusTokenizer;
 use serde_json::Value;
 
@@ -14,14 +14,6 @@ fn cases() -> (Value, JanusTokenizer) {
         serde_json::from_str(&text).unwrap(),
         JanusTokenizer::from_dir(&dir).unwrap(),
     )
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[test]

@@ -11,14 +11,6 @@ use janus_core::train::{Example, generation_loss, losses, read_jsonl};
 use janus_core::{ComputeDType, Error};
 use serde_json::Value;
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn close(got: f64, want: f64, what: &str) {
     assert!(
         (got - want).abs() <= 1e-4 * want.abs(),

@@ -124,3 +124,12 @@ pub fn upscaled_pixels(small: &RefTensor, size: usize) -> Vec<f64> {
     }
     chw
 }
+
+/// A JSON list of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("a list of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
