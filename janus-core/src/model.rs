@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::module::ParamId;
-
 use burn::tensor::Device;
 
 use crate::config::JanusConfig;

@@ -412,13 +412,7 @@ impl Janus {
             let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
             guarded(|| {
                 janus.generate_batch_with_progress(&prompts, &options, &mut |step, total| {
-                    keep_going(&mut interrupt, |py| match &progress {
-                        None => Ok(true),
-                        Some(callback) => {
-                            let ret = callback.bind(py).call1((step, total))?;
-                            Ok(ret.is_none() || ret.is_truthy()?)
-                        }
-                    })
+                    keep_going(&mut interrupt, |py| report(py, &progress, step, total))
                 })
             })
         });
@@ -463,13 +457,7 @@ impl Janus {
             guarded(|| {
                 let examples = janus_core::train::read_jsonl(&data)?;
                 janus_core::train::losses(janus, &examples, &mut |done, total| {
-                    keep_going(&mut interrupt, |py| match &progress {
-                        None => Ok(true),
-                        Some(callback) => {
-                            let ret = callback.bind(py).call1((done, total))?;
-                            Ok(ret.is_none() || ret.is_truthy()?)
-                        }
-                    })
+                    keep_going(&mut interrupt, |py| report(py, &progress, done, total))
                 })
             })
         });
@@ -491,5 +479,21 @@ impl Janus {
         let result = py.detach(|| guarded(|| janus.decode_image(&tokens)));
         let image = errors::finish(py, result, None)?;
         to_pil(py, &image)
+    }
+}
+
+/// Calls a `progress(done, total)` callback, if any: whether to go on (`None` or a true value).
+fn report(
+    py: Python<'_>,
+    progress: &Option<Py<PyAny>>,
+    done: usize,
+    total: usize,
+) -> PyResult<bool> {
+    match progress {
+        None => Ok(true),
+        Some(callback) => {
+            let ret = callback.bind(py).call1((done, total))?;
+            Ok(ret.is_none() || ret.is_truthy()?)
+        }
     }
 }

@@ -126,9 +126,8 @@ pub(crate) fn mlp(
         return (x, d_in);
     };
     let (mut packed, mut next) = (PackedRows::default(), PackedRows::default());
-    let first = hidden.first().unwrap_or(last);
     packed
-        .pack(first.path, &x, rows, d_in)
+        .pack(last.path, &x, rows, d_in)
         .expect("the layers' widths were checked when they loaded");
     let mut scratch = x;
     for layer in hidden {

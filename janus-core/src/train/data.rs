@@ -56,10 +56,7 @@ impl Example {
 /// [`Error::Io`] when the file cannot be read; [`Error::InvalidInput`] naming the file and line
 /// when a line is not a JSON object of a known task with its fields, or the file has no samples.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let dir = path.parent().unwrap_or(Path::new(""));
     let mut examples = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -24,10 +24,6 @@ use crate::pipeline::Janus;
 /// cannot be read or written.
 pub fn save_model(janus: &Janus, out: &Path) -> Result<()> {
     let dir = janus.dir();
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
     check_out(dir, out)?;
     let ckpt = Checkpoint::open(dir)?;
     let files = ckpt.files().to_vec();
@@ -54,8 +50,8 @@ pub fn save_model(janus: &Janus, out: &Path) -> Result<()> {
         )));
     }
     // Everything else of the folder: configuration, tokenizer, processor, template, index.
-    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-        let entry = entry.map_err(io(dir))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
         let weights = files.iter().any(|f| f == &path)
             || matches!(
@@ -64,7 +60,7 @@ pub fn save_model(janus: &Janus, out: &Path) -> Result<()> {
             );
         if path.is_file() && !weights {
             let to = out.join(entry.file_name());
-            std::fs::copy(&path, &to).map_err(io(&to))?;
+            std::fs::copy(&path, &to).map_err(|e| Error::io(&to, e))?;
         }
     }
     Ok(())
@@ -76,13 +72,9 @@ pub fn save_model(janus: &Janus, out: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::InvalidInput`] when `out` is `dir`; [`Error::Io`] when `out` cannot be created.
 pub fn check_out(dir: &Path, out: &Path) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let same = std::fs::canonicalize(dir).map_err(io(dir))?
-        == std::fs::canonicalize(out).map_err(io(out))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let same = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?
+        == std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
     if same {
         return Err(Error::InvalidInput(format!(
             "{}: a trained model is not saved over the folder it was loaded from",
@@ -122,11 +114,7 @@ fn trained_by_file_key(janus: &Janus) -> Result<HashMap<String, HostParam>> {
 /// `src` written to `dst` (through a temporary file renamed at the end), the tensors named in
 /// `trained` replaced. Returns how many were.
 fn rewrite(src: &Path, dst: &Path, trained: &HashMap<String, HostParam>) -> Result<usize> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    let bytes = std::fs::read(src).map_err(io(src))?;
+    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
     let bad = |m: String| Error::Checkpoint {
         path: src.to_path_buf(),
         message: m,
@@ -168,7 +156,7 @@ fn rewrite(src: &Path, dst: &Path, trained: &HashMap<String, HostParam>) -> Resu
     let partial = dst.with_extension("safetensors.partial");
     safetensors::serialize_to_file(views, metadata.metadata().clone(), &partial)
         .map_err(|e| bad(format!("writing {}: {e}", partial.display())))?;
-    std::fs::rename(&partial, dst).map_err(io(dst))?;
+    std::fs::rename(&partial, dst).map_err(|e| Error::io(dst, e))?;
     Ok(replaced)
 }
 

@@ -91,7 +91,8 @@ impl Scored {
     /// The mean cross-entropy of the targets, summed in f64 on the host.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a target outside the head's classes.
+    /// [`Error::InvalidInput`] for a target outside the head's classes, or logits that are not
+    /// one row per target.
     pub fn loss(&self) -> Result<f64> {
         let [_, n, classes] = self.logits.dims();
         self.check(classes)?;
@@ -115,7 +116,7 @@ impl Scored {
     /// dtype: `−mean(log_softmax(logits)[target])`, differentiable under autodiff.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a target outside the head's classes.
+    /// As [`loss`](Self::loss)'s.
     pub fn loss_tensor(&self) -> Result<Tensor<1>> {
         let [_, n, classes] = self.logits.dims();
         self.check(classes)?;
@@ -127,7 +128,13 @@ impl Scored {
     }
 
     fn check(&self, classes: usize) -> Result<()> {
-        debug_assert_eq!(self.logits.dims()[1], self.targets.len());
+        let [rows, n, _] = self.logits.dims();
+        if rows != 1 || n != self.targets.len() || n == 0 {
+            return Err(Error::InvalidInput(format!(
+                "logits [{rows}, {n}, {classes}] for {} targets",
+                self.targets.len()
+            )));
+        }
         match self.targets.iter().find(|&&t| t as usize >= classes) {
             Some(t) => Err(Error::InvalidInput(format!(
                 "target id {t} outside the head's {classes} outputs"
@@ -304,9 +311,14 @@ mod tests {
             "{tensor:?} vs {want}"
         );
         let outside = Scored {
-            logits,
+            logits: logits.clone(),
             targets: vec![0, 3],
         };
         assert!(outside.loss().is_err() && outside.loss_tensor().is_err());
+        let short = Scored {
+            logits,
+            targets: vec![0],
+        };
+        assert!(short.loss().is_err() && short.loss_tensor().is_err());
     }
 }

@@ -102,10 +102,6 @@ impl TrainOptions {
     /// # Errors
     /// [`Error::InvalidInput`] naming the option out of range.
     pub fn check(&self) -> Result<()> {
-        self.validate()
-    }
-
-    fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidInput(format!("training options: {m}")));
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("the learning rate must be a positive number");
@@ -139,7 +135,7 @@ pub fn train(
     options: &TrainOptions,
     on_step: &mut dyn FnMut(&StepReport) -> bool,
 ) -> Result<()> {
-    options.validate()?;
+    options.check()?;
     if examples.is_empty() {
         return Err(Error::InvalidInput("no training samples".into()));
     }
@@ -372,7 +368,7 @@ mod tests {
     #[test]
     fn options_out_of_range_are_errors() {
         let ok = TrainOptions::default();
-        assert!(ok.validate().is_ok());
+        assert!(ok.check().is_ok());
         for bad in [
             TrainOptions {
                 lr: 0.0,
@@ -408,7 +404,7 @@ mod tests {
             },
         ] {
             assert!(
-                matches!(bad.validate(), Err(Error::InvalidInput(_))),
+                matches!(bad.check(), Err(Error::InvalidInput(_))),
                 "{bad:?}"
             );
         }
