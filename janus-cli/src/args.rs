@@ -55,11 +55,23 @@ pub struct Common {
     pub quiet: bool,
 }
 
+/// A LoRA adapter applied at load (understand, generate, serve, loss).
+#[derive(Debug, Args)]
+pub struct AdapterArg {
+    /// A LoRA adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors,
+    /// as `janus train --lora` or PEFT's save_pretrained writes it), merged into the weights it
+    /// adapts as the model loads.
+    #[arg(long = "lora", value_name = "DIR")]
+    pub lora: Option<PathBuf>,
+}
+
 /// `janus understand`.
 #[derive(Debug, Args)]
 pub struct UnderstandArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub adapter: AdapterArg,
     /// An image file; repeat for several. They fill the prompt's <image_placeholder> tags in
     /// order, or, when it has none, each gets a placeholder line before the prompt.
     #[arg(long = "image", value_name = "PATH")]
@@ -95,6 +107,8 @@ pub struct UnderstandArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub adapter: AdapterArg,
     /// What to draw; repeat for several prompts (generated in one batch).
     #[arg(long = "prompt", value_name = "TEXT", required = true)]
     pub prompts: Vec<String>,
@@ -156,6 +170,8 @@ pub struct DecodeArgs {
 pub struct LossArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub adapter: AdapterArg,
     /// Training samples, one JSON object a line: {"task": "generate", "prompt", "image"},
     /// {"task": "understand", "images", "question", "answer"} or {"task": "text", "text"};
     /// image paths relative to the file's folder.
@@ -208,9 +224,29 @@ pub struct TrainArgs {
     /// Probability that a generation sample's prompt becomes the unconditional prompt.
     #[arg(long, default_value_t = 0.1, value_name = "P")]
     pub cfg_drop: f64,
-    /// Seed of the sample order and the condition drops.
+    /// Seed of the sample order, the condition drops and the adapters' first values.
     #[arg(long, default_value_t = 0, value_name = "S")]
     pub seed: u64,
+    /// Train LoRA adapters of this rank on the language model's projections (q, k, v, o, gate,
+    /// up, down) instead of the stage's parameters; every weight of the model stays frozen and
+    /// OUT gets the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "RANK", conflicts_with = "stage")]
+    pub lora: Option<usize>,
+    /// The adapters' alpha (their term is scaled by alpha / rank); the default is the rank.
+    #[arg(long, value_name = "A", requires = "lora")]
+    pub lora_alpha: Option<f64>,
+    /// With --lora: write the full model with the adapters merged into its weights instead of
+    /// the adapter.
+    #[arg(long, requires = "lora")]
+    pub merge: bool,
+    /// Write a checkpoint (OUT/checkpoint) every N updates; one is always written when Ctrl-C
+    /// stops the run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub save_every: Option<u64>,
+    /// Continue the run whose checkpoint this is (OUT/checkpoint of an interrupted run), with
+    /// the options and data it was started with: it gives the losses the uninterrupted run gives.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 /// `janus serve`.
@@ -218,6 +254,8 @@ pub struct TrainArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub adapter: AdapterArg,
     /// Address to listen on (loopback by default; 0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     pub host: String,

@@ -1,6 +1,7 @@
 //! What each subcommand does.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 use janus_core::generate::image::ImageGenOptions;
@@ -38,7 +39,8 @@ pub fn run(command: Command) -> Result<()> {
 /// `janus train`: the samples are read and the options checked before the model loads; the
 /// model loads on the backend's autodiff device in f32, trains, and is saved with its log.
 fn train(args: TrainArgs) -> Result<()> {
-    use janus_core::train::trainer::{Stage, TrainOptions, train};
+    use janus_core::train::lora::LoraOptions;
+    use janus_core::train::trainer::{Checkpoints, Stage, TrainOptions, train_with};
     let mut progress = Progress::new(args.common.quiet);
     let examples = janus_core::train::read_jsonl(&args.data)?;
     let per_update = args.batch_size.max(1) * args.grad_accum.max(1);
@@ -46,7 +48,12 @@ fn train(args: TrainArgs) -> Result<()> {
         (Some(s), _) => s,
         (None, e) => (e.unwrap_or(1) * examples.len()).div_ceil(per_update),
     };
+    let lora = args.lora.map(|rank| LoraOptions {
+        rank,
+        alpha: args.lora_alpha.unwrap_or(rank as f64),
+    });
     let options = TrainOptions {
+        lora,
         stage: match args.stage {
             1 => Stage::One,
             2 => Stage::Two,
@@ -78,39 +85,89 @@ fn train(args: TrainArgs) -> Result<()> {
         path: log_path.clone(),
         message: e.to_string(),
     };
-    let mut log = std::fs::File::create(&log_path).map_err(write_error)?;
+    // A resumed run adds to its log.
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(args.resume.is_some())
+        .truncate(args.resume.is_none())
+        .open(&log_path)
+        .map_err(write_error)?;
+    let checkpoints = Checkpoints {
+        dir: Some(args.out.join("checkpoint")),
+        every: args.save_every.map(|n| n as usize),
+        resume: args.resume.clone(),
+    };
+    let interrupted = interrupt_flag();
     let mut failed = None;
     let started = Instant::now();
-    train(&mut janus, &examples, &options, &mut |r| {
+    let mut first_samples = None;
+    let end = train_with(&mut janus, &examples, &options, &checkpoints, &mut |r| {
         let line =
             serde_json::json!({"step": r.step, "loss": r.loss, "lr": r.lr, "samples": r.samples});
         if let Err(e) = writeln!(log, "{line}") {
             failed = Some(e);
             return false;
         }
-        let rate = r.samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let first = *first_samples.get_or_insert(r.samples - per_update);
+        let rate = (r.samples - first) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         progress.count(
             &format!("training: loss {:.4}, {rate:.2} samples/s", r.loss),
             r.step as u64,
             steps as u64,
             false,
         );
-        true
+        !interrupted.load(std::sync::atomic::Ordering::SeqCst)
     })?;
     if let Some(e) = failed {
         return Err(write_error(e));
     }
+    if end.stopped {
+        progress.clear();
+        let dir = args.out.join("checkpoint");
+        return Err(CliError::Interrupted(format!(
+            "interrupted after update {} of {steps}: checkpoint saved in {}; continue with \
+             --resume {}",
+            end.steps,
+            dir.display(),
+            dir.display()
+        )));
+    }
     progress.stage(&format!("saving {}", args.out.display()));
-    janus_core::train::export::save_model(&janus, &args.out)?;
+    match (options.lora.is_some(), args.merge) {
+        (true, false) => janus_core::train::lora::save_adapter(&janus, &args.out)?,
+        (true, true) => {
+            janus_core::train::lora::merge(&mut janus)?;
+            janus_core::train::export::save_model(&janus, &args.out)?;
+        }
+        (false, _) => janus_core::train::export::save_model(&janus, &args.out)?,
+    }
     progress.done(&format!("saved {}", args.out.display()));
     Ok(())
+}
+
+/// A flag Ctrl-C sets (a second Ctrl-C ends the process at once, with status 130).
+fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    let set = std::sync::Arc::clone(&flag);
+    // Without a handler (one already installed), Ctrl-C ends the process as it would anyway.
+    let _ = ctrlc::set_handler(move || {
+        if set.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted: finishing this update, then saving a checkpoint (Ctrl-C again to quit now)"
+        );
+    });
+    flag
 }
 
 /// `janus loss`: the samples are read (and checked) before the model loads.
 fn loss(args: LossArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
     let examples = janus_core::train::read_jsonl(&args.data)?;
-    let janus = load(&args.common, &mut progress)?;
+    let janus = load(&args.common, args.adapter.lora.as_deref(), &mut progress)?;
     let total = examples.len() as u64;
     let losses = janus_core::train::losses(&janus, &examples, &mut |done, _| {
         progress.count("computing losses", done as u64, total, false);
@@ -148,15 +205,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         quiet: args.common.quiet,
     };
     let common = args.common;
+    let lora = args.adapter.lora;
     janus_serve::serve(options, move || {
         let mut progress = Progress::new(common.quiet);
-        load(&common, &mut progress).map_err(|e| e.to_string())
+        load(&common, lora.as_deref(), &mut progress).map_err(|e| e.to_string())
     })
     .map_err(|e| CliError::Invalid(e.to_string()))
 }
 
-/// Finds (or downloads) the model and loads it.
-fn load(common: &Common, progress: &mut Progress) -> Result<Janus> {
+/// Finds (or downloads) the model and loads it, with a LoRA adapter folder merged in.
+fn load(common: &Common, lora: Option<&Path>, progress: &mut Progress) -> Result<Janus> {
     let dir = {
         let mut on_hub = |event: HubEvent<'_>| progress.hub(event);
         janus_core::hub::resolve(&common.model, Some(&mut on_hub))?
@@ -167,6 +225,7 @@ fn load(common: &Common, progress: &mut Progress) -> Result<Janus> {
         backend: common.backend.into(),
         dtype: common.dtype.into(),
         weights: common.weights.into(),
+        lora: lora.map(Path::to_path_buf),
     };
     let janus = Janus::load(&dir, &options)?;
     let storage = janus.storage();
@@ -218,7 +277,7 @@ fn understand(args: UnderstandArgs) -> Result<()> {
     };
     options.validate()?;
 
-    let janus = load(&args.common, &mut progress)?;
+    let janus = load(&args.common, args.adapter.lora.as_deref(), &mut progress)?;
     progress.stage("reading the prompt");
     let answer = if args.json {
         janus.understand(&images, &args.prompt, &options)?
@@ -298,7 +357,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         return Err(janus_core::Error::InvalidInput("a --prompt is empty".into()).into());
     }
 
-    let janus = load(&args.common, &mut progress)?;
+    let janus = load(&args.common, args.adapter.lora.as_deref(), &mut progress)?;
     let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
     let started = Instant::now();
     let batch = janus.generate_batch_with_progress(&prompts, &options, &mut |step, total| {
@@ -343,7 +402,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 fn encode_image(args: EncodeArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
     let image = open_image(&args.image)?;
-    let janus = load(&args.common, &mut progress)?;
+    let janus = load(&args.common, None, &mut progress)?;
     progress.stage("encoding the image (VQ)");
     let tokens = janus.encode_image(&image)?;
     progress.clear();
@@ -368,7 +427,7 @@ fn decode_image(args: DecodeArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
     let tokens = read_tokens(&args.tokens)?;
     check_output(&args.out)?;
-    let janus = load(&args.common, &mut progress)?;
+    let janus = load(&args.common, None, &mut progress)?;
     progress.stage("decoding the image tokens (VQ)");
     let image = janus.decode_image(&tokens)?;
     save_png(&image, &args.out)?;

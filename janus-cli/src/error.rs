@@ -31,6 +31,10 @@ pub enum CliError {
     #[error("{0}")]
     Invalid(String),
 
+    /// The user interrupted the command (Ctrl-C), after it saved what it could (exit status 130).
+    #[error("{0}")]
+    Interrupted(String),
+
     /// Standard output is closed or full.
     #[error("cannot write to standard output: {0}")]
     Stdout(#[source] std::io::Error),

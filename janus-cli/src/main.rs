@@ -21,6 +21,10 @@ fn main() -> ExitCode {
     let outcome = catch_unwind(AssertUnwindSafe(|| commands::run(cli.command)));
     let message = match outcome {
         Ok(Ok(())) => return ExitCode::SUCCESS,
+        Ok(Err(error::CliError::Interrupted(message))) => {
+            let _ = writeln!(std::io::stderr(), "{message}");
+            return ExitCode::from(130);
+        }
         Ok(Err(e)) => e.to_string(),
         Err(payload) => {
             let what = payload

@@ -9,6 +9,7 @@ use burn::tensor::Device;
 
 use crate::config::JanusConfig;
 use crate::error::Result;
+use crate::load::adapter::LoraAdapter;
 use crate::load::{Checkpoint, ComputeDType, WeightStorage, Weights, check_weight_format};
 use crate::nn::heads::Heads;
 use crate::nn::llm::Llm;
@@ -51,10 +52,21 @@ impl JanusModel {
         dtype: ComputeDType,
         weights: WeightFormat,
     ) -> Result<Self> {
+        Self::load_adapted(dir, device, dtype, weights, None)
+    }
+
+    /// [`load_with`](Self::load_with), with a LoRA adapter merged into the weights it adapts.
+    pub fn load_adapted(
+        dir: &Path,
+        device: &Device,
+        dtype: ComputeDType,
+        weights: WeightFormat,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Self> {
         check_weight_format(weights, device, dtype)?;
         let config = JanusConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(config, &ckpt, device, dtype, weights)
+        Self::from_checkpoint_adapted(config, &ckpt, device, dtype, weights, adapter)
     }
 
     /// Builds the model from an opened checkpoint: first checks that the files hold exactly the
@@ -66,12 +78,28 @@ impl JanusModel {
         dtype: ComputeDType,
         weights: WeightFormat,
     ) -> Result<Self> {
+        Self::from_checkpoint_adapted(config, ckpt, device, dtype, weights, None)
+    }
+
+    /// [`from_checkpoint`](Self::from_checkpoint) with a LoRA adapter merged into the weights
+    /// it adapts as they are read; an adapter layer that names no linear layer of the model is
+    /// an error.
+    pub fn from_checkpoint_adapted(
+        config: JanusConfig,
+        ckpt: &Checkpoint,
+        device: &Device,
+        dtype: ComputeDType,
+        weights: WeightFormat,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Self> {
         let dtype = dtype.resolve(device, weights, ckpt);
         check_weight_format(weights, device, dtype)?;
-        let mut plan = Weights::new(ckpt, config.layout, device, dtype, weights, true);
+        let mut plan =
+            Weights::new(ckpt, config.layout, device, dtype, weights, true).with_adapter(adapter);
         let _ = Self::build(&mut plan, &config);
         plan.finish()?;
-        let mut load = Weights::new(ckpt, config.layout, device, dtype, weights, false);
+        let mut load =
+            Weights::new(ckpt, config.layout, device, dtype, weights, false).with_adapter(adapter);
         let mut model = Self::build(&mut load, &config);
         model.param_names = load.take_names();
         model.storage = load.finish()?;

@@ -12,6 +12,7 @@ use crate::generate::image::{
 };
 use crate::generate::text::{TextGenOptions, embed_with_images, expand_image_tokens};
 use crate::load::ComputeDType;
+use crate::load::adapter::LoraAdapter;
 use crate::model::JanusModel;
 use crate::nn::weight::WeightFormat;
 use crate::processor::image::{ImageProcessorConfig, preprocess_for_understanding};
@@ -20,7 +21,7 @@ use crate::processor::prompt::{PromptFormat, TurnText};
 use crate::tokenizer::JanusTokenizer;
 
 /// How to load a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Where to run.
     pub backend: Backend,
@@ -30,6 +31,9 @@ pub struct LoadOptions {
     pub dtype: ComputeDType,
     /// How weights are held in memory.
     pub weights: WeightFormat,
+    /// A LoRA adapter folder in PEFT's format (`adapter_config.json` +
+    /// `adapter_model.safetensors`), merged into the weights it adapts as they load.
+    pub lora: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +42,7 @@ impl Default for LoadOptions {
             backend: Backend::Cpu,
             dtype: ComputeDType::Auto,
             weights: WeightFormat::Auto,
+            lora: None,
         }
     }
 }
@@ -161,7 +166,14 @@ impl Janus {
     /// Loads a model folder (either layout) onto the chosen backend.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let device = options.backend.device()?;
-        Self::load_on_with(dir, &device, options.dtype, options.weights)
+        let adapter = options.lora.as_deref().map(LoraAdapter::open).transpose()?;
+        Self::load_adapted(
+            dir,
+            &device,
+            options.dtype,
+            options.weights,
+            adapter.as_ref(),
+        )
     }
 
     /// Loads a model folder onto a given device, with the default weight storage.
@@ -176,8 +188,20 @@ impl Janus {
         dtype: ComputeDType,
         weights: WeightFormat,
     ) -> Result<Self> {
+        Self::load_adapted(dir, device, dtype, weights, None)
+    }
+
+    /// [`load_on_with`](Self::load_on_with), with a LoRA adapter merged into the weights it
+    /// adapts as they load ([`LoraAdapter::open`] reads one).
+    pub fn load_adapted(
+        dir: &Path,
+        device: &Device,
+        dtype: ComputeDType,
+        weights: WeightFormat,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Self> {
         let tokenizer = JanusTokenizer::from_dir(dir)?;
-        let model = JanusModel::load_with(dir, device, dtype, weights)?;
+        let model = JanusModel::load_adapted(dir, device, dtype, weights, adapter)?;
         let vocab = model.config.text.vocab_size;
         if tokenizer.vocab_size() > vocab {
             return Err(Error::Tokenizer(format!(

@@ -76,6 +76,7 @@ fn check_losses(janus: &Janus, expected: &Value, codes_key: &str) {
                 assert_eq!(built[1..], want_targets[..], "sample {i}");
                 assert_eq!(built, want_ids, "sample {i}");
             }
+            Example::Conversation { .. } => panic!("data.jsonl has no multi-turn sample"),
         }
     }
     // Each sample's loss as `janus loss` reports it: comparable with the record's where every
@@ -119,6 +120,59 @@ fn original_losses_match_the_official_code() {
     )
     .unwrap();
     check_losses(&janus, &expected(&fixture("original-tiny")), "codes");
+}
+
+/// The multi-turn samples of `tests/fixtures/train/turns.jsonl` against the reference's record
+/// (`losses_turns.json`, `make_fixtures.py loss-turns` / `loss-turns-original`): ids, the
+/// positions the loss covers, each loss and the mean.
+fn check_turns(janus: &Janus, dir: &std::path::Path) {
+    use janus_core::train::loss::conversation_ids;
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("expected/losses_turns.json")).unwrap(),
+    )
+    .unwrap();
+    let examples = read_jsonl(&fixture("train").join("turns.jsonl")).unwrap();
+    let cases = expected["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), cases.len());
+    for (i, (example, case)) in examples.iter().zip(cases).enumerate() {
+        let Example::Conversation { turns } = example else {
+            panic!("sample {i} is a conversation")
+        };
+        let (ids_built, positions) = conversation_ids(janus, turns).unwrap();
+        assert_eq!(ids_built, ids(&case["input_ids"]), "sample {i}");
+        let want_positions: Vec<usize> = ids(&case["target_positions"])
+            .into_iter()
+            .map(|p| p as usize)
+            .collect();
+        assert_eq!(positions, want_positions, "sample {i}");
+    }
+    let got = losses(janus, &examples, &mut |_, _| true).unwrap();
+    for (i, (g, w)) in got
+        .losses
+        .iter()
+        .zip(expected["losses"].as_array().unwrap())
+        .enumerate()
+    {
+        close(*g, w.as_f64().unwrap(), &format!("loss of sample {i}"));
+    }
+    close(got.mean, expected["mean"].as_f64().unwrap(), "mean");
+}
+
+#[test]
+fn hf_multi_turn_losses_match_transformers() {
+    let janus = Janus::load_on(&fixture("hf-tiny"), &device(), ComputeDType::F32).unwrap();
+    check_turns(&janus, &fixture("hf-tiny"));
+}
+
+#[test]
+fn original_multi_turn_losses_match_the_official_code() {
+    let janus = Janus::load_on(
+        &original_checkpoint("safetensors"),
+        &device(),
+        ComputeDType::F32,
+    )
+    .unwrap();
+    check_turns(&janus, &fixture("original-tiny"));
 }
 
 #[test]

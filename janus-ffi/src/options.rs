@@ -298,6 +298,7 @@ pub(crate) fn load_options(o: &janus_load_options) -> Result<LoadOptions, FfiErr
             backend,
             dtype,
             weights,
+            lora: None,
         })
     }
 }

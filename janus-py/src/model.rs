@@ -168,14 +168,17 @@ impl Janus {
     /// weights are held
     /// in memory, is ``"auto"`` (on the CPU the half precision the files store, else f32; on a
     /// GPU the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
+    /// ``lora``, a LoRA adapter folder in PEFT's format (``adapter_config.json`` +
+    /// ``adapter_model.safetensors``), is merged into the weights it adapts as they load.
     #[staticmethod]
-    #[pyo3(signature = (model, backend = "cpu", dtype = "auto", weights = "auto"))]
+    #[pyo3(signature = (model, backend = "cpu", dtype = "auto", weights = "auto", lora = None))]
     fn load(
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
         backend: &str,
         dtype: &str,
         weights: &str,
+        lora: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let weights: WeightFormat = weights.parse().map_err(|e| errors::to_py(py, e))?;
         let backend: Backend = backend.parse().map_err(|e| errors::to_py(py, e))?;
@@ -190,6 +193,7 @@ impl Janus {
             backend,
             dtype: compute,
             weights,
+            lora,
         };
         let result =
             py.detach(|| guarded(|| pipeline::Janus::load(&resolve_model(&model)?, &options)));

@@ -38,9 +38,25 @@ PYTHONPATH for the steps that need the official DeepSeek code):
                      with the official l2-normalised codes, as janus-rs) for the aligners, generation embeddings and
                      head, four language-model tensors and lm_head, and those parameters after one AdamW step
                      (checked in float64 and by central differences) [5.24 env; run `loss` first]
+  lora               hf-tiny/lora/ (a PEFT LoRA adapter, r 4, on the 7 projections of every language-model layer,
+                     saved by PEFT's save_pretrained) and hf-tiny/expected/lora.safetensors: the line losses with the
+                     adapter unmerged, the gradients of their mean for every lora_A / lora_B tensor and those tensors
+                     after one AdamW step [5.24 env + peft 0.21.2; run `loss` first]
+  check-adapter      (read-only, not in `all`) --adapter DIR: hf-tiny + PeftModel.from_pretrained(DIR); prints one
+                     JSON line {"losses": [...], "mean": m} with the line losses of train/data.jsonl
+  check-model        (read-only, not in `all`) --model DIR: a complete transformers-layout folder (same keys and
+                     shapes as hf-tiny, asserted) in float32; prints the same JSON line
+  loss-turns         tests/fixtures/train/turns.jsonl (multi-turn understanding lines: optional system turns, then
+                     user / assistant turns, images on user turns) and hf-tiny/expected/losses_turns.json: input_ids,
+                     target positions, targets and the loss over every answer + EOS of each line through
+                     transformers' Janus (TURN_DEFINITIONS; the K = 1 case is asserted to be the single-turn
+                     understand definition) [5.24 env; run `loss` first]
   loss-original      original-tiny/expected/losses.json: the same lines' losses through the official DeepSeek
                      code on the gen_original.py checkpoint (the official, l2-normalised VQ codes)
                      [transformers 4.57.1 + official code]
+  loss-turns-original  original-tiny/expected/losses_turns.json: the lines of turns.jsonl through the official
+                     DeepSeek code (its sft rendering, system turns as the system prompt) [transformers 4.57.1 +
+                     official code; run `loss-original` and `loss-turns` first]
   preprocess         image decoding and preprocessing references: tests/fixtures/preprocess/ (configs,
                      encoded files, expected.safetensors) from transformers 5.24's JanusImageProcessor,
                      Pillow and torchvision, and (re-running itself as `preprocess-original` under
@@ -2106,6 +2122,7 @@ def write_train_data(vision_size: int, vq_size: int) -> None:
         Image.fromarray(synthetic_image(sizes[kind], sizes[kind], TRAIN_SEED + i)).save(TRAIN_DIR / name, "PNG")
     lines = [json.dumps(line, ensure_ascii=False) for line in TRAIN_LINES]
     (TRAIN_DIR / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_turns_data()
 
 
 def train_image(name: str, size: int):
@@ -2317,18 +2334,19 @@ LOSS_DEFINITIONS = (
 )
 
 
-def loss_setup():
-    """What `loss` and `grads` share: hf-tiny in float32 (hf_load: eager attention, eval mode), its processor
-    and tokenizer, the special-token ids and the two image sizes (vision, VQ input)."""
+def loss_setup(folder: Path = HF_F32, processor_folder: Path | None = None):
+    """What `loss` and `grads` share: hf-tiny (or another transformers-layout folder: check-model) in float32
+    (hf_load: eager attention, eval mode), its processor and tokenizer (from processor_folder, default the model
+    folder), the special-token ids and the two image sizes (vision, VQ input)."""
     from transformers import AutoProcessor
 
-    model = hf_load(HF_F32)
+    model = hf_load(folder)
     # The PIL image processor (transformers picks the torchvision one whenever torchvision is installed):
     # losses.json was written with it, and its rescale then normalise gives exactly (u8/255 - 0.5)/0.5, the VQ
     # input of the generate lines. The torchvision backend fuses both into (u8 - 127.5)/127.5 (janus-rs's
     # PixelArithmetic::TorchFused, its default for this layout), one float32 ulp away for 128 of the 256 byte
     # values: that fails the generate lines' pixel check and moves the understand losses by ~1e-7 relative.
-    processor = AutoProcessor.from_pretrained(str(HF_F32), backend="pil")
+    processor = AutoProcessor.from_pretrained(str(processor_folder or folder), backend="pil")
     assert type(processor.image_processor).__name__ == "JanusImageProcessorPil", type(processor.image_processor)
     assert processor.use_default_system_prompt is True
     check_hf_template(processor)
@@ -2658,6 +2676,625 @@ def cmd_grads(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# A LoRA adapter (PEFT) on hf-tiny's language model: the adapter files, its loss, gradients, one AdamW step
+# ------------------------------------------------------------------------------------------------
+LORA_DIR = HF_F32 / "lora"
+LORA_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")        # of every model.language_model layer
+LORA_R = 4
+LORA_ALPHA = 8
+LORA_INIT_SEED = 20250301    # torch.manual_seed before get_peft_model: PEFT's own init of every lora_A
+LORA_B_SEED = 20250302       # torch.Generator seed of lora_B = randn * LORA_B_STD (PEFT initialises B to zero)
+LORA_B_STD = 0.1
+LORA_BASE_NAME = "hf-tiny"   # base_model_name_or_path in the saved adapter_config.json (not an absolute path)
+LORA_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+LORA_DEFINITIONS = (
+    "Model, processor, images, the lines of tests/fixtures/train/data.jsonl and every per-line loss definition "
+    "exactly as for hf-tiny/expected/grads.safetensors (make_fixtures.py grads: hf-tiny in float32, eager "
+    "attention, eval mode, CPU, 1 thread, deterministic algorithms; generate lines with the official "
+    "l2-normalised quantizer's codes as targets and teacher-forced inputs; understand: answer + EOS; text: every id "
+    "after BOS; each a float32 mean cross-entropy), but with a LoRA adapter applied UNMERGED: "
+    "peft.get_peft_model(model, LoraConfig(r={r}, lora_alpha={alpha}, lora_dropout=0.0, bias='none', "
+    "target_modules=r'{target}')) (regex, re.fullmatch on module names: the 7 projections q,k,v,o,gate,up,down of "
+    "every layer of model.language_model, nothing in the vision tower; asserted), so every adapted Linear computes "
+    "y = W x + (alpha / r) * B (A x) with scaling alpha / r = {scaling:g}, A [r, in], B [out, r]. Values: A as "
+    "PEFT initialises it (kaiming-uniform) under torch.manual_seed({init_seed}) just before get_peft_model; every "
+    "B = torch.randn(shape, generator=torch.Generator().manual_seed({b_seed})) * {b_std:g}, drawn module by module "
+    "in named_parameters() order (PEFT's B = 0 would make the adapter a no-op and give A no gradient). The adapter "
+    "is lora/adapter_config.json + lora/adapter_model.safetensors, written by PeftModel.save_pretrained "
+    "(save_embedding_layers=False; base_model_name_or_path set to '{base}'; the model card README.md it also writes "
+    "is removed). Only the LoRA parameters are trainable (PEFT freezes the base model). Per-line losses "
+    "(line_losses, [6]) through the PEFT-injected model; loss [1] = their float32 mean (torch.stack(...).mean()). "
+    "loss.backward() once from zero gradients; grad.<key> = the .grad of every lora_A / lora_B parameter, where "
+    "<key> is the tensor's key in lora/adapter_model.safetensors (e.g. "
+    "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight: PEFT's parameter name without "
+    "the adapter name 'default'; same shape: asserted). Then one step of torch.optim.AdamW over exactly all of them "
+    "(one group; lr {lr:g}, betas ({b1:g}, {b2:g}), eps {eps:g}, weight_decay {wd:g}, amsgrad False, maximize "
+    "False, foreach False) from fresh state, as in grads.safetensors: p(1 - lr wd) - lr g / (|g| + eps) at step 1; "
+    "after_adamw.<key> = the tensor after that step (its start value is the same key in adapter_model.safetensors). "
+    "Checks (asserted): the base model without the adapter reproduces losses.json's losses_l2norm (1e-6 relative) "
+    "and the adapter moves the mean loss by more than 1e-3 relative (base_line_losses); PeftModel.forward gives "
+    "the same logits as the injected base model; a float64 copy (Float64Compute) gives the same gradients within "
+    "1e-4 relative (stat_grad_rel_f32_vs_f64); the AdamW result matches the formula in float64 (1e-6); "
+    "PeftModel.from_pretrained(fresh hf-tiny, lora/) loads exactly the saved tensors and reproduces line_losses "
+    "within 1e-6 relative (stat_reload_line_loss_rel); merge_and_unload() of a deep copy gives merged_line_losses "
+    "(stat_merged_max_rel vs the unmerged ones)."
+).format(r=LORA_R, alpha=LORA_ALPHA, target=LORA_TARGET_MODULES, scaling=LORA_ALPHA / LORA_R,
+         init_seed=LORA_INIT_SEED, b_seed=LORA_B_SEED, b_std=LORA_B_STD, base=LORA_BASE_NAME, lr=ADAMW["lr"],
+         b1=ADAMW["betas"][0], b2=ADAMW["betas"][1], eps=ADAMW["eps"], wd=ADAMW["weight_decay"])
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+                      target_modules=LORA_TARGET_MODULES)
+
+
+def lora_param_keys(peft_model, adapter: str = "default") -> dict:
+    """{PEFT parameter name: key in adapter_model.safetensors} for every lora_A / lora_B parameter, in
+    named_parameters() order (the saved key is the name without the adapter name)."""
+    out = {}
+    for n, _ in peft_model.named_parameters():
+        for ab in ("lora_A", "lora_B"):
+            if f".{ab}.{adapter}." in n:
+                out[n] = n.replace(f".{ab}.{adapter}.", f".{ab}.")
+    return out
+
+
+def lora_check_targets(peft_model) -> list:
+    """Assert the adapted modules are exactly model.language_model.layers.* x LORA_PROJECTIONS; returns their names."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    n_layers = base.config.text_config.num_hidden_layers
+    want = [f"model.language_model.layers.{i}.{p}" for i in range(n_layers) for p in LORA_PROJECTIONS]
+    got = [n for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    assert got == want, (got, want)
+    assert sorted(peft_model.targeted_module_names) == sorted(want), peft_model.targeted_module_names
+    return want
+
+
+def data_line_losses(model, processor, ids, vision_size, vq_size, lines=None) -> list:
+    """The per-line losses (grads' definitions, float32, no grad) of tests/fixtures/train/data.jsonl."""
+    import torch
+
+    lines = train_lines() if lines is None else lines
+    inputs = grads_inputs(model, processor, ids, lines, vision_size, vq_size)
+    with torch.no_grad():
+        return grads_line_losses(model, inputs, torch.float32).tolist()
+
+
+def lora_load_adapter(model, folder: Path):
+    """PeftModel.from_pretrained(model, folder) in eval mode, asserting that every LoRA tensor of the model is
+    exactly the tensor of the same key in the folder's weights, and that the folder holds no other key."""
+    import torch
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+
+    pm = PeftModel.from_pretrained(model, str(folder))
+    pm.eval()
+    lora_check_targets(pm)
+    stored = load_peft_weights(str(folder), device="cpu")
+    keys = lora_param_keys(pm)
+    assert sorted(keys.values()) == sorted(stored), set(keys.values()) ^ set(stored)
+    params = dict(pm.named_parameters())
+    for n, k in keys.items():
+        assert torch.equal(params[n].detach(), stored[k].to(params[n].dtype)), k
+    return pm
+
+
+def print_losses_json(losses: list) -> None:
+    print(json.dumps({"losses": losses, "mean": sum(losses) / len(losses)}), flush=True)
+
+
+def cmd_lora(args) -> None:
+    """hf-tiny/lora/ (a PEFT LoRA adapter saved by PEFT) and hf-tiny/expected/lora.safetensors: the line losses,
+    gradients of the mean loss for every LoRA tensor, and those tensors after one AdamW step."""
+    torch = torch_setup()
+    import peft
+    from peft import get_peft_model
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model, processor, ids, vision_size, vq_size = loss_setup()
+    lines = train_lines()
+    if lines != TRAIN_LINES:
+        raise SystemExit(f"{TRAIN_DIR / 'data.jsonl'} is not the script's TRAIN_LINES: run `make_fixtures.py loss` first")
+    ref = read_json(HF_F32 / "expected" / "losses.json")
+    inputs = grads_inputs(model, processor, ids, lines, vision_size, vq_size)
+
+    # the base model (no adapter): losses.json's losses_l2norm
+    with torch.no_grad():
+        base_losses = grads_line_losses(model, inputs, torch.float32).tolist()
+    base_rel = [abs(a / b - 1) for a, b in zip(base_losses, ref["losses_l2norm"], strict=True)]
+    assert max(base_rel) <= 1e-6, (base_losses, ref["losses_l2norm"])
+
+    # the adapter: PEFT's init of A under a fixed seed, B seeded randn * LORA_B_STD
+    torch.manual_seed(LORA_INIT_SEED)
+    pm = get_peft_model(model, lora_config())
+    pm.eval()
+    targets = lora_check_targets(pm)
+    keys = lora_param_keys(pm)
+    assert len(keys) == 2 * len(targets), keys
+    params = dict(pm.named_parameters())
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable == list(keys), (trainable, list(keys))
+    gen = torch.Generator().manual_seed(LORA_B_SEED)
+    with torch.no_grad():
+        for n in keys:
+            if ".lora_B." in n:
+                assert not params[n].any(), n                    # PEFT's B = 0
+                params[n].copy_(torch.randn(params[n].shape, generator=gen) * LORA_B_STD)
+            else:
+                assert params[n].abs().min() > 0, n              # PEFT's A: random
+    base = pm.get_base_model()
+    assert base is model
+    for t in targets:
+        layer = base.get_submodule(t)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert tuple(a.shape) == (LORA_R, layer.in_features) and tuple(b.shape) == (layer.out_features, LORA_R), t
+        assert layer.scaling["default"] == LORA_ALPHA / LORA_R, layer.scaling
+    start = {k: params[n].detach().clone() for n, k in keys.items()}
+
+    # the adapter files, written by PEFT
+    pm.peft_config["default"].base_model_name_or_path = LORA_BASE_NAME
+    hf_fresh_dir(LORA_DIR)
+    pm.save_pretrained(str(LORA_DIR), save_embedding_layers=False)
+    card = LORA_DIR / "README.md"          # PEFT's model card template (holds the absolute base-model path)
+    if card.exists():
+        card.unlink()
+    assert sorted(p.name for p in LORA_DIR.iterdir()) == LORA_FILES, list(LORA_DIR.iterdir())
+    for name in LORA_FILES:                # safetensors creates its file with mode 0600
+        (LORA_DIR / name).chmod(0o644)
+    saved = load_file(str(LORA_DIR / "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(keys.values()), set(saved) ^ set(keys.values())
+    for k, v in saved.items():
+        assert k.startswith("base_model.model.model.language_model.layers.") and (
+            k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")), k
+        assert v.dtype == torch.float32 and torch.equal(v, start[k]), k
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in saved
+    with safe_open(str(LORA_DIR / "adapter_model.safetensors"), framework="pt") as f:
+        adapter_file_meta = f.metadata()
+    cfg_text = (LORA_DIR / "adapter_config.json").read_text(encoding="utf-8")
+    cfg_json = json.loads(cfg_text)
+    assert cfg_json["base_model_name_or_path"] == LORA_BASE_NAME, cfg_json
+    assert (cfg_json["r"], cfg_json["lora_alpha"], cfg_json["target_modules"], cfg_json["peft_type"]) == (
+        LORA_R, LORA_ALPHA, LORA_TARGET_MODULES, "LORA"), cfg_json
+    assert str(REPO) not in cfg_text and str(Path.home()) not in cfg_text, cfg_text
+
+    # float32, unmerged, with gradients: the fixture
+    with torch.no_grad():                  # PeftModel.forward runs the same injected modules
+        x = next(x for x in inputs if x["task"] == "text")["input_ids"]
+        assert torch.equal(pm(input_ids=x).logits, base(input_ids=x).logits)
+    pm.zero_grad(set_to_none=True)
+    line_losses = grads_line_losses(base, inputs, torch.float32)
+    loss = line_losses.mean()
+    loss.backward()
+    no_grad = [n for n in keys if params[n].grad is None]
+    assert not no_grad, no_grad
+    assert all(p.grad is None for n, p in pm.named_parameters() if n not in keys)
+    grads = {k: params[n].grad.detach().clone() for n, k in keys.items()}
+    for k, g in grads.items():
+        assert g.abs().max() > 0, k
+    mean_base = sum(base_losses) / len(base_losses)
+    mean_rel_change = abs(loss.item() / mean_base - 1)
+    assert mean_rel_change > 1e-3, (loss.item(), mean_base)
+
+    # float64: the same gradients
+    pm64 = copy.deepcopy(pm).double()
+    pm64.zero_grad(set_to_none=True)
+    p64 = dict(pm64.named_parameters())
+    with Float64Compute(pm64.get_base_model()):
+        loss64 = grads_line_losses(pm64.get_base_model(), inputs, torch.float64).mean()
+        loss64.backward()
+    g64 = {k: p64[n].grad.detach().clone() for n, k in keys.items()}
+    grad_rel = {k: float((grads[k].double() - g64[k]).norm() / g64[k].norm()) for k in grads}
+    assert max(grad_rel.values()) <= 1e-4, grad_rel
+    del pm64
+
+    # merged into the weights (a deep copy): the same losses up to rounding
+    with torch.no_grad():
+        merged = copy.deepcopy(pm).merge_and_unload()
+        merged_losses = grads_line_losses(merged, inputs, torch.float32).tolist()
+    del merged
+    merged_rel = [abs(a / b - 1) for a, b in zip(merged_losses, line_losses.tolist(), strict=True)]
+    assert max(merged_rel) <= 1e-4, (merged_losses, line_losses.tolist())
+
+    # one AdamW step over exactly the LoRA parameters
+    opt = torch.optim.AdamW([params[n] for n in keys], lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"],
+                            weight_decay=ADAMW["weight_decay"], amsgrad=False, maximize=False, foreach=False)
+    opt.step()
+    after = {k: params[n].detach().clone() for n, k in keys.items()}
+    by_hand = max(float((adamw_step1_f64(start[k], grads[k]) - after[k].double()).abs().max()) for k in keys.values())
+    assert by_hand <= 1e-6, by_hand
+    vs64 = max(float((adamw_step1_f64(start[k], g64[k]) - after[k].double()).abs().max()) for k in keys.values())
+    for k in keys.values():
+        assert not torch.equal(after[k], start[k]), k
+
+    # the saved adapter, loaded by PEFT onto a fresh hf-tiny (what check-adapter does)
+    fresh, *_ = loss_setup()
+    reloaded = lora_load_adapter(fresh, LORA_DIR)
+    reload_losses = data_line_losses(reloaded.get_base_model(), processor, ids, vision_size, vq_size, lines)
+    reload_rel = [abs(a / b - 1) for a, b in zip(reload_losses, line_losses.tolist(), strict=True)]
+    assert max(reload_rel) <= 1e-6, (reload_losses, line_losses.tolist())
+    del reloaded, fresh
+
+    tensors = {"loss": loss.detach().reshape(1), "line_losses": line_losses.detach()}
+    tensors.update({f"grad.{k}": g for k, g in grads.items()})
+    tensors.update({f"after_adamw.{k}": t for k, t in after.items()})
+    grad_norms = {k: float(g.double().norm()) for k, g in grads.items()}
+    versions = {**env_versions(), "peft": peft.__version__}
+    meta = {
+        "definitions": LORA_DEFINITIONS,
+        "adapter": "lora/adapter_config.json, lora/adapter_model.safetensors (relative to hf-tiny/)",
+        "adapter_keys": json.dumps(list(keys.values())),
+        "adapter_target_modules": json.dumps(targets),
+        "adapter_file_metadata": json.dumps(adapter_file_meta, sort_keys=True),
+        "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_scaling": LORA_ALPHA / LORA_R,
+        "lora_target_modules": LORA_TARGET_MODULES,
+        "lora_init_seed": LORA_INIT_SEED, "lora_b_seed": LORA_B_SEED, "lora_b_std": LORA_B_STD,
+        "file_keys": "every <key> in grad.<key> / after_adamw.<key> is the key of the starting value in "
+                     "lora/adapter_model.safetensors (same shape; asserted)",
+        "data": os.path.relpath(TRAIN_DIR / "data.jsonl", HF_F32 / "expected"),
+        "adamw": "torch.optim.AdamW(lora params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, "
+                 "amsgrad=False, maximize=False, foreach=False), one group, one step() from fresh state",
+        "adamw_lr": ADAMW["lr"], "adamw_beta1": ADAMW["betas"][0], "adamw_beta2": ADAMW["betas"][1],
+        "adamw_eps": ADAMW["eps"], "adamw_weight_decay": ADAMW["weight_decay"],
+        "loss_float64": repr(loss64.item()),
+        "base_line_losses": json.dumps(base_losses),
+        "base_mean": repr(mean_base),
+        "merged_line_losses": json.dumps(merged_losses),
+        "stat_mean_rel_change_vs_base": repr(mean_rel_change),
+        "stat_base_line_loss_rel_vs_losses_json": json.dumps(base_rel),
+        "stat_merged_max_rel": repr(max(merged_rel)),
+        "stat_reload_line_loss_rel": json.dumps(reload_rel),
+        "stat_grad_norms": json.dumps(grad_norms),
+        "stat_grad_rel_f32_vs_f64": json.dumps(grad_rel),
+        "stat_adamw_max_abs_vs_formula": by_hand,
+        "stat_adamw_max_abs_vs_f64_grads": vs64,
+        **{f"version_{k}": v for k, v in versions.items()},
+    }
+    out = HF_F32 / "expected" / "lora.safetensors"
+    save_expected(out, tensors, meta)
+    print(f"lora: loss {loss.item():.6f} (base {mean_base:.6f}, rel change {mean_rel_change:.3g}; float64 "
+          f"{loss64.item():.6f}), {len(keys)} tensors, {out.stat().st_size} bytes; max rel |g32 - g64| "
+          f"{max(grad_rel.values()):.3g}, merged vs unmerged {max(merged_rel):.3g}, reload {max(reload_rel):.3g}, "
+          f"AdamW vs formula {by_hand:.3g}, vs float64 grads {vs64:.3g}")
+    print(f"  line losses {line_losses.tolist()}")
+    for k in keys.values():
+        print(f"  {k:<84} {str(list(grads[k].shape)):<10} |g| {grad_norms[k]:.6g}")
+
+
+def cmd_check_adapter(args) -> None:
+    """Read-only: hf-tiny (float32) + PeftModel.from_pretrained(model, --adapter): one JSON line on stdout with
+    the per-line losses of data.jsonl (grads' definitions, unmerged) and their mean; everything else on stderr."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        torch_setup()
+        model, processor, ids, vision_size, vq_size = loss_setup()
+        pm = lora_load_adapter(model, Path(args.adapter))
+        losses = data_line_losses(pm.get_base_model(), processor, ids, vision_size, vq_size)
+    print_losses_json(losses)
+
+
+def safetensors_shapes(folder: Path) -> dict:
+    """{key: shape} of every tensor in the folder's *.safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    out = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{folder}: no *.safetensors file")
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                assert k not in out, (k, f)
+                out[k] = list(h.get_slice(k).get_shape())
+    return out
+
+
+def cmd_check_model(args) -> None:
+    """Read-only: JanusForConditionalGeneration.from_pretrained(--model) in float32 (a complete transformers-layout
+    folder, e.g. a fine-tuned copy of hf-tiny): the same JSON line as check-adapter. Asserts that the folder's
+    safetensors hold the same keys and shapes as hf-tiny's."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        torch_setup()
+        folder = Path(args.model)
+        got, want = safetensors_shapes(folder), safetensors_shapes(HF_F32)
+        assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
+        bad = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        assert not bad, bad
+        model, processor, ids, vision_size, vq_size = loss_setup(
+            folder, Path(args.processor) if args.processor else None)
+        losses = data_line_losses(model, processor, ids, vision_size, vq_size)
+    print_losses_json(losses)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-turn understanding samples (turns.jsonl): shared definition, transformers layout
+# ------------------------------------------------------------------------------------------------
+TURN_SENTINEL = "\ue000"          # U+E000 (private use): stands for every earlier assistant answer while rendering
+TURN_LINES = [
+    {"task": "understand", "turns": [
+        {"role": "user", "content": "What is in this picture?", "images": ["cat.png"]},
+        {"role": "assistant", "content": "A cat asleep on a sofa."},
+        {"role": "user", "content": "What color is it?"},
+        {"role": "assistant", "content": "It is grey with white paws."}]},
+    {"task": "understand", "turns": [
+        {"role": "system", "content": "You are a careful assistant that answers briefly."},
+        {"role": "user", "content": "Describe the first picture.", "images": ["dog.png"]},
+        {"role": "assistant", "content": "A dog on the grass."},
+        {"role": "user", "content": "And this one?", "images": ["bird.png"]},
+        {"role": "assistant", "content": "A small bird on a branch."}]},
+]
+TURNS_SINGLE_CHECK_LINE = 1       # index in data.jsonl of the understand line the K = 1 check rebuilds
+
+TURN_DEFINITIONS = (
+    "A multi-turn understanding sample is {'task': 'understand', 'turns': T}: optional leading system turns, then "
+    "user / assistant turns alternating, starting with a user turn and ending with an assistant turn; only user "
+    "turns carry 'images' (file names relative to turns.jsonl). A_1..A_K are the assistant turns in order. "
+    "(1) Render the reference's answering prompt (the one the single-turn understand lines get, ending with the "
+    "assistant cue, add_generation_prompt) of T without A_K, every other assistant turn's content replaced by the "
+    "sentinel S = U+E000; each user turn's images are placed as the single-turn lines place a question's images. "
+    "(2) Split the rendered text at S into p_0..p_{K-1}; for i >= 1 drop a leading EOS text "
+    "'<｜end▁of▁sentence｜>' from p_i; right-strip whitespace from every piece that precedes a sentinel "
+    "(p_0..p_{K-2}); the last piece p_{K-1} (the final assistant cue) is kept as rendered. "
+    "(3) ids = tokenizer(p_0) WITH special tokens (BOS first, as the single-turn prompt is encoded), then for "
+    "k = 1..K: answer_k = tokenizer.encode(content of A_k, add_special_tokens=False) + [EOS], and after answer_k "
+    "for k < K the ids of tokenizer(p_k) WITHOUT special tokens: p_0, answer_1, p_1, answer_2, ..., p_{K-1}, "
+    "answer_K. (4) Every <image_placeholder> id of a prompt piece is expanded to <begin_of_image> + N x "
+    "<image_placeholder> + <end_of_image> (N image tokens per image), and the images' features fill those "
+    "placeholders in turn order (first image of the first user turn first), as in the single-turn lines. "
+    "(5) Targets: every id of every answer_k (its EOS included), each predicted from the logits at the position "
+    "just before it; target_positions = the indices of the targets in input_ids (after expansion); loss = ONE "
+    "mean cross-entropy (torch.nn.functional.cross_entropy, float32) over all targets of the sample (not a mean "
+    "of per-turn means). losses[i] = examples[i].loss for line i of turns.jsonl; mean = their unweighted mean. "
+    "pieces = p_0..p_{K-1} as tokenized (after step 2). For K = 1 this is exactly the single-turn understand "
+    "definition: the script rebuilds line " + str(TURNS_SINGLE_CHECK_LINE + 1) + " of data.jsonl as turns "
+    "[user (question, images), assistant (answer)] and asserts that its input_ids and targets equal that line's "
+    "example in the layout's losses.json and its loss equals, bit for bit, the loss the single-turn understand "
+    "code gives now (and the stored one within 1e-6 relative: it may come from another CPU) (single_turn_check). "
+    "Cross-check (asserted within 1e-5 relative): the causal-LM loss with labels = -100 everywhere but the target "
+    "positions. Note: every answer is encoded alone (no leading space), as the single-turn lines encode theirs, so "
+    "input_ids are NOT the tokenization of the conversation rendered with its answers in place (there the first "
+    "answer token carries the space the template writes after '<|Assistant|>:', e.g. ' A' instead of 'A'). "
+)
+
+HF_TURN_DEFINITIONS = TURN_DEFINITIONS + (
+    "Layout: transformers; model, processor, tokenizer, images and float32 forward exactly as in "
+    "hf-tiny/expected/losses.json (loss_setup: hf-tiny, eager attention, PIL image processor). Rendering: "
+    "DEFAULT_SYSTEM_PROMPT (transformers.models.janus.processing_janus: the processor prepends it to the text in "
+    "generation_mode 'text' because use_default_system_prompt is true; = the official system prompt + '\\n\\n') + "
+    "processor.apply_chat_template(messages, add_generation_prompt=True) with messages = a {'role': 'system', "
+    "'content': [{'type': 'text', 'text': t.strip()}]} per system turn (the chat template renders it as "
+    "'System: ' + text + '<｜end▁of▁sentence｜>', after the default system prompt, which stays), a {'role': "
+    "'user', 'content': [{'type': 'image'}] * n + [{'type': 'text', 'text': content.strip()}]} per user turn and "
+    "a {'role': 'assistant', 'content': [{'type': 'text', 'text': S}]} per remaining assistant turn (rendered "
+    "'<|Assistant|>: ' + S + '<｜end▁of▁sentence｜>'). p_0 is encoded as processor(text=p_0 without the default "
+    "system prompt, images=p_0's images) encodes it (asserted equal). N = processor.num_image_tokens; "
+    "pixel_values = the processor's, of all the sample's images in turn order; logits = model(input_ids, "
+    "pixel_values).logits."
+)
+
+
+def write_turns_data() -> None:
+    """tests/fixtures/train/turns.jsonl (TURN_LINES); its images are the understanding images of data.jsonl."""
+    names = {n for n, kind in TRAIN_IMAGES if kind == "vision"}
+    for line in TURN_LINES:
+        for t in line["turns"]:
+            assert set(t.get("images", [])) <= names, t
+    lines = [json.dumps(line, ensure_ascii=False) for line in TURN_LINES]
+    (TRAIN_DIR / "turns.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def turn_lines() -> list:
+    lines = [json.loads(s) for s in (TRAIN_DIR / "turns.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert lines == TURN_LINES, "turns.jsonl differs from TURN_LINES: run `make_fixtures.py loss-turns`"
+    return lines
+
+
+def turns_split(turns: list) -> tuple:
+    """(system texts, the rest) of a valid turn list (see TURN_DEFINITIONS); asserts the shape."""
+    n_sys = 0
+    while n_sys < len(turns) and turns[n_sys]["role"] == "system":
+        n_sys += 1
+    body = turns[n_sys:]
+    assert body and len(body) % 2 == 0, turns
+    for j, t in enumerate(body):
+        assert t["role"] == ("user" if j % 2 == 0 else "assistant"), turns
+        assert t["role"] == "user" or "images" not in t, t
+        assert IMAGE not in t["content"] and TURN_SENTINEL not in t["content"], t
+    assert all("images" not in t and TURN_SENTINEL not in t["content"] for t in turns[:n_sys]), turns
+    return [t["content"] for t in turns[:n_sys]], body
+
+
+def turns_images(turns: list) -> list:
+    """The sample's image names in turn order."""
+    return [name for t in turns for name in t.get("images", [])]
+
+
+def turn_pieces(rendered: str, k: int) -> list:
+    """Step (2) of TURN_DEFINITIONS: p_0..p_{K-1}."""
+    raw = rendered.split(TURN_SENTINEL)
+    assert len(raw) == k, (len(raw), k, rendered)
+    pieces = []
+    for i, p in enumerate(raw):
+        if i >= 1 and p.startswith(EOS):
+            p = p[len(EOS):]
+        if i < k - 1:
+            p = p.rstrip()
+        pieces.append(p)
+    return pieces
+
+
+def turn_ids(pieces: list, answers: list, encode_first, encode_rest, encode_answer, ids: dict, n_image: int) -> dict:
+    """Steps (3)-(5) of TURN_DEFINITIONS: expanded input_ids, target positions and targets. encode_first /
+    encode_rest / encode_answer: text -> ids with BOS / without special tokens / answer without special tokens."""
+    assert len(pieces) == len(answers)
+    seq = [(t, False) for t in encode_first(pieces[0])]
+    assert seq[0][0] == ids[BOS] and [t for t, _ in seq].count(ids[BOS]) == 1, seq
+    for k, answer in enumerate(answers):
+        a = encode_answer(answer)
+        assert a and ids[BOS] not in a and ids[IMAGE] not in a and ids[EOS] not in a, (answer, a)
+        seq += [(t, True) for t in a + [ids[EOS]]]
+        if k + 1 < len(answers):
+            rest = encode_rest(pieces[k + 1])
+            assert ids[BOS] not in rest, rest
+            seq += [(t, False) for t in rest]
+    input_ids, positions = [], []
+    for t, is_target in seq:
+        if t == ids[IMAGE]:
+            assert not is_target
+            input_ids += [ids[BOI]] + [ids[IMAGE]] * n_image + [ids[EOI]]
+        else:
+            if is_target:
+                positions.append(len(input_ids))
+            input_ids.append(t)
+    assert positions and positions[0] >= 1
+    return {"input_ids": input_ids, "target_positions": positions,
+            "targets": [input_ids[p] for p in positions]}
+
+
+def turn_loss(logits, input_ids, positions):
+    """Step (5): one mean CE over the targets, each from the logits one position before it."""
+    import torch
+    import torch.nn.functional as F
+
+    pos = torch.tensor(positions, dtype=torch.int64)
+    return F.cross_entropy(logits[pos - 1], input_ids[0, pos])
+
+
+def single_turn_as_turns(line: dict) -> list:
+    """A single-turn understand line of data.jsonl as a turn list."""
+    assert line["task"] == "understand", line
+    return [{"role": "user", "content": line["question"], "images": list(line["images"])},
+            {"role": "assistant", "content": line["answer"]}]
+
+
+def hf_turn_messages(turns: list) -> list:
+    """transformers messages of T without A_K, earlier answers replaced by the sentinel (step 1)."""
+    systems, body = turns_split(turns)
+    messages = [{"role": "system", "content": [{"type": "text", "text": s.strip()}]} for s in systems]
+    for t in body[:-1]:
+        if t["role"] == "user":
+            messages.append({"role": "user", "content": api_parts(t["content"], len(t.get("images", [])))})
+        else:
+            messages.append({"role": "assistant", "content": api_parts(TURN_SENTINEL, 0)})
+    return messages
+
+
+def hf_turn_example(model, processor, ids, turns: list, vision_size: int):
+    """One multi-turn sample through transformers' Janus (see HF_TURN_DEFINITIONS): (example, stats)."""
+    import torch
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+    assert DEFAULT_SYSTEM_PROMPT == SYSTEM_PROMPT + "\n\n" and processor.use_default_system_prompt
+    tok = processor.tokenizer
+    systems, body = turns_split(turns)
+    answers = [t["content"] for t in body if t["role"] == "assistant"]
+    template = processor.apply_chat_template(hf_turn_messages(turns), add_generation_prompt=True)
+    rendered = DEFAULT_SYSTEM_PROMPT + template                     # the text the processor tokenizes
+    pieces = turn_pieces(rendered, len(answers))
+    n = processor.num_image_tokens
+    built = turn_ids(pieces, answers,
+                     lambda s: tok(s)["input_ids"],
+                     lambda s: tok(s, add_special_tokens=False)["input_ids"],
+                     lambda s: tok(s, add_special_tokens=False)["input_ids"], ids, n)
+    names = turns_images(turns)
+    images = [train_image(name, vision_size) for name in names]
+    # p_0 through the processor itself (default system prompt, BOS, image expansion), as cmd_loss encodes a prompt
+    assert pieces[0].startswith(DEFAULT_SYSTEM_PROMPT)
+    n0 = pieces[0].count(IMAGE)
+    first = processor(text=pieces[0][len(DEFAULT_SYSTEM_PROMPT):], images=images[:n0] or None,
+                      return_tensors="pt")["input_ids"][0].tolist()
+    assert built["input_ids"][:len(first)] == first, (first, built["input_ids"][:len(first)])
+    # pixel_values: the processor's, for all images in turn order (its own prompt has one placeholder per image)
+    inputs = processor(text=template, images=images, return_tensors="pt")
+    assert int((inputs["input_ids"] == ids[IMAGE]).sum()) == len(images) * n
+    pv = inputs["pixel_values"].float()
+    x = torch.tensor([built["input_ids"]], dtype=torch.int64)
+    assert int((x == ids[IMAGE]).sum()) == len(images) * n and pv.shape[0] == len(images)
+    with torch.no_grad():
+        logits = model(input_ids=x, pixel_values=pv).logits[0]
+        loss = turn_loss(logits, x, built["target_positions"])
+        labels = torch.full_like(x, -100)
+        labels[0, built["target_positions"]] = x[0, built["target_positions"]]
+        check = model(input_ids=x, pixel_values=pv, labels=labels).loss
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    example = {"task": "understand", "input_ids": built["input_ids"], "target_positions": built["target_positions"],
+               "targets": built["targets"], "loss": float(loss), "pieces": pieces}
+    return example, {"cross_check_rel": abs(check.item() / loss.item() - 1), "rendered": rendered}
+
+
+def turns_single_check(example: dict, fresh: dict, reference: dict, label: str) -> dict:
+    """Asserts that the K = 1 rebuild of a data.jsonl understand line gives that line's single-turn example: the
+    same input_ids and targets as its losses.json example and bit for bit the loss of the single-turn code run now
+    (`fresh`); the loss stored in losses.json may have been computed on another CPU, so it is only asserted within
+    1e-6 relative (the difference is recorded)."""
+    ref = reference["examples"][TURNS_SINGLE_CHECK_LINE]
+    assert ref["task"] == "understand" and fresh["task"] == "understand"
+    assert example["input_ids"] == ref["input_ids"] == fresh["input_ids"], f"{label}: K = 1 input_ids differ"
+    assert example["targets"] == ref["targets"] == fresh["targets"], f"{label}: K = 1 targets differ"
+    L = len(ref["input_ids"]) - len(ref["targets"])
+    assert example["target_positions"] == list(range(L, len(ref["input_ids"])))
+    assert example["loss"] == fresh["loss"], (label, example["loss"], fresh["loss"])
+    rel = abs(example["loss"] / ref["loss"] - 1)
+    assert rel <= 1e-6, (label, example["loss"], ref["loss"])
+    return {"data_line": TURNS_SINGLE_CHECK_LINE + 1, "loss": example["loss"], "input_ids_equal": True,
+            "loss_equal_single_turn_code": True, "loss_rel_diff_losses_json": rel}
+
+
+def turns_record(examples: list, check: dict, definitions: str, data_rel: str, versions: dict) -> dict:
+    losses = [ex["loss"] for ex in examples]
+    return {
+        "data": data_rel,
+        "losses": losses,
+        "mean": sum(losses) / len(losses),
+        "single_turn_check": check,
+        "examples": examples,
+        "definitions": definitions,
+        "versions": versions,
+    }
+
+
+def print_turn_example(step: str, i: int, ex: dict, st: dict) -> None:
+    print(f"{step}: line {i + 1} loss {ex['loss']:.6f}  {len(ex['input_ids'])} ids, {len(ex['targets'])} targets, "
+          f"cross_check_rel {st['cross_check_rel']:.3g}", flush=True)
+    print(f"{step}:   rendered {st['rendered']!r}", flush=True)
+
+
+def cmd_loss_turns(args) -> None:
+    """tests/fixtures/train/turns.jsonl and hf-tiny/expected/losses_turns.json: the multi-turn answer loss of each
+    line through transformers' Janus (see TURN_DEFINITIONS / HF_TURN_DEFINITIONS)."""
+    torch_setup()
+    model, processor, ids, vision_size, vq_size = loss_setup()
+    if not (TRAIN_DIR / "data.jsonl").exists():
+        raise SystemExit(f"{TRAIN_DIR / 'data.jsonl'} is missing: run `make_fixtures.py loss` first")
+    write_turns_data()
+    single = train_lines()[TURNS_SINGLE_CHECK_LINE]
+    ex, _ = hf_turn_example(model, processor, ids, single_turn_as_turns(single), vision_size)
+    fresh, _ = loss_understand(model, processor, ids, single, vision_size)
+    check = turns_single_check(ex, fresh, read_json(HF_F32 / "expected" / "losses.json"), "loss-turns")
+    examples = []
+    for i, line in enumerate(turn_lines()):
+        ex, st = hf_turn_example(model, processor, ids, line["turns"], vision_size)
+        examples.append(ex)
+        print_turn_example("loss-turns", i, ex, st)
+    record = turns_record(examples, check, HF_TURN_DEFINITIONS,
+                          os.path.relpath(TRAIN_DIR / "turns.jsonl", HF_F32 / "expected"), env_versions())
+    write_compact_json(HF_F32 / "expected" / "losses_turns.json", record, list_key="examples")
+    print(f"loss-turns: {len(examples)} lines, mean {record['mean']:.6f}; K = 1 check of data.jsonl line "
+          f"{check['data_line']}: ids equal, loss {check['loss']!r} equal to the single-turn code's "
+          f"(losses.json: rel diff {check['loss_rel_diff_losses_json']:.3g})")
+
+
+# ------------------------------------------------------------------------------------------------
 # The same training lines through the official DeepSeek code (original layout)
 # ------------------------------------------------------------------------------------------------
 def train_image_as_stored(name: str):
@@ -2936,6 +3573,130 @@ def cmd_loss_original(args) -> None:
     print(f"loss-original: {len(losses)} lines, mean {record['mean']:.6f}; sizes vision {vision_size}, VQ {vq_size}")
 
 
+ORIGINAL_TURN_DEFINITIONS = TURN_DEFINITIONS + (
+    "Layout: the official DeepSeek code; model, VLChatProcessor, tokenizer, images and float32 forward exactly as "
+    "in original-tiny/expected/losses.json. Rendering: VLChatProcessor.apply_sft_template_for_multi_turn_prompts("
+    "conversation, sft_format='deepseek', system_prompt=P) (each content stripped, then the whole prompt "
+    "stripped), P = the system turns' texts joined by '\\n\\n' when there are any (replacing the default), else "
+    "the processor's own system prompt; conversation = {'role': '<|User|>', 'content': '<image_placeholder>\\n' * "
+    "n + content} per user turn (one placeholder line per image before the text, as the single-turn lines), "
+    "{'role': '<|Assistant|>', 'content': S} per remaining assistant turn (rendered '<|Assistant|>: ' + S + "
+    "'<｜end▁of▁sentence｜>') and a final {'role': '<|Assistant|>', 'content': ''} (the cue '<|Assistant|>:'). "
+    "Rendering = P + '\\n\\n<|User|>: ...\\n\\n<|Assistant|>: S<｜end▁of▁sentence｜><|User|>: ...\\n\\n"
+    "<|Assistant|>:'. Tokenizer: tokenizer.encode (add_bos_token true) for p_0 (asserted equal to "
+    "VLChatProcessor(prompt=p_0, images=p_0's images).input_ids), encode(., add_special_tokens=False) otherwise; "
+    "N = 576; pixel_values = VLChatProcessor's, of all the sample's images in turn order ([1, n, 3, 384, 384]); "
+    "input embeddings = prepare_inputs_embeds(input_ids, pixel_values, images_seq_mask = input_ids == "
+    "<image_placeholder>, images_emb_mask all true); logits = language_model(inputs_embeds).logits."
+)
+
+
+def original_turn_conversation(turns: list) -> tuple:
+    """(system prompt or None, the official conversation of T without A_K, earlier answers = the sentinel)."""
+    systems, body = turns_split(turns)
+    conversation = []
+    for t in body[:-1]:
+        if t["role"] == "user":
+            names = list(t.get("images", []))
+            conversation.append({"role": USER, "content": f"{IMAGE}\n" * len(names) + t["content"], "images": names})
+        else:
+            conversation.append({"role": ASSISTANT, "content": TURN_SENTINEL})
+    conversation.append({"role": ASSISTANT, "content": ""})
+    return ("\n\n".join(systems) if systems else None), conversation
+
+
+def original_turn_example(model, proc, ids, turns: list):
+    """One multi-turn sample through the official code (see ORIGINAL_TURN_DEFINITIONS): (example, stats)."""
+    import torch
+    from PIL import Image
+
+    tok = proc.tokenizer
+    lm = model.language_model
+    systems, body = turns_split(turns)
+    answers = [t["content"] for t in body if t["role"] == "assistant"]
+    system, conversation = original_turn_conversation(turns)
+    rendered = proc.apply_sft_template_for_multi_turn_prompts(
+        conversations=conversation, sft_format=proc.sft_format,
+        system_prompt=proc.system_prompt if system is None else system)
+    names = turns_images(turns)
+    pils = [Image.fromarray(train_image_as_stored(name)) for name in names]
+    if system is None:
+        # what VLChatProcessor renders itself (its own system prompt)
+        assert proc(conversations=conversation, images=pils, force_batchify=True).sft_format[0] == rendered
+    pieces = turn_pieces(rendered, len(answers))
+    k = proc.num_image_tokens
+    built = turn_ids(pieces, answers,
+                     lambda s: tok.encode(s),
+                     lambda s: tok.encode(s, add_special_tokens=False),
+                     lambda s: tok.encode(s, add_special_tokens=False), ids, k)
+    # p_0 through the processor (BOS, expansion) as the single-turn lines encode their prompt
+    n0 = pieces[0].count(IMAGE)
+    first = proc(prompt=pieces[0], images=pils[:n0], force_batchify=False).input_ids.tolist()
+    assert built["input_ids"][:len(first)] == first
+    # pixel_values of all images in turn order (the processor's own prompt holds one placeholder per image)
+    prep = proc(prompt=rendered, images=pils, force_batchify=True)
+    assert int(prep.images_seq_mask.sum()) == len(pils) * k
+    pv = prep.pixel_values.float()                                 # [1, n, 3, S, S]
+    assert pv.shape[1] == len(pils)
+    x = torch.tensor([built["input_ids"]], dtype=torch.int64)
+    seq_mask = x == ids[IMAGE]
+    emb_mask = torch.ones((1, len(pils), k), dtype=torch.bool)
+    assert int(seq_mask.sum()) == int(emb_mask.sum())
+    with torch.no_grad():
+        emb = model.prepare_inputs_embeds(input_ids=x.clone(), pixel_values=pv, images_seq_mask=seq_mask,
+                                          images_emb_mask=emb_mask)
+        logits = lm(inputs_embeds=emb, use_cache=False).logits[0]
+        loss = turn_loss(logits, x, built["target_positions"])
+        labels = torch.full_like(x, -100)
+        labels[0, built["target_positions"]] = x[0, built["target_positions"]]
+        check = lm(inputs_embeds=emb, labels=labels, use_cache=False).loss
+    assert abs(check.item() - loss.item()) <= 1e-5 * abs(loss.item()), (check.item(), loss.item())
+    example = {"task": "understand", "input_ids": built["input_ids"], "target_positions": built["target_positions"],
+               "targets": built["targets"], "loss": float(loss), "pieces": pieces}
+    return example, {"cross_check_rel": abs(check.item() / loss.item() - 1), "rendered": rendered}
+
+
+def cmd_loss_turns_original(args) -> None:
+    """original-tiny/expected/losses_turns.json: the lines of tests/fixtures/train/turns.jsonl through the official
+    DeepSeek code on the gen_original.py checkpoint (same schema as hf-tiny/expected/losses_turns.json)."""
+    torch_setup()
+    from janus.models import VLChatProcessor
+
+    cache = fixture_cache(args) / "original-tiny"
+    stamp = read_json(cache / "STAMP.json")
+    if stamp.get("data_sha256") != read_json(MANIFEST).get("data_sha256"):
+        raise SystemExit(f"{cache} is stale or missing: run tests/reference/gen_original.py first")
+    folder = cache / "safetensors"
+    model = load_official(folder)
+    proc = VLChatProcessor.from_pretrained(str(folder))
+    tok = proc.tokenizer
+    ids = {s: tok.vocab[s] for s in tokenizer_strings()}
+    assert ids == read_json(TOKENIZER_DIR / "tokenize.json")["special_token_ids"], ids
+    assert tok.add_bos_token and tok.bos_token_id == ids[BOS] and tok.eos_token_id == ids[EOS]
+    assert proc.image_id == ids[IMAGE] and proc.image_start_id == ids[BOI] and proc.image_end_id == ids[EOI]
+    assert proc.system_prompt == SYSTEM_PROMPT and proc.sft_format == "deepseek" and not proc.add_special_token
+    assert proc.num_image_tokens == (model.config.vision_config.params.image_size // 16) ** 2
+    for f in ("data.jsonl", "turns.jsonl"):
+        if not (TRAIN_DIR / f).exists():
+            raise SystemExit(f"{TRAIN_DIR / f} is missing: run `make_fixtures.py loss` and `loss-turns` first")
+    single = train_lines()[TURNS_SINGLE_CHECK_LINE]
+    ex, _ = original_turn_example(model, proc, ids, single_turn_as_turns(single))
+    fresh, _ = original_loss_understand(model, proc, ids, single)
+    check = turns_single_check(ex, fresh, read_json(ORIGINAL_DIR / "expected" / "losses.json"),
+                               "loss-turns-original")
+    examples = []
+    for i, line in enumerate(turn_lines()):
+        ex, st = original_turn_example(model, proc, ids, line["turns"])
+        examples.append(ex)
+        print_turn_example("loss-turns-original", i, ex, st)
+    record = turns_record(examples, check, ORIGINAL_TURN_DEFINITIONS,
+                          os.path.relpath(TRAIN_DIR / "turns.jsonl", ORIGINAL_DIR / "expected"),
+                          {**env_versions(), "official_code_commit": official_commit()})
+    write_compact_json(ORIGINAL_DIR / "expected" / "losses_turns.json", record, list_key="examples")
+    print(f"loss-turns-original: {len(examples)} lines, mean {record['mean']:.6f}; K = 1 check of data.jsonl "
+          f"line {check['data_line']}: ids equal, loss {check['loss']!r} equal to the single-turn code's "
+          f"(losses.json: rel diff {check['loss_rel_diff_losses_json']:.3g})")
+
 # ------------------------------------------------------------------------------------------------
 # Orchestration
 # ------------------------------------------------------------------------------------------------
@@ -3030,7 +3791,10 @@ def cmd_all(args) -> None:
     run_step("prompts")
     run_step("loss")
     run_step("grads")
+    run_step("lora")
+    run_step("loss-turns")
     run_step("loss-original", env, cache_args)
+    run_step("loss-turns-original", env, cache_args)
     run_step("chat-original", env, cache_args)
     cmd_preprocess(args)
     print(f"all fixtures written in {time.perf_counter() - t0:.0f} s")
@@ -3052,7 +3816,16 @@ def main(argv=None) -> None:
     sub.add_parser("prompts")
     sub.add_parser("loss")
     sub.add_parser("grads")
+    sub.add_parser("lora")
+    p = sub.add_parser("check-adapter")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p = sub.add_parser("check-model")
+    p.add_argument("--model", required=True, help="complete transformers-layout model folder (e.g. a fine-tuned hf-tiny)")
+    p.add_argument("--processor", default=None, help="folder of the processor/tokenizer files (default: --model)")
+    sub.add_parser("loss-turns")
     p = sub.add_parser("loss-original")
+    p.add_argument("--cache", default=None)
+    p = sub.add_parser("loss-turns-original")
     p.add_argument("--cache", default=None)
     p = sub.add_parser("chat-original")
     p.add_argument("--cache", default=None)
@@ -3081,7 +3854,12 @@ def main(argv=None) -> None:
         "prompts": cmd_prompts,
         "loss": cmd_loss,
         "grads": cmd_grads,
+        "lora": cmd_lora,
+        "check-adapter": cmd_check_adapter,
+        "check-model": cmd_check_model,
+        "loss-turns": cmd_loss_turns,
         "loss-original": cmd_loss_original,
+        "loss-turns-original": cmd_loss_turns_original,
         "chat-original": cmd_chat_original,
         "preprocess-original": cmd_preprocess_original,
         "preprocess": cmd_preprocess,

@@ -7,6 +7,7 @@
 //! unexpected or wrong-shaped tensor is reported at once before anything large is read; then the
 //! *load* pass, which reads and converts.
 
+pub mod adapter;
 mod keys;
 mod pickle;
 mod safetensors;
@@ -27,6 +28,7 @@ use crate::nn::kernels::{
 };
 use crate::nn::weight::{HalfBits, HalfMatrix, Matrix, WeightFormat};
 
+use adapter::{LoraAdapter, LoraFactors};
 pub(crate) use keys::FileKeys;
 
 /// Storage type of a tensor in a checkpoint file.
@@ -424,6 +426,10 @@ pub(crate) struct Weights<'a> {
     mapped: usize,
     /// The canonical name of every parameter made ([`param`](Self::param), dense matrices).
     names: HashMap<ParamId, String>,
+    /// A LoRA adapter merged into the weights it adapts as they are read.
+    adapter: Option<&'a LoraAdapter>,
+    /// The adapter's layers merged so far (by module name).
+    adapted: HashSet<String>,
 }
 
 /// One file tensor behind a canonical name: its key, its metadata, the shape expected of it.
@@ -467,7 +473,49 @@ impl<'a> Weights<'a> {
             resident: HashMap::new(),
             mapped: 0,
             names: HashMap::new(),
+            adapter: None,
+            adapted: HashSet::new(),
         }
+    }
+
+    /// Merges `adapter`'s layers into the weights they adapt as they are read.
+    pub(crate) fn with_adapter(mut self, adapter: Option<&'a LoraAdapter>) -> Self {
+        self.adapter = adapter;
+        self
+    }
+
+    /// The adapter's factors of each part of a matrix (by the part's file key), where the
+    /// adapter has any; a factor pair whose widths do not fit the part is recorded as an error.
+    fn adapter_parts(
+        &mut self,
+        parts: &[Part<'a>],
+        d_in: usize,
+    ) -> Option<Vec<Option<&'a LoraFactors>>> {
+        let adapter = self.adapter?;
+        let found: Vec<Option<&'a LoraFactors>> = parts
+            .iter()
+            .map(|(key, _, _)| {
+                key.strip_suffix(".weight")
+                    .and_then(|module| adapter.layers.get(module))
+            })
+            .collect();
+        if found.iter().all(Option::is_none) {
+            return None;
+        }
+        for ((key, _, shape), f) in parts.iter().zip(&found) {
+            if let Some(f) = f
+                && (f.d_in != d_in || f.d_out != shape[0])
+            {
+                self.error.get_or_insert(Error::Checkpoint {
+                    path: adapter.dir.join(adapter::ADAPTER_WEIGHTS),
+                    message: format!(
+                        "the adapter of {key} is [{}, {}] → [{}, {}], the weight is [{}, {d_in}]",
+                        f.d_in, f.rank, f.rank, f.d_out, shape[0]
+                    ),
+                });
+            }
+        }
+        Some(found)
     }
 
     /// [`get`](Self::get) as a parameter (no gradient unless training asks for one), its
@@ -627,11 +675,31 @@ impl<'a> Weights<'a> {
     /// ask for (see [`target`](Self::target)); `quantizable` is false for weights that are not
     /// multiplied as matrices (they keep `auto`'s storage under a quantized format).
     pub(crate) fn matrix(&mut self, name: &str, shape: &[usize], quantizable: bool) -> Matrix {
+        if let Some(adapter) = self.adapter {
+            for key in self.keys.file_keys(name) {
+                if let Some(module) = key.strip_suffix(".weight")
+                    && adapter.layers.contains_key(module)
+                {
+                    self.adapted.insert(module.to_string());
+                }
+            }
+        }
         let Some(parts) = self.locate(name, shape) else {
             return Matrix::dense_param(self.placeholder());
         };
         let out = shape[0];
         let d_in: usize = shape[1..].iter().product();
+        if let Some(adapted) = self.adapter_parts(&parts, d_in) {
+            if shape.len() != 2 {
+                self.error.get_or_insert(Error::Unsupported(format!(
+                    "{name}: adapters of convolutions are not applied"
+                )));
+            }
+            if self.error.is_some() {
+                return Matrix::dense_param(self.placeholder());
+            }
+            return self.merged_matrix(name, &parts, &adapted, out, d_in, quantizable);
+        }
         let m = match self.target(&parts[0].1.dtype, d_in, quantizable) {
             Target::Dense => self.read_dense(&parts, d_in).map(Matrix::dense_param),
             Target::Half(kind) => self.read_half(&parts, kind, out * d_in).map(|bits| {
@@ -647,6 +715,74 @@ impl<'a> Weights<'a> {
                 .read_quant(&parts, kind, out, d_in)
                 .map(|q| Matrix::Quant(std::sync::Arc::new(q))),
         };
+        self.record(name, m)
+    }
+
+    /// A weight with an adapter merged: the parts' values as f32, each plus its adapter's
+    /// `s·B·A`, then held in the storage [`matrix`](Self::matrix) would give the weight.
+    fn merged_matrix(
+        &mut self,
+        name: &str,
+        parts: &[Part<'a>],
+        adapted: &[Option<&LoraFactors>],
+        out: usize,
+        d_in: usize,
+        quantizable: bool,
+    ) -> Matrix {
+        let scale = self.adapter.map_or(1.0, |a| a.scale);
+        let mut values = vec![0f32; out * d_in];
+        let mut at = 0;
+        for ((key, info, shape), f) in parts.iter().zip(adapted) {
+            let numel = shape[0] * d_in;
+            let bytes = match self.bytes_of(key, info, numel) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.error = Some(e);
+                    return Matrix::dense_param(self.placeholder());
+                }
+            };
+            let dst = &mut values[at..at + numel];
+            decode_f32(&bytes, &info.dtype, dst);
+            drop(bytes);
+            release(info);
+            if let Some(f) = f {
+                for (v, d) in dst.iter_mut().zip(f.delta(scale)) {
+                    *v += d;
+                }
+            }
+            at += numel;
+        }
+        let m = match self.target(&parts[0].1.dtype, d_in, quantizable) {
+            Target::Dense => {
+                let t = Tensor::<2>::from_data(TensorData::new(values, [out, d_in]), &self.device);
+                Ok(Matrix::dense_param(t.cast(self.dtype.burn())))
+            }
+            Target::Half(kind) => {
+                let bits: Vec<u16> = values
+                    .iter()
+                    .map(|&v| match kind {
+                        HalfKind::Bf16 => half::bf16::from_f32(v).to_bits(),
+                        HalfKind::F16 => half::f16::from_f32(v).to_bits(),
+                    })
+                    .collect();
+                Ok(Matrix::Half(Arc::new(HalfMatrix {
+                    kind,
+                    bits: bits.into(),
+                    out,
+                    d_in,
+                    bf16_products: self.bf16_products && kind == HalfKind::Bf16,
+                })))
+            }
+            Target::Quant(kind) => QuantMatrix::quantize(kind, out, d_in, |o, buf| {
+                buf.copy_from_slice(&values[o * d_in..(o + 1) * d_in]);
+            })
+            .map(|q| Matrix::Quant(Arc::new(q))),
+        };
+        self.record(name, m)
+    }
+
+    /// A matrix made (its name kept, its bytes counted), or the error that stopped it recorded.
+    fn record(&mut self, name: &str, m: Result<Matrix>) -> Matrix {
         match m {
             Ok(m) => {
                 if let Matrix::Dense(p) = &m {
@@ -809,6 +945,26 @@ impl<'a> Weights<'a> {
     pub(crate) fn finish(mut self) -> Result<WeightStorage> {
         if let Some(e) = self.error.take() {
             return Err(e);
+        }
+        if let Some(adapter) = self.adapter {
+            let unused: Vec<&str> = adapter
+                .layers
+                .keys()
+                .filter(|m| !self.adapted.contains(*m))
+                .map(String::as_str)
+                .collect();
+            if !unused.is_empty() {
+                return Err(Error::Checkpoint {
+                    path: adapter.dir.join(adapter::ADAPTER_WEIGHTS),
+                    message: format!(
+                        "the adapter targets {} layer(s) this model does not have (or that \
+                         are not linear layers), e.g. {}: is it an adapter of another model \
+                         or layout?",
+                        unused.len(),
+                        unused[..unused.len().min(3)].join(", ")
+                    ),
+                });
+            }
         }
         let mut unexpected: Vec<String> = self
             .ckpt

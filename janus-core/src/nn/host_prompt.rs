@@ -45,6 +45,10 @@ pub(crate) struct HostLinear<'a> {
 impl<'a> HostLinear<'a> {
     /// The layer's operands, where it takes bf16 products on this machine.
     pub(crate) fn of(layer: &'a Linear) -> Option<Self> {
+        if layer.lora.is_some() {
+            // The adapter's term is added by the layer's tensor form.
+            return None;
+        }
         let (path, w) = layer.weight.bf16_operands()?;
         Some(HostLinear {
             path,
@@ -483,6 +487,7 @@ pub(crate) mod tests {
                 bf16_products: true,
             })),
             bias: bias.then(|| super::super::param(vector(out, seed + 1, 0.0))),
+            lora: None,
         }
     }
 

@@ -300,6 +300,55 @@ impl Llm {
         &self.config
     }
 
+    /// The names of a decoder layer's projections (what LoRA adapts), as in the checkpoints:
+    /// `language_model.model.layers.{i}.{name}.weight`.
+    pub const PROJECTIONS: [&'static str; 7] = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+
+    /// Every decoder layer's projections with their layer index and name (one of
+    /// [`PROJECTIONS`](Self::PROJECTIONS)), layer by layer.
+    pub(crate) fn projections_mut(&mut self) -> Vec<(usize, &'static str, &mut Linear)> {
+        let mut out = Vec::with_capacity(7 * self.layers.len());
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let [q, k, v, o, gate, up, down] = Self::PROJECTIONS;
+            out.extend([
+                (i, q, &mut l.q_proj),
+                (i, k, &mut l.k_proj),
+                (i, v, &mut l.v_proj),
+                (i, o, &mut l.o_proj),
+                (i, gate, &mut l.gate_proj),
+                (i, up, &mut l.up_proj),
+                (i, down, &mut l.down_proj),
+            ]);
+        }
+        out
+    }
+
+    /// [`projections_mut`](Self::projections_mut), to read.
+    pub(crate) fn projections(&self) -> Vec<(usize, &'static str, &Linear)> {
+        let mut out = Vec::with_capacity(7 * self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let [q, k, v, o, gate, up, down] = Self::PROJECTIONS;
+            out.extend([
+                (i, q, &l.q_proj),
+                (i, k, &l.k_proj),
+                (i, v, &l.v_proj),
+                (i, o, &l.o_proj),
+                (i, gate, &l.gate_proj),
+                (i, up, &l.up_proj),
+                (i, down, &l.down_proj),
+            ]);
+        }
+        out
+    }
+
     /// The compute dtype of the weights.
     pub fn dtype(&self) -> burn::tensor::DType {
         self.norm.weight.dtype()

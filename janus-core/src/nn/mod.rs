@@ -9,6 +9,7 @@ mod host_prompt;
 pub mod kernels;
 pub mod kv_cache;
 pub mod llm;
+pub mod lora;
 mod matvec;
 pub mod siglip;
 pub mod vq;
@@ -35,10 +36,13 @@ pub(crate) fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
 /// and by how many rows `x` has once its leading axes are folded (see
 /// [`Matrix::product`](weight::Matrix::product)). Folding the leading axes here also keeps
 /// backends from materialising a broadcast copy of `W` for a batched product.
+///
+/// A layer being fine-tuned with a low-rank adapter adds its term ([`lora::Lora`]).
 #[derive(Module, Debug)]
 pub struct Linear {
     weight: Matrix,
     bias: Option<Param<Tensor<1>>>,
+    lora: Option<lora::Lora>,
 }
 
 impl Linear {
@@ -65,13 +69,21 @@ impl Linear {
     ) -> Self {
         let weight = w.matrix(&format!("{prefix}.weight"), &[d_out, d_in], quantizable);
         let bias = bias.then(|| w.param(&format!("{prefix}.bias"), [d_out]));
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// A layer without bias over an `[out, in]` weight already loaded (`lm_head`, which may be
     /// the embedding table when the config ties them).
     pub(crate) fn from_weight(weight: Matrix) -> Self {
-        Linear { weight, bias: None }
+        Linear {
+            weight,
+            bias: None,
+            lora: None,
+        }
     }
 
     /// Applies the layer over the last axis.
@@ -90,12 +102,13 @@ impl Linear {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x = x.reshape([rows, dims[D - 1]]);
+        let term = self.lora.as_ref().map(|l| l.apply(x.clone()));
         let y = if step {
             self.weight.step_product(x)
         } else {
             self.weight.product(x)
         };
-        self.finish(y, dims)
+        self.finish(y, term, dims)
     }
 
     /// Several layers over the same input (`[…, in]`), as [`apply`](Self::apply) applies
@@ -110,15 +123,47 @@ impl Linear {
         let rows: usize = dims[..D - 1].iter().product();
         let mats: Vec<&Matrix> = layers.iter().map(|l| &l.weight).collect();
         let x = x.reshape([rows, dims[D - 1]]);
+        let terms: Vec<_> = layers
+            .iter()
+            .map(|l| l.lora.as_ref().map(|l| l.apply(x.clone())))
+            .collect();
         let ys = if step {
             Matrix::step_products(&mats, x)
         } else {
             Matrix::products(&mats, x)
         };
         ys.into_iter()
+            .zip(terms)
             .zip(layers)
-            .map(|(y, layer)| layer.finish(y, dims))
+            .map(|((y, term), layer)| layer.finish(y, term, dims))
             .collect()
+    }
+
+    /// The layer's adapter, if it has one.
+    pub fn lora(&self) -> Option<&lora::Lora> {
+        self.lora.as_ref()
+    }
+
+    /// Sets (or with `None` removes) the layer's adapter. An adapter must fit the layer:
+    /// `A` `[r, in]`, `B` `[out, r]`.
+    pub(crate) fn set_lora(&mut self, lora: Option<lora::Lora>) {
+        if let Some(l) = &lora {
+            let [out, d_in] = self.weight.dims();
+            debug_assert_eq!(l.a.val().dims()[1], d_in);
+            debug_assert_eq!(l.b.val().dims()[0], out);
+        }
+        self.lora = lora;
+    }
+
+    /// The layer's weight, as stored.
+    pub(crate) fn weight(&self) -> &Matrix {
+        &self.weight
+    }
+
+    /// Replaces the layer's weight (same shape).
+    pub(crate) fn set_weight(&mut self, weight: Matrix) {
+        debug_assert_eq!(weight.dims(), self.weight.dims());
+        self.weight = weight;
     }
 
     /// The bf16 instruction path this layer's prompt-shaped products take, if any
@@ -127,8 +172,21 @@ impl Linear {
         self.weight.bf16_path()
     }
 
-    /// The bias added to a product `[rows, out]`, laid out as the input's leading axes `dims`.
-    fn finish<const D: usize>(&self, y: Tensor<2>, dims: [usize; D]) -> Tensor<D> {
+    /// The bias (and the adapter's `term`) added to a product `[rows, out]`, laid out as the
+    /// input's leading axes `dims`.
+    fn finish<const D: usize>(
+        &self,
+        y: Tensor<2>,
+        term: Option<Tensor<2>>,
+        dims: [usize; D],
+    ) -> Tensor<D> {
+        let y = match term {
+            Some(t) => {
+                let dtype = y.dtype();
+                y + t.cast(dtype)
+            }
+            None => y,
+        };
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,
@@ -349,14 +407,17 @@ mod tests {
                 Linear {
                     weight: make(70, 1),
                     bias: None,
+                    lora: None,
                 },
                 Linear {
                     weight: make(3, 2),
                     bias: Some(param(bias(3))),
+                    lora: None,
                 },
                 Linear {
                     weight: make(129, 3),
                     bias: None,
+                    lora: None,
                 },
             ];
             let refs: Vec<&Linear> = layers.iter().collect();
@@ -404,6 +465,7 @@ mod tests {
                 TensorData::new(b.clone(), [d_out]),
                 &device,
             ))),
+            lora: None,
         };
         for rows in [1, 2, 3, FEW_ROWS, FEW_ROWS + 1, 2 * FEW_ROWS + 6] {
             let x: Vec<f32> = (0..rows * d_in).map(|i| value(3 * i + 1)).collect();

@@ -146,6 +146,7 @@ impl SigLip {
                     false,
                 ),
                 bias: Some(w.param(&format!("{p}.patch_embed.proj.bias"), [width])),
+                lora: None,
             },
             pos_embed: w.get(&format!("{p}.pos_embed"), [1, c.num_patches(), width]),
             blocks,

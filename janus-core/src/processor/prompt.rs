@@ -278,7 +278,8 @@ impl PromptFormat {
     ///
     /// System turns may come first (before the first user turn, without images): in the SFT
     /// format their texts, joined by blank lines, replace the default system prompt; a chat
-    /// template gets them as `system` messages (and the default system prompt is left out).
+    /// template gets them as `system` messages, after the default system prompt (transformers'
+    /// processor prepends it to every text-mode prompt).
     pub fn conversation_prompt(&self, turns: &[TurnText<'_>]) -> Result<String> {
         let lead = turns.iter().take_while(|t| t.role == Role::System).count();
         let (system_turns, turns) = turns.split_at(lead);
@@ -346,11 +347,10 @@ impl PromptFormat {
                 out
             }
         };
-        let system = if lead == 0 {
+        let system = if lead == 0 || self.template.is_some() {
+            // With a template the system turns are its messages, and the default system prompt
+            // still leads, as transformers' processor prepends it to every text-mode prompt.
             self.system.clone()
-        } else if self.template.is_some() {
-            // The template wrote the system turns.
-            String::new()
         } else {
             let texts: Vec<&str> = system_turns.iter().map(|t| t.content.trim()).collect();
             texts.join("\n\n")
@@ -556,8 +556,10 @@ mod tests {
         );
     }
 
-    /// System turns replace the default system prompt in the SFT format and reach the template
-    /// as `system` messages (which the conversion script's template writes as `System: …`).
+    /// System turns replace the default system prompt in the SFT format; with a template they
+    /// reach it as `system` messages (which the conversion script's template writes as
+    /// `System: …`) after the default system prompt, which transformers' processor prepends to
+    /// every text-mode prompt.
     #[test]
     fn system_turns_lead_the_conversation() {
         let system = |content| TurnText {
@@ -582,7 +584,7 @@ mod tests {
         assert_eq!(
             templated,
             format!(
-                "System: Be brief.{}<|User|>: Hi.\n\n<|Assistant|>:",
+                "SYS\n\nSystem: Be brief.{}<|User|>: Hi.\n\n<|Assistant|>:",
                 strings::EOS
             )
         );

@@ -3,14 +3,31 @@
 //! ```text
 //! {"task": "generate", "prompt": "a red fox in the snow", "image": "fox.png"}
 //! {"task": "understand", "images": ["cat.png"], "question": "What is this?", "answer": "A cat asleep."}
+//! {"task": "understand", "turns": [{"role": "user", "content": "What is this?", "images": ["cat.png"]}, {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Its color?"}, {"role": "assistant", "content": "Grey."}]}
 //! {"task": "text", "text": "plain text for the language model"}
 //! ```
+//!
+//! A multi-turn sample's turns are as `chat` takes them (optional system turns, then user and
+//! assistant alternating from a user turn), ending with an assistant turn; `images` only on
+//! user turns.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::processor::prompt::Role;
+
+/// One turn of a multi-turn training sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnSample {
+    /// The speaker.
+    pub role: Role,
+    /// The text.
+    pub content: String,
+    /// The turn's image files (user turns only).
+    pub images: Vec<PathBuf>,
+}
 
 /// One training sample.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +48,11 @@ pub enum Example {
         /// The answer the model should give.
         answer: String,
     },
+    /// A conversation: the model learns every assistant turn's answer.
+    Conversation {
+        /// The turns, ending with an assistant turn.
+        turns: Vec<TurnSample>,
+    },
     /// Plain text for the language model.
     Text {
         /// The text.
@@ -43,7 +65,7 @@ impl Example {
     pub fn task(&self) -> &'static str {
         match self {
             Example::Generate { .. } => "generate",
-            Example::Understand { .. } => "understand",
+            Example::Understand { .. } | Example::Conversation { .. } => "understand",
             Example::Text { .. } => "text",
         }
     }
@@ -97,8 +119,10 @@ fn parse_line(line: &str, dir: &Path) -> std::result::Result<Example, String> {
         Ok(dir.join(s))
     };
     let task = text("task")?;
+    let multi_turn = task == "understand" && o.contains_key("turns");
     let known: &[&str] = match task.as_str() {
         "generate" => &["task", "prompt", "image"],
+        "understand" if multi_turn => &["task", "turns"],
         "understand" => &["task", "images", "question", "answer"],
         "text" => &["task", "text"],
         other => {
@@ -108,8 +132,8 @@ fn parse_line(line: &str, dir: &Path) -> std::result::Result<Example, String> {
         }
     };
     if let Some(extra) = o.keys().find(|k| !known.contains(&k.as_str())) {
-        let hint = if extra == "turns" {
-            " (multi-turn samples are not read yet)"
+        let hint = if multi_turn {
+            " (a multi-turn sample has only \"turns\")"
         } else {
             ""
         };
@@ -117,23 +141,31 @@ fn parse_line(line: &str, dir: &Path) -> std::result::Result<Example, String> {
             "unexpected key \"{extra}\" for task \"{task}\"{hint}"
         ));
     }
+    let images = |v: Option<&Value>| -> std::result::Result<Vec<PathBuf>, String> {
+        match v {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => file(s.clone()),
+                    _ => Err("\"images\" holds a value that is not a string".into()),
+                })
+                .collect(),
+            Some(_) => Err("\"images\" is not a list".into()),
+            None => Ok(Vec::new()),
+        }
+    };
+    if multi_turn {
+        return Ok(Example::Conversation {
+            turns: parse_turns(&o["turns"], &images)?,
+        });
+    }
     Ok(match task.as_str() {
         "generate" => Example::Generate {
             prompt: text("prompt")?,
             image: file(text("image")?)?,
         },
         "understand" => {
-            let images = match o.get("images") {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|v| match v {
-                        Value::String(s) => file(s.clone()),
-                        _ => Err("\"images\" holds a value that is not a string".into()),
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?,
-                Some(_) => return Err("\"images\" is not a list".into()),
-                None => Vec::new(),
-            };
+            let images = images(o.get("images"))?;
             Example::Understand {
                 images,
                 question: text("question")?,
@@ -144,6 +176,67 @@ fn parse_line(line: &str, dir: &Path) -> std::result::Result<Example, String> {
             text: text("text")?,
         },
     })
+}
+
+/// Reads a line's (or a turn's) `images` list into paths.
+type ImageList<'a> = dyn Fn(Option<&Value>) -> std::result::Result<Vec<PathBuf>, String> + 'a;
+
+/// The turns of a multi-turn sample: objects with a role, a content and (user turns) images;
+/// after optional system turns, user and assistant alternate from a user turn, and the last turn
+/// is the assistant's.
+fn parse_turns(
+    value: &Value,
+    images: &ImageList<'_>,
+) -> std::result::Result<Vec<TurnSample>, String> {
+    let Value::Array(items) = value else {
+        return Err("\"turns\" is not a list".into());
+    };
+    let mut turns = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Value::Object(t) = item else {
+            return Err(format!("turn {i} is not a JSON object"));
+        };
+        if let Some(extra) = t
+            .keys()
+            .find(|k| !["role", "content", "images"].contains(&k.as_str()))
+        {
+            return Err(format!("turn {i}: unexpected key \"{extra}\""));
+        }
+        let role = match t.get("role").and_then(Value::as_str) {
+            Some("system") => Role::System,
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            Some(other) => {
+                return Err(format!(
+                    "turn {i}: unknown role \"{other}\" (system, user or assistant)"
+                ));
+            }
+            None => return Err(format!("turn {i}: no \"role\" string")),
+        };
+        let content = match t.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(format!("turn {i}: no \"content\" string")),
+        };
+        let files = images(t.get("images")).map_err(|e| format!("turn {i}: {e}"))?;
+        if role != Role::User && !files.is_empty() {
+            return Err(format!("turn {i}: only user turns carry images"));
+        }
+        if role == Role::Assistant && content.trim().is_empty() {
+            return Err(format!(
+                "turn {i}: an empty assistant turn has nothing to learn"
+            ));
+        }
+        turns.push(TurnSample {
+            role,
+            content,
+            images: files,
+        });
+    }
+    match turns.last() {
+        Some(t) if t.role == Role::Assistant => Ok(turns),
+        Some(_) => Err("the last turn must be the assistant's (the answer learned)".into()),
+        None => Err("\"turns\" is empty".into()),
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +266,26 @@ mod tests {
             }
         );
         assert_eq!(
+            parse(
+                r#"{"task": "understand", "turns": [{"role": "user", "content": "Q?", "images": ["a.png"]}, {"role": "assistant", "content": "A."}]}"#
+            )
+            .unwrap(),
+            Example::Conversation {
+                turns: vec![
+                    TurnSample {
+                        role: Role::User,
+                        content: "Q?".into(),
+                        images: vec!["/data/a.png".into()],
+                    },
+                    TurnSample {
+                        role: Role::Assistant,
+                        content: "A.".into(),
+                        images: vec![],
+                    },
+                ]
+            }
+        );
+        assert_eq!(
             parse(r#"{"task": "text", "text": "hello"}"#).unwrap(),
             Example::Text {
                 text: "hello".into()
@@ -193,7 +306,23 @@ mod tests {
                 r#"{"task": "text", "text": "x", "answer": "y"}"#,
                 "unexpected key \"answer\"",
             ),
-            (r#"{"task": "understand", "turns": []}"#, "multi-turn"),
+            (r#"{"task": "understand", "turns": []}"#, "empty"),
+            (
+                r#"{"task": "understand", "turns": [{"role": "user", "content": "q"}]}"#,
+                "the last turn must be the assistant's",
+            ),
+            (
+                r#"{"task": "understand", "turns": [{"role": "bot", "content": "q"}]}"#,
+                "unknown role",
+            ),
+            (
+                r#"{"task": "understand", "turns": [{"role": "assistant", "content": "a", "images": ["x.png"]}]}"#,
+                "only user turns",
+            ),
+            (
+                r#"{"task": "understand", "turns": [], "question": "q"}"#,
+                "only \"turns\"",
+            ),
             (
                 r#"{"task": "understand", "images": "a.png", "question": "q", "answer": "a"}"#,
                 "not a list",

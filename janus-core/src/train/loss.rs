@@ -10,6 +10,11 @@
 //!   expanded, image features in place), then the answer encoded alone (no special tokens), then
 //!   the end-of-sequence id; the loss covers the answer's tokens and the end of sequence, each
 //!   predicted by the language-model head from the position before it.
+//! - **understand, multi-turn**: the conversation's prompt as [`Janus::chat`] renders it for
+//!   answering its last assistant turn, with every earlier assistant turn's text replaced by
+//!   that answer encoded alone followed by the end-of-sequence id, and the last answer (and its
+//!   end of sequence) after the final assistant cue ([`conversation_ids`]). The loss covers every
+//!   answer's tokens and end of sequence, one mean over the sample.
 //! - **text**: the text's ids with BOS as the tokenizer adds it, no end of sequence; the loss covers
 //!   every id after the first.
 //!
@@ -18,11 +23,14 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::data::Example;
+use super::data::{Example, TurnSample};
 use crate::error::{Error, Result};
 use crate::generate::image::embed_image_tokens;
+use crate::generate::text::expand_image_tokens;
 use crate::pipeline::Janus;
 use crate::processor::image::open_image;
+use crate::processor::prompt::{Role, TurnText};
+use crate::tokenizer::strings;
 
 /// Each sample's loss, in order, and their unweighted mean.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,8 +173,115 @@ pub fn score(janus: &Janus, example: &Example) -> Result<Scored> {
                 .collect::<Result<Vec<_>>>()?;
             understanding_scored(janus, &images, question, answer)
         }
+        Example::Conversation { turns } => {
+            let mut images = Vec::new();
+            for t in turns {
+                for p in &t.images {
+                    images.push(open_image(p)?);
+                }
+            }
+            let (ids, positions) = conversation_ids(janus, turns)?;
+            let targets = positions.iter().map(|&p| ids[p]).collect();
+            let refs: Vec<&image::RgbImage> = images.iter().collect();
+            let (x, _) = janus.prompt_embeds(&ids, &refs)?;
+            language_scored_at(janus, x, &positions, targets)
+        }
         Example::Text { text } => text_scored(janus, text),
     }
+}
+
+/// The text that stands for an earlier assistant turn while the prompt is rendered (a private-use
+/// character no tokenizer or template gives meaning to).
+const ANSWER_MARK: &str = "\u{E000}";
+
+/// A multi-turn sample's ids (image tokens expanded) and the positions of the tokens its loss
+/// covers.
+///
+/// The conversation without its last turn (the last answer) is rendered as [`Janus::chat`]
+/// renders a prompt, each earlier assistant turn's text replaced by a mark. The text is cut at the
+/// marks: each piece before a mark is encoded without its trailing whitespace (the first with the
+/// tokenizer's BOS, the others without special tokens; a piece after a mark loses the template's
+/// end-of-sentence text, which the answer's own end-of-sequence id stands for); each answer is
+/// encoded alone, without special tokens, and followed by the end-of-sequence id; the last piece
+/// (the assistant cue) is encoded as rendered, then the last answer. With one assistant turn this
+/// is the single-turn sample's ids.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for turns that are not a conversation ending with an assistant turn,
+/// an answer holding an image placeholder, or a template that does not render each mark once.
+pub fn conversation_ids(janus: &Janus, turns: &[TurnSample]) -> Result<(Vec<u32>, Vec<usize>)> {
+    let Some((last, before)) = turns.split_last() else {
+        return Err(Error::InvalidInput("a conversation with no turns".into()));
+    };
+    if last.role != Role::Assistant {
+        return Err(Error::InvalidInput(
+            "a training conversation ends with the assistant's turn".into(),
+        ));
+    }
+    let texts: Vec<TurnText<'_>> = before
+        .iter()
+        .map(|t| TurnText {
+            role: t.role,
+            content: if t.role == Role::Assistant {
+                ANSWER_MARK
+            } else {
+                &t.content
+            },
+            images: t.images.len(),
+        })
+        .collect();
+    let rendered = janus.prompt_format().conversation_prompt(&texts)?;
+    let pieces: Vec<&str> = rendered.split(ANSWER_MARK).collect();
+    let answers: Vec<&TurnSample> = turns.iter().filter(|t| t.role == Role::Assistant).collect();
+    if pieces.len() != answers.len() {
+        return Err(Error::InvalidInput(format!(
+            "the chat template rendered {} of the conversation's {} earlier answers",
+            pieces.len() - 1,
+            answers.len() - 1
+        )));
+    }
+    let tokenizer = janus.tokenizer();
+    let sp = tokenizer.special();
+    let eos_text = tokenizer
+        .template_tokens()
+        .into_iter()
+        .find(|(k, _)| k == "eos_token")
+        .map_or_else(|| strings::EOS.to_string(), |(_, v)| v);
+    let patches = janus.config().vision.num_patches();
+    let expand = |ids: &[u32]| {
+        expand_image_tokens(
+            ids,
+            sp.image_placeholder,
+            sp.begin_of_image,
+            sp.end_of_image,
+            patches,
+        )
+    };
+    let mut ids = Vec::new();
+    let mut positions = Vec::new();
+    for (i, (piece, answer)) in pieces.iter().zip(&answers).enumerate() {
+        let piece = if i > 0 {
+            piece.strip_prefix(eos_text.as_str()).unwrap_or(piece)
+        } else {
+            piece
+        };
+        let piece = if i + 1 < pieces.len() {
+            piece.trim_end()
+        } else {
+            piece
+        };
+        ids.extend(expand(&tokenizer.encode(piece, i == 0)?));
+        let mut answer_ids = tokenizer.encode(&answer.content, false)?;
+        if answer_ids.contains(&sp.image_placeholder) {
+            return Err(Error::InvalidInput(
+                "an answer holds an image placeholder token".into(),
+            ));
+        }
+        answer_ids.push(sp.eos);
+        positions.extend(ids.len()..ids.len() + answer_ids.len());
+        ids.extend(answer_ids);
+    }
+    Ok((ids, positions))
 }
 
 /// The generation head's logits for an image given by its VQ codes after `prompt`.
@@ -250,6 +365,32 @@ fn text_scored(janus: &Janus, text: &str) -> Result<Scored> {
     }
     let x = janus.model().llm.embed(std::slice::from_ref(&ids))?;
     language_scored(janus, x, 0, ids[1..].to_vec())
+}
+
+/// The language-model head's logits for each of `targets`, the tokens at `positions` (each
+/// above 0) of the sequence embedded as `x` (`[1, t, hidden]`), each read at the position before.
+fn language_scored_at(
+    janus: &Janus,
+    x: Tensor<3>,
+    positions: &[usize],
+    targets: Vec<u32>,
+) -> Result<Scored> {
+    let llm = &janus.model().llm;
+    let t = x.dims()[1];
+    if positions.iter().any(|&p| p == 0 || p >= t) || positions.len() != targets.len() {
+        return Err(Error::InvalidInput(
+            "target positions outside the sequence".into(),
+        ));
+    }
+    let device = x.device();
+    let mut cache = llm.new_cache(t);
+    let hidden = llm.forward(x, &mut cache)?;
+    let before: Vec<i64> = positions.iter().map(|&p| p as i64 - 1).collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(before, [positions.len()]), &device);
+    Ok(Scored {
+        logits: llm.logits(hidden.select(1, index)),
+        targets,
+    })
 }
 
 /// The language-model head's logits for `targets` predicted at positions `first..` of the

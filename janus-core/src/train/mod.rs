@@ -5,8 +5,11 @@
 //! understanding sample, every token after the first for plain text. [`data`] reads samples from
 //! JSONL; [`loss`] computes each sample's loss with the model as it runs for inference.
 
+#[cfg(feature = "train")]
+pub mod checkpoint;
 pub mod data;
 pub mod export;
+pub mod lora;
 pub mod loss;
 pub mod params;
 #[cfg(feature = "train")]

@@ -4,11 +4,13 @@
 //! is dropped with a probability (the unconditional prompt that guidance subtracts).
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use rand_chacha::rand_core::Rng;
 
+use super::checkpoint::{self, RunState};
 use super::data::Example;
+use super::lora::LoraOptions;
 use super::loss::{Scored, generation_scored_ids, score};
 use crate::error::{Error, Result};
 use crate::generate::image::unconditional_ids;
@@ -52,8 +54,13 @@ pub struct TrainOptions {
     pub clip: Option<f32>,
     /// Probability that a generation sample's prompt becomes the unconditional prompt.
     pub cfg_drop: f64,
-    /// Seed of the sample order and of the condition drops.
+    /// Seed of the sample order, the condition drops and fresh adapters' values.
     pub seed: u64,
+    /// Train low-rank adapters on the language model's projections instead of the stage's
+    /// parameters: the adapters alone train, every weight of the model stays frozen (what
+    /// PEFT's LoRA trains). Adapters already on the model (a resumed run) keep their values;
+    /// otherwise fresh ones are put on ([`lora::attach`](super::lora::attach)).
+    pub lora: Option<LoraOptions>,
 }
 
 impl Default for TrainOptions {
@@ -69,6 +76,7 @@ impl Default for TrainOptions {
             clip: Some(1.0),
             cfg_drop: 0.1,
             seed: 0,
+            lora: None,
         }
     }
 }
@@ -118,8 +126,35 @@ impl TrainOptions {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad("the weight decay must be a non-negative number");
         }
+        if let Some(lora) = &self.lora {
+            lora.check()?;
+        }
         Ok(())
     }
+}
+
+/// Checkpoints of a run: where they go, how often, and one to continue from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoints {
+    /// The folder a checkpoint is written to ([`checkpoint`](super::checkpoint)): every
+    /// `every` updates, and when the run is stopped early (its callback returned `false`).
+    pub dir: Option<std::path::PathBuf>,
+    /// Updates between checkpoints (`None`: only when stopped early).
+    pub every: Option<usize>,
+    /// A checkpoint to continue from: the run goes on from its step with its parameters,
+    /// optimizer states and random streams, so that it gives the losses the uninterrupted run
+    /// gives. The options and samples must be the ones it was made with (but the number of
+    /// updates).
+    pub resume: Option<std::path::PathBuf>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainEnd {
+    /// Updates done, those before a resume included.
+    pub steps: usize,
+    /// Whether the callback stopped the run before its last update.
+    pub stopped: bool,
 }
 
 /// Trains `janus` (loaded on an autodiff device, in f32) on `examples` for `options.steps`
@@ -135,7 +170,27 @@ pub fn train(
     options: &TrainOptions,
     on_step: &mut dyn FnMut(&StepReport) -> bool,
 ) -> Result<()> {
+    train_with(janus, examples, options, &Checkpoints::default(), on_step).map(|_| ())
+}
+
+/// [`train`], with checkpoints written and a run continued from one.
+///
+/// # Errors
+/// As [`train`]; a checkpoint that cannot be written or read, or that another run made
+/// ([`Error::InvalidInput`]).
+pub fn train_with(
+    janus: &mut Janus,
+    examples: &[Example],
+    options: &TrainOptions,
+    checkpoints: &Checkpoints,
+    on_step: &mut dyn FnMut(&StepReport) -> bool,
+) -> Result<TrainEnd> {
     options.check()?;
+    if checkpoints.every == Some(0) {
+        return Err(Error::InvalidInput(
+            "checkpoints every 0 updates: give at least 1".into(),
+        ));
+    }
     if examples.is_empty() {
         return Err(Error::InvalidInput("no training samples".into()));
     }
@@ -144,45 +199,84 @@ pub fn train(
             "training needs the model loaded on an autodiff device (Device::autodiff)".into(),
         ));
     }
-    let llm_trains = options.stage != Stage::One;
+    let heads_train = options.lora.is_none();
+    let llm_trains = options.stage != Stage::One || options.lora.is_some();
+    if let Some(lora) = &options.lora
+        && !super::lora::has_adapters(janus)
+    {
+        super::lora::attach(janus, lora, options.seed)?;
+    }
     {
         let model = janus.model_mut();
-        model.heads = model.heads.clone().set_require_grad(true);
-        model.llm = model.llm.clone().set_require_grad(llm_trains);
+        model.heads = model.heads.clone().set_require_grad(heads_train);
+        model.llm = model
+            .llm
+            .clone()
+            .set_require_grad(llm_trains && heads_train);
+        if options.lora.is_some() {
+            super::lora::adapters_require_grad(&mut model.llm, true);
+        }
     }
     let config = AdamWConfig::new()
         .with_beta_1(0.9)
         .with_beta_2(0.95)
         .with_epsilon(1e-8)
         .with_weight_decay(options.weight_decay);
-    let (mut heads_optim, mut llm_optim) = (config.init(), config.init());
-    let mut order = Order::new(examples.len(), options.seed);
-    let mut drops = stream(options.seed, 1);
+    let (mut heads_optim, mut llm_optim, mut run) = match &checkpoints.resume {
+        Some(dir) => checkpoint::load(
+            dir,
+            janus.model_mut(),
+            (config.init(), config.init()),
+            options,
+            examples,
+        )?,
+        None => (
+            config.init(),
+            config.init(),
+            RunState {
+                step: 0,
+                samples: 0,
+                order: Order::new(examples.len(), options.seed),
+                drops: drop_stream(options.seed),
+            },
+        ),
+    };
+    let save = |janus: &Janus,
+                optims: (&ModuleOptimizer, &ModuleOptimizer),
+                run: &RunState|
+     -> Result<()> {
+        match &checkpoints.dir {
+            Some(dir) => checkpoint::save(dir, janus.model(), optims, run, options, examples),
+            None => Ok(()),
+        }
+    };
     let per_update = options.batch_size * options.grad_accum;
-    let mut samples = 0;
-    for step in 0..options.steps {
+    while run.step < options.steps {
+        let step = run.step;
         let mut heads_grads = GradientsParams::new();
         let mut llm_grads = GradientsParams::new();
         let mut total = 0.0;
         for _ in 0..options.grad_accum {
             let mut batch = Vec::with_capacity(options.batch_size);
             for _ in 0..options.batch_size {
-                let example = &examples[order.next()];
+                let example = &examples[run.order.next()];
                 let drop = matches!(example, Example::Generate { .. })
                     && options.cfg_drop > 0.0
-                    && uniform(&mut drops) < options.cfg_drop;
+                    && uniform(&mut run.drops) < options.cfg_drop;
                 batch.push(scored(janus, example, drop)?.loss_tensor()?);
             }
             let loss = Tensor::cat(batch, 0).sum() / per_update as f32;
             total += f64::from(loss.clone().into_scalar::<f32>());
             let mut grads = loss.backward();
             let model = janus.model();
-            let ids = ids_of(&model.heads);
-            add(
-                &mut heads_grads,
-                GradientsParams::from_module(&mut grads, &model.heads),
-                &ids,
-            );
+            if heads_train {
+                let ids = ids_of(&model.heads);
+                add(
+                    &mut heads_grads,
+                    GradientsParams::from_module(&mut grads, &model.heads),
+                    &ids,
+                );
+            }
             if llm_trains {
                 let ids = ids_of(&model.llm);
                 add(
@@ -192,10 +286,14 @@ pub fn train(
                 );
             }
         }
-        samples += per_update;
+        run.samples += per_update;
         if let Some(max) = options.clip {
             let model = janus.model();
-            let mut ids = ids_of(&model.heads);
+            let mut ids = if heads_train {
+                ids_of(&model.heads)
+            } else {
+                Vec::new()
+            };
             if llm_trains {
                 ids.extend(ids_of(&model.llm));
             }
@@ -203,21 +301,44 @@ pub fn train(
         }
         let lr = options.lr_at(step);
         let model = janus.model_mut();
-        model.heads = heads_optim.step(lr, model.heads.clone(), heads_grads);
+        if heads_train {
+            model.heads = heads_optim.step(lr, model.heads.clone(), heads_grads);
+        }
         if llm_trains {
             model.llm = llm_optim.step(lr, model.llm.clone(), llm_grads);
         }
+        run.step += 1;
         let report = StepReport {
-            step: step + 1,
+            step: run.step,
             loss: total,
             lr,
-            samples,
+            samples: run.samples,
         };
-        if !on_step(&report) {
-            break;
+        let go_on = on_step(&report);
+        let last = run.step == options.steps;
+        if !go_on && !last {
+            save(janus, (&heads_optim, &llm_optim), &run)?;
+            return Ok(TrainEnd {
+                steps: run.step,
+                stopped: true,
+            });
+        }
+        if checkpoints
+            .every
+            .is_some_and(|n| run.step.is_multiple_of(n))
+        {
+            save(janus, (&heads_optim, &llm_optim), &run)?;
         }
     }
-    Ok(())
+    Ok(TrainEnd {
+        steps: run.step,
+        stopped: false,
+    })
+}
+
+/// The stream that decides which generation samples lose their condition.
+pub(crate) fn drop_stream(seed: u64) -> rand_chacha::ChaCha8Rng {
+    stream(seed, 1)
 }
 
 /// A sample's logits and targets, a generation sample's prompt made unconditional with `drop`.
@@ -305,14 +426,14 @@ fn clip(grads: &mut [&mut GradientsParams], ids: &[(ParamId, usize)], max: f32) 
 }
 
 /// Sample indices in a seeded random order, a new order each epoch.
-struct Order {
-    rng: rand_chacha::ChaCha8Rng,
-    order: Vec<usize>,
-    at: usize,
+pub(crate) struct Order {
+    pub(crate) rng: rand_chacha::ChaCha8Rng,
+    pub(crate) order: Vec<usize>,
+    pub(crate) at: usize,
 }
 
 impl Order {
-    fn new(n: usize, seed: u64) -> Self {
+    pub(crate) fn new(n: usize, seed: u64) -> Self {
         Order {
             rng: stream(seed, 0),
             order: (0..n).collect(),
@@ -320,7 +441,7 @@ impl Order {
         }
     }
 
-    fn next(&mut self) -> usize {
+    pub(crate) fn next(&mut self) -> usize {
         if self.at == self.order.len() {
             // Fisher–Yates.
             for i in (1..self.order.len()).rev() {

@@ -96,6 +96,7 @@ class Janus:
         backend: str = "cpu",
         dtype: str = "auto",
         weights: str = "auto",
+        lora: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> Janus:
         """Loads a model: a folder (Hugging Face or original DeepSeek layout), or a Hugging Face
         id (``"org/name"``) found in the Hugging Face cache or downloaded into it
@@ -108,6 +109,8 @@ class Janus:
         weights are held in
         memory, is ``"auto"`` (on the CPU the half precision the files store, else f32; on a GPU
         the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
+        ``lora``, a LoRA adapter folder in PEFT's format (``adapter_config.json`` +
+        ``adapter_model.safetensors``), is merged into the weights it adapts as they load.
         """
     @property
     def dir(self) -> pathlib.Path:

@@ -1,0 +1,265 @@
+//! LoRA: adapters in PEFT's format applied at load, their gradients and AdamW step against
+//! PEFT on transformers' Janus (`tests/fixtures/hf-tiny/lora`, written by PEFT's
+//! `save_pretrained`, and `expected/lora.safetensors`, `make_fixtures.py lora`), training them,
+//! saving them as PEFT does, and merging them.
+
+#![cfg(feature = "train")]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::Tensor;
+use common::*;
+use janus_core::load::adapter::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter};
+use janus_core::pipeline::{Janus, LoadOptions};
+use janus_core::train::{lora, losses, params, read_jsonl, score};
+use janus_core::{ComputeDType, WeightFormat};
+
+fn examples() -> Vec<janus_core::train::Example> {
+    read_jsonl(&fixture("train").join("data.jsonl")).unwrap()
+}
+
+fn line_losses(janus: &Janus) -> Vec<f64> {
+    losses(janus, &examples(), &mut |_, _| true).unwrap().losses
+}
+
+fn load_with_adapter(weights: WeightFormat, adapter: &std::path::Path) -> Janus {
+    let options = LoadOptions {
+        dtype: ComputeDType::F32,
+        weights,
+        lora: Some(adapter.to_path_buf()),
+        ..LoadOptions::default()
+    };
+    Janus::load(&fixture("hf-tiny"), &options).unwrap()
+}
+
+/// The tensor names of an adapter file.
+fn adapter_keys(dir: &std::path::Path) -> BTreeSet<String> {
+    let bytes = std::fs::read(dir.join(ADAPTER_WEIGHTS)).unwrap();
+    safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+/// PEFT's adapter applied at load gives the losses PEFT's model gives (unmerged, f32), which
+/// differ from the base model's; quantized storage merges before quantizing.
+#[test]
+fn a_peft_adapter_gives_peft_losses() {
+    let r = read_reference(&fixture("hf-tiny").join("expected/lora.safetensors"));
+    let want = &r["line_losses"].values;
+    let janus = load_with_adapter(WeightFormat::F32, &fixture("hf-tiny").join("lora"));
+    let got = line_losses(&janus);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= 1e-4 * w.abs(), "{g} against {w}");
+    }
+    let base = Janus::load_on(&fixture("hf-tiny"), &device(), ComputeDType::F32).unwrap();
+    let plain = line_losses(&base);
+    assert!(
+        plain
+            .iter()
+            .zip(want)
+            .any(|(p, w)| (p - w).abs() > 1e-3 * w),
+        "the adapter changes the losses"
+    );
+    let q8 = line_losses(&load_with_adapter(
+        WeightFormat::Q8_0,
+        &fixture("hf-tiny").join("lora"),
+    ));
+    for (g, w) in q8.iter().zip(want) {
+        assert!((g - w).abs() <= 2e-2 * w.abs(), "q8_0: {g} against {w}");
+    }
+}
+
+/// The transformers module name of a janus-rs adapter parameter path
+/// (`layers.0.q_proj.lora.a` → PEFT's key of `lora_A`).
+fn peft_key(path: &str) -> String {
+    let parts: Vec<&str> = path.split('.').collect();
+    let [_, layer, proj, _, ab] = parts[..] else {
+        panic!("{path}")
+    };
+    let block = if matches!(proj, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+        "self_attn"
+    } else {
+        "mlp"
+    };
+    let factor = if ab == "a" { "lora_A" } else { "lora_B" };
+    format!("base_model.model.model.language_model.layers.{layer}.{block}.{proj}.{factor}.weight")
+}
+
+/// The adapters' gradients of the mean loss over the training samples, and one AdamW step, against
+/// PyTorch autograd and `torch.optim.AdamW` on PEFT's model; the model's own weights get none.
+#[test]
+fn adapter_gradients_match_peft() {
+    let r = read_reference(&fixture("hf-tiny").join("expected/lora.safetensors"));
+    let mut janus =
+        Janus::load_on(&fixture("hf-tiny"), &device().autodiff(), ComputeDType::F32).unwrap();
+    let adapter = LoraAdapter::open(&fixture("hf-tiny").join("lora")).unwrap();
+    lora::attach_adapter(&mut janus, &adapter).unwrap();
+    let all: Vec<Tensor<1>> = examples()
+        .iter()
+        .map(|e| score(&janus, e).unwrap().loss_tensor().unwrap())
+        .collect();
+    let loss = Tensor::cat(all, 0).mean();
+    let value: f32 = loss.clone().into_scalar();
+    assert!((f64::from(value) - r["loss"].values[0]).abs() <= 1e-5 * r["loss"].values[0]);
+    let grads = loss.backward();
+    let llm = janus.model().llm.clone();
+    let got = params::gradients(&llm, &grads);
+    let expected = r.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(got.len(), expected, "gradients of the adapters alone");
+    let check = |got: &[params::HostParam], prefix: &str, tol: f64, relative: bool| {
+        for p in got {
+            let want = &r[&format!("{prefix}.{}", peft_key(&p.path))];
+            assert_eq!(p.shape, want.shape, "{}", p.path);
+            let norm = want.values.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let worst = p
+                .values
+                .iter()
+                .zip(&want.values)
+                .map(|(g, w)| (f64::from(*g) - w).abs())
+                .fold(0.0, f64::max);
+            let limit = if relative { tol * norm } else { tol };
+            assert!(
+                worst <= limit,
+                "{prefix} {}: {worst:e} (norm {norm})",
+                p.path
+            );
+        }
+    };
+    check(&got, "grad", 1e-4, true);
+    let optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.1);
+    let step = GradientsParams::from_grads(grads, &llm);
+    let stepped = optim.init().step(1e-3, llm, step);
+    let lora_values: Vec<_> = params::values(&stepped)
+        .into_iter()
+        .filter(|p| p.path.contains(".lora."))
+        .collect();
+    assert_eq!(lora_values.len(), expected);
+    check(&lora_values, "after_adamw", 1e-5, false);
+}
+
+/// Training adapters lowers the loss and leaves every weight of the model as it was; the adapter
+/// saved in PEFT's format (PEFT's key names and target modules, as in PEFT's own file) loads
+/// back at load time to the same losses, and merging gives them too, as a full model folder.
+#[test]
+fn trained_adapters_save_load_and_merge() {
+    use janus_core::train::export::save_model;
+    use janus_core::train::trainer::{TrainOptions, train};
+
+    let mut janus =
+        Janus::load_on(&fixture("hf-tiny"), &device().autodiff(), ComputeDType::F32).unwrap();
+    let weights_before = params::values(&janus.model().llm);
+    let heads_before = params::values(&janus.model().heads);
+    let before = line_losses(&janus);
+    let options = TrainOptions {
+        lr: 1e-2,
+        steps: 8,
+        batch_size: 2,
+        cfg_drop: 0.0,
+        lora: Some(lora::LoraOptions {
+            rank: 4,
+            alpha: 8.0,
+        }),
+        ..TrainOptions::default()
+    };
+    train(&mut janus, &examples(), &options, &mut |_| true).unwrap();
+    let trained = line_losses(&janus);
+    let (b, t) = (mean(&before), mean(&trained));
+    assert!(t < 0.8 * b, "mean loss {b} -> {t}");
+    // The model's own weights did not move.
+    let weights_after: Vec<_> = params::values(&janus.model().llm)
+        .into_iter()
+        .filter(|p| !p.path.contains(".lora."))
+        .collect();
+    assert_eq!(weights_after, weights_before);
+    assert_eq!(params::values(&janus.model().heads), heads_before);
+
+    let out = tempfile::tempdir().unwrap();
+    lora::save_adapter(&janus, out.path()).unwrap();
+    let peft = fixture("hf-tiny").join("lora");
+    assert_eq!(adapter_keys(out.path()), adapter_keys(&peft));
+    let config = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join(ADAPTER_CONFIG)).unwrap()).unwrap()
+    };
+    let (ours, theirs) = (config(out.path()), config(&peft));
+    for key in [
+        "peft_type",
+        "target_modules",
+        "bias",
+        "use_dora",
+        "fan_in_fan_out",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    assert_eq!(ours["r"], 4);
+    assert_eq!(ours["lora_alpha"], 8.0);
+
+    let reloaded = line_losses(&load_with_adapter(WeightFormat::F32, out.path()));
+    close(&reloaded, &trained, 1e-5, "adapter applied at load");
+
+    lora::merge(&mut janus).unwrap();
+    assert!(!lora::has_adapters(&janus));
+    close(&line_losses(&janus), &trained, 1e-5, "merged");
+    let merged = tempfile::tempdir().unwrap();
+    save_model(&janus, merged.path()).unwrap();
+    let saved = Janus::load_on(merged.path(), &device(), ComputeDType::F32).unwrap();
+    close(&line_losses(&saved), &trained, 1e-5, "merged and saved");
+}
+
+/// An adapter of another model (or layout) is an error naming what does not fit, not an
+/// adapter silently left out.
+#[test]
+fn an_adapter_that_does_not_fit_is_an_error() {
+    use janus_core::Error;
+    let dir = tempfile::tempdir().unwrap();
+    let peft = fixture("hf-tiny").join("lora");
+    std::fs::copy(peft.join(ADAPTER_CONFIG), dir.path().join(ADAPTER_CONFIG)).unwrap();
+    // The same factors under the original layout's module names.
+    let bytes = std::fs::read(peft.join(ADAPTER_WEIGHTS)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n.replace("model.model.language_model.", "model.language_model.model."),
+                v,
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(renamed, None, &dir.path().join(ADAPTER_WEIGHTS)).unwrap();
+    let options = LoadOptions {
+        dtype: ComputeDType::F32,
+        lora: Some(dir.path().to_path_buf()),
+        ..LoadOptions::default()
+    };
+    let err = Janus::load(&fixture("hf-tiny"), &options).unwrap_err();
+    assert!(
+        matches!(&err, Error::Checkpoint { message, .. } if message.contains("does not have")),
+        "{err}"
+    );
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{what}: {g} vs {w}"
+        );
+    }
+}
