@@ -1032,3 +1032,108 @@ fn train_writes_a_model_that_loads_with_a_lower_loss() {
     let over = train(&["--out", path_str(&model), "--steps", "1"]);
     assert_fails(&over, "loaded from");
 }
+
+/// Ctrl-C during `janus train` saves a checkpoint and exits 130; `--resume` finishes the run
+/// with the log an uninterrupted run writes; a LoRA run writes an adapter `--lora` applies.
+#[cfg(unix)]
+#[test]
+fn train_stops_on_ctrl_c_and_resumes() {
+    let model = fixture("hf-tiny");
+    let data = fixture("train/data.jsonl");
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "-q",
+            "--model",
+            path_str(&model),
+            "--data",
+            path_str(&data),
+            "--out",
+            path_str(out),
+            "--lora",
+            "2",
+            "--lr",
+            "1e-2",
+            "--steps",
+            "300",
+            "--seed",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let whole = tmp.path().join("whole");
+    let run = Command::new(env!("CARGO_BIN_EXE_janus"))
+        .args(args(&whole, &[]))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let cut = tmp.path().join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_janus"))
+        .args(args(&cut, &[]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = cut.join("train_log.jsonl");
+    let lines = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map(|s| s.lines().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let started = std::time::Instant::now();
+    while lines(&log).len() < 2 {
+        assert!(started.elapsed().as_secs() < 300, "no training step logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let done = lines(&log).len();
+    assert!(done < 300, "stopped early ({done} updates)");
+    let checkpoint = cut.join("checkpoint");
+    assert!(checkpoint.join("state.json").is_file());
+    let resumed = Command::new(env!("CARGO_BIN_EXE_janus"))
+        .args(args(&cut, &["--resume", path_str(&checkpoint)]))
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(lines(&log), lines(&whole.join("train_log.jsonl")));
+    // The adapter each run wrote gives the same losses through --lora.
+    let loss = |adapter: &Path| {
+        ok_json(&[
+            "loss",
+            "-q",
+            "--model",
+            path_str(&model),
+            "--lora",
+            path_str(adapter),
+            "--data",
+            path_str(&data),
+            "--json",
+        ])
+    };
+    assert_eq!(loss(&cut), loss(&whole));
+}

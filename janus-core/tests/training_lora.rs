@@ -263,3 +263,88 @@ fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {
         );
     }
 }
+
+/// A run stopped after some updates and continued from its checkpoint gives, bit for bit, the
+/// losses and parameters of the run that was never stopped: the full second stage (batches,
+/// accumulation, conditions dropped) and adapters.
+#[test]
+fn a_resumed_run_continues_bit_for_bit() {
+    use janus_core::train::trainer::{Checkpoints, Stage, TrainOptions, train_with};
+
+    let examples = examples();
+    for lora in [None, Some(lora::LoraOptions::new(2))] {
+        let options = TrainOptions {
+            stage: Stage::Two,
+            lr: 1e-2,
+            steps: 5,
+            batch_size: 2,
+            grad_accum: 2,
+            warmup: 2,
+            cfg_drop: 0.5,
+            seed: 7,
+            lora,
+            ..TrainOptions::default()
+        };
+        let fresh = || {
+            Janus::load_on(&fixture("hf-tiny"), &device().autodiff(), ComputeDType::F32).unwrap()
+        };
+        let run = |janus: &mut Janus, checkpoints: &Checkpoints, stop_after: usize| {
+            let mut log = Vec::new();
+            let end = train_with(janus, &examples, &options, checkpoints, &mut |r| {
+                log.push((r.step, r.loss.to_bits(), r.samples));
+                r.step != stop_after
+            })
+            .unwrap();
+            (log, end)
+        };
+        let mut whole = fresh();
+        let (want, end) = run(&mut whole, &Checkpoints::default(), 0);
+        assert_eq!((end.steps, end.stopped), (5, false));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let checkpoints = Checkpoints {
+            dir: Some(tmp.path().to_path_buf()),
+            ..Checkpoints::default()
+        };
+        let mut first = fresh();
+        let (head, end) = run(&mut first, &checkpoints, 2);
+        assert_eq!((end.steps, end.stopped), (2, true));
+        let mut second = fresh();
+        let resume = Checkpoints {
+            resume: Some(tmp.path().to_path_buf()),
+            ..Checkpoints::default()
+        };
+        let (tail, end) = run(&mut second, &resume, 0);
+        assert_eq!((end.steps, end.stopped), (5, false));
+        assert_eq!([head, tail].concat(), want, "lora {lora:?}");
+        let values = |j: &Janus| {
+            let mut all = params::values(&j.model().llm);
+            all.extend(params::values(&j.model().heads));
+            all.into_iter()
+                .map(|p| {
+                    (
+                        p.path,
+                        p.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            values(&second) == values(&whole),
+            "lora {lora:?}: parameters differ"
+        );
+
+        // Other options, or other data, do not continue this run.
+        let other = TrainOptions {
+            lr: 2e-2,
+            ..options.clone()
+        };
+        let err = train_with(&mut fresh(), &examples, &other, &resume, &mut |_| true).unwrap_err();
+        assert!(err.to_string().contains("other training options"), "{err}");
+        let err = train_with(&mut fresh(), &examples[1..], &options, &resume, &mut |_| {
+            true
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("other training data"), "{err}");
+    }
+}
