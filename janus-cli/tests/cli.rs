@@ -1078,7 +1078,7 @@ fn train_stops_on_ctrl_c_and_resumes() {
     );
 
     let cut = tmp.path().join("cut");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_janus"))
+    let child = Command::new(env!("CARGO_BIN_EXE_janus"))
         .args(args(&cut, &[]))
         .stderr(std::process::Stdio::piped())
         .spawn()
