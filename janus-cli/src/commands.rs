@@ -39,28 +39,24 @@ pub fn run(command: Command) -> Result<()> {
 /// `janus train`: the samples are read and the options checked before the model loads; the
 /// model loads on the backend's autodiff device in f32, trains, and is saved with its log.
 fn train(args: TrainArgs) -> Result<()> {
+    use janus_core::train::job::{TrainEvent, TrainJob, run};
     use janus_core::train::lora::LoraOptions;
-    use janus_core::train::trainer::{Checkpoints, Stage, TrainOptions, train_with};
+    use janus_core::train::trainer::{Stage, TrainOptions};
     let mut progress = Progress::new(args.common.quiet);
-    let examples = janus_core::train::read_jsonl(&args.data)?;
-    let per_update = args.batch_size.max(1) * args.grad_accum.max(1);
-    let steps = match (args.steps, args.epochs) {
-        (Some(s), _) => s,
-        (None, e) => (e.unwrap_or(1) * examples.len()).div_ceil(per_update),
-    };
-    let lora = args.lora.map(|rank| LoraOptions {
-        rank,
-        alpha: args.lora_alpha.unwrap_or(rank as f64),
-    });
+    // The samples and options are checked before the model is found.
+    janus_core::train::read_jsonl(&args.data)?;
     let options = TrainOptions {
-        lora,
+        lora: args.lora.map(|rank| LoraOptions {
+            rank,
+            alpha: args.lora_alpha.unwrap_or(rank as f64),
+        }),
         stage: match args.stage {
             1 => Stage::One,
             2 => Stage::Two,
             _ => Stage::Three,
         },
         lr: args.lr,
-        steps,
+        steps: args.steps.unwrap_or(1),
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
         warmup: args.warmup,
@@ -74,73 +70,48 @@ fn train(args: TrainArgs) -> Result<()> {
         let mut on_hub = |event: HubEvent<'_>| progress.hub(event);
         janus_core::hub::resolve(&args.common.model, Some(&mut on_hub))?
     };
-    let device = janus_core::Backend::from(args.common.backend)
-        .device()?
-        .autodiff();
-    progress.stage(&format!("loading {} for training (f32)", dir.display()));
-    janus_core::train::export::check_out(&dir, &args.out)?;
-    let mut janus = Janus::load_on(&dir, &device, janus_core::ComputeDType::F32)?;
-    let log_path = args.out.join("train_log.jsonl");
-    let write_error = |e: std::io::Error| CliError::Write {
-        path: log_path.clone(),
-        message: e.to_string(),
-    };
-    // A resumed run adds to its log.
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(args.resume.is_some())
-        .truncate(args.resume.is_none())
-        .open(&log_path)
-        .map_err(write_error)?;
-    let checkpoints = Checkpoints {
-        dir: Some(args.out.join("checkpoint")),
-        every: args.save_every.map(|n| n as usize),
+    let job = TrainJob {
+        backend: args.common.backend.into(),
+        options,
+        steps_given: args.steps.is_some(),
+        epochs: args.epochs.unwrap_or(1),
+        merge: args.merge,
+        save_every: args.save_every.map(|n| n as usize),
         resume: args.resume.clone(),
+        ..TrainJob::new(dir, args.data.clone(), args.out.clone())
     };
     let interrupted = interrupt_flag();
-    let mut failed = None;
-    let started = Instant::now();
-    let mut first_samples = None;
-    let end = train_with(&mut janus, &examples, &options, &checkpoints, &mut |r| {
-        let line =
-            serde_json::json!({"step": r.step, "loss": r.loss, "lr": r.lr, "samples": r.samples});
-        if let Err(e) = writeln!(log, "{line}") {
-            failed = Some(e);
-            return false;
+    let summary = run(&job, &mut |event| match event {
+        TrainEvent::Loading(dir) => {
+            progress.stage(&format!("loading {} for training (f32)", dir.display()));
+            true
         }
-        let first = *first_samples.get_or_insert(r.samples - per_update);
-        let rate = (r.samples - first) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        progress.count(
-            &format!("training: loss {:.4}, {rate:.2} samples/s", r.loss),
-            r.step as u64,
-            steps as u64,
-            false,
-        );
-        !interrupted.load(std::sync::atomic::Ordering::SeqCst)
+        TrainEvent::Step {
+            report,
+            steps,
+            rate,
+        } => {
+            progress.count(
+                &format!("training: loss {:.4}, {rate:.2} samples/s", report.loss),
+                report.step as u64,
+                steps as u64,
+                false,
+            );
+            !interrupted.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        TrainEvent::Saving(out) => {
+            progress.stage(&format!("saving {}", out.display()));
+            true
+        }
     })?;
-    if let Some(e) = failed {
-        return Err(write_error(e));
-    }
-    if end.stopped {
+    if summary.stopped {
         progress.clear();
-        let dir = args.out.join("checkpoint");
+        let dir = summary.checkpoint.display();
         return Err(CliError::Interrupted(format!(
-            "interrupted after update {} of {steps}: checkpoint saved in {}; continue with \
-             --resume {}",
-            end.steps,
-            dir.display(),
-            dir.display()
+            "interrupted after update {} of {}: checkpoint saved in {dir}; continue with \
+             --resume {dir}",
+            summary.steps, summary.total_steps
         )));
-    }
-    progress.stage(&format!("saving {}", args.out.display()));
-    match (options.lora.is_some(), args.merge) {
-        (true, false) => janus_core::train::lora::save_adapter(&janus, &args.out)?,
-        (true, true) => {
-            janus_core::train::lora::merge(&mut janus)?;
-            janus_core::train::export::save_model(&janus, &args.out)?;
-        }
-        (false, _) => janus_core::train::export::save_model(&janus, &args.out)?,
     }
     progress.done(&format!("saved {}", args.out.display()));
     Ok(())

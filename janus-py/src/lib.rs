@@ -11,6 +11,7 @@ mod model;
 mod options;
 mod results;
 mod stream;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -22,6 +23,8 @@ fn janus_rs_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<results::Answer>()?;
     m.add_class::<results::GeneratedImage>()?;
     m.add_class::<stream::TextStream>()?;
+    m.add_function(wrap_pyfunction!(train::train, m)?)?;
+    m.add_function(wrap_pyfunction!(train::loss, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

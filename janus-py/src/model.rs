@@ -34,7 +34,7 @@ pub(crate) struct Janus {
 
 /// The model argument: a folder path (str or os.PathLike), or a Hugging Face id (`org/name`)
 /// given as a str.
-fn model_arg(model: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+pub(crate) fn model_arg(model: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
     if model.is_instance_of::<PyString>() || model.hasattr("__fspath__")? {
         return model.extract();
     }
@@ -46,7 +46,7 @@ fn model_arg(model: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
 
 /// The folder of a model: an existing folder as is; otherwise a hub id looked up in the
 /// Hugging Face cache and downloaded into it when missing.
-fn resolve_model(model: &Path) -> Result<PathBuf, Error> {
+pub(crate) fn resolve_model(model: &Path) -> Result<PathBuf, Error> {
     if model.is_dir() {
         return Ok(model.to_path_buf());
     }
@@ -487,7 +487,7 @@ impl Janus {
 }
 
 /// Calls a `progress(done, total)` callback, if any: whether to go on (`None` or a true value).
-fn report(
+pub(crate) fn report(
     py: Python<'_>,
     progress: &Option<Py<PyAny>>,
     done: usize,

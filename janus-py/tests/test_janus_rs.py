@@ -13,6 +13,7 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import janus_rs
@@ -269,6 +270,43 @@ def test_loss_matches_transformers(hf, tmp_path) -> None:
     bad.write_text('{"task": "text", "text": "a cat"}\n{"task": "draw"}\n')
     with pytest.raises(janus_rs.JanusError, match="line 2"):
         hf.loss(bad)
+
+
+def test_train_lora_and_the_adapter_at_load(tmp_path) -> None:
+    data = FIXTURES / "train" / "data.jsonl"
+    model = FIXTURES / "hf-tiny"
+    # PEFT's own adapter applied at load gives PEFT's losses (make_fixtures.py lora).
+    lora = FIXTURES / "hf-tiny" / "lora"
+    with safe_open(str(FIXTURES / "hf-tiny" / "expected" / "lora.safetensors"), "numpy") as f:
+        want = f.get_tensor("line_losses").tolist()
+    got = janus_rs.loss(model, data, dtype="f32", lora=lora)
+    assert got["losses"] == pytest.approx(want, rel=1e-4)
+    assert janus_rs.Janus.load(model, dtype="f32", lora=lora).loss(data)["losses"] == got["losses"]
+
+    reports = []
+    out = tmp_path / "adapter"
+    summary = janus_rs.train(model, data, out, lora=2, lr=1e-2, steps=6, batch_size=2, cfg_drop=0.0,
+                             progress=reports.append)
+    assert summary["steps"] == 6 and not summary["stopped"]
+    assert [r["step"] for r in reports] == list(range(1, 7))
+    assert reports[-1]["samples"] == 12 and reports[-1]["steps"] == 6
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    before = janus_rs.loss(model, data, dtype="f32")["mean"]
+    after = janus_rs.loss(model, data, dtype="f32", lora=out)["mean"]
+    assert after < before
+
+    # Stopped by its callback: a checkpoint that resume continues to the same log.
+    cut = tmp_path / "cut"
+    stopped = janus_rs.train(model, data, cut, lora=2, lr=1e-2, steps=6, batch_size=2, cfg_drop=0.0,
+                             progress=lambda r: r["step"] < 3)
+    assert stopped["stopped"] and stopped["steps"] == 3
+    janus_rs.train(model, data, cut, lora=2, lr=1e-2, steps=6, batch_size=2, cfg_drop=0.0,
+                   resume=stopped["checkpoint"])
+    assert (cut / "train_log.jsonl").read_text() == (out / "train_log.jsonl").read_text()
+    with pytest.raises(janus_rs.InvalidInputError):
+        janus_rs.train(model, data, tmp_path / "x", steps=1, epochs=1)
+    with pytest.raises(janus_rs.InvalidInputError, match="loaded from"):
+        janus_rs.train(model, data, model, steps=1)
 
 
 def test_round_trip_and_batches(hf) -> None:

@@ -9,6 +9,8 @@
 pub mod checkpoint;
 pub mod data;
 pub mod export;
+#[cfg(feature = "train")]
+pub mod job;
 pub mod lora;
 pub mod loss;
 pub mod params;

@@ -5,6 +5,9 @@
 >>> print(m.understand("cat.jpg", "What is shown in this image?"))
 >>> m.generate("a photo of a cat", seed=1)[0].image.save("cat.png")
 
+Fine-tuning: ``janus_rs.train(model, "data.jsonl", "out", lora=16, steps=100)``; the training
+loss of samples: ``janus_rs.loss(model, "data.jsonl")``.
+
 Every model call releases the GIL. Errors are ``JanusError`` subclasses.
 """
 
@@ -22,7 +25,7 @@ from ._errors import (
     TokenizerError,
     UnsupportedError,
 )
-from ._janus_rs import Answer, GeneratedImage, Janus, TextStream, __version__
+from ._janus_rs import Answer, GeneratedImage, Janus, TextStream, __version__, loss, train
 
 __all__ = [
     "Answer",
@@ -40,4 +43,6 @@ __all__ = [
     "TokenizerError",
     "UnsupportedError",
     "__version__",
+    "loss",
+    "train",
 ]

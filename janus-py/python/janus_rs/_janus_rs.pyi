@@ -209,3 +209,58 @@ class Janus:
     def decode_image(self, tokens: npt.ArrayLike) -> PIL.Image.Image:
         """Decodes a token grid of shape (rows, cols) to an RGB image."""
     def __repr__(self) -> str: ...
+
+
+def train(
+    model: Union[str, os.PathLike[str]],
+    data: Union[str, os.PathLike[str]],
+    out: Union[str, os.PathLike[str]],
+    *,
+    backend: str = "cpu",
+    stage: int = 1,
+    lora: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    merge: bool = False,
+    lr: float = 1e-4,
+    epochs: Optional[int] = None,
+    steps: Optional[int] = None,
+    batch_size: int = 1,
+    grad_accum: int = 1,
+    warmup: int = 0,
+    weight_decay: float = 0.1,
+    clip: float = 1.0,
+    cfg_drop: float = 0.1,
+    seed: int = 0,
+    save_every: Optional[int] = None,
+    resume: Optional[Union[str, os.PathLike[str]]] = None,
+    progress: Optional[Callable[[dict[str, Any]], Any]] = None,
+) -> dict[str, Any]:
+    """Fine-tunes a model on the samples of a JSONL file (as ``janus train`` does) and writes the
+    result into ``out``: the model folder in its input's layout, or with ``lora`` the adapter in
+    PEFT's format (``merge=True``: the model with the adapter merged). Returns
+    ``{"steps", "total_steps", "stopped", "loss", "checkpoint"}``.
+
+    ``stage`` 1 trains the aligners, the generation embedding and the image head; 2 and 3 the
+    language model too. ``lora`` (a rank) trains adapters on the language model's projections
+    instead, every weight frozen. ``steps`` counts optimizer updates (each ``batch_size`` x
+    ``grad_accum`` samples); without it, ``epochs`` passes (default 1). ``progress(report)`` is
+    called after each update with ``{"step", "loss", "lr", "samples", "steps", "rate"}``; returning
+    ``False`` (or Ctrl-C) stops the run after that update with a checkpoint in
+    ``out/checkpoint``, which ``resume`` continues bit for bit. The GIL is released while it runs.
+    """
+
+def loss(
+    model: Union[str, os.PathLike[str]],
+    data: Union[str, os.PathLike[str]],
+    *,
+    backend: str = "cpu",
+    dtype: str = "auto",
+    weights: str = "auto",
+    lora: Optional[Union[str, os.PathLike[str]]] = None,
+    progress: Optional[Callable[[int, int], Any]] = None,
+) -> dict[str, Any]:
+    """The training loss of each sample of a JSONL file and their mean, without an update (as
+    ``janus loss`` computes them): ``{"losses": [float, ...], "mean": float}``. ``lora``: an
+    adapter folder applied at load. ``progress(done, total)`` is called after each sample;
+    returning ``False`` cancels. The GIL is released while it runs.
+    """
