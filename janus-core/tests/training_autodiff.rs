@@ -403,3 +403,90 @@ fn trained_models_save_in_their_layout() {
         }
     }
 }
+
+/// Pickled inputs (`pytorch_model.bin`, sharded or not; the original layout ships them) are
+/// saved as safetensors, shard for shard with an index: the trained values (in the file's
+/// dtype), every other tensor as it was, and no pickle in the output.
+#[test]
+fn pickled_models_save_as_safetensors() {
+    use janus_core::train::export::save_model;
+    use janus_core::train::trainer::{Stage, TrainOptions, train};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("text.jsonl");
+    std::fs::write(
+        &text,
+        "{\"task\": \"text\", \"text\": \"The quick brown fox jumps over the lazy dog.\"}\n",
+    )
+    .unwrap();
+    let examples = read_jsonl(&text).unwrap();
+    let options = TrainOptions {
+        stage: Stage::Two,
+        lr: 1e-2,
+        steps: 2,
+        ..TrainOptions::default()
+    };
+    // (folder, shards, stored in bf16)
+    for (input, shards, bf16) in [
+        (fixture("hf-tiny-bin"), 1, false),
+        (fixture("hf-tiny-bin-sharded-bf16"), 3, true),
+        (original_checkpoint("bin-sharded"), 2, true),
+    ] {
+        let mut janus = Janus::load_on(&input, &device().autodiff(), ComputeDType::F32).unwrap();
+        train(&mut janus, &examples, &options, &mut |_| true).unwrap();
+        let out = tmp.path().join(format!("out-{shards}"));
+        save_model(&janus, &out).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("model"))
+            .collect();
+        names.sort();
+        let want: Vec<String> = if shards == 1 {
+            vec!["model.safetensors".into()]
+        } else {
+            let mut w: Vec<String> = (1..=shards)
+                .map(|i| format!("model-{i:05}-of-{shards:05}.safetensors"))
+                .collect();
+            w.push("model.safetensors.index.json".into());
+            w
+        };
+        assert_eq!(names, want, "{}", input.display());
+        let saved = Janus::load_on(&out, &device().autodiff(), ComputeDType::F32).unwrap();
+        let trained = params::values(&janus.model().llm);
+        let reloaded = params::values(&saved.model().llm);
+        let bf16 = janus_core::Checkpoint::open(&input)
+            .unwrap()
+            .files()
+            .iter()
+            .any(|f| {
+                f.to_string_lossy().contains("bf16") || f.to_string_lossy().contains("original")
+            });
+        for (t, r) in trained.iter().zip(&reloaded) {
+            assert_eq!(t.path, r.path);
+            for (a, b) in t.values.iter().zip(&r.values) {
+                let want = if bf16 {
+                    f32::from(half::bf16::from_f32(*a))
+                } else {
+                    *a
+                };
+                assert_eq!(
+                    want.to_bits(),
+                    b.to_bits(),
+                    "{}: {}",
+                    input.display(),
+                    t.path
+                );
+            }
+        }
+        // Every tensor of the input is in the output, with its shape.
+        let (a, b) = (
+            janus_core::Checkpoint::open(&input).unwrap(),
+            janus_core::Checkpoint::open(&out).unwrap(),
+        );
+        assert_eq!(a.tensor_names(), b.tensor_names());
+        for n in a.tensor_names() {
+            assert_eq!(a.shape(n), b.shape(n), "{n}");
+        }
+    }
+}

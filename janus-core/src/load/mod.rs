@@ -208,6 +208,58 @@ impl Checkpoint {
         }
     }
 
+    /// The tensors of weight file `file` (an index into [`files`](Self::files)), by name, each
+    /// with its stored dtype, shape and little-endian bytes (borrowed from a mapped file, read
+    /// from a pickled one).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for a tensor whose bytes cannot be read or do not fill its shape.
+    pub(crate) fn file_tensors(
+        &self,
+        file: usize,
+    ) -> Result<Vec<(String, StoredDType, Vec<usize>, std::borrow::Cow<'_, [u8]>)>> {
+        let mut names: Vec<&String> = self
+            .tensors
+            .iter()
+            .filter(|(_, (i, _))| *i == file)
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let (_, info) = &self.tensors[name];
+            let bytes = match &info.source {
+                TensorSource::Mapped { map, start, end } => {
+                    std::borrow::Cow::Borrowed(&map[*start..*end])
+                }
+                TensorSource::Pickle(t) => std::borrow::Cow::Owned(
+                    t.read()
+                        .map_err(|e| Error::checkpoint(&self.files[file], e.to_string()))?,
+                ),
+            };
+            let numel: usize = info.shape.iter().product();
+            if info.dtype.size().is_some_and(|s| s * numel != bytes.len()) {
+                return Err(Error::checkpoint(
+                    &self.files[file],
+                    format!(
+                        "tensor {name} has {} bytes for shape {:?}",
+                        bytes.len(),
+                        info.shape
+                    ),
+                ));
+            }
+            out.push((name.clone(), info.dtype.clone(), info.shape.clone(), bytes));
+        }
+        Ok(out)
+    }
+
+    /// Whether the weights are pickled (`pytorch_model.bin`, sharded or not).
+    pub(crate) fn is_pickled(&self) -> bool {
+        self.files
+            .first()
+            .is_some_and(|f| f.extension().and_then(|e| e.to_str()) == Some("bin"))
+    }
+
     fn path_of(&self, name: &str) -> PathBuf {
         self.tensors
             .get(name)
