@@ -214,10 +214,7 @@ impl Checkpoint {
     ///
     /// # Errors
     /// [`Error::Checkpoint`] for a tensor whose bytes cannot be read or do not fill its shape.
-    pub(crate) fn file_tensors(
-        &self,
-        file: usize,
-    ) -> Result<Vec<(String, StoredDType, Vec<usize>, std::borrow::Cow<'_, [u8]>)>> {
+    pub(crate) fn file_tensors(&self, file: usize) -> Result<Vec<RawTensor<'_>>> {
         let mut names: Vec<&String> = self
             .tensors
             .iter()
@@ -267,6 +264,9 @@ impl Checkpoint {
             .unwrap_or_else(|| self.dir.clone())
     }
 }
+
+/// A stored tensor: name, dtype, shape and little-endian bytes.
+pub(crate) type RawTensor<'a> = (String, StoredDType, Vec<usize>, std::borrow::Cow<'a, [u8]>);
 
 /// A sharded checkpoint's shard files (in order) and its tensor → shard pairs.
 type ShardIndex = (Vec<PathBuf>, Vec<(String, String)>);

@@ -160,6 +160,9 @@ fn rewrite(src: &Path, dst: &Path, trained: &HashMap<String, HostParam>) -> Resu
     Ok(replaced)
 }
 
+/// A tensor to write: name, dtype, shape, bytes.
+type Entry<'a> = (String, Dtype, Vec<usize>, std::borrow::Cow<'a, [u8]>);
+
 /// The safetensors file that holds a pickled weight file's tensors: `pytorch_model.bin` →
 /// `model.safetensors`, `pytorch_model-00001-of-00002.bin` → `model-00001-of-00002.safetensors`.
 fn safetensors_name(pickled: &Path) -> String {
@@ -190,7 +193,7 @@ fn convert_pickled(
             path: file.clone(),
             message: m,
         };
-        let mut owned: Vec<(String, Dtype, Vec<usize>, std::borrow::Cow<'_, [u8]>)> = Vec::new();
+        let mut owned: Vec<Entry<'_>> = Vec::new();
         for (key, dtype, shape, bytes) in ckpt.file_tensors(i)? {
             let dtype = match dtype {
                 StoredDType::F32 => Dtype::F32,
