@@ -224,6 +224,10 @@ pub struct TrainArgs {
     /// Probability that a generation sample's prompt becomes the unconditional prompt.
     #[arg(long, default_value_t = 0.1, value_name = "P")]
     pub cfg_drop: f64,
+    /// Sampling weights of generation, understanding and text samples, e.g. 2:1:0 (the
+    /// default: each sample once an epoch, in the file's own proportions).
+    #[arg(long, value_name = "G:U:T", value_parser = parse_mix)]
+    pub mix: Option<Mix>,
     /// Seed of the sample order, the condition drops and the adapters' first values.
     #[arg(long, default_value_t = 0, value_name = "S")]
     pub seed: u64,
@@ -365,4 +369,27 @@ impl From<DTypeArg> for janus_core::ComputeDType {
             DTypeArg::Bf16 => janus_core::ComputeDType::BF16,
         }
     }
+}
+
+/// `--mix G:U:T`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mix(pub [f64; 3]);
+
+fn parse_mix(s: &str) -> Result<Mix, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [g, u, t] = parts[..] else {
+        return Err("expected three weights G:U:T, e.g. 2:1:0".into());
+    };
+    let w = |p: &str| -> Result<f64, String> {
+        p.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| format!("{p:?} is not a non-negative number"))
+    };
+    let mix = [w(g)?, w(u)?, w(t)?];
+    if mix.iter().sum::<f64>() <= 0.0 {
+        return Err("the weights are all zero".into());
+    }
+    Ok(Mix(mix))
 }

@@ -64,6 +64,7 @@ fn train(args: TrainArgs) -> Result<()> {
         clip: (args.clip > 0.0).then_some(args.clip),
         cfg_drop: args.cfg_drop,
         seed: args.seed,
+        mix: args.mix.map(|m| m.0),
     };
     options.check()?;
     let dir = {

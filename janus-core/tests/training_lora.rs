@@ -266,13 +266,16 @@ fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 
 /// A run stopped after some updates and continued from its checkpoint gives, bit for bit, the
 /// losses and parameters of the run that was never stopped: the full second stage (batches,
-/// accumulation, conditions dropped) and adapters.
+/// accumulation, conditions dropped) and adapters with a mix of tasks.
 #[test]
 fn a_resumed_run_continues_bit_for_bit() {
     use janus_core::train::trainer::{Checkpoints, Stage, TrainOptions, train_with};
 
     let examples = examples();
-    for lora in [None, Some(lora::LoraOptions::new(2))] {
+    for (lora, mix) in [
+        (None, None),
+        (Some(lora::LoraOptions::new(2)), Some([1.0, 2.0, 1.0])),
+    ] {
         let options = TrainOptions {
             stage: Stage::Two,
             lr: 1e-2,
@@ -283,6 +286,7 @@ fn a_resumed_run_continues_bit_for_bit() {
             cfg_drop: 0.5,
             seed: 7,
             lora,
+            mix,
             ..TrainOptions::default()
         };
         let fresh = || {

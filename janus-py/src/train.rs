@@ -27,13 +27,14 @@ use crate::options::parse_dtype;
 /// ``grad_accum`` samples); without it, ``epochs`` passes. ``progress(report)`` is called after
 /// each update with ``{"step", "loss", "lr", "samples", "steps", "rate"}``; returning ``False``
 /// (or Ctrl-C) stops the run after that update with a checkpoint in ``out/checkpoint``, which
-/// ``resume`` continues bit for bit.
+/// ``resume`` continues bit for bit. ``mix=(g, u, t)`` gives sampling weights of generation,
+/// understanding and text samples (default: each sample once an epoch).
 #[pyfunction]
 #[pyo3(signature = (
     model, data, out, *, backend = "cpu", stage = 1, lora = None, lora_alpha = None,
     merge = false, lr = 1e-4, epochs = None, steps = None, batch_size = 1, grad_accum = 1,
-    warmup = 0, weight_decay = 0.1, clip = 1.0, cfg_drop = 0.1, seed = 0, save_every = None,
-    resume = None, progress = None
+    warmup = 0, weight_decay = 0.1, clip = 1.0, cfg_drop = 0.1, seed = 0, mix = None,
+    save_every = None, resume = None, progress = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train<'py>(
@@ -56,6 +57,7 @@ pub(crate) fn train<'py>(
     clip: f32,
     cfg_drop: f64,
     seed: u64,
+    mix: Option<(f64, f64, f64)>,
     save_every: Option<usize>,
     resume: Option<PathBuf>,
     progress: Option<Py<PyAny>>,
@@ -85,6 +87,7 @@ pub(crate) fn train<'py>(
         clip: (clip > 0.0).then_some(clip),
         cfg_drop,
         seed,
+        mix: mix.map(|(g, u, t)| [g, u, t]),
         lora: lora.map(|rank| LoraOptions {
             rank,
             alpha: lora_alpha.unwrap_or(rank as f64),

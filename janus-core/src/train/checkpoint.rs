@@ -18,7 +18,8 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value, json};
 
 use super::data::Example;
-use super::trainer::{Order, TrainOptions};
+use super::order::Order;
+use super::trainer::TrainOptions;
 use crate::error::{Error, Result};
 use crate::load::adapter::write_atomic;
 use crate::model::JanusModel;
@@ -63,6 +64,7 @@ fn options_json(o: &TrainOptions) -> Value {
         "clip": o.clip,
         "cfg_drop": o.cfg_drop,
         "seed": o.seed,
+        "mix": o.mix,
         "lora": o.lora.map(|l| json!({"rank": l.rank, "alpha": l.alpha})),
     })
 }
@@ -161,9 +163,7 @@ pub(crate) fn save(
     let state = json!({
         "step": state.step,
         "samples": state.samples,
-        "order": state.order.order,
-        "order_at": state.order.at,
-        "order_word_pos": state.order.rng.get_word_pos().to_string(),
+        "order": state.order.state(),
         "drops_word_pos": state.drops.get_word_pos().to_string(),
         "options": options_json(options),
         "examples": examples.len(),
@@ -266,21 +266,15 @@ pub(crate) fn load(
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad_state(format!("no \"{key}\"")))
     };
-    let order: Vec<usize> = serde_json::from_value(state["order"].clone())
-        .map_err(|e| bad_state(format!("\"order\": {e}")))?;
-    let order_at = num("order_at")?;
-    if order.len() != examples.len() || order_at > order.len() {
-        return Err(bad_state("\"order\" does not fit the samples".into()));
-    }
     let mut run = RunState {
         step: num("step")?,
         samples: num("samples")?,
-        order: Order::new(examples.len(), options.seed),
+        order: Order::new(examples, options.mix, options.seed)?,
         drops: super::trainer::drop_stream(options.seed),
     };
-    run.order.order = order;
-    run.order.at = order_at;
-    run.order.rng.set_word_pos(pos("order_word_pos")?);
+    run.order
+        .restore(&state["order"])
+        .map_err(|m| bad_state(format!("\"order\": {m}")))?;
     run.drops.set_word_pos(pos("drops_word_pos")?);
 
     // The parameters.

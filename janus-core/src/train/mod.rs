@@ -13,6 +13,8 @@ pub mod export;
 pub mod job;
 pub mod lora;
 pub mod loss;
+#[cfg(feature = "train")]
+pub(crate) mod order;
 pub mod params;
 #[cfg(feature = "train")]
 pub mod trainer;

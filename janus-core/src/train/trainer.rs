@@ -12,6 +12,7 @@ use super::checkpoint::{self, RunState};
 use super::data::Example;
 use super::lora::LoraOptions;
 use super::loss::{Scored, generation_scored_ids, score};
+use super::order::Order;
 use crate::error::{Error, Result};
 use crate::generate::image::unconditional_ids;
 use crate::generate::sampling::stream;
@@ -56,6 +57,9 @@ pub struct TrainOptions {
     pub cfg_drop: f64,
     /// Seed of the sample order, the condition drops and fresh adapters' values.
     pub seed: u64,
+    /// Sampling weights of the generation, understanding and text samples (`None`: each
+    /// sample once an epoch, in the file's own proportions); see [`Order`](super::order).
+    pub mix: Option<[f64; 3]>,
     /// Train low-rank adapters on the language model's projections instead of the stage's
     /// parameters: the adapters alone train, every weight of the model stays frozen (what
     /// PEFT's LoRA trains). Adapters already on the model (a resumed run) keep their values;
@@ -76,6 +80,7 @@ impl Default for TrainOptions {
             clip: Some(1.0),
             cfg_drop: 0.1,
             seed: 0,
+            mix: None,
             lora: None,
         }
     }
@@ -128,6 +133,11 @@ impl TrainOptions {
         }
         if let Some(lora) = &self.lora {
             lora.check()?;
+        }
+        if let Some(mix) = self.mix
+            && (mix.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || mix.iter().sum::<f64>() <= 0.0)
+        {
+            return bad("the mix weights must be non-negative numbers, not all zero");
         }
         Ok(())
     }
@@ -236,7 +246,7 @@ pub fn train_with(
             RunState {
                 step: 0,
                 samples: 0,
-                order: Order::new(examples.len(), options.seed),
+                order: Order::new(examples, options.mix, options.seed)?,
                 drops: drop_stream(options.seed),
             },
         ),
@@ -425,38 +435,8 @@ fn clip(grads: &mut [&mut GradientsParams], ids: &[(ParamId, usize)], max: f32) 
     }
 }
 
-/// Sample indices in a seeded random order, a new order each epoch.
-pub(crate) struct Order {
-    pub(crate) rng: rand_chacha::ChaCha8Rng,
-    pub(crate) order: Vec<usize>,
-    pub(crate) at: usize,
-}
-
-impl Order {
-    pub(crate) fn new(n: usize, seed: u64) -> Self {
-        Order {
-            rng: stream(seed, 0),
-            order: (0..n).collect(),
-            at: n,
-        }
-    }
-
-    pub(crate) fn next(&mut self) -> usize {
-        if self.at == self.order.len() {
-            // Fisher–Yates.
-            for i in (1..self.order.len()).rev() {
-                let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
-                self.order.swap(i, j);
-            }
-            self.at = 0;
-        }
-        self.at += 1;
-        self.order[self.at - 1]
-    }
-}
-
 /// A uniform draw in [0, 1).
-fn uniform(rng: &mut rand_chacha::ChaCha8Rng) -> f64 {
+pub(crate) fn uniform(rng: &mut rand_chacha::ChaCha8Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
@@ -523,29 +503,20 @@ mod tests {
                 weight_decay: -1.0,
                 ..ok.clone()
             },
+            TrainOptions {
+                mix: Some([0.0, 0.0, 0.0]),
+                ..ok.clone()
+            },
+            TrainOptions {
+                mix: Some([1.0, -1.0, 1.0]),
+                ..ok.clone()
+            },
         ] {
             assert!(
                 matches!(bad.check(), Err(Error::InvalidInput(_))),
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn each_epoch_takes_every_sample_once_in_a_seeded_order() {
-        let epochs = |seed| {
-            let mut o = Order::new(7, seed);
-            (0..21).map(|_| o.next()).collect::<Vec<_>>()
-        };
-        let a = epochs(3);
-        for epoch in a.chunks(7) {
-            let mut e = epoch.to_vec();
-            e.sort_unstable();
-            assert_eq!(e, (0..7).collect::<Vec<_>>());
-        }
-        assert_eq!(a, epochs(3));
-        assert_ne!(a, epochs(4));
-        assert_ne!(a[..7], a[7..14]);
     }
 
     #[test]

@@ -231,6 +231,7 @@ def train(
     clip: float = 1.0,
     cfg_drop: float = 0.1,
     seed: int = 0,
+    mix: Optional[tuple[float, float, float]] = None,
     save_every: Optional[int] = None,
     resume: Optional[Union[str, os.PathLike[str]]] = None,
     progress: Optional[Callable[[dict[str, Any]], Any]] = None,
@@ -246,7 +247,9 @@ def train(
     ``grad_accum`` samples); without it, ``epochs`` passes (default 1). ``progress(report)`` is
     called after each update with ``{"step", "loss", "lr", "samples", "steps", "rate"}``; returning
     ``False`` (or Ctrl-C) stops the run after that update with a checkpoint in
-    ``out/checkpoint``, which ``resume`` continues bit for bit. The GIL is released while it runs.
+    ``out/checkpoint``, which ``resume`` continues bit for bit. ``mix=(g, u, t)`` gives sampling
+    weights of generation, understanding and text samples (default: each sample once an epoch).
+    The GIL is released while it runs.
     """
 
 def loss(
