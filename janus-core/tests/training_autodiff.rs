@@ -80,7 +80,7 @@ fn batch_loss(janus: &Janus) -> Tensor<1> {
 
 /// `got` (janus-rs's parameters by path) against the reference's tensors `{prefix}.{name}`, for
 /// the pairs of `names` (janus-rs's path, transformers' name), in order: the largest difference
-/// at most `tol` times the reference tensor's norm (`None`: `tol` absolute).
+/// at most `tol` times the reference tensor's norm (`relative`) or `tol`.
 fn compare(
     got: &[params::HostParam],
     names: &[(&str, &str)],
@@ -96,19 +96,8 @@ fn compare(
             .position(|p| p == ours)
             .unwrap_or_else(|| panic!("no {ours} among {paths:?}"))];
         let want = &r[&format!("{prefix}.{theirs}")];
-        assert_eq!(p.shape, want.shape, "{theirs}");
-        let norm = want.values.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let worst = p
-            .values
-            .iter()
-            .zip(&want.values)
-            .map(|(g, w)| (f64::from(*g) - w).abs())
-            .fold(0.0, f64::max);
-        let limit = if relative { tol * norm } else { tol };
-        assert!(
-            worst <= limit,
-            "{prefix}.{theirs}: {worst:e} off (norm {norm})"
-        );
+        let what = format!("{prefix}.{theirs}");
+        assert_near_reference(&what, &p.shape, &p.values, want, tol, relative);
     }
 }
 

@@ -116,20 +116,8 @@ fn adapter_gradients_match_peft() {
     let check = |got: &[params::HostParam], prefix: &str, tol: f64, relative: bool| {
         for p in got {
             let want = &r[&format!("{prefix}.{}", peft_key(&p.path))];
-            assert_eq!(p.shape, want.shape, "{}", p.path);
-            let norm = want.values.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let worst = p
-                .values
-                .iter()
-                .zip(&want.values)
-                .map(|(g, w)| (f64::from(*g) - w).abs())
-                .fold(0.0, f64::max);
-            let limit = if relative { tol * norm } else { tol };
-            assert!(
-                worst <= limit,
-                "{prefix} {}: {worst:e} (norm {norm})",
-                p.path
-            );
+            let what = format!("{prefix} {}", p.path);
+            assert_near_reference(&what, &p.shape, &p.values, want, tol, relative);
         }
     };
     check(&got, "grad", 1e-4, true);

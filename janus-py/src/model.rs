@@ -44,6 +44,30 @@ pub(crate) fn model_arg(model: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
     )))
 }
 
+/// The load options of Python's string arguments.
+pub(crate) fn load_options(
+    py: Python<'_>,
+    backend: &str,
+    dtype: &str,
+    weights: &str,
+    lora: Option<PathBuf>,
+) -> PyResult<LoadOptions> {
+    let weights: WeightFormat = weights.parse().map_err(|e| errors::to_py(py, e))?;
+    let backend: Backend = backend.parse().map_err(|e| errors::to_py(py, e))?;
+    let dtype = parse_dtype(dtype).ok_or_else(|| {
+        invalid_input(
+            py,
+            format!("unknown dtype {dtype:?} (expected auto, f32, f16 or bf16)"),
+        )
+    })?;
+    Ok(LoadOptions {
+        backend,
+        dtype,
+        weights,
+        lora,
+    })
+}
+
 /// The folder of a model: an existing folder as is; otherwise a hub id looked up in the
 /// Hugging Face cache and downloaded into it when missing.
 pub(crate) fn resolve_model(model: &Path) -> Result<PathBuf, Error> {
@@ -178,23 +202,11 @@ impl Janus {
         backend: &str,
         dtype: &str,
         weights: &str,
-        lora: Option<std::path::PathBuf>,
+        lora: Option<PathBuf>,
     ) -> PyResult<Self> {
-        let weights: WeightFormat = weights.parse().map_err(|e| errors::to_py(py, e))?;
-        let backend: Backend = backend.parse().map_err(|e| errors::to_py(py, e))?;
-        let compute = parse_dtype(dtype).ok_or_else(|| {
-            invalid_input(
-                py,
-                format!("unknown dtype {dtype:?} (expected auto, f32, f16 or bf16)"),
-            )
-        })?;
+        let options = load_options(py, backend, dtype, weights, lora)?;
+        let backend = options.backend;
         let model = model_arg(model)?;
-        let options = LoadOptions {
-            backend,
-            dtype: compute,
-            weights,
-            lora,
-        };
         let result =
             py.detach(|| guarded(|| pipeline::Janus::load(&resolve_model(&model)?, &options)));
         let inner = errors::finish(py, result, None)?;

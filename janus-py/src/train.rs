@@ -6,15 +6,14 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use janus_core::pipeline::{self, LoadOptions};
+use janus_core::Backend;
+use janus_core::pipeline;
 use janus_core::train::job::{TrainEvent, TrainJob, run};
 use janus_core::train::lora::LoraOptions;
 use janus_core::train::trainer::{Stage, TrainOptions};
-use janus_core::{Backend, WeightFormat};
 
 use crate::errors::{self, guarded, invalid_input, keep_going};
-use crate::model::{model_arg, report, resolve_model};
-use crate::options::parse_dtype;
+use crate::model::{load_options, model_arg, report, resolve_model};
 
 /// Fine-tunes a model on the samples of a JSONL file (as ``janus train`` does) and writes the
 /// result into ``out``: the model folder in its input's layout, or with ``lora`` the adapter in
@@ -156,21 +155,8 @@ pub(crate) fn loss<'py>(
     lora: Option<PathBuf>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let backend: Backend = backend.parse().map_err(|e| errors::to_py(py, e))?;
-    let weights: WeightFormat = weights.parse().map_err(|e| errors::to_py(py, e))?;
-    let dtype = parse_dtype(dtype).ok_or_else(|| {
-        invalid_input(
-            py,
-            format!("unknown dtype {dtype:?} (expected auto, f32, f16 or bf16)"),
-        )
-    })?;
+    let options = load_options(py, backend, dtype, weights, lora)?;
     let model = model_arg(model)?;
-    let options = LoadOptions {
-        backend,
-        dtype,
-        weights,
-        lora,
-    };
     let mut interrupt = None;
     let result = py.detach(|| {
         guarded(|| {

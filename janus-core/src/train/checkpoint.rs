@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
@@ -69,44 +69,12 @@ fn options_json(o: &TrainOptions) -> Value {
     })
 }
 
-/// The trained parameters of a module: its float parameters that take gradients.
-struct Trained {
-    prefix: String,
-    path: Vec<String>,
-    out: Vec<(String, ParamId, Vec<usize>, Vec<f32>)>,
-}
-
-impl ModuleVisitor for Trained {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val();
-        if !t.is_require_grad() {
-            return;
-        }
-        let shape = t.dims().to_vec();
-        let values = t
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .expect("a tensor converted to f32 reads back as f32");
-        let key = format!("{}.{}", self.prefix, self.path.join("."));
-        self.out.push((key, param.id, shape, values));
-    }
-}
-
-fn trained<M: Module>(prefix: &str, m: &M) -> Vec<(String, ParamId, Vec<usize>, Vec<f32>)> {
-    let mut v = Trained {
-        prefix: prefix.into(),
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    m.visit(&mut v);
-    v.out
+/// The trained parameters of a module (those that take gradients), by `prefix.path`.
+fn trained(prefix: &str, m: &impl Module) -> Vec<(String, ParamId, Vec<usize>, Vec<f32>)> {
+    super::params::trained_values(m)
+        .into_iter()
+        .map(|p| (format!("{prefix}.{}", p.path), p.id, p.shape, p.values))
+        .collect()
 }
 
 /// Writes a checkpoint of the run into `dir` (created if missing; each file through a temporary

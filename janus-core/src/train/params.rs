@@ -22,7 +22,17 @@ pub struct HostParam {
 
 /// Every float parameter of `module`, in visiting order, with its values.
 pub fn values<M: Module>(module: &M) -> Vec<HostParam> {
+    collect_values(module, false)
+}
+
+/// [`values`] of the parameters that take gradients (those training updates).
+pub fn trained_values<M: Module>(module: &M) -> Vec<HostParam> {
+    collect_values(module, true)
+}
+
+fn collect_values<M: Module>(module: &M, only_trained: bool) -> Vec<HostParam> {
     let mut v = Collect {
+        only_trained,
         path: Vec::new(),
         #[cfg(feature = "train")]
         grads: None,
@@ -39,6 +49,7 @@ pub fn values<M: Module>(module: &M) -> Vec<HostParam> {
 #[cfg(feature = "train")]
 pub fn gradients<M: Module>(module: &M, grads: &Gradients) -> Vec<HostParam> {
     let mut v = Collect {
+        only_trained: false,
         path: Vec::new(),
         grads: Some(grads),
         out: Vec::new(),
@@ -48,6 +59,7 @@ pub fn gradients<M: Module>(module: &M, grads: &Gradients) -> Vec<HostParam> {
 }
 
 struct Collect<'a> {
+    only_trained: bool,
     path: Vec<String>,
     #[cfg(feature = "train")]
     grads: Option<&'a Gradients>,
@@ -90,6 +102,10 @@ impl ModuleVisitor for Collect<'_> {
             }
             return;
         }
-        self.push(param.id, param.val());
+        let t = param.val();
+        if self.only_trained && !t.is_require_grad() {
+            return;
+        }
+        self.push(param.id, t);
     }
 }

@@ -43,6 +43,27 @@ pub struct RefTensor {
     pub values: Vec<f64>,
 }
 
+/// Checks a parameter's values (or gradient) against a reference tensor: same shape, and the
+/// largest difference at most `tol` times the reference's norm (`relative`) or `tol`.
+pub fn assert_near_reference(
+    what: &str,
+    shape: &[usize],
+    values: &[f32],
+    want: &RefTensor,
+    tol: f64,
+    relative: bool,
+) {
+    assert_eq!(shape, want.shape.as_slice(), "{what}");
+    let norm = want.values.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let worst = values
+        .iter()
+        .zip(&want.values)
+        .map(|(g, w)| (f64::from(*g) - w).abs())
+        .fold(0.0, f64::max);
+    let limit = if relative { tol * norm } else { tol };
+    assert!(worst <= limit, "{what}: {worst:e} off (norm {norm})");
+}
+
 /// Reads every tensor of a reference file (f32, i64, i32 or u8).
 pub fn read_reference(path: &Path) -> std::collections::HashMap<String, RefTensor> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
