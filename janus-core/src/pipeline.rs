@@ -32,7 +32,9 @@ pub struct LoadOptions {
     /// How weights are held in memory.
     pub weights: WeightFormat,
     /// A LoRA adapter folder in PEFT's format (`adapter_config.json` +
-    /// `adapter_model.safetensors`), merged into the weights it adapts as they load.
+    /// `adapter_model.safetensors`), merged into the weights it adapts as they load (in f32,
+    /// then held in the weights' storage: bf16 storage rounds each merged weight to bf16, as a
+    /// merge into a bf16 model does).
     pub lora: Option<PathBuf>,
 }
 

@@ -340,3 +340,73 @@ fn a_resumed_run_continues_bit_for_bit() {
         assert!(err.to_string().contains("other training data"), "{err}");
     }
 }
+
+/// In the original layout the adapter is named for the official model's modules
+/// (`language_model.model.layers.…`, as PEFT names them on `MultiModalityCausalLM`) and applies
+/// at load to the same losses as the adapters in memory.
+#[test]
+fn original_layout_adapters_take_the_official_module_names() {
+    use janus_core::train::Example;
+    let model = original_checkpoint("safetensors");
+    let mut janus = Janus::load_on(&model, &device().autodiff(), ComputeDType::F32).unwrap();
+    lora::attach(
+        &mut janus,
+        &lora::LoraOptions {
+            rank: 2,
+            alpha: 4.0,
+        },
+        1,
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    lora::save_adapter(&janus, out.path()).unwrap();
+    let adapter = LoraAdapter::open(out.path()).unwrap();
+    // Non-zero B, so that the adapters change the model.
+    let mut layers = adapter.layers.clone();
+    for f in layers.values_mut() {
+        for (i, b) in f.b.iter_mut().enumerate() {
+            *b = ((i * 7919 % 113) as f32 / 113.0 - 0.5) * 0.2;
+        }
+    }
+    janus_core::load::adapter::write_adapter(out.path(), "base", 2, 4.0, "x", &layers).unwrap();
+    let keys = adapter_keys(out.path());
+    assert!(
+        keys.contains(
+            "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        )
+    );
+    assert_eq!(keys.len(), 2 * 7 * janus.config().text.num_hidden_layers);
+    let adapter = LoraAdapter::open(out.path()).unwrap();
+    lora::attach_adapter(&mut janus, &adapter).unwrap();
+    let text = [Example::Text {
+        text: "The quick brown fox jumps over the lazy dog.".into(),
+    }];
+    let in_memory = losses(&janus, &text, &mut |_, _| true).unwrap().losses;
+    // f32 storage: bf16 storage would round each merged weight to bf16 (as a merge into a bf16
+    // model does in PEFT), a difference of ~1e-4 in this loss.
+    let options = LoadOptions {
+        dtype: ComputeDType::F32,
+        weights: WeightFormat::F32,
+        lora: Some(out.path().to_path_buf()),
+        ..LoadOptions::default()
+    };
+    let applied = losses(
+        &Janus::load(&model, &options).unwrap(),
+        &text,
+        &mut |_, _| true,
+    )
+    .unwrap()
+    .losses;
+    let base = losses(
+        &Janus::load_on(&model, &device(), ComputeDType::F32).unwrap(),
+        &text,
+        &mut |_, _| true,
+    )
+    .unwrap()
+    .losses;
+    close(&applied, &in_memory, 1e-5, "original layout");
+    assert!(
+        (applied[0] - base[0]).abs() > 1e-3,
+        "the adapter changes the loss"
+    );
+}
