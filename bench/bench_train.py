@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import machine  # noqa: E402  (the machine record bench/run.py writes)
 REPO = HERE.parent
 REFERENCE = REPO / "tests" / "reference"
 DEFAULT_MODEL = "~/.cache/janus-rs-bench/pro-1b-hf"
@@ -140,21 +142,6 @@ def reset_hwm(pid: int | str) -> bool:
         return True
     except OSError:
         return False
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "kernel": platform.release(), "cores": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return info
 
 
 def emit(record: dict) -> None:

@@ -3516,9 +3516,9 @@ ORIGINAL_LOSS_DEFINITIONS = (
 )
 
 
-def cmd_loss_original(args) -> None:
-    """original-tiny/expected/losses.json: the losses of tests/fixtures/train/data.jsonl through the official
-    DeepSeek code on the gen_original.py checkpoint (same schema as hf-tiny/expected/losses.json)."""
+def official_loss_setup(args):
+    """The official model and processor on the gen_original.py checkpoint (checked to be current), and the
+    special-token ids, checked against the tokenizer fixture and the processor's own settings."""
     torch_setup()
     from janus.models import VLChatProcessor
 
@@ -3536,6 +3536,13 @@ def cmd_loss_original(args) -> None:
     assert tok.bos_token_id == ids[BOS] and tok.eos_token_id == ids[EOS] and proc.image_id == ids[IMAGE]
     assert proc.image_start_id == ids[BOI] and proc.image_end_id == ids[EOI] and proc.pad_id == ids[PAD]
     assert proc.system_prompt == SYSTEM_PROMPT and proc.sft_format == "deepseek" and not proc.add_special_token
+    return model, proc, ids
+
+
+def cmd_loss_original(args) -> None:
+    """original-tiny/expected/losses.json: the losses of tests/fixtures/train/data.jsonl through the official
+    DeepSeek code on the gen_original.py checkpoint (same schema as hf-tiny/expected/losses.json)."""
+    model, proc, ids = official_loss_setup(args)
     vision_size = model.config.vision_config.params.image_size
     assert proc.image_processor.image_size == vision_size
     assert proc.num_image_tokens == (vision_size // 16) ** 2          # SigLIP-L/16
@@ -3659,22 +3666,7 @@ def original_turn_example(model, proc, ids, turns: list):
 def cmd_loss_turns_original(args) -> None:
     """original-tiny/expected/losses_turns.json: the lines of tests/fixtures/train/turns.jsonl through the official
     DeepSeek code on the gen_original.py checkpoint (same schema as hf-tiny/expected/losses_turns.json)."""
-    torch_setup()
-    from janus.models import VLChatProcessor
-
-    cache = fixture_cache(args) / "original-tiny"
-    stamp = read_json(cache / "STAMP.json")
-    if stamp.get("data_sha256") != read_json(MANIFEST).get("data_sha256"):
-        raise SystemExit(f"{cache} is stale or missing: run tests/reference/gen_original.py first")
-    folder = cache / "safetensors"
-    model = load_official(folder)
-    proc = VLChatProcessor.from_pretrained(str(folder))
-    tok = proc.tokenizer
-    ids = {s: tok.vocab[s] for s in tokenizer_strings()}
-    assert ids == read_json(TOKENIZER_DIR / "tokenize.json")["special_token_ids"], ids
-    assert tok.add_bos_token and tok.bos_token_id == ids[BOS] and tok.eos_token_id == ids[EOS]
-    assert proc.image_id == ids[IMAGE] and proc.image_start_id == ids[BOI] and proc.image_end_id == ids[EOI]
-    assert proc.system_prompt == SYSTEM_PROMPT and proc.sft_format == "deepseek" and not proc.add_special_token
+    model, proc, ids = official_loss_setup(args)
     assert proc.num_image_tokens == (model.config.vision_config.params.image_size // 16) ** 2
     for f in ("data.jsonl", "turns.jsonl"):
         if not (TRAIN_DIR / f).exists():
