@@ -44,6 +44,12 @@ typedef enum janus_status {
     JANUS_ERR_UNSUPPORTED = 11,
     // A bug in the library (a Rust panic, caught at the boundary). The message says where.
     JANUS_ERR_INTERNAL = 12,
+    // The model produced NaN or infinite logits (NaN weights, or a guidance weight so large
+    // that the guided logits overflow); the message names the step. Nothing was sampled.
+    JANUS_ERR_NUMERIC = 13,
+    // The memory a request needs could not be allocated; it was tried before the work began,
+    // and the handle stays usable.
+    JANUS_ERR_OUT_OF_MEMORY = 14,
 } janus_status;
 
 // An opaque handle to a loaded model (from `janus_model_load`, freed by `janus_model_free`).
@@ -59,6 +65,20 @@ typedef uint32_t janus_dtype;
 // `dtype`'s.
 typedef uint32_t janus_weights;
 
+// Resource limits of each request on a handle (the same names and defaults as `janus
+// --max-images`, ... and `janus_core::Limits`). Past a limit a call fails with
+// `JANUS_ERR_INVALID_INPUT` before any allocation sized by it. Every limit must be at least 1.
+typedef struct janus_limits {
+    // Most images in one request (8).
+    size_t max_images;
+    // Most pixels (width × height) of one input image (50 000 000).
+    uint64_t max_image_pixels;
+    // Most images one `janus_generate` call makes: its `count` (64).
+    size_t max_count;
+    // Largest input file read for a request, in MiB (64).
+    uint64_t max_input_mb;
+} janus_limits;
+
 // How to load a model. Initialise with `janus_load_default_options()`.
 typedef struct janus_load_options {
     // `sizeof(janus_load_options)`, set by `janus_load_default_options()`.
@@ -70,6 +90,9 @@ typedef struct janus_load_options {
     // How weights are held in memory (`JANUS_WEIGHTS_AUTO`). Added after the first release:
     // callers built against a header without it get the default.
     janus_weights weights;
+    // Resource limits of each request on the handle (see `janus_limits`). Added after the
+    // first release: callers built against a header without it get the defaults.
+    struct janus_limits limits;
 } janus_load_options;
 
 // How to answer a question about images. Initialise with
@@ -431,7 +454,9 @@ enum janus_status janus_decode_image(const struct janus_model *model,
 // freed with `janus_image_free`. On failure `*out_image` is set to NULL.
 //
 // Errors: `JANUS_ERR_IO` when the file cannot be read, `JANUS_ERR_INVALID_INPUT` when it is
-// not a supported, valid image.
+// not a regular file, is larger than the default `max_input_mb` (64 MiB) or has more pixels
+// than the default `max_image_pixels` (50 000 000; both checked before the file is read or
+// its pixels decoded), or is not a supported, valid image.
 //
 // Thread safety: safe from any thread.
 //
@@ -439,10 +464,13 @@ enum janus_status janus_decode_image(const struct janus_model *model,
 // `path` is NULL or a NUL-terminated string; `out_image` is NULL or writable.
 enum janus_status janus_image_read(const char *path, struct janus_image **out_image);
 
-// Writes an image (any `janus_image`: the caller's or one from the library) as a PNG file.
+// Writes an image (any `janus_image`: the caller's or one from the library) as a PNG file,
+// whole or not at all: through a temporary file beside it, flushed, then renamed over `path`,
+// so that a failure leaves an existing file as it was.
 //
-// Errors: `JANUS_ERR_IO` when the file cannot be written, `JANUS_ERR_INVALID_INPUT` for an
-// empty image or a stride shorter than a row.
+// Errors: `JANUS_ERR_IO` when the file cannot be written (a missing folder, a full disk), with
+// a message that says so; `JANUS_ERR_INVALID_INPUT` for an empty image or a stride shorter
+// than a row.
 //
 // Thread safety: safe from any thread.
 //

@@ -9,7 +9,7 @@ use janus_core::generate::sampling::Sampling;
 use janus_core::generate::text::TextGenOptions;
 use janus_core::hub::HubEvent;
 use janus_core::pipeline::{Janus, LoadOptions};
-use janus_core::processor::image::open_image;
+use janus_core::processor::image::open_image_within;
 use janus_core::tokenizer::strings::IMAGE_PLACEHOLDER;
 
 use crate::args::{
@@ -19,7 +19,7 @@ use crate::args::{
 use crate::error::{CliError, Result};
 use crate::formats::{
     EncodeJson, GenerateJson, LossJson, UnderstandJson, check_output, output_paths, read_tokens,
-    save_png,
+    save_image,
 };
 use crate::progress::Progress;
 
@@ -139,7 +139,12 @@ fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
 fn loss(args: LossArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
     let examples = janus_core::train::read_jsonl(&args.data)?;
-    let janus = load(&args.common, args.adapter.lora.as_deref(), &mut progress)?;
+    let janus = load(
+        &args.common,
+        args.adapter.lora.as_deref(),
+        janus_core::Limits::default(),
+        &mut progress,
+    )?;
     let total = examples.len() as u64;
     let losses = janus_core::train::losses(&janus, &examples, &mut |done, _| {
         progress.count("computing losses", done as u64, total, false);
@@ -170,7 +175,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.filter(|k| !k.is_empty()),
         max_batch: args.max_batch,
         max_queue: args.max_queue,
-        max_images: args.max_images,
+        limits: args.limits.limits(),
         max_body_mb: args.max_body_mb,
         allow_remote_images: args.allow_remote_images,
         model_id: args.common.model.clone(),
@@ -178,15 +183,22 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let common = args.common;
     let lora = args.adapter.lora;
+    let limits = options.limits;
     janus_serve::serve(options, move || {
         let mut progress = Progress::new(common.quiet);
-        load(&common, lora.as_deref(), &mut progress).map_err(|e| e.to_string())
+        load(&common, lora.as_deref(), limits, &mut progress).map_err(|e| e.to_string())
     })
     .map_err(|e| CliError::Invalid(e.to_string()))
 }
 
-/// Finds (or downloads) the model and loads it, with a LoRA adapter folder merged in.
-fn load(common: &Common, lora: Option<&Path>, progress: &mut Progress) -> Result<Janus> {
+/// Finds (or downloads) the model and loads it, with a LoRA adapter folder merged in and the
+/// request limits it checks.
+fn load(
+    common: &Common,
+    lora: Option<&Path>,
+    limits: janus_core::Limits,
+    progress: &mut Progress,
+) -> Result<Janus> {
     let dir = {
         let mut on_hub = |event: HubEvent<'_>| progress.hub(event);
         janus_core::hub::resolve(&common.model, Some(&mut on_hub))?
@@ -198,6 +210,7 @@ fn load(common: &Common, lora: Option<&Path>, progress: &mut Progress) -> Result
         dtype: common.dtype.into(),
         weights: common.weights.into(),
         lora: lora.map(Path::to_path_buf),
+        limits,
     };
     let janus = Janus::load(&dir, &options)?;
     let storage = janus.storage();
@@ -223,7 +236,14 @@ fn load(common: &Common, lora: Option<&Path>, progress: &mut Progress) -> Result
 fn understand(args: UnderstandArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
     // Bad input fails before the model loads.
-    let tags = args.prompt.matches(IMAGE_PLACEHOLDER).count();
+    let limits = args.limits.limits();
+    limits.validate()?;
+    let prompt = prompt_text(args.prompt.as_deref(), args.prompt_file.as_deref(), &limits)?;
+    if prompt.trim().is_empty() {
+        return Err(janus_core::Error::InvalidInput("the question is empty".into()).into());
+    }
+    limits.check_images(args.images.len())?;
+    let tags = prompt.matches(IMAGE_PLACEHOLDER).count();
     if tags > 0 && tags != args.images.len() {
         return Err(janus_core::Error::InvalidInput(format!(
             "the prompt has {tags} {IMAGE_PLACEHOLDER} tags but {} --image files were given",
@@ -234,7 +254,7 @@ fn understand(args: UnderstandArgs) -> Result<()> {
     let images = args
         .images
         .iter()
-        .map(|p| open_image(p))
+        .map(|p| open_image_within(p, &limits))
         .collect::<janus_core::Result<Vec<_>>>()?;
     let options = TextGenOptions {
         max_new_tokens: args.max_new_tokens,
@@ -249,15 +269,20 @@ fn understand(args: UnderstandArgs) -> Result<()> {
     };
     options.validate()?;
 
-    let janus = load(&args.common, args.adapter.lora.as_deref(), &mut progress)?;
+    let janus = load(
+        &args.common,
+        args.adapter.lora.as_deref(),
+        limits,
+        &mut progress,
+    )?;
     progress.stage("reading the prompt");
     let answer = if args.json {
-        janus.understand(&images, &args.prompt, &options)?
+        janus.understand(&images, &prompt, &options)?
     } else {
         let mut stdout = std::io::stdout().lock();
         let mut failed = None;
         let mut first = true;
-        let result = janus.understand_stream(&images, &args.prompt, &options, &mut |piece| {
+        let result = janus.understand_stream(&images, &prompt, &options, &mut |piece| {
             if first {
                 progress.clear();
                 first = false;
@@ -310,7 +335,17 @@ fn understand(args: UnderstandArgs) -> Result<()> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
-    let paths = output_paths(&args.out, args.prompts.len(), args.count)?;
+    let limits = args.limits.limits();
+    limits.validate()?;
+    let prompts = match &args.prompt_file {
+        Some(file) => vec![prompt_text(None, Some(file), &limits)?],
+        None => args.prompts.clone(),
+    };
+    if args.count == 0 {
+        return Err(CliError::Invalid("--count must be at least 1".into()));
+    }
+    limits.check_count(prompts.len(), args.count)?;
+    let paths = output_paths(&args.out, prompts.len(), args.count)?;
     let options = ImageGenOptions {
         count: args.count,
         cfg_weight: args.cfg_weight,
@@ -321,16 +356,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
         },
         seed: args.seed.unwrap_or_else(random_seed),
     };
-    if options.count == 0 {
-        return Err(CliError::Invalid("--count must be at least 1".into()));
-    }
-    options.sampling.validate()?;
-    if args.prompts.iter().any(|p| p.trim().is_empty()) {
+    options.validate()?;
+    if prompts.iter().any(|p| p.trim().is_empty()) {
         return Err(janus_core::Error::InvalidInput("a --prompt is empty".into()).into());
     }
 
-    let janus = load(&args.common, args.adapter.lora.as_deref(), &mut progress)?;
-    let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
+    let janus = load(
+        &args.common,
+        args.adapter.lora.as_deref(),
+        limits,
+        &mut progress,
+    )?;
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let started = Instant::now();
     let batch = janus.generate_batch_with_progress(&prompts, &options, &mut |step, total| {
         progress.count("image tokens", step as u64, total as u64, false);
@@ -341,7 +378,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     })?;
     let images: Vec<_> = batch.into_iter().flatten().collect();
     for (image, path) in images.iter().zip(&paths) {
-        save_png(&image.image, path)?;
+        save_image(&image.image, path)?;
     }
     progress.done(&format!(
         "{} image{} in {:.1} s (seed {})",
@@ -373,8 +410,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn encode_image(args: EncodeArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
-    let image = open_image(&args.image)?;
-    let janus = load(&args.common, None, &mut progress)?;
+    let limits = args.limits.limits();
+    limits.validate()?;
+    let image = open_image_within(&args.image, &limits)?;
+    let janus = load(&args.common, None, limits, &mut progress)?;
     progress.stage("encoding the image (VQ)");
     let tokens = janus.encode_image(&image)?;
     progress.clear();
@@ -397,14 +436,61 @@ fn encode_image(args: EncodeArgs) -> Result<()> {
 
 fn decode_image(args: DecodeArgs) -> Result<()> {
     let mut progress = Progress::new(args.common.quiet);
-    let tokens = read_tokens(&args.tokens)?;
+    let limits = args.limits.limits();
+    limits.validate()?;
+    let tokens = read_tokens(&args.tokens, &limits)?;
     check_output(&args.out)?;
-    let janus = load(&args.common, None, &mut progress)?;
+    let janus = load(&args.common, None, limits, &mut progress)?;
     progress.stage("decoding the image tokens (VQ)");
     let image = janus.decode_image(&tokens)?;
-    save_png(&image, &args.out)?;
+    save_image(&image, &args.out)?;
     progress.clear();
     print_lines(&[args.out.to_string_lossy().into_owned()])
+}
+
+/// The prompt given on the command line, or read from `--prompt-file` (`-`: standard input),
+/// bounded by `--max-input-mb`, with one trailing newline (`\n` or `\r\n`) trimmed.
+fn prompt_text(
+    prompt: Option<&str>,
+    file: Option<&Path>,
+    limits: &janus_core::Limits,
+) -> Result<String> {
+    let Some(file) = file else {
+        return Ok(prompt.unwrap_or_default().to_string());
+    };
+    let bytes = if file == Path::new("-") {
+        use std::io::Read;
+        let limit = limits.max_input_bytes();
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| janus_core::Error::Io {
+                path: file.to_path_buf(),
+                source: e,
+            })?;
+        if bytes.len() as u64 > limit {
+            return Err(janus_core::Error::InvalidInput(format!(
+                "the prompt on standard input is longer than the limit of {limit} bytes \
+                 (--max-input-mb)"
+            ))
+            .into());
+        }
+        bytes
+    } else {
+        janus_core::files::read_bounded(file, limits.max_input_bytes(), "prompt file")?
+    };
+    let mut text = String::from_utf8(bytes).map_err(|_| {
+        janus_core::Error::InvalidInput(format!("{}: the prompt is not UTF-8", file.display()))
+    })?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
 }
 
 /// A seed for a run that names none, exact in any JSON reader (below 2^53).

@@ -78,15 +78,13 @@ enum TokenList {
 
 /// Reads a token grid from the JSON of `encode-image --json` or `generate --json` (its first
 /// image).
-pub fn read_tokens(path: &Path) -> Result<ImageTokens> {
+/// The file is read only when it is a regular file within `limits.max_input_mb`.
+pub fn read_tokens(path: &Path, limits: &janus_core::Limits) -> Result<ImageTokens> {
     let bad = |message: String| CliError::TokenFile {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = std::fs::read(path).map_err(|e| janus_core::Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let bytes = janus_core::files::read_bounded(path, limits.max_input_bytes(), "token file")?;
     let file: TokenFile = serde_json::from_slice(&bytes).map_err(|e| {
         bad(format!(
             "expected the JSON of encode-image or generate, {{\"tokens\": [...], \"grid\": [rows, cols]}}: {e}"
@@ -113,10 +111,10 @@ pub fn read_tokens(path: &Path) -> Result<ImageTokens> {
 }
 
 /// The files `generate` writes for `prompts` prompts of `count` images each: `out` itself for
-/// one image, else `<stem>_<i>.png` beside it with `i` counting over prompts, then images.
+/// one image, else `<stem>_<i>.<ext>` beside it with `i` counting over prompts, then images.
 pub fn output_paths(out: &Path, prompts: usize, count: usize) -> Result<Vec<PathBuf>> {
     check_output(out)?;
-    let n = prompts * count;
+    let n = prompts.saturating_mul(count);
     if n == 1 {
         return Ok(vec![out.to_path_buf()]);
     }
@@ -124,8 +122,12 @@ pub fn output_paths(out: &Path, prompts: usize, count: usize) -> Result<Vec<Path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let ext = out
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok((0..n)
-        .map(|i| out.with_file_name(format!("{stem}_{i}.png")))
+        .map(|i| out.with_file_name(format!("{stem}_{i}.{ext}")))
         .collect())
 }
 
@@ -153,17 +155,14 @@ pub fn check_output(out: &Path) -> Result<()> {
             message: format!("the folder {} does not exist", parent.display()),
         });
     }
+    janus_core::image_file::format_for(out)?;
     Ok(())
 }
 
-/// Writes an image as PNG.
-pub fn save_png(image: &image::RgbImage, path: &Path) -> Result<()> {
-    image
-        .save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| CliError::Write {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+/// Writes an image in the format its extension names, whole or not at all (an existing file is
+/// replaced only by a complete one).
+pub fn save_image(image: &image::RgbImage, path: &Path) -> Result<()> {
+    Ok(janus_core::image_file::save(image, path)?)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::generate::image::{
     ImageGenOptions, cfg_rows, check_prompts, embed_image_tokens, pick_image_token,
+    reserve_generation,
 };
 use crate::generate::sampling::stream;
 use crate::generate::text::{TextGenOptions, check_context, host_values, pick_token};
@@ -37,6 +38,12 @@ pub enum Finish {
     StopString,
     /// The answer reached its `max_new_tokens`.
     Length,
+    /// The model produced a NaN or infinite logit at this step (counted from 1): nothing was
+    /// sampled from it, and finishing the sequence gives [`Error::NonFiniteLogits`].
+    NonFiniteLogits {
+        /// The token that could not be chosen.
+        step: usize,
+    },
 }
 
 /// One answer or one set of images in progress (see the [module docs](self)).
@@ -258,6 +265,7 @@ impl Janus {
     /// [`Sequence`]: the prompt and its unconditional twin are run now, once for all images.
     pub fn begin_generate(&self, prompt: &str, options: &ImageGenOptions) -> Result<Sequence> {
         options.validate()?;
+        self.limits().check_count(1, options.count)?;
         let ids = self.generation_ids(prompt)?;
         let model = self.model();
         check_prompts(model, &[ids.len()])?;
@@ -265,6 +273,7 @@ impl Janus {
         let t = ids.len();
         let n = model.config.vq.num_tokens();
         let p = options.count;
+        reserve_generation(model, p, t + n)?;
         let (rows, pads) = cfg_rows(std::slice::from_ref(&ids), self.tokenizer().special().pad);
         let mut cache = llm.new_cache(t + n);
         cache.set_left_padding(pads);
@@ -335,7 +344,16 @@ impl Janus {
                     let mut row =
                         text_logits[text_at * text_width..(text_at + 1) * text_width].to_vec();
                     text_at += 1;
-                    let tok = pick_token(&mut row, &t.options, &t.ids, &mut t.rng);
+                    let step = t.ids.len() + 1;
+                    let tok = match pick_token(&mut row, &t.options, &t.ids, &mut t.rng, step) {
+                        Ok(tok) => tok,
+                        Err(Error::NonFiniteLogits { step }) => {
+                            // This sequence fails alone; the others of the step go on.
+                            seq.finish = Some(Finish::NonFiniteLogits { step });
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     t.ids.push(tok);
                     t.prefill_time
                         .get_or_insert_with(|| t.decode_start.elapsed());
@@ -365,13 +383,30 @@ impl Janus {
                     image_at += rows;
                     let p = im.tokens.len();
                     let mut next = Vec::with_capacity(2 * p);
+                    let step = im.tokens[0].len() + 1;
+                    let mut picked = Ok(());
                     for (k, rng) in im.rngs.iter_mut().enumerate() {
                         let c = &block[k * image_width..(k + 1) * image_width];
                         let u = &block[(p + k) * image_width..(p + k + 1) * image_width];
                         let o = &im.options;
-                        let tok = pick_image_token(c, u, o.cfg_weight, &o.sampling, rng);
-                        im.tokens[k].push(tok);
-                        next.push(i64::from(tok));
+                        match pick_image_token(c, u, o.cfg_weight, &o.sampling, rng, step) {
+                            Ok(tok) => next.push(i64::from(tok)),
+                            Err(e) => {
+                                picked = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    match picked {
+                        Ok(()) => {}
+                        Err(Error::NonFiniteLogits { step }) => {
+                            seq.finish = Some(Finish::NonFiniteLogits { step });
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    for (k, &tok) in next.iter().enumerate() {
+                        im.tokens[k].push(tok as u32);
                     }
                     if im.tokens[0].len() == im.total {
                         seq.finish = Some(Finish::Done);
@@ -418,6 +453,9 @@ impl Janus {
         if seq.finish.is_none() {
             return Err(Error::InvalidInput("the answer is not finished".into()));
         }
+        if let Some(Finish::NonFiniteLogits { step }) = seq.finish {
+            return Err(Error::NonFiniteLogits { step });
+        }
         let prefill = t.prefill_time.unwrap_or_default();
         Ok(Answer {
             text: t.text,
@@ -437,6 +475,9 @@ impl Janus {
         };
         if seq.finish.is_none() {
             return Err(Error::InvalidInput("the images are not finished".into()));
+        }
+        if let Some(Finish::NonFiniteLogits { step }) = seq.finish {
+            return Err(Error::NonFiniteLogits { step });
         }
         self.decode_grids(im.tokens, im.options.seed)
     }

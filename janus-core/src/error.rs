@@ -18,6 +18,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A file could not be written (it is left as it was: outputs are written whole or not at
+    /// all).
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A configuration file is malformed, or lacks a key it must have.
     #[error("{file}: {message}")]
     Config {
@@ -67,6 +78,20 @@ pub enum Error {
     /// The caller's input is invalid (empty prompt, out-of-range id, wrong shape, ...).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+
+    /// The model produced a NaN or infinite logit (NaN weights, or a guidance weight so large
+    /// that the guided logits overflow): nothing is sampled from it. `step` counts the tokens of
+    /// the answer or image grid from 1.
+    #[error("non-finite logits at step {step}")]
+    NonFiniteLogits {
+        /// The token being chosen, from 1.
+        step: usize,
+    },
+
+    /// Memory for the request could not be had (the allocation was tried before the work began,
+    /// so nothing was lost).
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
 
     /// The caller's callback asked to stop.
     #[error("cancelled")]

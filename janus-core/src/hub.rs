@@ -128,6 +128,9 @@ pub fn resolve(model: &str, progress: Progress<'_>) -> Result<PathBuf> {
     if local.is_dir() {
         return Ok(local.to_path_buf());
     }
+    if local.exists() {
+        return Err(crate::pipeline::not_a_folder(local));
+    }
     if !is_hub_id(model) {
         return Err(not_found(model));
     }
@@ -147,6 +150,9 @@ pub fn resolve_in(
     let local = Path::new(model);
     if local.is_dir() {
         return Ok(local.to_path_buf());
+    }
+    if local.exists() {
+        return Err(crate::pipeline::not_a_folder(local));
     }
     if !is_hub_id(model) {
         return Err(not_found(model));

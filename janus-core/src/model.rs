@@ -8,7 +8,7 @@ use burn::module::ParamId;
 use burn::tensor::Device;
 
 use crate::config::JanusConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::load::adapter::LoraAdapter;
 use crate::load::{Checkpoint, ComputeDType, WeightStorage, Weights, check_weight_format};
 use crate::nn::heads::Heads;
@@ -92,6 +92,7 @@ impl JanusModel {
         weights: WeightFormat,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Self> {
+        check_declared_sizes(&config, ckpt)?;
         let dtype = dtype.resolve(device, weights, ckpt);
         check_weight_format(weights, device, dtype)?;
         let mut plan =
@@ -119,4 +120,48 @@ impl JanusModel {
             param_names: HashMap::new(),
         }
     }
+}
+
+/// Refuses a configuration that declares more layers than the checkpoint holds tensors for,
+/// before the module tree (sized by the declared counts) is built: every decoder layer has at
+/// least 9 tensors, every vision layer 16, every VQ resnet block 6, every aligner layer 2.
+fn check_declared_sizes(config: &JanusConfig, ckpt: &Checkpoint) -> Result<()> {
+    let held = ckpt.tensor_names().len() as u128;
+    let vq = &config.vq;
+    let stacks = [
+        (
+            "text num_hidden_layers",
+            config.text.num_hidden_layers,
+            9u128,
+        ),
+        (
+            "vision num_hidden_layers",
+            config.vision.num_hidden_layers,
+            16,
+        ),
+        ("aligner depth", config.aligner.depth, 2),
+        ("generation aligner depth", config.gen_aligner.depth, 2),
+        (
+            "VQ resnet blocks (channel_multiplier × num_res_blocks)",
+            vq.channel_multiplier
+                .len()
+                .saturating_mul(vq.num_res_blocks),
+            12,
+        ),
+    ];
+    let least: u128 = stacks.iter().map(|(_, n, per)| *n as u128 * per).sum();
+    if least > held {
+        let declared: Vec<String> = stacks
+            .iter()
+            .map(|(name, n, _)| format!("{name} {n}"))
+            .collect();
+        return Err(Error::config(
+            "config.json",
+            format!(
+                "declares {} — at least {least} tensors — but the checkpoint holds {held}",
+                declared.join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -11,6 +11,7 @@ use crate::generate::image::{
     ImageGenOptions, decode_tokens, encode_pixels, generate_tokens_batch,
 };
 use crate::generate::text::{TextGenOptions, embed_with_images, expand_image_tokens};
+use crate::limits::Limits;
 use crate::load::ComputeDType;
 use crate::load::adapter::LoraAdapter;
 use crate::model::JanusModel;
@@ -36,6 +37,9 @@ pub struct LoadOptions {
     /// then held in the weights' storage: bf16 storage rounds each merged weight to bf16, as a
     /// merge into a bf16 model does).
     pub lora: Option<PathBuf>,
+    /// Resource limits of each request ([`Limits`]; the handle keeps them,
+    /// [`Janus::set_limits`] changes them).
+    pub limits: Limits,
 }
 
 impl Default for LoadOptions {
@@ -45,6 +49,7 @@ impl Default for LoadOptions {
             dtype: ComputeDType::Auto,
             weights: WeightFormat::Auto,
             lora: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -81,14 +86,16 @@ impl GeneratedImage {
         Ok(out.into_inner())
     }
 
-    /// Writes the image as PNG.
+    /// Writes the image as PNG, whole or not at all (an existing file is replaced only once
+    /// the new one is complete).
     pub fn save_png(&self, path: &Path) -> Result<()> {
-        self.image
-            .save_with_format(path, image::ImageFormat::Png)
-            .map_err(|e| match e {
-                image::ImageError::IoError(io) => Error::io(path, io),
-                other => Error::InvalidInput(format!("{}: {other}", path.display())),
-            })
+        crate::files::write_atomic(path, &self.png_bytes()?)
+    }
+
+    /// Writes the image in the format its file name's extension names (`.png`, `.jpg`/`.jpeg`,
+    /// `.webp`; see [`image_file`](crate::image_file)), whole or not at all.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::image_file::save(&self.image, path)
     }
 }
 
@@ -162,20 +169,24 @@ pub struct Janus {
     tokenizer: JanusTokenizer,
     prompt: PromptFormat,
     images: ImageProcessorConfig,
+    limits: Limits,
 }
 
 impl Janus {
     /// Loads a model folder (either layout) onto the chosen backend.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.limits.validate()?;
         let device = options.backend.device()?;
         let adapter = options.lora.as_deref().map(LoraAdapter::open).transpose()?;
-        Self::load_adapted(
+        let mut janus = Self::load_adapted(
             dir,
             &device,
             options.dtype,
             options.weights,
             adapter.as_ref(),
-        )
+        )?;
+        janus.limits = options.limits;
+        Ok(janus)
     }
 
     /// Loads a model folder onto a given device, with the default weight storage.
@@ -202,6 +213,9 @@ impl Janus {
         weights: WeightFormat,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Self> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(not_a_folder(dir));
+        }
         let tokenizer = JanusTokenizer::from_dir(dir)?;
         let model = JanusModel::load_adapted(dir, device, dtype, weights, adapter)?;
         let vocab = model.config.text.vocab_size;
@@ -221,7 +235,23 @@ impl Janus {
             tokenizer,
             prompt,
             images,
+            limits: Limits::default(),
         })
+    }
+
+    /// The resource limits each request is checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Changes the resource limits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when a limit is 0.
+    pub fn set_limits(&mut self, limits: Limits) -> Result<()> {
+        limits.validate()?;
+        self.limits = limits;
+        Ok(())
     }
 
     /// The folder the model came from.
@@ -286,6 +316,9 @@ impl Janus {
     /// placeholder expanded to `<begin_of_image>`, one `<image_placeholder>` per image token and
     /// `<end_of_image>`.
     pub fn understanding_ids(&self, question: &str, images: usize) -> Result<Vec<u32>> {
+        if question.trim().is_empty() {
+            return Err(Error::InvalidInput("the question is empty".into()));
+        }
         self.prompt_ids(&self.prompt.understanding_prompt(question, images)?)
     }
 
@@ -374,6 +407,11 @@ impl Janus {
     ) -> Result<(burn::tensor::Tensor<3>, std::time::Duration)> {
         let started = std::time::Instant::now();
         let count = images.len();
+        self.limits.check_images(count)?;
+        for img in images {
+            self.limits
+                .check_pixels(u64::from(img.width()), u64::from(img.height()))?;
+        }
         let features = if count == 0 {
             None
         } else {
@@ -445,6 +483,8 @@ impl Janus {
         options: &ImageGenOptions,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<Vec<GeneratedImage>>> {
+        options.validate()?;
+        self.limits.check_count(prompts.len(), options.count)?;
         let ids = prompts
             .iter()
             .map(|p| self.generation_ids(p))
@@ -487,6 +527,8 @@ impl Janus {
         if image.width() == 0 || image.height() == 0 {
             return Err(Error::InvalidInput("the image has no pixels".into()));
         }
+        self.limits
+            .check_pixels(u64::from(image.width()), u64::from(image.height()))?;
         let vq = &self.model.config.vq;
         let pixels = crate::processor::image::preprocess_for_vq(image, vq.image_size());
         let ids = encode_pixels(&self.model, &[pixels])?.remove(0);
@@ -511,6 +553,15 @@ impl Janus {
         let mut images = decode_tokens(&self.model, std::slice::from_ref(&tokens.ids))?;
         Ok(images.remove(0))
     }
+}
+
+/// The error for a model path that names a file: a model is a folder (or a hub id).
+pub(crate) fn not_a_folder(path: &Path) -> Error {
+    Error::InvalidInput(format!(
+        "{} is a file; a model is a folder holding config.json, the tokenizer and the weights \
+         (or a Hugging Face hub id)",
+        path.display()
+    ))
 }
 
 /// Prompts get one image token per vision patch; a processor config that names another count

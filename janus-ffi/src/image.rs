@@ -2,12 +2,11 @@
 //! and written as PNG for callers without an image library.
 
 use std::ffi::c_char;
-use std::path::Path;
 
 use image::RgbImage;
 use janus_core::Error;
 use janus_core::pipeline::{GeneratedImage, ImageTokens};
-use janus_core::processor::image::{open_image, rgb_from_raw};
+use janus_core::processor::image::{open_image_within, rgb_from_raw};
 
 use crate::handles::{Owned, publish, reclaim};
 use crate::status::{FfiError, bad_argument, guard, janus_status};
@@ -268,7 +267,9 @@ pub(crate) unsafe fn tokens_from_c(tokens: *const janus_tokens) -> Result<ImageT
 /// freed with `janus_image_free`. On failure `*out_image` is set to NULL.
 ///
 /// Errors: `JANUS_ERR_IO` when the file cannot be read, `JANUS_ERR_INVALID_INPUT` when it is
-/// not a supported, valid image.
+/// not a regular file, is larger than the default `max_input_mb` (64 MiB) or has more pixels
+/// than the default `max_image_pixels` (50 000 000; both checked before the file is read or
+/// its pixels decoded), or is not a supported, valid image.
 ///
 /// Thread safety: safe from any thread.
 ///
@@ -284,16 +285,19 @@ pub unsafe extern "C" fn janus_image_read(
         let out = unsafe { set_out(out_image, "out_image")? };
         // SAFETY: as above.
         let path = unsafe { path_arg(path, "path")? };
-        let image = open_image(&path)?;
+        let image = open_image_within(&path, &janus_core::Limits::default())?;
         *out = publish(OwnedImage::new(image));
         Ok(())
     })
 }
 
-/// Writes an image (any `janus_image`: the caller's or one from the library) as a PNG file.
+/// Writes an image (any `janus_image`: the caller's or one from the library) as a PNG file,
+/// whole or not at all: through a temporary file beside it, flushed, then renamed over `path`,
+/// so that a failure leaves an existing file as it was.
 ///
-/// Errors: `JANUS_ERR_IO` when the file cannot be written, `JANUS_ERR_INVALID_INPUT` for an
-/// empty image or a stride shorter than a row.
+/// Errors: `JANUS_ERR_IO` when the file cannot be written (a missing folder, a full disk), with
+/// a message that says so; `JANUS_ERR_INVALID_INPUT` for an empty image or a stride shorter
+/// than a row.
 ///
 /// Thread safety: safe from any thread.
 ///
@@ -309,20 +313,10 @@ pub unsafe extern "C" fn janus_image_write_png(
         let img = unsafe { rgb_from_c(image, "image")? };
         // SAFETY: as above.
         let path = unsafe { path_arg(path, "path")? };
-        save_png(&img, &path)
+        let png = janus_core::image_file::encode(&img, image::ImageFormat::Png)?;
+        janus_core::files::write_atomic(&path, &png)?;
+        Ok(())
     })
-}
-
-fn save_png(img: &RgbImage, path: &Path) -> Result<(), FfiError> {
-    img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| match e {
-            image::ImageError::IoError(source) => Error::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-            other => Error::InvalidInput(format!("{}: {other}", path.display())),
-        })
-        .map_err(FfiError::from)
 }
 
 /// Frees an image returned by `janus_image_read` or `janus_decode_image`. NULL is a no-op;

@@ -77,6 +77,44 @@ pub(crate) fn weights_value(f: WeightFormat) -> janus_weights {
     }
 }
 
+/// Resource limits of each request on a handle (the same names and defaults as `janus
+/// --max-images`, ... and `janus_core::Limits`). Past a limit a call fails with
+/// `JANUS_ERR_INVALID_INPUT` before any allocation sized by it. Every limit must be at least 1.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct janus_limits {
+    /// Most images in one request (8).
+    pub max_images: usize,
+    /// Most pixels (width × height) of one input image (50 000 000).
+    pub max_image_pixels: u64,
+    /// Most images one `janus_generate` call makes: its `count` (64).
+    pub max_count: usize,
+    /// Largest input file read for a request, in MiB (64).
+    pub max_input_mb: u64,
+}
+
+impl From<janus_core::Limits> for janus_limits {
+    fn from(l: janus_core::Limits) -> Self {
+        janus_limits {
+            max_images: l.max_images,
+            max_image_pixels: l.max_image_pixels,
+            max_count: l.max_count,
+            max_input_mb: l.max_input_mb,
+        }
+    }
+}
+
+impl From<janus_limits> for janus_core::Limits {
+    fn from(l: janus_limits) -> Self {
+        janus_core::Limits {
+            max_images: l.max_images,
+            max_image_pixels: l.max_image_pixels,
+            max_count: l.max_count,
+            max_input_mb: l.max_input_mb,
+        }
+    }
+}
+
 /// How to load a model. Initialise with `janus_load_default_options()`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +128,9 @@ pub struct janus_load_options {
     /// How weights are held in memory (`JANUS_WEIGHTS_AUTO`). Added after the first release:
     /// callers built against a header without it get the default.
     pub weights: janus_weights,
+    /// Resource limits of each request on the handle (see `janus_limits`). Added after the
+    /// first release: callers built against a header without it get the defaults.
+    pub limits: janus_limits,
 }
 
 /// How to answer a question about images. Initialise with
@@ -219,6 +260,7 @@ pub extern "C" fn janus_load_default_options() -> janus_load_options {
         backend: JANUS_BACKEND_CPU,
         dtype: JANUS_DTYPE_AUTO,
         weights: JANUS_WEIGHTS_AUTO,
+        limits: janus_core::Limits::default().into(),
     }
 }
 
@@ -299,6 +341,7 @@ pub(crate) fn load_options(o: &janus_load_options) -> Result<LoadOptions, FfiErr
             dtype,
             weights,
             lora: None,
+            limits: o.limits.into(),
         })
     }
 }

@@ -38,13 +38,19 @@ pub enum janus_status {
     JANUS_ERR_UNSUPPORTED = 11,
     /// A bug in the library (a Rust panic, caught at the boundary). The message says where.
     JANUS_ERR_INTERNAL = 12,
+    /// The model produced NaN or infinite logits (NaN weights, or a guidance weight so large
+    /// that the guided logits overflow); the message names the step. Nothing was sampled.
+    JANUS_ERR_NUMERIC = 13,
+    /// The memory a request needs could not be allocated; it was tried before the work began,
+    /// and the handle stays usable.
+    JANUS_ERR_OUT_OF_MEMORY = 14,
 }
 
 use janus_status::*;
 
 impl janus_status {
     /// Every status, in order.
-    pub(crate) const ALL: [janus_status; 13] = [
+    pub(crate) const ALL: [janus_status; 15] = [
         JANUS_OK,
         JANUS_ERR_INVALID_ARGUMENT,
         JANUS_ERR_INVALID_HANDLE,
@@ -58,6 +64,8 @@ impl janus_status {
         JANUS_ERR_CANCELLED,
         JANUS_ERR_UNSUPPORTED,
         JANUS_ERR_INTERNAL,
+        JANUS_ERR_NUMERIC,
+        JANUS_ERR_OUT_OF_MEMORY,
     ];
 
     /// The C name of the code.
@@ -76,6 +84,8 @@ impl janus_status {
             JANUS_ERR_CANCELLED => c"JANUS_ERR_CANCELLED",
             JANUS_ERR_UNSUPPORTED => c"JANUS_ERR_UNSUPPORTED",
             JANUS_ERR_INTERNAL => c"JANUS_ERR_INTERNAL",
+            JANUS_ERR_NUMERIC => c"JANUS_ERR_NUMERIC",
+            JANUS_ERR_OUT_OF_MEMORY => c"JANUS_ERR_OUT_OF_MEMORY",
         }
     }
 }
@@ -102,7 +112,9 @@ impl FfiError {
             FfiError::Argument(_) => JANUS_ERR_INVALID_ARGUMENT,
             FfiError::Handle(_) => JANUS_ERR_INVALID_HANDLE,
             FfiError::Core(e) => match e {
-                E::Io { .. } | E::Hub(_) => JANUS_ERR_IO,
+                E::Io { .. } | E::Write { .. } | E::Hub(_) => JANUS_ERR_IO,
+                E::NonFiniteLogits { .. } => JANUS_ERR_NUMERIC,
+                E::OutOfMemory(_) => JANUS_ERR_OUT_OF_MEMORY,
                 E::Config { .. } => JANUS_ERR_CONFIG,
                 E::MissingFile { .. } => JANUS_ERR_MISSING_FILE,
                 E::Checkpoint { .. } | E::UnsafePickle { .. } => JANUS_ERR_CHECKPOINT,

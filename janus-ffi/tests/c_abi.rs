@@ -344,6 +344,31 @@ fn c_test_under_valgrind() {
     assert!(out.contains("ERROR SUMMARY: 0 errors"), "{out}");
 }
 
+/// The C test built with AddressSanitizer (gcc's `-fsanitize=address`, against the shared
+/// library): every call and error path of the header, no invalid access on the C side.
+#[test]
+fn c_test_under_address_sanitizer() {
+    let exe = build(
+        "cc",
+        "tests/c/test_janus.c",
+        "test_janus_c_asan",
+        &[
+            "-std=c11",
+            "-pedantic",
+            "-fsanitize=address",
+            "-fno-omit-frame-pointer",
+        ],
+        false,
+    );
+    let out = run(Command::new(&exe)
+        .env("ASAN_OPTIONS", "halt_on_error=1:detect_leaks=1")
+        .arg(expected_dir())
+        .arg(fixture("hf-tiny")));
+    println!("{out}");
+    assert!(out.contains("all C checks passed"), "{out}");
+    assert!(!out.contains("AddressSanitizer"), "{out}");
+}
+
 /// `examples/cpp` built with its Makefile against a copy installed by `janus-ffi/install.sh`
 /// and found through `pkg-config`, then run on the tiny checkpoint: it answers and writes a PNG
 /// of the model's image size.

@@ -30,7 +30,7 @@ pub(crate) fn invalid_input(py: Python<'_>, message: impl Into<String>) -> PyErr
 pub(crate) fn to_py(py: Python<'_>, err: Error) -> PyErr {
     let message = err.to_string();
     match err {
-        Error::Io { path, source } => {
+        Error::Io { path, source } | Error::Write { path, source } => {
             let class = if source.kind() == std::io::ErrorKind::NotFound {
                 "MissingFileError"
             } else {
@@ -59,6 +59,8 @@ pub(crate) fn to_py(py: Python<'_>, err: Error) -> PyErr {
         Error::Cancelled => new_error(py, "Cancelled", message),
         Error::Unsupported(_) => new_error(py, "UnsupportedError", message),
         Error::Hub(_) => new_error(py, "HubError", message),
+        Error::NonFiniteLogits { .. } => new_error(py, "NumericError", message),
+        Error::OutOfMemory(_) => new_error(py, "OutOfMemoryError", message),
         _ => new_error(py, "JanusError", message),
     }
 }

@@ -10,8 +10,9 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
+use janus_core::Limits;
 use janus_core::pipeline::ImageTokens;
-use janus_core::processor::image::{RgbImage, open_image, rgb_from_raw};
+use janus_core::processor::image::{RgbImage, open_image_within, rgb_from_raw};
 
 use crate::errors::{self, guarded, invalid_input};
 
@@ -28,6 +29,7 @@ enum ImageInput {
 pub(crate) fn images_arg(
     py: Python<'_>,
     obj: Option<&Bound<'_, PyAny>>,
+    limits: &Limits,
 ) -> PyResult<Vec<RgbImage>> {
     let Some(obj) = obj.filter(|o| !o.is_none()) else {
         return Ok(Vec::new());
@@ -39,24 +41,31 @@ pub(crate) fn images_arg(
     } else {
         vec![image_input(py, obj)?]
     };
-    resolve(py, inputs)
+    limits
+        .check_images(inputs.len())
+        .map_err(|e| errors::to_py(py, e))?;
+    resolve(py, inputs, limits)
 }
 
 /// One image (a PIL image, a path or a numpy array).
-pub(crate) fn image_arg(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<RgbImage> {
-    let mut images = resolve(py, vec![image_input(py, obj)?])?;
+pub(crate) fn image_arg(
+    py: Python<'_>,
+    obj: &Bound<'_, PyAny>,
+    limits: &Limits,
+) -> PyResult<RgbImage> {
+    let mut images = resolve(py, vec![image_input(py, obj)?], limits)?;
     Ok(images.remove(0))
 }
 
-/// Reads the files among `inputs` (detached from the interpreter).
-fn resolve(py: Python<'_>, inputs: Vec<ImageInput>) -> PyResult<Vec<RgbImage>> {
+/// Reads the files among `inputs` (detached from the interpreter), within `limits`.
+fn resolve(py: Python<'_>, inputs: Vec<ImageInput>, limits: &Limits) -> PyResult<Vec<RgbImage>> {
     let result = py.detach(|| {
         guarded(|| {
             inputs
                 .into_iter()
                 .map(|input| match input {
                     ImageInput::Pixels(img) => Ok(img),
-                    ImageInput::Path(path) => open_image(&path),
+                    ImageInput::Path(path) => open_image_within(&path, limits),
                 })
                 .collect::<Result<Vec<_>, _>>()
         })

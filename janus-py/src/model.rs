@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyMapping, PyString, PyTuple};
 
 use janus_core::pipeline::{self, LoadOptions, Role, Turn};
-use janus_core::{Backend, Error, WeightFormat};
+use janus_core::{Backend, Error, Limits, WeightFormat};
 
 use crate::errors::{self, guarded, invalid_input, keep_going};
 use crate::images::{image_arg, images_arg, to_pil, tokens_arg, tokens_to_numpy, type_name};
@@ -65,6 +65,7 @@ pub(crate) fn load_options(
         dtype,
         weights,
         lora,
+        limits: Limits::default(),
     })
 }
 
@@ -84,7 +85,11 @@ pub(crate) fn resolve_model(model: &Path) -> Result<PathBuf, Error> {
 }
 
 /// The turns of a conversation: a list of mappings with `role`, `content` and optional `images`.
-fn conversation_arg(py: Python<'_>, conversation: &Bound<'_, PyAny>) -> PyResult<Vec<Turn>> {
+fn conversation_arg(
+    py: Python<'_>,
+    conversation: &Bound<'_, PyAny>,
+    limits: &Limits,
+) -> PyResult<Vec<Turn>> {
     if !(conversation.is_instance_of::<PyList>() || conversation.is_instance_of::<PyTuple>()) {
         return Err(PyTypeError::new_err(format!(
             "conversation must be a list of turns ({{\"role\": ..., \"content\": ..., \"images\": [...]}}), not {}",
@@ -129,7 +134,7 @@ fn conversation_arg(py: Python<'_>, conversation: &Bound<'_, PyAny>) -> PyResult
             Some(c) => c.extract()?,
             None => return Err(invalid_input(py, format!("turn {i} has no \"content\""))),
         };
-        let images = images_arg(py, field("images")?.as_ref())?;
+        let images = images_arg(py, field("images")?.as_ref(), limits)?;
         turns.push(Turn {
             role,
             content,
@@ -194,8 +199,15 @@ impl Janus {
     /// GPU the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
     /// ``lora``, a LoRA adapter folder in PEFT's format (``adapter_config.json`` +
     /// ``adapter_model.safetensors``), is merged into the weights it adapts as they load.
+    /// ``max_images``, ``max_image_pixels``, ``max_count`` and ``max_input_mb`` limit every
+    /// request on the model (as ``janus --max-images`` ...): most images per request, most
+    /// pixels of one input image, most images one ``generate`` makes (prompts × count), the
+    /// largest image file read, in MiB. Past one, ``InvalidInputError`` before the work starts.
     #[staticmethod]
-    #[pyo3(signature = (model, backend = "cpu", dtype = "auto", weights = "auto", lora = None))]
+    #[pyo3(signature = (model, backend = "cpu", dtype = "auto", weights = "auto", lora = None,
+                        max_images = 8, max_image_pixels = 50_000_000, max_count = 64,
+                        max_input_mb = 64))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
@@ -203,8 +215,18 @@ impl Janus {
         dtype: &str,
         weights: &str,
         lora: Option<PathBuf>,
+        max_images: usize,
+        max_image_pixels: u64,
+        max_count: usize,
+        max_input_mb: u64,
     ) -> PyResult<Self> {
-        let options = load_options(py, backend, dtype, weights, lora)?;
+        let mut options = load_options(py, backend, dtype, weights, lora)?;
+        options.limits = Limits {
+            max_images,
+            max_image_pixels,
+            max_count,
+            max_input_mb,
+        };
         let backend = options.backend;
         let model = model_arg(model)?;
         let result =
@@ -284,7 +306,7 @@ impl Janus {
         repetition_penalty: f32,
         seed: Option<u64>,
     ) -> PyResult<Answer> {
-        let images = images_arg(py, images)?;
+        let images = images_arg(py, images, self.inner.limits())?;
         let options = TextArgs {
             max_new_tokens,
             temperature,
@@ -318,7 +340,7 @@ impl Janus {
         repetition_penalty: f32,
         seed: Option<u64>,
     ) -> PyResult<TextStream> {
-        let images = images_arg(py, images)?;
+        let images = images_arg(py, images, self.inner.limits())?;
         let options = TextArgs {
             max_new_tokens,
             temperature,
@@ -353,7 +375,7 @@ impl Janus {
         repetition_penalty: f32,
         seed: Option<u64>,
     ) -> PyResult<Answer> {
-        let turns = conversation_arg(py, conversation)?;
+        let turns = conversation_arg(py, conversation, self.inner.limits())?;
         let options = TextArgs {
             max_new_tokens,
             temperature,
@@ -383,7 +405,7 @@ impl Janus {
         repetition_penalty: f32,
         seed: Option<u64>,
     ) -> PyResult<TextStream> {
-        let turns = conversation_arg(py, conversation)?;
+        let turns = conversation_arg(py, conversation, self.inner.limits())?;
         let options = TextArgs {
             max_new_tokens,
             temperature,
@@ -449,7 +471,7 @@ impl Janus {
         py: Python<'py>,
         image: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let image = image_arg(py, image)?;
+        let image = image_arg(py, image, self.inner.limits())?;
         let janus = &*self.inner;
         let result = py.detach(|| guarded(|| janus.encode_image(&image)));
         let tokens = errors::finish(py, result, None)?;

@@ -15,8 +15,11 @@ use crate::error::ApiError;
 /// What the request parser may do and accept.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Most images in one request.
+    /// Most images in one request (`--max-images`).
     pub max_images: usize,
+    /// Most pixels of one image (`--max-image-pixels`), checked from its header before it is
+    /// decoded.
+    pub max_image_pixels: u64,
     /// Whether `http(s)` image URLs are fetched.
     pub allow_remote_images: bool,
     /// Most bytes read for one remote image.
@@ -362,12 +365,12 @@ fn load_image(url: &str, param: &str, limits: &Limits) -> Result<image::RgbImage
             "an image must be a data:image/…;base64 URL (local paths are never read)",
         ));
     };
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| ApiError::bad_param(param, format!("not a readable image: {e}")))?;
-    if img.width() == 0 || img.height() == 0 {
-        return Err(ApiError::bad_param(param, "the image has no pixels"));
-    }
-    Ok(img.to_rgb8())
+    let within = janus_core::Limits {
+        max_image_pixels: limits.max_image_pixels,
+        ..janus_core::Limits::default()
+    };
+    janus_core::processor::image::decode_image_within(&bytes, &within)
+        .map_err(|e| ApiError::bad_param(param, format!("not a readable image: {e}")))
 }
 
 /// Reads a remote image, at most `limit` bytes.
@@ -444,6 +447,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_images: 2,
+            max_image_pixels: 50_000_000,
             allow_remote_images: false,
             max_image_bytes: 1 << 20,
         }

@@ -39,8 +39,9 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// Most requests waiting for the batch; past it, 429.
     pub max_queue: usize,
-    /// Most images in one chat request.
-    pub max_images: usize,
+    /// Resource limits of a request (most images, largest image, most generated images),
+    /// named and defaulted as everywhere in janus-rs ([`janus_core::Limits`]).
+    pub limits: janus_core::Limits,
     /// Largest request body, in MiB; past it, 413.
     pub max_body_mb: usize,
     /// Whether `http(s)` image URLs are fetched (else refused with 400).
@@ -59,7 +60,7 @@ impl Default for ServeOptions {
             api_key: None,
             max_batch: 8,
             max_queue: 64,
-            max_images: 8,
+            limits: janus_core::Limits::default(),
             max_body_mb: 20,
             allow_remote_images: false,
             model_id: "janus".into(),
@@ -98,11 +99,15 @@ pub fn serve<F>(options: ServeOptions, load: F) -> Result<(), ServeError>
 where
     F: FnOnce() -> Result<Janus, String> + Send + 'static,
 {
-    if options.max_batch == 0 || options.max_queue == 0 || options.max_images == 0 {
+    if options.max_batch == 0 || options.max_queue == 0 {
         return Err(ServeError::Options(
-            "--max-batch, --max-queue and --max-images must be at least 1".into(),
+            "--max-batch and --max-queue must be at least 1".into(),
         ));
     }
+    options
+        .limits
+        .validate()
+        .map_err(|e| ServeError::Options(e.to_string()))?;
     if options.max_body_mb == 0 || options.max_body_mb > 4096 {
         return Err(ServeError::Options(
             "--max-body-mb must be 1 to 4096".into(),
@@ -176,7 +181,8 @@ where
         model_id: options.model_id.as_str().into(),
         api_key: options.api_key.as_deref().map(Into::into),
         limits: Limits {
-            max_images: options.max_images,
+            max_images: options.limits.max_images,
+            max_image_pixels: options.limits.max_image_pixels,
             allow_remote_images: options.allow_remote_images,
             max_image_bytes: options.max_body_mb << 20,
         },

@@ -216,7 +216,7 @@ async fn start(
 fn finish_reason(finish: Finish) -> &'static str {
     match finish {
         Finish::Length => "length",
-        Finish::Done | Finish::StopString => "stop",
+        Finish::Done | Finish::StopString | Finish::NonFiniteLogits { .. } => "stop",
     }
 }
 

@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::error::{Error, Result};
 use crate::model::JanusModel;
 
-use super::sampling::{Sampling, sample, stream};
+use super::sampling::{Sampling, check_finite, sample, stream};
 
 /// Options of one text-to-image call.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +98,7 @@ pub fn generate_tokens_batch(
     let p = opts.count;
     let n = model.config.vq.num_tokens();
     let t = lens.iter().copied().max().unwrap_or(0);
+    reserve_generation(model, k.saturating_mul(p), t + n)?;
     let (rows, pads) = cfg_rows(prompts, pad);
     // One prefill for all of them, then shared by every image of a prompt.
     let mut cache = llm.new_cache(t + n);
@@ -139,7 +140,7 @@ pub fn generate_tokens_batch(
         for (i, rng) in rngs.iter_mut().enumerate() {
             let c = &host[i * v..(i + 1) * v];
             let u = &host[(images + i) * v..(images + i + 1) * v];
-            let tok = pick_image_token(c, u, w, &opts.sampling, rng);
+            let tok = pick_image_token(c, u, w, &opts.sampling, rng, step + 1)?;
             tokens[i].push(tok);
             next.push(i64::from(tok));
         }
@@ -161,17 +162,40 @@ pub fn generate_tokens_batch(
     Ok(grouped)
 }
 
-/// The next image token from an image's conditional and unconditional logits: guided logits
-/// `u + w·(c − u)`, then the sampling rule with the image's random stream.
+/// The next image token (the grid's `step`-th, from 1) from an image's conditional and
+/// unconditional logits: guided logits `u + w·(c − u)`, then the sampling rule with the image's
+/// random stream. A NaN or infinite guided logit is [`Error::NonFiniteLogits`].
 pub(crate) fn pick_image_token(
     c: &[f32],
     u: &[f32],
     w: f32,
     sampling: &Sampling,
     rng: &mut rand_chacha::ChaCha8Rng,
-) -> u32 {
+    step: usize,
+) -> Result<u32> {
     let mixed: Vec<f32> = c.iter().zip(u).map(|(&c, &u)| u + w * (c - u)).collect();
-    sample(&mixed, sampling, rng) as u32
+    check_finite(&mixed, step)?;
+    Ok(sample(&mixed, sampling, rng) as u32)
+}
+
+/// Makes sure the memory of `images` images' guidance rows (their key/value cache for
+/// `positions` positions, and a step's logits) can be had before generation begins:
+/// [`Error::OutOfMemory`] instead of an abort part way through.
+pub(crate) fn reserve_generation(
+    model: &JanusModel,
+    images: usize,
+    positions: usize,
+) -> Result<()> {
+    let c = model.llm.config();
+    let per_row = (c.num_hidden_layers as u128)
+        * 2
+        * (c.num_key_value_heads as u128)
+        * (c.head_dim as u128)
+        * (positions as u128)
+        + (model.config.vq.codebook_size as u128);
+    let bytes = per_row * 2 * (images as u128) * 4;
+    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+    crate::limits::reserve(bytes, &format!("generating {images} image(s)"))
 }
 
 /// Checks generation prompts (`lens`: their token counts) against the context: each at least

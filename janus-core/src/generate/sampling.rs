@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 pub struct Sampling {
     /// Softmax temperature; 0 takes the argmax (deterministic).
     pub temperature: f32,
-    /// Keep only the `k` most likely tokens (None: all).
+    /// Keep only the `k` most likely tokens (None or `Some(0)`: all, as transformers' `top_k=0`
+    /// and the C API's 0).
     pub top_k: Option<usize>,
     /// Keep the smallest set of most likely tokens whose probability reaches `p` (None: all).
     pub top_p: Option<f32>,
@@ -25,16 +26,13 @@ impl Sampling {
         top_p: None,
     };
 
-    /// Checks the values (finite temperature ≥ 0, k ≥ 1, 0 < p ≤ 1).
+    /// Checks the values (finite temperature ≥ 0, 0 < p ≤ 1).
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::InvalidInput(format!(
                 "temperature must be a finite number ≥ 0, got {}",
                 self.temperature
             )));
-        }
-        if self.top_k == Some(0) {
-            return Err(Error::InvalidInput("top_k must be at least 1".into()));
         }
         if let Some(p) = self.top_p
             && !(p > 0.0 && p <= 1.0)
@@ -60,6 +58,19 @@ pub fn stream(seed: u64, index: u64) -> ChaCha8Rng {
     rng
 }
 
+/// Checks that every logit of a row is finite: sampling from a NaN or infinite logit would pick
+/// a token the model did not choose.
+///
+/// # Errors
+/// [`Error::NonFiniteLogits`] with `step`.
+pub fn check_finite(logits: &[f32], step: usize) -> Result<()> {
+    if logits.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::NonFiniteLogits { step })
+    }
+}
+
 /// Index of the largest value (the first one on ties); NaN counts as smallest.
 pub fn argmax(logits: &[f32]) -> usize {
     let mut best = 0;
@@ -82,8 +93,8 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         return 0;
     }
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if let Some(k) = s.top_k {
-        order.truncate(k.max(1));
+    if let Some(k) = s.top_k.filter(|&k| k > 0) {
+        order.truncate(k);
     }
     let max = logits[order[0]];
     let t = s.temperature as f64;
@@ -193,6 +204,22 @@ mod tests {
     }
 
     #[test]
+    fn top_k_zero_is_off() {
+        let logits = [0.3, 1.0, -0.5, 0.9, 0.0];
+        for seed in 0..20 {
+            let draw = |k| {
+                let s = Sampling {
+                    temperature: 1.0,
+                    top_k: k,
+                    top_p: None,
+                };
+                sample(&logits, &s, &mut stream(seed, 0))
+            };
+            assert_eq!(draw(Some(0)), draw(None), "seed {seed}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         let bad = |t: f32, k: Option<usize>, p: Option<f32>| {
             Sampling {
@@ -205,7 +232,8 @@ mod tests {
         };
         assert!(bad(f32::NAN, None, None));
         assert!(bad(-1.0, None, None));
-        assert!(bad(1.0, Some(0), None));
+        // top_k 0 keeps every token, as None does.
+        assert!(!bad(1.0, Some(0), None));
         assert!(bad(1.0, None, Some(0.0)));
         assert!(bad(1.0, None, Some(1.5)));
         assert!(!bad(0.0, Some(5), Some(0.9)));

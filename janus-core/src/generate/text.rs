@@ -8,7 +8,7 @@ use crate::model::JanusModel;
 
 use rand_chacha::ChaCha8Rng;
 
-use super::sampling::{Sampling, sample, stream};
+use super::sampling::{Sampling, check_finite, sample, stream};
 
 /// Options of one understanding call.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,7 +156,7 @@ pub fn decode(
     loop {
         let last = hidden.clone().narrow(1, hidden.dims()[1] - 1, 1);
         let mut logits = host_values(llm.logits(last))?;
-        let tok = pick_token(&mut logits, opts, &out, &mut rng);
+        let tok = pick_token(&mut logits, opts, &out, &mut rng, out.len() + 1)?;
         out.push(tok);
         let prefill = *first.get_or_insert_with(|| started.elapsed());
         if !on_token(tok) {
@@ -178,7 +178,9 @@ pub(crate) fn check_context(model: &JanusModel, t: usize, opts: &TextGenOptions)
     let limit = opts
         .max_context
         .min(model.llm.config().max_position_embeddings);
-    if t + opts.max_new_tokens > limit {
+    if t.checked_add(opts.max_new_tokens)
+        .is_none_or(|total| total > limit)
+    {
         return Err(Error::InvalidInput(format!(
             "the prompt ({t} tokens) and up to {} new tokens exceed the context of {limit}",
             opts.max_new_tokens
@@ -195,14 +197,16 @@ pub(crate) fn host_values<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))
 }
 
-/// The next token from one row of text logits: the repetition penalty over the ids produced so
-/// far (`out`), then the sampling rule with the sequence's random stream.
+/// The next token (the answer's `step`-th, from 1) from one row of text logits: the repetition
+/// penalty over the ids produced so far (`out`), then the sampling rule with the sequence's
+/// random stream. A NaN or infinite logit is [`Error::NonFiniteLogits`].
 pub(crate) fn pick_token(
     logits: &mut [f32],
     opts: &TextGenOptions,
     out: &[u32],
     rng: &mut ChaCha8Rng,
-) -> u32 {
+    step: usize,
+) -> Result<u32> {
     if opts.repetition_penalty != 1.0 {
         let p = opts.repetition_penalty;
         let mut seen = out.to_vec();
@@ -213,7 +217,8 @@ pub(crate) fn pick_token(
             *l = if *l < 0.0 { *l * p } else { *l / p };
         }
     }
-    sample(logits, &opts.sampling, rng) as u32
+    check_finite(logits, step)?;
+    Ok(sample(logits, &opts.sampling, rng) as u32)
 }
 
 #[cfg(test)]
@@ -237,5 +242,25 @@ mod tests {
         o.max_new_tokens = 1;
         o.repetition_penalty = 0.0;
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn a_non_finite_row_is_an_error_naming_the_step() {
+        let o = TextGenOptions::default();
+        let mut rng = stream(0, 0);
+        assert_eq!(
+            pick_token(&mut [0.0, 2.0], &o, &[], &mut rng, 1).unwrap(),
+            1
+        );
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let e = pick_token(&mut [0.0, bad], &o, &[], &mut rng, 7).unwrap_err();
+            assert_eq!(e.to_string(), "non-finite logits at step 7");
+        }
+        // A penalty that pushes a finite logit past f32's range is caught too.
+        let o = TextGenOptions {
+            repetition_penalty: 1e-38,
+            ..TextGenOptions::default()
+        };
+        assert!(pick_token(&mut [0.0, 1e3], &o, &[1], &mut rng, 2).is_err());
     }
 }

@@ -316,7 +316,7 @@ pub fn write_adapter(
         "revision": null,
     });
     let text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
-    write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())?;
+    crate::files::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())?;
 
     let mut owned = Vec::with_capacity(2 * layers.len());
     for (module, f) in layers {
@@ -349,17 +349,7 @@ pub fn write_adapter(
         path: path.clone(),
         message: e.to_string(),
     })?;
-    write_atomic(&path, &bytes)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder, renamed over `path`
-/// once complete.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    std::fs::write(&partial, bytes).map_err(|e| Error::io(&partial, e))?;
-    std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
+    crate::files::write_atomic(&path, &bytes)
 }
 
 #[cfg(test)]

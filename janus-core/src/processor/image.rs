@@ -32,6 +32,7 @@ use serde_json::Value;
 
 use crate::config::{Layout, Obj};
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 
 pub use image::RgbImage;
 
@@ -39,17 +40,28 @@ pub use image::RgbImage;
 // Decoding
 // ------------------------------------------------------------------------------------------------
 
+/// Decodes a PNG, JPEG, WebP or BMP file held in memory into 8-bit RGB, within the default
+/// [`Limits`] (see [`decode_image_within`]).
+///
+/// # Errors
+/// As [`decode_image_within`].
+pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
+    decode_image_within(bytes, &Limits::default())
+}
+
 /// Decodes a PNG, JPEG, WebP or BMP file held in memory into 8-bit RGB.
 ///
 /// The conversion follows Pillow's `Image.open(f).convert("RGB")`: an alpha channel is dropped
 /// (not composited over a background), grey and palette images are expanded, 16-bit RGB(A)
 /// samples keep their high byte, and 16-bit grey samples are clipped to 255 (Pillow's `I;16`
 /// conversion). No EXIF orientation or colour profile is applied (Pillow applies neither either).
+/// The image's size is read from its header and checked against `limits.max_image_pixels`
+/// before its pixels are decoded.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] for empty, truncated or corrupt data, an image with a zero width or
-/// height, or a format other than the four above.
-pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
+/// height or more pixels than the limit, or a format other than the four above.
+pub fn decode_image_within(bytes: &[u8], limits: &Limits) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::InvalidInput("empty image data".into()));
     }
@@ -69,21 +81,33 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
             )));
         }
     };
+    let reader = || image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     // The decoders report bad data as errors; the unwind guard is a second line of defence for
     // untrusted input (a decoder bug must not take the caller down).
-    let decoded = std::panic::catch_unwind(|| image::load_from_memory_with_format(bytes, format));
+    let corrupt = |e: String| Error::InvalidInput(format!("cannot decode {name} image: {e}"));
+    let malformed = || corrupt("the decoder failed on malformed data".into());
+    let (width, height) = std::panic::catch_unwind(|| reader().into_dimensions())
+        .map_err(|_| malformed())?
+        .map_err(|e| corrupt(e.to_string()))?;
+    if width == 0 || height == 0 {
+        return Err(Error::InvalidInput(format!(
+            "{name} image has a zero size ({width}x{height})"
+        )));
+    }
+    limits.check_pixels(u64::from(width), u64::from(height))?;
+    // At most 8 bytes a pixel (16-bit RGBA) for the decoded buffer, whatever the header hides.
+    let mut decoder_limits = image::Limits::default();
+    let largest = limits.max_image_pixels.saturating_mul(8);
+    decoder_limits.max_alloc = Some(decoder_limits.max_alloc.unwrap_or(0).max(largest));
+    let decoded = std::panic::catch_unwind(|| {
+        let mut r = reader();
+        r.limits(decoder_limits);
+        r.decode()
+    });
     let img = match decoded {
         Ok(Ok(img)) => img,
-        Ok(Err(e)) => {
-            return Err(Error::InvalidInput(format!(
-                "cannot decode {name} image: {e}"
-            )));
-        }
-        Err(_) => {
-            return Err(Error::InvalidInput(format!(
-                "cannot decode {name} image: the decoder failed on malformed data"
-            )));
-        }
+        Ok(Err(e)) => return Err(corrupt(e.to_string())),
+        Err(_) => return Err(malformed()),
     };
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::InvalidInput(format!(
@@ -95,14 +119,23 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     Ok(to_rgb_like_pillow(img))
 }
 
-/// Reads and decodes an image file (see [`decode_image`]).
+/// Reads and decodes an image file within the default [`Limits`] (see [`open_image_within`]).
 ///
 /// # Errors
-/// [`Error::Io`] when the file cannot be read; [`Error::InvalidInput`] (naming the file) when its
-/// content is not a supported, valid image.
+/// As [`open_image_within`].
 pub fn open_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_image(&bytes).map_err(|e| match e {
+    open_image_within(path, &Limits::default())
+}
+
+/// Reads and decodes an image file (see [`decode_image_within`]): a regular file of at most
+/// `limits.max_input_mb`, with at most `limits.max_image_pixels` pixels.
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read; [`Error::InvalidInput`] (naming the file) when it
+/// is not a regular file, is past a limit, or its content is not a supported, valid image.
+pub fn open_image_within(path: &Path, limits: &Limits) -> Result<RgbImage> {
+    let bytes = crate::files::read_bounded(path, limits.max_input_bytes(), "image file")?;
+    decode_image_within(&bytes, limits).map_err(|e| match e {
         Error::InvalidInput(msg) => Error::InvalidInput(format!("{}: {msg}", path.display())),
         other => other,
     })

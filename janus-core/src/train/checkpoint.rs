@@ -21,7 +21,7 @@ use super::data::Example;
 use super::order::Order;
 use super::trainer::TrainOptions;
 use crate::error::{Error, Result};
-use crate::load::adapter::write_atomic;
+use crate::files::write_atomic;
 use crate::model::JanusModel;
 
 const PARAMS: &str = "params.safetensors";

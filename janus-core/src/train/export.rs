@@ -246,10 +246,7 @@ fn convert_pickled(
             "weight_map": weight_map,
         });
         let text = serde_json::to_string_pretty(&index).expect("a JSON value serializes");
-        crate::load::adapter::write_atomic(
-            &out.join("model.safetensors.index.json"),
-            text.as_bytes(),
-        )?;
+        crate::files::write_atomic(&out.join("model.safetensors.index.json"), text.as_bytes())?;
     }
     Ok(replaced)
 }

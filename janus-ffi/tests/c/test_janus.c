@@ -1,7 +1,8 @@
 /*
  * The C test of libjanus: runs the tiny test checkpoints through the C API and compares with
  * the reference outputs (extracted by tests/c_abi.rs into plain files), then checks the error
- * paths: NULL arguments, bad paths and options, cancellation, freed handles and double frees.
+ * paths: NULL arguments, bad paths and options, cancellation, freed handles and double frees,
+ * and hostile input: overflowing sizes, limits, non-finite logits, devices, failed writes.
  *
  *   test_janus EXPECTED_DIR HF_MODEL_DIR [ORIGINAL_MODEL_DIR]
  *
@@ -9,12 +10,16 @@
  * `<key>.rgb` whose shape is the `<key>_shape` entry (height, width). Without
  * ORIGINAL_MODEL_DIR only the Hugging Face-layout checks run (the short run under valgrind).
  */
+#define _XOPEN_SOURCE 700 /* mkdtemp, setrlimit */
 #include "janus.h"
 
+#include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 static int failures = 0;
 
@@ -461,6 +466,107 @@ static void check_hf(const char *model_dir, const char *out_dir) {
     printf("ok: hf-tiny (understanding, streaming, generation, encode/decode, errors)\n");
 }
 
+/* ---- hostile input --------------------------------------------------------------------- */
+
+static int file_equals(const char *path, const char *want, size_t n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    char buf[256];
+    size_t got = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    return got == n && memcmp(buf, want, n) == 0;
+}
+
+static void check_hardening(const char *model_dir) {
+    janus_load_options lo = janus_load_default_options();
+    CHECK(lo.limits.max_images == 8 && lo.limits.max_image_pixels == 50000000 &&
+              lo.limits.max_count == 64 && lo.limits.max_input_mb == 64,
+          "default limits");
+    janus_model *model = NULL;
+    lo.limits.max_count = 0;
+    EXPECT_STATUS(janus_model_load(model_dir, &lo, &model), JANUS_ERR_INVALID_INPUT);
+    lo.limits.max_count = 2;
+    lo.limits.max_images = 1;
+    MUST(janus_model_load(model_dir, &lo, &model));
+
+    uint8_t px[16 * 16 * 3];
+    memset(px, 100, sizeof px);
+    janus_image image = {px, 16, 16, 16 * 3};
+    janus_image two[2] = {image, image};
+    janus_answer *answer = (janus_answer *)0x1;
+    janus_understand_options uo = janus_understand_default_options();
+    /* An overflowing max_new_tokens does not wrap the context check. */
+    uo.max_new_tokens = SIZE_MAX;
+    EXPECT_STATUS(janus_understand(model, &image, 1, "what?", &uo, &answer),
+                  JANUS_ERR_INVALID_INPUT);
+    CHECK(answer == NULL, "out_answer not cleared");
+    uo = janus_understand_default_options();
+    uo.max_new_tokens = 2;
+    /* An empty question, and more images than the handle's max_images. */
+    EXPECT_STATUS(janus_understand(model, &image, 1, "", &uo, &answer), JANUS_ERR_INVALID_INPUT);
+    EXPECT_STATUS(janus_understand(model, two, 2, "what?", &uo, &answer),
+                  JANUS_ERR_INVALID_INPUT);
+    CHECK(strstr(janus_last_error(), "max_images") != NULL, "message: %s", janus_last_error());
+
+    /* count past max_count; a guidance weight that overflows the logits. */
+    janus_image_list *list = (janus_image_list *)0x1;
+    janus_generate_options go = janus_generate_default_options();
+    go.count = 3;
+    EXPECT_STATUS(janus_generate(model, "a cat", &go, &list), JANUS_ERR_INVALID_INPUT);
+    CHECK(strstr(janus_last_error(), "max_count") != NULL, "message: %s", janus_last_error());
+    go = janus_generate_default_options();
+    go.cfg_weight = 3.4e38f;
+    EXPECT_STATUS(janus_generate(model, "a cat", &go, &list), JANUS_ERR_NUMERIC);
+    CHECK(strstr(janus_last_error(), "non-finite logits at step 1") != NULL, "message: %s",
+          janus_last_error());
+    CHECK(list == NULL, "out_list not cleared");
+    CHECK(strcmp(janus_status_string(JANUS_ERR_NUMERIC), "JANUS_ERR_NUMERIC") == 0 &&
+              strcmp(janus_status_string(JANUS_ERR_OUT_OF_MEMORY), "JANUS_ERR_OUT_OF_MEMORY") == 0,
+          "status names");
+    /* The handle is still usable after those failures. */
+    MUST(janus_understand(model, &image, 1, "what?", &uo, &answer));
+    MUST(janus_answer_free(answer));
+    MUST(janus_model_free(model));
+
+    /* A device where a file is expected. */
+    janus_image *read = (janus_image *)0x1;
+    EXPECT_STATUS(janus_image_read("/dev/zero", &read), JANUS_ERR_INVALID_INPUT);
+    CHECK(strstr(janus_last_error(), "regular file") != NULL, "message: %s", janus_last_error());
+    CHECK(read == NULL, "out_image not cleared");
+
+    /* A write that fails (the file-size limit stands for a full disk) is an error, says so, and
+     * leaves the existing file as it was. */
+    char dir[] = "/tmp/janus-c-test-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    char path[512];
+    snprintf(path, sizeof path, "%s/out.png", dir);
+    const char old[] = "an older image";
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL, "create %s", path);
+    if (f) {
+        fwrite(old, 1, sizeof old, f);
+        fclose(f);
+    }
+    struct rlimit before, small = {64, 64};
+    getrlimit(RLIMIT_FSIZE, &before);
+    void (*previous)(int) = signal(SIGXFSZ, SIG_IGN);
+    small.rlim_max = before.rlim_max;
+    setrlimit(RLIMIT_FSIZE, &small);
+    janus_status st = janus_image_write_png(&image, path);
+    setrlimit(RLIMIT_FSIZE, &before);
+    signal(SIGXFSZ, previous);
+    CHECK(st == JANUS_ERR_IO, "failed write -> %s", janus_status_string(st));
+    CHECK(strstr(janus_last_error(), "cannot write") != NULL, "message: %s", janus_last_error());
+    CHECK(file_equals(path, old, sizeof old), "the existing file was changed");
+    MUST(janus_image_write_png(&image, path));
+    MUST(janus_image_read(path, &read));
+    CHECK(read->width == 16 && read->height == 16, "read back %ux%u", read->width, read->height);
+    MUST(janus_image_free(read));
+    remove(path);
+    CHECK(remove(dir) == 0, "files left behind in %s", dir);
+    printf("ok: hostile input (limits, overflow, non-finite logits, devices, failed writes)\n");
+}
+
 /* ---- original DeepSeek layout ---------------------------------------------------------- */
 
 static void check_original(const char *model_dir) {
@@ -556,6 +662,7 @@ int main(int argc, char **argv) {
     expected_dir = argv[1];
     check_errors_without_a_model(expected_dir);
     check_hf(argv[2], expected_dir);
+    check_hardening(argv[2]);
     if (argc > 3) check_original(argv[3]);
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);

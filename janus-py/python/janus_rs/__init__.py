@@ -22,6 +22,8 @@ from ._errors import (
     IoError,
     JanusError,
     MissingFileError,
+    NumericError,
+    OutOfMemoryError,
     TokenizerError,
     UnsupportedError,
 )
@@ -39,6 +41,8 @@ __all__ = [
     "Janus",
     "JanusError",
     "MissingFileError",
+    "NumericError",
+    "OutOfMemoryError",
     "TextStream",
     "TokenizerError",
     "UnsupportedError",

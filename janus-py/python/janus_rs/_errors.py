@@ -11,6 +11,8 @@ __all__ = [
     "TokenizerError",
     "HubError",
     "InvalidInputError",
+    "NumericError",
+    "OutOfMemoryError",
     "Cancelled",
     "UnsupportedError",
 ]
@@ -53,6 +55,16 @@ class HubError(JanusError):
 
 class InvalidInputError(JanusError, ValueError):
     """An argument is invalid: wrong image shape, placeholder count, option out of range, ..."""
+
+
+class NumericError(JanusError, ArithmeticError):
+    """The model produced NaN or infinite logits (NaN weights, or a guidance weight so large that
+    the guided logits overflow); the message names the step. Nothing was sampled."""
+
+
+class OutOfMemoryError(JanusError, MemoryError):
+    """The memory a request needs could not be allocated (tried before the work began; the model
+    stays usable)."""
 
 
 class Cancelled(JanusError):

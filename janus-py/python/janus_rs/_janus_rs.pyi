@@ -97,6 +97,10 @@ class Janus:
         dtype: str = "auto",
         weights: str = "auto",
         lora: Optional[Union[str, os.PathLike[str]]] = None,
+        max_images: int = 8,
+        max_image_pixels: int = 50_000_000,
+        max_count: int = 64,
+        max_input_mb: int = 64,
     ) -> Janus:
         """Loads a model: a folder (Hugging Face or original DeepSeek layout), or a Hugging Face
         id (``"org/name"``) found in the Hugging Face cache or downloaded into it
@@ -111,6 +115,10 @@ class Janus:
         the compute dtype), ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
         ``lora``, a LoRA adapter folder in PEFT's format (``adapter_config.json`` +
         ``adapter_model.safetensors``), is merged into the weights it adapts as they load.
+        ``max_images``, ``max_image_pixels``, ``max_count`` and ``max_input_mb`` limit every
+        request on the model (as ``janus --max-images`` ...): most images per request, most
+        pixels of one input image, most images one ``generate`` makes (prompts × count), the
+        largest image file read, in MiB. Past one, ``InvalidInputError`` before the work starts.
         """
     @property
     def dir(self) -> pathlib.Path:
