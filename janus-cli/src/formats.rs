@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use janus_core::pipeline::ImageTokens;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::error::{CliError, Result};
 
@@ -61,53 +61,14 @@ pub struct EncodeJson<'a> {
     pub dtype: &'static str,
 }
 
-/// What `decode-image --tokens` reads: the encode-image JSON (a flat list) or the generate JSON
-/// (one list per image).
-#[derive(Debug, Deserialize)]
-struct TokenFile {
-    tokens: TokenList,
-    grid: [usize; 2],
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum TokenList {
-    Flat(Vec<u32>),
-    PerImage(Vec<Vec<u32>>),
-}
-
 /// Reads a token grid from the JSON of `encode-image --json` or `generate --json` (its first
-/// image).
-/// The file is read only when it is a regular file within `limits.max_input_mb`.
+/// image). The file is read only when it is a regular file within `limits.max_input_mb`.
 pub fn read_tokens(path: &Path, limits: &janus_core::Limits) -> Result<ImageTokens> {
-    let bad = |message: String| CliError::TokenFile {
+    let bytes = janus_core::files::read_bounded(path, limits.max_input_bytes(), "token file")?;
+    ImageTokens::from_json(&bytes).map_err(|message| CliError::TokenFile {
         path: path.to_path_buf(),
         message,
-    };
-    let bytes = janus_core::files::read_bounded(path, limits.max_input_bytes(), "token file")?;
-    let file: TokenFile = serde_json::from_slice(&bytes).map_err(|e| {
-        bad(format!(
-            "expected the JSON of encode-image or generate, {{\"tokens\": [...], \"grid\": [rows, cols]}}: {e}"
-        ))
-    })?;
-    let ids = match file.tokens {
-        TokenList::Flat(ids) => ids,
-        TokenList::PerImage(images) => images
-            .into_iter()
-            .next()
-            .ok_or_else(|| bad("`tokens` lists no image".into()))?,
-    };
-    if ids.is_empty() {
-        return Err(bad("`tokens` is empty".into()));
-    }
-    let [rows, cols] = file.grid;
-    if rows.checked_mul(cols) != Some(ids.len()) {
-        return Err(bad(format!(
-            "{} tokens do not fill the {rows}×{cols} grid",
-            ids.len()
-        )));
-    }
-    Ok(ImageTokens { ids, rows, cols })
+    })
 }
 
 /// The files `generate` writes for `prompts` prompts of `count` images each: `out` itself for

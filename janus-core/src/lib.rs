@@ -27,6 +27,8 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generate;
 #[cfg(feature = "hub")]
 pub mod hub;

@@ -65,6 +65,56 @@ pub struct ImageTokens {
     pub cols: usize,
 }
 
+/// The token file of `janus decode-image`: the JSON `janus encode-image --json` prints (a flat
+/// list) or `janus generate --json` prints (one list per image).
+#[derive(Debug, serde::Deserialize)]
+struct TokenFile {
+    tokens: TokenList,
+    grid: [usize; 2],
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum TokenList {
+    Flat(Vec<u32>),
+    PerImage(Vec<Vec<u32>>),
+}
+
+impl ImageTokens {
+    /// A token grid from the JSON of `janus encode-image --json` or `janus generate --json`
+    /// (its first image): `{"tokens": [...], "grid": [rows, cols]}`.
+    ///
+    /// # Errors
+    /// What is wrong with the JSON, as a message: malformed, no image, empty, or ids that do not
+    /// fill the grid.
+    pub fn from_json(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let file: TokenFile = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "expected the JSON of encode-image or generate, {{\"tokens\": [...], \"grid\": \
+                 [rows, cols]}}: {e}"
+            )
+        })?;
+        let ids = match file.tokens {
+            TokenList::Flat(ids) => ids,
+            TokenList::PerImage(images) => images
+                .into_iter()
+                .next()
+                .ok_or_else(|| "`tokens` lists no image".to_string())?,
+        };
+        if ids.is_empty() {
+            return Err("`tokens` is empty".into());
+        }
+        let [rows, cols] = file.grid;
+        if rows.checked_mul(cols) != Some(ids.len()) {
+            return Err(format!(
+                "{} tokens do not fill the {rows}×{cols} grid",
+                ids.len()
+            ));
+        }
+        Ok(ImageTokens { ids, rows, cols })
+    }
+}
+
 /// One generated image.
 #[derive(Debug, Clone)]
 pub struct GeneratedImage {
