@@ -405,6 +405,57 @@ def test_errors_are_typed(hf, hf_ref, tmp_path) -> None:
             hf.decode_image(grid)
 
 
+def test_hostile_input_gets_typed_errors_before_the_work(hf, hf_ref, tmp_path) -> None:
+    img = hf_ref["image_u8"]
+    # An overflowing max_new_tokens does not wrap the context check.
+    with pytest.raises(janus_rs.InvalidInputError, match="exceed the context"):
+        hf.understand(img, QUESTION, max_new_tokens=2**64 - 29)
+    # count past max_count (64 by default), prompts x count.
+    with pytest.raises(janus_rs.InvalidInputError, match="max_count"):
+        hf.generate(CAT, count=100000)
+    with pytest.raises(janus_rs.InvalidInputError, match="max_count"):
+        hf.generate([CAT] * 9, count=8)
+    # A guidance weight that overflows the guided logits: nothing is sampled from them.
+    with pytest.raises(janus_rs.NumericError, match="non-finite logits at step 1") as e:
+        hf.generate(CAT, cfg_weight=3.4e38)
+    assert isinstance(e.value, ArithmeticError)
+    # A device where an image file is expected, an empty question.
+    with pytest.raises(janus_rs.InvalidInputError, match="regular file"):
+        hf.understand("/dev/zero", QUESTION, max_new_tokens=2)
+    for empty in ["", "  \n"]:
+        with pytest.raises(janus_rs.InvalidInputError, match="empty"):
+            hf.understand(img, empty, max_new_tokens=2)
+    # A model path that is a file.
+    with pytest.raises(janus_rs.InvalidInputError, match="is a file"):
+        janus_rs.Janus.load(FIXTURES / "hf-tiny" / "config.json")
+    # top_k=0 is "off", as None.
+    plain = hf.understand(img, QUESTION, max_new_tokens=4, temperature=1.0, seed=5)
+    off = hf.understand(img, QUESTION, max_new_tokens=4, temperature=1.0, top_k=0, seed=5)
+    assert plain.token_ids == off.token_ids
+
+
+def test_limits_are_load_keywords(hf_ref, tmp_path) -> None:
+    with pytest.raises(janus_rs.InvalidInputError, match="max_count"):
+        janus_rs.Janus.load(FIXTURES / "hf-tiny", max_count=0)
+    small = janus_rs.Janus.load(
+        FIXTURES / "hf-tiny", dtype="f32", max_images=1, max_image_pixels=100, max_count=2,
+        max_input_mb=1,
+    )
+    img = hf_ref["image_u8"]
+    with pytest.raises(janus_rs.InvalidInputError, match="max_images"):
+        small.understand([img, img], QUESTION, max_new_tokens=2)
+    with pytest.raises(janus_rs.InvalidInputError, match="max_image_pixels"):
+        small.understand(img, QUESTION, max_new_tokens=2)
+    with pytest.raises(janus_rs.InvalidInputError, match="max_count"):
+        small.generate(CAT, count=3)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * ((1 << 20) + 1))
+    with pytest.raises(janus_rs.InvalidInputError, match="max_input_mb"):
+        small.understand(big, QUESTION, max_new_tokens=2)
+    tiny = PIL.Image.new("RGB", (8, 8), (10, 20, 30))
+    assert len(small.understand(tiny, QUESTION, max_new_tokens=2).token_ids) >= 1
+
+
 # --- threads, cancellation, streaming -----------------------------------------------------------
 
 
@@ -463,6 +514,42 @@ def test_calls_from_several_threads_agree(hf, hf_ref) -> None:
     for t in threads:
         t.join()
     assert results == [want] * 3
+
+
+def test_eight_threads_mixing_calls_get_their_serial_results(hf, hf_ref) -> None:
+    img = hf_ref["image_u8"]
+    calls = [
+        lambda: hf.understand(img, QUESTION, max_new_tokens=4).token_ids,
+        lambda: hf.understand(img, QUESTION, max_new_tokens=4, temperature=1.0, seed=3).token_ids,
+        lambda: np.asarray(hf.generate(CAT, seed=1, count=2)[1].tokens).tolist(),
+        lambda: np.asarray(hf.encode_image(img)).tolist(),
+    ] * 2
+    serial = [call() for call in calls]
+    results: list[object] = [None] * len(calls)
+    errors: list[BaseException] = []
+    cancelled = threading.Event()
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def cancel() -> None:
+        # A cancelled call among them leaves the handle usable for the others.
+        with pytest.raises(janus_rs.Cancelled):
+            hf.generate(CAT, seed=2, progress=lambda step, total: step < 3)
+        cancelled.set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    threads.append(threading.Thread(target=cancel))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert cancelled.is_set()
+    assert results == serial
 
 
 def test_progress_can_cancel(hf, hf_ref) -> None:

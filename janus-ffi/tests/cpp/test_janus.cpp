@@ -1,5 +1,6 @@
 // The C++ test of libjanus: the C API behind RAII owners and exceptions, one model shared by
-// several threads (answers and images must equal the reference in every thread), a model freed
+// 8 threads mixing understanding, generation and encoding (each equal to the reference or to a
+// serial run) with a cancelled call among them, a model freed
 // while another thread still generates with it, and streaming into a lambda.
 //
 //   test_janus_cpp EXPECTED_DIR HF_MODEL_DIR
@@ -141,11 +142,33 @@ void one_model_many_threads(const janus_model *model) {
     janus_generate_options go = janus_generate_default_options();
     go.temperature = 0.0f;
 
+    // The encoding of the image, computed alone first.
+    janus_image encode_view = image.view();
+    janus_tokens *t = nullptr;
+    check(janus_encode_image(model, &encode_view, &t));
+    const std::vector<uint32_t> want_codes(t->ids, t->ids + t->rows * t->cols);
+    check(janus_tokens_free(t));
+
     std::mutex m;
     std::vector<std::string> errors;
     auto worker = [&](int i) {
         try {
-            if (i % 2 == 0) {
+            if (i == 8) {
+                // A call cancelled among the others leaves the handle usable for them.
+                janus_generate_options cancel = go;
+                cancel.progress = [](size_t step, size_t, void *) -> bool { return step < 3; };
+                janus_image_list *l = nullptr;
+                janus_status st = janus_generate(model, "a photo of a cat", &cancel, &l);
+                if (st != JANUS_ERR_CANCELLED || l != nullptr)
+                    throw std::runtime_error("the cancelled call was not cancelled");
+            } else if (i % 4 == 3) {
+                janus_image view = image.view();
+                janus_tokens *codes = nullptr;
+                check(janus_encode_image(model, &view, &codes));
+                std::vector<uint32_t> got(codes->ids, codes->ids + codes->rows * codes->cols);
+                check(janus_tokens_free(codes));
+                if (got != want_codes) throw std::runtime_error("encoded tokens differ");
+            } else if (i % 2 == 0) {
                 janus_image view = image.view();
                 janus_answer *a = nullptr;
                 check(janus_understand(model, &view, 1, "What is shown in this image?", &uo, &a));
@@ -167,10 +190,11 @@ void one_model_many_threads(const janus_model *model) {
         }
     };
     std::vector<std::thread> threads;
-    for (int i = 0; i < 4; i++) threads.emplace_back(worker, i);
-    for (auto &t : threads) t.join();
+    for (int i = 0; i < 9; i++) threads.emplace_back(worker, i);
+    for (auto &th : threads) th.join();
     for (const auto &e : errors) CHECK(false, e);
-    std::printf("ok: one model, 4 threads (2 answering, 2 generating), all equal to the reference\n");
+    std::printf("ok: one model, 8 threads (answering, generating, encoding) equal to the "
+                "reference and to a serial run, and a cancelled call among them\n");
 }
 
 void streaming_into_a_lambda(const janus_model *model) {
