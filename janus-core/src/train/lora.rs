@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::Param;
 
 use crate::error::{Error, Result};
 use crate::generate::sampling::stream;
@@ -270,6 +270,7 @@ pub fn merge(janus: &mut Janus) -> Result<()> {
 
 /// Sets whether the adapters' parameters take gradients (the rest of the model is left as it
 /// is).
+#[cfg(feature = "train")]
 pub(crate) fn adapters_require_grad(llm: &mut Llm, require: bool) {
     for (_, _, layer) in llm.projections_mut() {
         if let Some(lora) = layer.lora() {
@@ -277,8 +278,8 @@ pub(crate) fn adapters_require_grad(llm: &mut Llm, require: bool) {
                 a: lora.a.clone(),
                 b: lora.b.clone(),
                 scale: lora.scale,
-            }
-            .set_require_grad(require);
+            };
+            let lora = burn::module::Module::set_require_grad(lora, require);
             layer.set_lora(Some(lora));
         }
     }
