@@ -190,8 +190,15 @@ impl<'a> Obj<'a> {
     }
 }
 
-/// Reads and parses a JSON file, naming the file in any error.
+/// The largest JSON file of a model folder read (configs, shard indexes, processor and
+/// tokenizer configs are kilobytes to a few megabytes).
+pub(crate) const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// Reads and parses a JSON file (a regular file of at most [`MAX_JSON_BYTES`]), naming the file
+/// in any error.
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))
+    let bytes = crate::files::read_bounded(path, MAX_JSON_BYTES, "JSON file")?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| Error::config(path, format!("not UTF-8 text: {e}")))?;
+    serde_json::from_str(text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))
 }
