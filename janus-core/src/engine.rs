@@ -237,6 +237,13 @@ impl Janus {
         let decode_start = Instant::now();
         let llm = &self.model().llm;
         let t = embeds.dims()[1];
+        crate::generate::reserve_rows(
+            self.model(),
+            1,
+            t + options.max_new_tokens,
+            llm.config().vocab_size,
+            "an answer",
+        )?;
         let mut cache = llm.new_cache(t + options.max_new_tokens);
         let hidden = llm.forward(embeds, &mut cache)?;
         Ok(Sequence {

@@ -220,7 +220,7 @@ fn seeds_reproduce_and_images_have_their_own_streams() {
     let err = img
         .save_png(&dir.path().join("missing/out.png"))
         .unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(matches!(err, Error::Write { .. }), "{err}");
 }
 
 #[test]

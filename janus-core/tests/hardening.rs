@@ -191,3 +191,19 @@ fn eight_threads_on_one_handle_get_their_serial_results() {
     // The handle is still usable after the cancelled call.
     assert_eq!(call(0), serial[0]);
 }
+
+/// Many images are decoded a few at a time (bounded memory); each equals its grid decoded alone.
+#[test]
+fn images_decoded_in_chunks_equal_images_decoded_alone() {
+    let janus = load(&fixture("hf-tiny"));
+    let options = ImageGenOptions {
+        count: 6,
+        seed: 2,
+        ..ImageGenOptions::default()
+    };
+    let images = janus.generate("a lighthouse", &options).unwrap();
+    assert_eq!(images.len(), 6);
+    for g in &images {
+        assert_eq!(janus.decode_image(&g.tokens).unwrap(), g.image);
+    }
+}

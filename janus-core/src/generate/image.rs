@@ -178,24 +178,20 @@ pub(crate) fn pick_image_token(
     Ok(sample(&mixed, sampling, rng) as u32)
 }
 
-/// Makes sure the memory of `images` images' guidance rows (their key/value cache for
-/// `positions` positions, and a step's logits) can be had before generation begins:
-/// [`Error::OutOfMemory`] instead of an abort part way through.
+/// Makes sure the memory of `images` images' guidance rows (two each) can be had before
+/// generation begins (see [`reserve_rows`](super::reserve_rows)).
 pub(crate) fn reserve_generation(
     model: &JanusModel,
     images: usize,
     positions: usize,
 ) -> Result<()> {
-    let c = model.llm.config();
-    let per_row = (c.num_hidden_layers as u128)
-        * 2
-        * (c.num_key_value_heads as u128)
-        * (c.head_dim as u128)
-        * (positions as u128)
-        + (model.config.vq.codebook_size as u128);
-    let bytes = per_row * 2 * (images as u128) * 4;
-    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
-    crate::limits::reserve(bytes, &format!("generating {images} image(s)"))
+    super::reserve_rows(
+        model,
+        images.saturating_mul(2),
+        positions,
+        model.config.vq.codebook_size,
+        &format!("generating {images} image(s)"),
+    )
 }
 
 /// Checks generation prompts (`lens`: their token counts) against the context: each at least
@@ -281,9 +277,22 @@ pub fn decode_tokens(model: &JanusModel, grids: &[Vec<u32>]) -> Result<Vec<image
             )));
         }
     }
-    if grids.is_empty() {
-        return Ok(Vec::new());
+    let mut out = Vec::with_capacity(grids.len());
+    for chunk in grids.chunks(VQ_DECODE_CHUNK) {
+        out.extend(decode_chunk(model, chunk)?);
     }
+    Ok(out)
+}
+
+/// Images the VQ decoder runs at once. Its full-resolution activations take ~75 MB per image
+/// and channel stage at 384² (f32, 128 channels): decoding the 64 images a call may make in
+/// one batch would need many GB at once; in fours it stays near what one image needs, at no
+/// cost in speed (each image's convolutions are the same work either way).
+const VQ_DECODE_CHUNK: usize = 4;
+
+fn decode_chunk(model: &JanusModel, grids: &[Vec<u32>]) -> Result<Vec<image::RgbImage>> {
+    let vq = &model.vq;
+    let n = vq.config.num_tokens();
     let device = vq.codebook.device();
     let flat: Vec<i64> = grids.iter().flatten().map(|&t| i64::from(t)).collect();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [grids.len(), n]), &device);

@@ -4,3 +4,28 @@ pub mod forced;
 pub mod image;
 pub mod sampling;
 pub mod text;
+
+use crate::error::Result;
+use crate::model::JanusModel;
+
+/// Makes sure the memory of `rows` decoding rows — their key/value cache for `positions`
+/// positions and a step's logits of `logits_width` — can be had before decoding begins
+/// ([`crate::limits::reserve`]): [`Error::OutOfMemory`](crate::Error::OutOfMemory) instead of
+/// an abort part way through.
+pub(crate) fn reserve_rows(
+    model: &JanusModel,
+    rows: usize,
+    positions: usize,
+    logits_width: usize,
+    what: &str,
+) -> Result<()> {
+    let c = model.llm.config();
+    let per_row = (c.num_hidden_layers as u128)
+        * 2
+        * (c.num_key_value_heads as u128)
+        * (c.head_dim as u128)
+        * (positions as u128)
+        + logits_width as u128;
+    let bytes = per_row * (rows as u128) * 4;
+    crate::limits::reserve(usize::try_from(bytes).unwrap_or(usize::MAX), what)
+}
