@@ -255,6 +255,29 @@ fn devices_and_oversized_inputs_are_refused() {
     args.extend(["--max-images", "2"]);
     assert_fails(&janus(&args), "max_images");
     assert!(!out.exists());
+    // A file of the model folder that is a device is an error, never skipped or read forever.
+    for name in [
+        "chat_template.jinja",
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "processor_config.json",
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let model = model_with_config(&dir, |_| {});
+        std::fs::remove_file(model.join(name)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", model.join(name)).unwrap();
+        assert_fails(
+            &janus(&[
+                "encode-image",
+                "--model",
+                path_str(&model),
+                "--image",
+                path_str(&img),
+            ]),
+            "regular file",
+        );
+    }
 }
 
 /// The smaller defects: a model path that is a file, an empty question, `--top-k 0`, the

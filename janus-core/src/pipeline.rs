@@ -618,7 +618,7 @@ pub(crate) fn not_a_folder(path: &Path) -> Error {
 /// (`num_image_tokens`, which the reference processors expand by) describes another model.
 fn check_processor_image_tokens(dir: &Path, patches: usize) -> Result<()> {
     let path = dir.join("processor_config.json");
-    if !path.is_file() {
+    if !path.exists() {
         return Ok(());
     }
     match crate::config::read_json(&path)?.get("num_image_tokens") {

@@ -95,17 +95,18 @@ impl JanusTokenizer {
     /// Loads `tokenizer.json` and the special-token settings of a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.is_file() {
+        if !path.exists() {
             return Err(Error::MissingFile {
                 dir: dir.to_path_buf(),
                 message: "no tokenizer.json".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let bytes = crate::files::read_bounded(&path, crate::config::MAX_JSON_BYTES, "tokenizer")?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let read = |name: &str| -> Result<Option<Value>> {
             let p = dir.join(name);
-            if p.is_file() {
+            if p.exists() {
                 crate::config::read_json(&p).map(Some)
             } else {
                 Ok(None)

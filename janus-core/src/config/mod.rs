@@ -23,7 +23,7 @@ mod json;
 mod llama;
 mod original;
 
-pub(crate) use json::{Obj, read_json};
+pub(crate) use json::{MAX_JSON_BYTES, Obj, read_json};
 
 /// Which checkpoint layout a model folder uses (decides weight names and processor rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +186,7 @@ impl JanusConfig {
     /// Reads `config.json` from a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let file = dir.join("config.json");
-        if !file.is_file() {
+        if !file.exists() {
             return Err(Error::MissingFile {
                 dir: dir.to_path_buf(),
                 message: "no config.json: not a Janus model folder".into(),

@@ -43,8 +43,13 @@ pub struct PromptFormat {
 /// Where a chat template is kept, by the transformers version that saved it.
 fn find_template(dir: &Path) -> Result<Option<(PathBuf, String)>> {
     let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        let text = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+    // `exists`, not `is_file`: a template that is there but not a regular file is an error
+    // (from the bounded read), never silently skipped.
+    if jinja.exists() {
+        let bytes =
+            crate::files::read_bounded(&jinja, crate::config::MAX_JSON_BYTES, "chat template")?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::config(&jinja, "the chat template is not UTF-8 text"))?;
         return Ok(Some((jinja, text)));
     }
     for name in [
@@ -53,7 +58,7 @@ fn find_template(dir: &Path) -> Result<Option<(PathBuf, String)>> {
         "tokenizer_config.json",
     ] {
         let path = dir.join(name);
-        if !path.is_file() {
+        if !path.exists() {
             continue;
         }
         let value = read_json(&path)?;
@@ -101,7 +106,7 @@ impl PromptFormat {
             Layout::Original => DEFAULT_SYSTEM_PROMPT.to_string(),
             Layout::HuggingFace => {
                 let path = dir.join("processor_config.json");
-                let on = if path.is_file() {
+                let on = if path.exists() {
                     match read_json(&path)?.get("use_default_system_prompt") {
                         None | Some(Value::Null) => false,
                         Some(Value::Bool(b)) => *b,

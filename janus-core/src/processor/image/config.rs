@@ -156,11 +156,12 @@ impl ImageProcessorConfig {
         const PROC: &str = "processor_config.json";
         let read = |name: &str| -> Result<Option<(std::path::PathBuf, Value)>> {
             let path = dir.join(name);
-            if !path.is_file() {
+            if !path.exists() {
                 return Ok(None);
             }
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let value: Value = serde_json::from_str(&text)
+            let bytes =
+                crate::files::read_bounded(&path, crate::config::MAX_JSON_BYTES, "JSON file")?;
+            let value: Value = serde_json::from_slice(&bytes)
                 .map_err(|e| Error::config(&path, format!("invalid JSON: {e}")))?;
             if !value.is_object() {
                 return Err(Error::config(&path, "the top level is not a JSON object"));
