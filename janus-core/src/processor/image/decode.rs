@@ -151,7 +151,10 @@ pub fn rgb_from_raw(width: usize, height: usize, stride: usize, data: &[u8]) -> 
             data.len()
         )));
     }
-    let mut out = Vec::with_capacity(row * height);
+    let mut out = Vec::new();
+    out.try_reserve_exact(row * height).map_err(|_| {
+        Error::OutOfMemory(format!("copying a {width}x{height} image"))
+    })?;
     for y in 0..height {
         out.extend_from_slice(&data[y * stride..y * stride + row]);
     }
