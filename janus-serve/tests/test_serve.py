@@ -302,11 +302,12 @@ def test_limits_keys_and_queue() -> None:
         long = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1900}
         results: list[tuple[int, Any]] = []
         threads = [threading.Thread(target=lambda: results.append(s.post("/v1/chat/completions", long, key)))]
+        # (The long answer takes about a second here: the sleeps leave it well within that.)
         threads[0].start()
-        time.sleep(0.5)
+        time.sleep(0.2)
         threads.append(threading.Thread(target=lambda: results.append(s.post("/v1/chat/completions", long, key))))
         threads[1].start()
-        time.sleep(0.5)
+        time.sleep(0.2)
         third = s.post("/v1/chat/completions", hello, key)
         for t in threads:
             t.join()
