@@ -580,7 +580,7 @@ impl Janus {
         self.limits
             .check_pixels(u64::from(image.width()), u64::from(image.height()))?;
         let vq = &self.model.config.vq;
-        let pixels = crate::processor::image::preprocess_for_vq(image, vq.image_size());
+        let pixels = crate::processor::image::preprocess_for_vq(image, vq.image_size())?;
         let ids = encode_pixels(&self.model, &[pixels])?.remove(0);
         Ok(ImageTokens {
             ids,

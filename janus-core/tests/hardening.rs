@@ -154,13 +154,13 @@ fn eight_threads_on_one_handle_get_their_serial_results() {
         match i % 4 {
             0 => Out::Ids(
                 janus
-                    .understand(&[img.clone()], "What is this?", &greedy)
+                    .understand(std::slice::from_ref(&img), "What is this?", &greedy)
                     .unwrap()
                     .token_ids,
             ),
             1 => Out::Ids(
                 janus
-                    .understand(&[img.clone()], "Describe it.", &sampled)
+                    .understand(std::slice::from_ref(&img), "Describe it.", &sampled)
                     .unwrap()
                     .token_ids,
             ),

@@ -157,6 +157,12 @@ impl VqConfig {
     }
 }
 
+/// The largest image side (vision input, generated image) a configuration may declare.
+pub const MAX_IMAGE_SIDE: usize = 8192;
+
+/// The most resolution levels of the VQ model (each halves the image side).
+pub const MAX_VQ_LEVELS: usize = 8;
+
 /// The whole model, as one typed configuration whatever the file layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JanusConfig {
@@ -221,6 +227,26 @@ impl JanusConfig {
     pub(crate) fn check(&self, root: &Obj<'_>) -> Result<()> {
         let d = self.text.hidden_size;
         let bad = |what: &str| Err(Error::config(root.file, what.to_string()));
+        // Image sides and resolution levels that no model has: refused before any size derived
+        // from them (patch counts, the VQ's downsampling) can overflow.
+        if self.vision.image_size > MAX_IMAGE_SIDE {
+            return bad(&format!(
+                "the vision image size {} is larger than {MAX_IMAGE_SIDE}",
+                self.vision.image_size
+            ));
+        }
+        if self.vq.channel_multiplier.len() > MAX_VQ_LEVELS {
+            return bad(&format!(
+                "the VQ model has {} resolution levels, more than {MAX_VQ_LEVELS}",
+                self.vq.channel_multiplier.len()
+            ));
+        }
+        if self.vq.grid.saturating_mul(self.vq.downsample()) > MAX_IMAGE_SIDE {
+            return bad(&format!(
+                "the VQ model's images ({} tokens a side) are larger than {MAX_IMAGE_SIDE} pixels",
+                self.vq.grid
+            ));
+        }
         if self.aligner.input_dim != self.vision.hidden_size {
             return bad(&format!(
                 "the aligner's input width {} differs from the vision width {}",

@@ -9,8 +9,8 @@
 
 pub mod adapter;
 mod keys;
-mod pickle;
-mod safetensors;
+pub(crate) mod pickle;
+pub(crate) mod safetensors;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -271,9 +271,30 @@ pub(crate) type RawTensor<'a> = (String, StoredDType, Vec<usize>, std::borrow::C
 /// A sharded checkpoint's shard files (in order) and its tensor → shard pairs.
 type ShardIndex = (Vec<PathBuf>, Vec<(String, String)>);
 
+/// The shard names (sorted) and tensor → shard pairs an index lists.
+pub(crate) type IndexEntries = (BTreeSet<String>, Vec<(String, String)>);
+
 /// Reads a sharded checkpoint's index.
 fn read_index(dir: &Path, index_path: &Path) -> Result<ShardIndex> {
     let value = crate::config::read_json(index_path)?;
+    let (shards, pairs) = index_entries(index_path, &value)?;
+    let mut files = Vec::new();
+    for shard in shards {
+        let path = dir.join(&shard);
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                dir: dir.to_path_buf(),
+                message: format!("shard {shard} named by {} is missing", index_path.display()),
+            });
+        }
+        files.push(path);
+    }
+    Ok((files, pairs))
+}
+
+/// The shard names (sorted, each a plain file name) and tensor → shard pairs of a sharded
+/// checkpoint's index `value` (read from `index_path`, which names it in errors).
+pub(crate) fn index_entries(index_path: &Path, value: &serde_json::Value) -> Result<IndexEntries> {
     let map = value
         .get("weight_map")
         .and_then(|v| v.as_object())
@@ -304,18 +325,7 @@ fn read_index(dir: &Path, index_path: &Path) -> Result<ShardIndex> {
             "key `weight_map`: lists no tensors",
         ));
     }
-    let mut files = Vec::new();
-    for shard in shards {
-        let path = dir.join(&shard);
-        if !path.is_file() {
-            return Err(Error::MissingFile {
-                dir: dir.to_path_buf(),
-                message: format!("shard {shard} named by {} is missing", index_path.display()),
-            });
-        }
-        files.push(path);
-    }
-    Ok((files, pairs))
+    Ok((shards, pairs))
 }
 
 /// The dtype weights are converted to, and computed in.

@@ -25,7 +25,35 @@ pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
         let _ = mmap.advise(memmap2::Advice::HugePage);
     }
     let mmap = Arc::new(mmap);
-    let (header_len, metadata) = SafeTensors::read_metadata(&mmap[..])
+    Ok(tensors_in(path, &mmap[..])?
+        .into_iter()
+        .map(|t| TensorInfo {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            source: TensorSource::Mapped {
+                map: Arc::clone(&mmap),
+                start: t.start,
+                end: t.end,
+            },
+        })
+        .collect())
+}
+
+/// One tensor of a safetensors file: name, dtype, shape and where its bytes lie in the file.
+pub(crate) struct Listed {
+    pub name: String,
+    pub dtype: StoredDType,
+    pub shape: Vec<usize>,
+    /// Byte range in the file (not in the data section).
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Reads the header of the safetensors file `bytes` (read from `path`, which names it in errors)
+/// and lists its tensors.
+pub(crate) fn tensors_in(path: &Path, bytes: &[u8]) -> Result<Vec<Listed>> {
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::checkpoint(path, format!("invalid safetensors file: {e}")))?;
     let data_start = 8 + header_len;
     let mut out = Vec::new();
@@ -39,21 +67,18 @@ pub(crate) fn open(path: &Path) -> Result<Vec<TensorInfo>> {
         };
         let (start, end) = info.data_offsets;
         let (start, end) = (data_start + start, data_start + end);
-        if end > mmap.len() || start > end {
+        if end > bytes.len() || start > end {
             return Err(Error::checkpoint(
                 path,
                 format!("tensor {name} lies outside the file"),
             ));
         }
-        out.push(TensorInfo {
+        out.push(Listed {
             name,
             dtype,
             shape: info.shape.clone(),
-            source: TensorSource::Mapped {
-                map: Arc::clone(&mmap),
-                start,
-                end,
-            },
+            start,
+            end,
         });
     }
     Ok(out)

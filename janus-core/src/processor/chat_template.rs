@@ -49,6 +49,9 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat_template";
 
+/// The work one render may do: about a million instructions, or 64 MB of text and values.
+const TEMPLATE_FUEL: u64 = 1_000_000;
+
 impl ChatTemplate {
     /// Compiles `source` (read from `path`, which names it in errors). `tokens` are the special
     /// tokens the template sees as variables (`bos_token`, `eos_token`, …), as transformers passes
@@ -62,6 +65,10 @@ impl ChatTemplate {
             .build()
             .map_err(err)?;
         env.set_syntax(syntax);
+        // A template from a model folder is untrusted: its work and the memory it may allocate
+        // are bounded (about one fuel per instruction and per 64 bytes made), far above what
+        // any real chat template needs for a long conversation.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
@@ -289,6 +296,20 @@ mod tests {
             vec![("bos_token".into(), "<s>".into())],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn runaway_templates_stop_with_an_error() {
+        // Found by fuzzing: 10^10 loop iterations, and ~300 GB of output.
+        for source in [
+            "{%for a in range(99999)%}{%for b in range(99999)%}{%endfor%}{%endfor%}",
+            "{%for a in range(99999)%}{{\"x\"*99999999}}{%endfor%}",
+        ] {
+            let started = std::time::Instant::now();
+            let e = template(source).render(&[], true).unwrap_err();
+            assert!(e.to_string().contains("fuel"), "{e}");
+            assert!(started.elapsed().as_secs() < 10);
+        }
     }
 
     fn user(parts: Vec<Part<'_>>) -> Message<'_> {

@@ -152,9 +152,8 @@ pub fn rgb_from_raw(width: usize, height: usize, stride: usize, data: &[u8]) -> 
         )));
     }
     let mut out = Vec::new();
-    out.try_reserve_exact(row * height).map_err(|_| {
-        Error::OutOfMemory(format!("copying a {width}x{height} image"))
-    })?;
+    out.try_reserve_exact(row * height)
+        .map_err(|_| Error::OutOfMemory(format!("copying a {width}x{height} image")))?;
     for y in 0..height {
         out.extend_from_slice(&data[y * stride..y * stride + row]);
     }

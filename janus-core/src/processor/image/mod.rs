@@ -30,6 +30,8 @@
 //! (PyTorch: always horizontal first; Pillow 13: vertical first when the height shrinks much more
 //! than the width). Both reproduce their reference bit for bit.
 
+use crate::error::{Error, Result};
+
 mod config;
 mod decode;
 mod resample;
@@ -133,13 +135,24 @@ fn pixel_fn(cfg: &ImageProcessorConfig, c: usize) -> impl Fn(u8) -> f32 {
 /// (offset `round((extent - size) / 2)` with round-half-to-even, torchvision `CenterCrop`).
 ///
 /// An image with a zero width or height gives a black square.
-pub fn resize_and_center_crop(img: &RgbImage, size: usize) -> RgbImage {
+///
+/// # Errors
+/// [`Error::InvalidInput`] when the resized long side would exceed [`MAX_RESIZED_SIDE`] (an
+/// image more than ~170 times longer than wide at the VQ's 384: resizing it whole before the
+/// crop, as the reference does, would take gigabytes).
+pub fn resize_and_center_crop(img: &RgbImage, size: usize) -> Result<RgbImage> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 || size == 0 {
-        return RgbImage::new(size as u32, size as u32);
+        return Ok(RgbImage::new(size as u32, size as u32));
     }
     let (short, long) = (w.min(h), w.max(h));
     let new_long = ((size as f64 * long as f64) / short as f64) as usize;
+    if new_long > MAX_RESIZED_SIDE {
+        return Err(Error::InvalidInput(format!(
+            "a {w}x{h} image is too elongated: its short side resized to {size} makes the long \
+             side {new_long} pixels, more than {MAX_RESIZED_SIDE}"
+        )));
+    }
     let (nw, nh) = if w <= h {
         (size, new_long)
     } else {
@@ -153,13 +166,20 @@ pub fn resize_and_center_crop(img: &RgbImage, size: usize) -> RgbImage {
     for y in top..top + size {
         out.extend_from_slice(&src[(y * nw + left) * 3..(y * nw + left + size) * 3]);
     }
-    RgbImage::from_raw(size as u32, size as u32, out).expect("buffer length matches the dimensions")
+    Ok(RgbImage::from_raw(size as u32, size as u32, out)
+        .expect("buffer length matches the dimensions"))
 }
+
+/// The longest side [`resize_and_center_crop`] resizes to before cropping.
+pub const MAX_RESIZED_SIDE: usize = 1 << 16;
 
 /// The VQ encoder input of one image: [`resize_and_center_crop`] to `size`, then
 /// `(float32(u8) / 255 - 0.5) / 0.5` in float32, channel-major `[3, size, size]`.
-pub fn preprocess_for_vq(img: &RgbImage, size: usize) -> Vec<f32> {
-    let crop = resize_and_center_crop(img, size);
+///
+/// # Errors
+/// As [`resize_and_center_crop`].
+pub fn preprocess_for_vq(img: &RgbImage, size: usize) -> Result<Vec<f32>> {
+    let crop = resize_and_center_crop(img, size)?;
     let n = size * size;
     let raw = crop.as_raw();
     let mut out = vec![0f32; 3 * n];
@@ -168,5 +188,5 @@ pub fn preprocess_for_vq(img: &RgbImage, size: usize) -> Vec<f32> {
             out[c * n + i] = (f32::from(raw[i * 3 + c]) / 255.0 - 0.5) / 0.5;
         }
     }
-    out
+    Ok(out)
 }

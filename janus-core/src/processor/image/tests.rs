@@ -219,21 +219,33 @@ fn pillow_and_torch_coefficients() {
 fn center_crop_offsets_round_half_to_even() {
     // 20x10 -> short side 4: 8x4; left = round(4 / 2) = 2
     let img = RgbImage::from_fn(20, 10, |x, _| image::Rgb([(x * 10) as u8, 0, 0]));
-    assert_eq!(resize_and_center_crop(&img, 4).dimensions(), (4, 4));
+    assert_eq!(
+        resize_and_center_crop(&img, 4).unwrap().dimensions(),
+        (4, 4)
+    );
     // 7x2 -> size 2: no resize (short side is already 2), long side 7, offset round(2.5) = 2
     let img = RgbImage::from_fn(7, 2, |x, _| image::Rgb([x as u8, 0, 0]));
-    let out = resize_and_center_crop(&img, 2);
+    let out = resize_and_center_crop(&img, 2).unwrap();
     assert_eq!(out.get_pixel(0, 0).0[0], 2);
     // 9x2 -> offset round(3.5) = 4
     let img = RgbImage::from_fn(9, 2, |x, _| image::Rgb([x as u8, 0, 0]));
-    assert_eq!(resize_and_center_crop(&img, 2).get_pixel(0, 0).0[0], 4);
+    assert_eq!(
+        resize_and_center_crop(&img, 2).unwrap().get_pixel(0, 0).0[0],
+        4
+    );
     // taller
     let img = RgbImage::from_fn(2, 9, |_, y| image::Rgb([0, y as u8, 0]));
-    assert_eq!(resize_and_center_crop(&img, 2).get_pixel(0, 0).0[1], 4);
-    let v = preprocess_for_vq(&pattern(30, 11), 8);
+    assert_eq!(
+        resize_and_center_crop(&img, 2).unwrap().get_pixel(0, 0).0[1],
+        4
+    );
+    let v = preprocess_for_vq(&pattern(30, 11), 8).unwrap();
     assert_eq!(v.len(), 3 * 64);
     assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
-    assert_eq!(preprocess_for_vq(&RgbImage::new(0, 3), 4), vec![-1.0; 48]);
+    assert_eq!(
+        preprocess_for_vq(&RgbImage::new(0, 3), 4).unwrap(),
+        vec![-1.0; 48]
+    );
 }
 
 #[test]
@@ -423,4 +435,13 @@ fn config_errors_name_file_and_key() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_elongated_image_is_refused_before_resizing() {
+    // A 1 × 1 000 000 strip: resizing its short side to 32 first would take 3 GB.
+    let strip = RgbImage::new(1, 1_000_000);
+    let e = preprocess_for_vq(&strip, 32).unwrap_err();
+    assert!(e.to_string().contains("too elongated"), "{e}");
+    assert!(preprocess_for_vq(&RgbImage::new(3, 200), 32).is_ok());
 }

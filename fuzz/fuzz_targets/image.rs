@@ -1,0 +1,5 @@
+//! `janus_core::fuzz::image` under AFL++ (see FUZZING.md).
+
+fn main() {
+    afl::fuzz_nohook!(|data: &[u8]| janus_core::fuzz::image(data));
+}
