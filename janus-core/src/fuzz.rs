@@ -385,3 +385,34 @@ pub fn image(data: &[u8]) {
 pub fn tokens_json(data: &[u8]) {
     let _ = ImageTokens::from_json(data);
 }
+
+/// Runs every file of `fuzz/corpus/<target>/` (the repository's seed corpus and the inputs
+/// campaigns found, minimised) through `run`, and panics naming every input that panicked: the
+/// replay test of each target (`janus-core/tests/fuzz_corpus.rs`,
+/// `janus-serve/tests/fuzz_corpus.rs`).
+pub fn replay_corpus(target: &str, run: &(dyn Fn(&[u8]) + std::panic::RefUnwindSafe)) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("a corpus entry").path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} holds no inputs", dir.display());
+    let panicked: Vec<String> = files
+        .iter()
+        .filter(|path| {
+            let data = std::fs::read(path).expect("a readable corpus file");
+            std::panic::catch_unwind(|| run(&data)).is_err()
+        })
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(
+        panicked.is_empty(),
+        "{target}: {} of {} inputs panic: {panicked:#?}",
+        panicked.len(),
+        files.len()
+    );
+}
