@@ -127,5 +127,38 @@ fn original_decode_in_bf16_stays_within_two_pixel_levels() {
     }
 }
 
+/// The official VQ-16 decoder in f16 on a GPU (skipped with the reason where the adapter has no
+/// f16) against the official f32 decode: every corner pixel within [`BF16_PIXEL`].
+#[test]
+fn original_decode_in_f16_on_a_gpu_stays_within_two_pixel_levels() {
+    if std::env::var("JANUS_TEST_DEVICE").map_or(true, |d| d == "cpu") {
+        return;
+    }
+    let device = device();
+    if !device.supports_dtype(ComputeDType::F16.burn()) {
+        println!("f16: skipped, this adapter does not offer it");
+        return;
+    }
+    let model = JanusModel::load(
+        &original_checkpoint("safetensors"),
+        &device,
+        ComputeDType::F16,
+    )
+    .unwrap();
+    let r = read_reference(&fixture("original-tiny/expected/generate.safetensors"));
+    let img = model.vq.decode(tokens(&r["tokens"], &device));
+    let mut worst = 0.0f64;
+    for (rows, cols, key) in [
+        (0..32, 0..32, "image_crop_top_left"),
+        (352..384, 352..384, "image_crop_bottom_right"),
+    ] {
+        let (shape, v) = values(img.clone().slice([0..1, 0..3, rows, cols]));
+        worst = worst.max(max_abs_diff(&shape, &v, &r[key]));
+    }
+    println!("official VQ-16 decode in f16 on the GPU: corner max |Δ| {worst:.2e}");
+    assert!(worst > 0.0, "the f16 decode did not run");
+    assert!(worst <= BF16_PIXEL, "{worst}");
+}
+
 /// See [`original_decode_in_bf16_stays_within_two_pixel_levels`].
 const BF16_PIXEL: f64 = 2.0 * 2.0 / 255.0;
