@@ -20,11 +20,12 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
+use crate::generate::device::{DevicePicker, draw_numbers};
 use crate::generate::image::{
     ImageGenOptions, cfg_rows, check_prompts, embed_image_tokens, pick_image_token,
     reserve_generation,
 };
-use crate::generate::sampling::stream;
+use crate::generate::sampling::{Sampling, stream};
 use crate::generate::text::{TextGenOptions, check_context, host_values, pick_token};
 use crate::nn::kv_cache::KvCache;
 use crate::pipeline::{Answer, GeneratedImage, Janus, Turn};
@@ -322,22 +323,77 @@ impl Janus {
         // The heads over every row of their kind at once (row-invariant products).
         let (text, image): (Vec<usize>, Vec<usize>) =
             live.iter().partition(|&&i| seqs[i].is_text());
-        let lasts = |idx: &[usize]| -> Tensor<3> {
+        let lasts = |seqs: &[&mut Sequence], idx: &[usize]| -> Tensor<3> {
             Tensor::cat(idx.iter().map(|&i| seqs[i].last.clone()).collect(), 0)
         };
-        let rows_of = |idx: &[usize]| idx.iter().map(|&i| seqs[i].rows).sum::<usize>();
+        let rows_of = |seqs: &[&mut Sequence], idx: &[usize]| {
+            idx.iter().map(|&i| seqs[i].rows).sum::<usize>()
+        };
+        // On a GPU, rules that keep every token are picked there (three numbers a row come
+        // back); the others read their rows back.
+        let picker = DevicePicker::for_device(&device, &Sampling::GREEDY);
+        let text_on_device = picker.is_some()
+            && text.iter().all(|&i| match &seqs[i].state {
+                State::Text(t) => {
+                    t.options.repetition_penalty == 1.0 && !t.options.sampling.truncates()
+                }
+                State::Image(_) => false,
+            });
+        let image_on_device = picker.is_some()
+            && image.iter().all(|&i| match &seqs[i].state {
+                State::Image(im) => !im.options.sampling.truncates(),
+                State::Text(_) => false,
+            });
+        let mut text_picks = Vec::new();
         let (text_logits, text_width) = if text.is_empty() {
             (Vec::new(), 0)
-        } else {
-            let v = host_values(llm.logits(lasts(&text)))?;
-            let w = v.len() / rows_of(&text);
-            (v, w)
-        };
-        let (image_logits, image_width) = if image.is_empty() {
+        } else if let (true, Some(p)) = (text_on_device, &picker) {
+            let logits = llm.logits(lasts(seqs, &text));
+            let [n, _, v] = logits.dims();
+            let (mut temps, mut draws) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for &i in &text {
+                if let State::Text(t) = &mut seqs[i].state {
+                    let (tt, dd) =
+                        draw_numbers(&t.options.sampling, std::slice::from_mut(&mut t.rng));
+                    temps.extend(tt);
+                    draws.extend(dd);
+                }
+            }
+            text_picks = p.pick(logits.reshape([n, v]), &temps, &draws, 0)?;
             (Vec::new(), 0)
         } else {
-            let v = host_values(model.heads.gen_head.forward(lasts(&image)))?;
-            let w = v.len() / rows_of(&image);
+            let v = host_values(llm.logits(lasts(seqs, &text)))?;
+            let w = v.len() / rows_of(seqs, &text);
+            (v, w)
+        };
+        let mut image_picks = Vec::new();
+        let (image_logits, image_width) = if image.is_empty() {
+            (Vec::new(), 0)
+        } else if let (true, Some(p)) = (image_on_device, &picker) {
+            let logits = model.heads.gen_head.forward(lasts(seqs, &image));
+            let [n, _, v] = logits.dims();
+            let rows = logits.reshape([n, v]).cast(burn::tensor::DType::F32);
+            let (mut mixed, mut temps, mut draws) = (Vec::new(), Vec::new(), Vec::new());
+            let mut at = 0;
+            for &i in &image {
+                let seq_rows = seqs[i].rows;
+                if let State::Image(im) = &mut seqs[i].state {
+                    // Guidance in f32: conditional rows first, then as many unconditional.
+                    let half = seq_rows / 2;
+                    let c = rows.clone().narrow(0, at, half);
+                    let u = rows.clone().narrow(0, at + half, half);
+                    mixed.push(u.clone() + (c - u) * f64::from(im.options.cfg_weight));
+                    let (tt, dd) = draw_numbers(&im.options.sampling, &mut im.rngs);
+                    temps.extend(tt);
+                    draws.extend(dd);
+                }
+                at += seq_rows;
+            }
+            image_picks = p.pick(Tensor::cat(mixed, 0), &temps, &draws, 0)?;
+            (Vec::new(), 0)
+        } else {
+            let v = host_values(model.heads.gen_head.forward(lasts(seqs, &image)))?;
+            let w = v.len() / rows_of(seqs, &image);
             (v, w)
         };
         let (mut text_at, mut image_at) = (0, 0);
@@ -348,11 +404,19 @@ impl Janus {
             let rows = seq.rows;
             let input = match &mut seq.state {
                 State::Text(t) => {
-                    let mut row =
-                        text_logits[text_at * text_width..(text_at + 1) * text_width].to_vec();
-                    text_at += 1;
                     let step = t.ids.len() + 1;
-                    let tok = match pick_token(&mut row, &t.options, &t.ids, &mut t.rng, step) {
+                    let picked = if text_on_device {
+                        match &text_picks[text_at] {
+                            Ok(tok) => Ok(*tok),
+                            Err(_) => Err(Error::NonFiniteLogits { step }),
+                        }
+                    } else {
+                        let mut row =
+                            text_logits[text_at * text_width..(text_at + 1) * text_width].to_vec();
+                        pick_token(&mut row, &t.options, &t.ids, &mut t.rng, step)
+                    };
+                    text_at += 1;
+                    let tok = match picked {
                         Ok(tok) => tok,
                         Err(Error::NonFiniteLogits { step }) => {
                             // This sequence fails alone; the others of the step go on.
@@ -385,14 +449,33 @@ impl Janus {
                     }
                 }
                 State::Image(im) => {
-                    let block =
-                        &image_logits[image_at * image_width..(image_at + rows) * image_width];
-                    image_at += rows;
                     let p = im.tokens.len();
                     let mut next = Vec::with_capacity(2 * p);
                     let step = im.tokens[0].len() + 1;
                     let mut picked = Ok(());
-                    for (k, rng) in im.rngs.iter_mut().enumerate() {
+                    if image_on_device {
+                        // This sequence's images are rows `image_at / 2 ..` of the picks.
+                        let first = image_at / 2;
+                        image_at += rows;
+                        for tok in &image_picks[first..first + p] {
+                            match tok {
+                                Ok(tok) => next.push(i64::from(*tok)),
+                                Err(_) => {
+                                    picked = Err(Error::NonFiniteLogits { step });
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let block = if image_on_device {
+                        &[][..]
+                    } else {
+                        let b =
+                            &image_logits[image_at * image_width..(image_at + rows) * image_width];
+                        image_at += rows;
+                        b
+                    };
+                    for (k, rng) in im.rngs.iter_mut().enumerate().filter(|_| !image_on_device) {
                         let c = &block[k * image_width..(k + 1) * image_width];
                         let u = &block[(p + k) * image_width..(p + k + 1) * image_width];
                         let o = &im.options;

@@ -5,11 +5,12 @@
 //! `u + w·(c − u)`. The prompt is run once and its cache shared by all images of the call.
 
 use burn::tensor::module::embedding;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::model::JanusModel;
 
+use super::device::{DevicePicker, draw_numbers};
 use super::sampling::{Sampling, check_finite, sample, stream};
 
 /// Options of one text-to-image call.
@@ -128,21 +129,40 @@ pub fn generate_tokens_batch(
         .collect();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(n); images];
     let w = opts.cfg_weight;
+    let v = model.config.vq.codebook_size;
+    let on_device = DevicePicker::for_device(&device, &opts.sampling);
     for step in 0..n {
         let logits = heads.gen_head.forward(last);
-        let v = logits.dims()[2];
-        let host: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
         let mut next = Vec::with_capacity(2 * images);
-        for (i, rng) in rngs.iter_mut().enumerate() {
-            let c = &host[i * v..(i + 1) * v];
-            let u = &host[(images + i) * v..(images + i + 1) * v];
-            let tok = pick_image_token(c, u, w, &opts.sampling, rng, step + 1)?;
-            tokens[i].push(tok);
-            next.push(i64::from(tok));
+        if let Some(picker) = &on_device {
+            // Guidance in f32 (as the references keep it) and the picks, on the device.
+            let rows = logits.reshape([2 * images, v]).cast(DType::F32);
+            let c = rows.clone().narrow(0, 0, images);
+            let u = rows.narrow(0, images, images);
+            let mixed = u.clone() + (c - u) * f64::from(w);
+            let (temps, draws) = draw_numbers(&opts.sampling, &mut rngs);
+            for (i, tok) in picker
+                .pick(mixed, &temps, &draws, step + 1)?
+                .into_iter()
+                .enumerate()
+            {
+                let tok = tok?;
+                tokens[i].push(tok);
+                next.push(i64::from(tok));
+            }
+        } else {
+            let host: Vec<f32> = logits
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
+            for (i, rng) in rngs.iter_mut().enumerate() {
+                let c = &host[i * v..(i + 1) * v];
+                let u = &host[(images + i) * v..(images + i + 1) * v];
+                let tok = pick_image_token(c, u, w, &opts.sampling, rng, step + 1)?;
+                tokens[i].push(tok);
+                next.push(i64::from(tok));
+            }
         }
         if !progress(step + 1, n) {
             return Err(Error::Cancelled);

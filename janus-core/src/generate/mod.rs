@@ -1,5 +1,6 @@
 //! Generation loops (outside the model code): sampling, and the image-token loop.
 
+pub(crate) mod device;
 pub mod forced;
 pub mod image;
 pub mod sampling;

@@ -48,6 +48,12 @@ impl Sampling {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// Whether a draw keeps only some tokens (top-k or top-p): those candidates are found by
+    /// sorting; a draw over every token needs no order.
+    pub fn truncates(&self) -> bool {
+        self.top_k.is_some_and(|k| k > 0) || self.top_p.is_some()
+    }
 }
 
 /// The random stream of one generated sequence: sequence `index` of a call seeded with `seed`
@@ -82,10 +88,23 @@ pub fn argmax(logits: &[f32]) -> usize {
     best
 }
 
-/// Picks a token from `logits` (one row).
+/// A uniform draw in [0, 1) with 53 random bits: the one number a sampled token takes from its
+/// sequence's stream.
+pub(crate) fn uniform(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Picks a token from `logits` (one row): the argmax, or the token where a [`uniform`] draw
+/// falls in the cumulative distribution of `softmax(logits / temperature)`. Over every token
+/// (no top-k or top-p) the distribution is taken in id order, as a GPU computes it
+/// ([`device`](super::device)), so that a seed draws the same tokens there; truncated, in
+/// descending order of logits (the kept candidates).
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
     if s.is_greedy() || logits.len() <= 1 {
         return argmax(logits);
+    }
+    if !s.truncates() {
+        return draw_in_id_order(logits, s.temperature, rng);
     }
     // Candidates sorted by logit, best first (stable: ties keep id order).
     let mut order: Vec<usize> = (0..logits.len()).filter(|&i| !logits[i].is_nan()).collect();
@@ -119,8 +138,7 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
-    // A uniform draw in [0, 1) with 53 random bits.
-    let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+    let u = uniform(rng);
     let mut acc = 0.0;
     for (i, p) in probs.iter().enumerate() {
         acc += p;
@@ -129,6 +147,42 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         }
     }
     order[order.len() - 1]
+}
+
+/// [`sample`] over every token: the first id whose cumulative weight
+/// `Σ_{j ≤ i} exp((l_j − max) / t)` exceeds `u` times the total (NaN logits weigh nothing).
+fn draw_in_id_order(logits: &[f32], temperature: f32, rng: &mut ChaCha8Rng) -> usize {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return argmax(logits);
+    }
+    let t = f64::from(temperature);
+    let weight = |v: f32| {
+        if v.is_nan() {
+            0.0
+        } else {
+            ((f64::from(v) - f64::from(max)) / t).exp()
+        }
+    };
+    let total: f64 = logits.iter().map(|&v| weight(v)).sum();
+    let threshold = uniform(rng) * total;
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        let w = weight(v);
+        if w > 0.0 {
+            last = i;
+        }
+        acc += w;
+        if threshold < acc {
+            return i;
+        }
+    }
+    last
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use crate::model::JanusModel;
 
 use rand_chacha::ChaCha8Rng;
 
+use super::device::{DevicePicker, draw_numbers};
 use super::sampling::{Sampling, check_finite, sample, stream};
 
 /// Options of one understanding call.
@@ -153,10 +154,23 @@ pub fn decode(
     let mut hidden = llm.forward(prompt, &mut cache)?;
     let mut rng = stream(opts.seed, 0);
     let mut out = Vec::new();
+    // The penalty rewrites the logits of the ids so far: on the host.
+    let on_device = (opts.repetition_penalty == 1.0)
+        .then(|| DevicePicker::for_device(&hidden.device(), &opts.sampling))
+        .flatten();
     loop {
         let last = hidden.clone().narrow(1, hidden.dims()[1] - 1, 1);
-        let mut logits = host_values(llm.logits(last))?;
-        let tok = pick_token(&mut logits, opts, &out, &mut rng, out.len() + 1)?;
+        let logits = llm.logits(last);
+        let step = out.len() + 1;
+        let tok = match &on_device {
+            Some(picker) => {
+                let width = logits.dims()[2];
+                let row = logits.reshape([1, width]);
+                let (temps, draws) = draw_numbers(&opts.sampling, std::slice::from_mut(&mut rng));
+                picker.pick(row, &temps, &draws, step)?.remove(0)?
+            }
+            None => pick_token(&mut host_values(logits)?, opts, &out, &mut rng, step)?,
+        };
         out.push(tok);
         let prefill = *first.get_or_insert_with(|| started.elapsed());
         if !on_token(tok) {
