@@ -53,11 +53,23 @@ fn conversations() -> Vec<Vec<Turn>> {
     ]
 }
 
-const STORAGES: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0];
+/// The weight storages to check: every kind on the CPU; on a GPU, which holds weights in the
+/// compute dtype, that one.
+fn storages() -> Vec<WeightFormat> {
+    if on_gpu() {
+        vec![WeightFormat::Auto]
+    } else {
+        vec![WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0]
+    }
+}
+
+fn on_gpu() -> bool {
+    std::env::var("JANUS_TEST_DEVICE").is_ok_and(|d| d != "cpu")
+}
 
 #[test]
 fn answers_decoded_together_equal_answers_alone() {
-    for weights in STORAGES {
+    for weights in storages() {
         let janus = load(weights);
         let convs = conversations();
         let refs: Vec<&[Turn]> = convs.iter().map(Vec::as_slice).collect();
@@ -89,7 +101,7 @@ fn answers_decoded_together_equal_answers_alone() {
 /// before they end: each equals its own call alone.
 #[test]
 fn images_and_answers_mixed_with_joins_and_leaves() {
-    for weights in STORAGES {
+    for weights in storages() {
         let janus = load(weights);
         // 4 images (8 rows), 1 more (2 rows) and an answer: more rows than one kernel call serves.
         let image_opts = ImageGenOptions {
@@ -151,7 +163,11 @@ fn images_and_answers_mixed_with_joins_and_leaves() {
 
 #[test]
 fn a_stop_string_cuts_the_answer() {
-    let janus = load(WeightFormat::Bf16);
+    let janus = load(if on_gpu() {
+        WeightFormat::Auto
+    } else {
+        WeightFormat::Bf16
+    });
     let turns = vec![Turn::user("Describe the scene.", vec![picture(4)])];
     let options = TextGenOptions {
         max_new_tokens: 16,

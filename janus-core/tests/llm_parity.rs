@@ -274,18 +274,6 @@ fn bf16_compute_against_pytorch_bf16() {
     let d_bf16 = max_abs_diff(&shape, &got, want);
     let d_f32 = max_abs_diff(&shape, &got, exact);
     let vocab = *shape.last().unwrap();
-    let top2 = |v: &[f64]| {
-        let (mut best, mut second) = ((0, f64::MIN), f64::MIN);
-        for (i, &x) in v.iter().enumerate() {
-            if x > best.1 {
-                second = best.1;
-                best = (i, x);
-            } else if x > second {
-                second = x;
-            }
-        }
-        (best.0, best.1 - second)
-    };
     let (mut checked, mut equal) = (0, 0);
     for p in 0..got.len() / vocab {
         let at = |v: &[f64]| top2(&v[p * vocab..(p + 1) * vocab]);
@@ -309,6 +297,80 @@ fn bf16_compute_against_pytorch_bf16() {
 
 /// See [`bf16_compute_against_pytorch_bf16`].
 const BF16_MARGIN: f64 = 1e-2;
+
+/// Half-precision compute on a GPU (f16, and bf16 where the adapter has it; each skipped with the
+/// reason where it does not): the logits of a full pass no further from the f32 reference than
+/// PyTorch's bf16 logits are (f16 keeps 3 more mantissa bits than bf16), twice that for bf16
+/// (every tensor rounded, as PyTorch's, but summed in another order), and the greedy token equal to the references' wherever they
+/// agree on it with a top-2 margin above [`BF16_MARGIN`].
+#[test]
+fn half_compute_on_a_gpu() {
+    if is_cpu() {
+        return;
+    }
+    let dir = fixture("hf-tiny-bf16-sharded");
+    let f32_ref = read_reference(&dir.join("expected/llm.safetensors"));
+    let bf16_ref = read_reference(&dir.join("expected/llm-bf16.safetensors"));
+    let device = device();
+    let full: Vec<Vec<u32>> = id_rows(&f32_ref["input_ids"])
+        .iter()
+        .zip(id_rows(&f32_ref["step_ids"]))
+        .map(|(a, b)| a.iter().chain(&b).copied().collect())
+        .collect();
+    for dtype in [ComputeDType::F16, ComputeDType::BF16] {
+        if !device.supports_dtype(dtype.burn()) {
+            println!("{}: skipped, this adapter does not offer it", dtype.name());
+            match JanusModel::load(&dir, &device, dtype) {
+                Err(Error::Unsupported(why)) => println!("  (loading says: {why})"),
+                other => panic!("{}: expected Unsupported, got {other:?}", dtype.name()),
+            }
+            continue;
+        }
+        let model = JanusModel::load(&dir, &device, dtype).unwrap();
+        let llm = &model.llm;
+        let mut cache = llm.new_cache(full[0].len());
+        let h = llm.forward(llm.embed(&full).unwrap(), &mut cache).unwrap();
+        let (shape, got) = values(llm.logits(h));
+        let (want, exact) = (&bf16_ref["full_logits"], &f32_ref["full_logits"]);
+        let d_ref = max_abs_diff(&shape, &exact.values, want);
+        let d_f32 = max_abs_diff(&shape, &got, exact);
+        let vocab = *shape.last().unwrap();
+        let (mut checked, mut equal) = (0, 0);
+        for p in 0..got.len() / vocab {
+            let at = |v: &[f64]| top2(&v[p * vocab..(p + 1) * vocab]);
+            let ((tb, mb), (tf, mf), (tg, _)) = (at(&want.values), at(&exact.values), at(&got));
+            if tb == tf && mb > BF16_MARGIN && mf > BF16_MARGIN {
+                checked += 1;
+                equal += usize::from(tg == tb);
+            }
+        }
+        println!(
+            "{} on the GPU: max |Δ| to f32 {d_f32:.3e} (PyTorch bf16 to f32 {d_ref:.3e}); greedy {equal}/{checked}",
+            dtype.name()
+        );
+        assert!(d_f32 > 0.0, "{}: the half path did not run", dtype.name());
+        let bound = match dtype {
+            ComputeDType::F16 => d_ref,
+            _ => 2.0 * d_ref,
+        };
+        assert!(d_f32 <= bound, "{}: {d_f32:e} from f32", dtype.name());
+        assert!(checked > 0 && equal == checked, "greedy {equal}/{checked}");
+    }
+}
+
+/// The best index of `v` and its margin over the second best.
+fn top2(v: &[f64]) -> (usize, f64) {
+    let (mut best, mut second) = ((0, f64::MIN), f64::MIN);
+    for (i, &x) in v.iter().enumerate() {
+        if x > best.1 {
+            second = best.1;
+            best = (i, x);
+        } else if x > second {
+            second = x;
+        }
+    }
+    (best.0, best.1 - second)
+}
 
 /// bf16 safetensors are read in place (the matrices borrow the mapped files' pages), the same
 /// tensors pickled are copied; both give the same logits, bit for bit (the tests above check

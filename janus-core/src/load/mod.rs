@@ -420,8 +420,9 @@ pub struct WeightStorage {
 /// Checks that `choice` is possible for this device and compute dtype, before anything is read.
 ///
 /// # Errors
-/// [`Error::Unsupported`] for a storage a GPU backend does not have (anything but `auto` and the
-/// compute dtype); [`Error::InvalidInput`] for `q8_0`/`q4_0` or `f32` storage with a compute
+/// [`Error::Unsupported`] for a compute dtype the GPU's adapter does not offer (bf16 where WGSL
+/// is all there is, f16 without shader-f16) or a storage a GPU backend does not have (anything but
+/// `auto` and the compute dtype); [`Error::InvalidInput`] for `q8_0`/`q4_0` or `f32` storage with a compute
 /// dtype other than f32, or a `JANUS_KERNELS` value this CPU cannot run.
 pub(crate) fn check_weight_format(
     choice: WeightFormat,
@@ -441,6 +442,22 @@ pub(crate) fn check_weight_format(
         ComputeDType::BF16 => WeightFormat::Bf16,
     };
     if !crate::device::is_cpu(device) {
+        if dtype != ComputeDType::F32 && !device.supports_dtype(dtype.burn()) {
+            return Err(Error::Unsupported(format!(
+                "compute dtype {} on this GPU: its adapter does not offer it{} (use --dtype f32{})",
+                dtype.name(),
+                if dtype == ComputeDType::BF16 {
+                    " (WGSL has no bf16; Vulkan adapters with bf16 shaders and CUDA do)"
+                } else {
+                    " (wgpu needs the shader-f16 feature)"
+                },
+                if dtype == ComputeDType::BF16 && device.supports_dtype(DType::F16) {
+                    " or f16"
+                } else {
+                    ""
+                }
+            )));
+        }
         if choice != WeightFormat::Auto && choice != compute {
             return Err(Error::Unsupported(format!(
                 "weights {choice} on a GPU backend: GPUs hold weights in the compute dtype \
