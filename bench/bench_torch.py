@@ -11,7 +11,7 @@
 MultiModalityCausalLM on an original-layout folder (model_type "multi_modality"); needs
 PYTHONPATH=/opt/tf457:/tmp/janus-official (transformers 4.57.1 + deepseek-ai/Janus).
 
-Eager PyTorch on the CPU, torch.inference_mode(), torch.set_num_threads(T).  Every size (image side,
+Eager PyTorch on the CPU (or on CUDA with --device cuda), torch.inference_mode(), torch.set_num_threads(T).  Every size (image side,
 image tokens, VQ grid, codebook size) is read from the checkpoint's config.  What each task times is
 specified in bench/README.md; the Rust bench does the same work.
 """
@@ -35,7 +35,15 @@ CFG_WEIGHT = 5.0
 UNDERSTAND_TOKENS = 32
 
 
+# Where the model runs (--device): the CPU, or "cuda" (every timestamp waits for the GPU's queue).
+DEVICE = "cpu"
+
+
 def now() -> float:
+    if DEVICE != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -95,7 +103,7 @@ class HfJanus:
         self.torch = torch
         t0 = now()
         self.model = JanusForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
-        self.model.eval()
+        self.model.to(DEVICE).eval()
         self.load_s = now() - t0
         from transformers import AutoProcessor
 
@@ -118,16 +126,16 @@ class HfJanus:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(text=prompt, images=[image], return_tensors="pt")
-        return prompt, inputs["input_ids"], inputs["pixel_values"].to(self.dtype)
+        return prompt, inputs["input_ids"].to(DEVICE), inputs["pixel_values"].to(DEVICE, self.dtype)
 
     def generate_input_ids(self, text: str):
         messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.processor(text=prompt, generation_mode="image", return_tensors="pt")["input_ids"]
-        return prompt + self.processor.image_start_token, ids
+        return prompt + self.processor.image_start_token, ids.to(DEVICE)
 
     def pixel_values(self, image):
-        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(self.dtype)
+        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(DEVICE, self.dtype)
 
     # -- timed pieces ---------------------------------------------------------------------------
     def image_embeds(self, pixel_values):
@@ -373,7 +381,7 @@ def save_images(pixels, path: str) -> None:
     import numpy as np
     from PIL import Image
 
-    arr = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    arr = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
     p = Path(path)
     for k, img in enumerate(arr):
         target = p if len(arr) == 1 else p.with_name(f"{p.stem}_{k}{p.suffix}")
@@ -393,7 +401,7 @@ def repeated(fn, args) -> dict:
 def task_vq_decode(m, args) -> dict:
     torch = m.torch
     g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, m.codebook_size, (1, m.vq_grid * m.vq_grid), generator=g, dtype=torch.long)
+    ids = torch.randint(0, m.codebook_size, (1, m.vq_grid * m.vq_grid), generator=g, dtype=torch.long).to(DEVICE)
     holder = {}
 
     def fn():
@@ -425,7 +433,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="checkpoint folder")
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
     ap.add_argument("--impl", choices=["hf", "official"], default="hf")
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="compute dtype (default f32)")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32", help="compute dtype (default f32)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda (transformers layout only); timestamps synchronize the GPU")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
                     help="attention implementation of the LLM (default sdpa, transformers' default)")
@@ -441,12 +451,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.parallel < 1 or args.steps < 1 or args.repeat < 1 or args.threads < 1:
         ap.error("--parallel, --steps, --repeat and --threads must be >= 1")
+    if args.device != "cpu" and args.impl != "hf":
+        ap.error("--device cuda runs the transformers layout (--impl hf)")
+    global DEVICE
+    DEVICE = args.device
 
     with contextlib.redirect_stdout(sys.stderr):        # stdout carries the JSON only
         import torch
 
         torch.set_num_threads(args.threads)
-        dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
         cls = OfficialJanus if args.impl == "official" else HfJanus
         with torch.inference_mode():
             m = cls(args.model, dtype, args.attn)
@@ -457,7 +471,8 @@ def main(argv=None) -> int:
             "impl": args.impl, "task": args.task, "model": str(Path(args.model).resolve()),
             "dtype": args.dtype, "threads": torch.get_num_threads(), "attn": args.attn,
             "load_s": round(m.load_s, 3), **result,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "device": args.device,
+            **({"peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if args.device != "cpu" else {}),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
         }

@@ -18,8 +18,8 @@ use crate::args::{
 };
 use crate::error::{CliError, Result};
 use crate::formats::{
-    EncodeJson, GenerateJson, LossJson, UnderstandJson, check_output, output_paths, read_tokens,
-    save_image,
+    EncodeJson, GenerateJson, GenerateTimings, LossJson, UnderstandJson, UnderstandTimings,
+    check_output, output_paths, read_tokens, save_image,
 };
 use crate::progress::Progress;
 
@@ -269,12 +269,14 @@ fn understand(args: UnderstandArgs) -> Result<()> {
     };
     options.validate()?;
 
+    let loading = Instant::now();
     let janus = load(
         &args.common,
         args.adapter.lora.as_deref(),
         limits,
         &mut progress,
     )?;
+    let load_s = loading.elapsed().as_secs_f64();
     progress.stage("reading the prompt");
     let answer = if args.json {
         janus.understand(&images, &prompt, &options)?
@@ -306,14 +308,9 @@ fn understand(args: UnderstandArgs) -> Result<()> {
         answer
     };
     let new = answer.token_ids.len();
-    let decode_rate = if new > 1 && !answer.decode_time.is_zero() {
-        format!(
-            ", {:.1} tokens/s",
-            (new - 1) as f64 / answer.decode_time.as_secs_f64()
-        )
-    } else {
-        String::new()
-    };
+    let tokens_per_s = (new > 1 && !answer.decode_time.is_zero())
+        .then(|| (new - 1) as f64 / answer.decode_time.as_secs_f64());
+    let decode_rate = tokens_per_s.map_or(String::new(), |r| format!(", {r:.1} tokens/s"));
     progress.done(&format!(
         "{} prompt tokens, {new} new; vision {:.2} s, prefill {:.2} s, decode {:.2} s{decode_rate}",
         answer.prompt_tokens,
@@ -328,6 +325,13 @@ fn understand(args: UnderstandArgs) -> Result<()> {
             prompt_tokens: answer.prompt_tokens,
             weights: janus.weights().name(),
             dtype: janus.dtype().name(),
+            timings: UnderstandTimings {
+                load_s,
+                vision_s: answer.vision_time.as_secs_f64(),
+                prefill_s: answer.prefill_time.as_secs_f64(),
+                decode_s: answer.decode_time.as_secs_f64(),
+                decode_tokens_per_s: tokens_per_s,
+            },
         })?;
     }
     Ok(())
@@ -361,21 +365,27 @@ fn generate(args: GenerateArgs) -> Result<()> {
         return Err(janus_core::Error::InvalidInput("a --prompt is empty".into()).into());
     }
 
+    let loading = Instant::now();
     let janus = load(
         &args.common,
         args.adapter.lora.as_deref(),
         limits,
         &mut progress,
     )?;
+    let load_s = loading.elapsed().as_secs_f64();
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let started = Instant::now();
+    let mut tokens_done = None;
     let batch = janus.generate_batch_with_progress(&prompts, &options, &mut |step, total| {
         progress.count("image tokens", step as u64, total as u64, false);
         if step >= total {
+            tokens_done = Some(started.elapsed());
             progress.stage("decoding the image tokens (VQ)");
         }
         true
     })?;
+    let total = started.elapsed();
+    let tokens_time = tokens_done.unwrap_or(total);
     let images: Vec<_> = batch.into_iter().flatten().collect();
     for (image, path) in images.iter().zip(&paths) {
         save_image(&image.image, path)?;
@@ -402,6 +412,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
             seed: options.seed,
             weights: janus.weights().name(),
             dtype: janus.dtype().name(),
+            timings: GenerateTimings {
+                load_s,
+                tokens_s: tokens_time.as_secs_f64(),
+                vq_decode_s: total.saturating_sub(tokens_time).as_secs_f64(),
+                total_s: total.as_secs_f64(),
+            },
         })
     } else {
         print_lines(&written)

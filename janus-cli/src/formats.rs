@@ -20,6 +20,37 @@ pub struct UnderstandJson<'a> {
     pub weights: &'static str,
     /// The compute dtype (`--dtype` resolved).
     pub dtype: &'static str,
+    /// Where the time went.
+    pub timings: UnderstandTimings,
+}
+
+/// Where the time of `understand` went, in seconds.
+#[derive(Debug, Serialize)]
+pub struct UnderstandTimings {
+    /// Loading the model.
+    pub load_s: f64,
+    /// Encoding the images (inside the prefill).
+    pub vision_s: f64,
+    /// The prompt through the language model up to the first new token (after `vision_s`: the
+    /// time to first token is the sum).
+    pub prefill_s: f64,
+    /// The tokens after the first.
+    pub decode_s: f64,
+    /// Tokens after the first per second of `decode_s` (null with fewer than two tokens).
+    pub decode_tokens_per_s: Option<f64>,
+}
+
+/// Where the time of `generate` went, in seconds.
+#[derive(Debug, Serialize)]
+pub struct GenerateTimings {
+    /// Loading the model.
+    pub load_s: f64,
+    /// Sampling every image's tokens (prompt, then one step per token for all images at once).
+    pub tokens_s: f64,
+    /// Decoding the token grids into pixels (VQ decoder).
+    pub vq_decode_s: f64,
+    /// Both, from the prompt to the last pixel (files not included).
+    pub total_s: f64,
 }
 
 /// `generate --json`.
@@ -37,6 +68,8 @@ pub struct GenerateJson {
     pub weights: &'static str,
     /// The compute dtype (`--dtype` resolved).
     pub dtype: &'static str,
+    /// Where the time went.
+    pub timings: GenerateTimings,
 }
 
 /// `loss --json`.

@@ -164,7 +164,13 @@ fn understand_hf_matches_the_reference() {
             "{dir}: prompt tokens"
         );
         let text = v["text"].as_str().expect("text").to_string();
-        assert_eq!(v.as_object().unwrap().len(), 5, "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 6, "{v}");
+        let t = &v["timings"];
+        for key in ["load_s", "vision_s", "prefill_s", "decode_s"] {
+            assert!(t[key].as_f64().is_some_and(|s| s >= 0.0), "{key}: {v}");
+        }
+        // A rate where the answer has tokens after the first.
+        assert_eq!(t["decode_tokens_per_s"].is_f64(), got.len() > 1, "{v}");
         assert_eq!(v["dtype"], "f32", "{dir}");
         // `auto` keeps a checkpoint's half precision on the CPU; f32 files stay f32.
         let stored = if dir.contains("bf16") || dir.contains("v4") {
@@ -255,6 +261,10 @@ fn generate_hf_matches_the_reference_with_one_and_several_images() {
     assert_eq!(grid.len(), 2);
     assert_eq!((grid[0] * grid[1]) as usize, want.len());
     assert!(v["seed"].is_u64(), "{v}");
+    let t = &v["timings"];
+    let secs = |key: &str| t[key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"));
+    assert!(secs("load_s") > 0.0 && secs("tokens_s") > 0.0 && secs("vq_decode_s") > 0.0);
+    assert!((secs("tokens_s") + secs("vq_decode_s") - secs("total_s")).abs() < 1e-6);
     let d = max_pixel_diff(&out, &pixels);
     assert!(d <= 1, "pixels differ by {d}");
     let files: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
