@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite: formatting, lints, the tests on the CPU backend, and the language-model parity
-# tests again on the wgpu backend (a CPU Vulkan driver is enough). Run scripts/setup.sh first.
+# The test suite: formatting, lints, the tests on the CPU backend, and the parity tests of every
+# entry point again on the wgpu backend with a smoke run of the GPU benchmark (a CPU Vulkan driver is
+# enough). Run scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JANUS_FIXTURE_CACHE="${JANUS_FIXTURE_CACHE:-$HOME/.cache/janus-rs-fixtures}"
@@ -27,5 +28,12 @@ cargo build -q -p janus-cli
 JANUS_BIN="${CARGO_TARGET_DIR:-target}/debug/janus" JANUS_REQUIRE_BROWSER="${CI:+1}" \
   "$VENV/bin/python" -m pytest -q janus-serve/tests
 
-# wgpu on whatever Vulkan device there is (lavapipe on a machine without a GPU).
-JANUS_TEST_DEVICE=wgpu cargo test -p janus-core --no-default-features --features wgpu --test llm_parity
+# Every entry point again on wgpu, on whatever Vulkan device there is (lavapipe on a machine
+# without a GPU): the language model, SigLIP, the VQ codec, understanding, generation, the batching
+# engine, and f16 compute where the adapter has it.
+JANUS_TEST_DEVICE=wgpu cargo test -p janus-core --no-default-features --features wgpu \
+  --test llm_parity --test siglip --test vq --test understanding --test generation --test batching
+# The GPU benchmark end to end on the test checkpoint (a smoke run on lavapipe: no timing claims).
+cargo build -q -p janus-cli --features wgpu
+JANUS_BIN="${CARGO_TARGET_DIR:-target}/debug/janus" bash bench/gpu.sh --tiny --strict --budget-s 900 \
+  --records "$(mktemp -d)/gpu.jsonl"
