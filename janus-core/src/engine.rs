@@ -466,24 +466,20 @@ impl Janus {
                                 }
                             }
                         }
-                    }
-                    let block = if image_on_device {
-                        &[][..]
                     } else {
-                        let b =
+                        let block =
                             &image_logits[image_at * image_width..(image_at + rows) * image_width];
                         image_at += rows;
-                        b
-                    };
-                    for (k, rng) in im.rngs.iter_mut().enumerate().filter(|_| !image_on_device) {
-                        let c = &block[k * image_width..(k + 1) * image_width];
-                        let u = &block[(p + k) * image_width..(p + k + 1) * image_width];
-                        let o = &im.options;
-                        match pick_image_token(c, u, o.cfg_weight, &o.sampling, rng, step) {
-                            Ok(tok) => next.push(i64::from(tok)),
-                            Err(e) => {
-                                picked = Err(e);
-                                break;
+                        for (k, rng) in im.rngs.iter_mut().enumerate() {
+                            let c = &block[k * image_width..(k + 1) * image_width];
+                            let u = &block[(p + k) * image_width..(p + k + 1) * image_width];
+                            let o = &im.options;
+                            match pick_image_token(c, u, o.cfg_weight, &o.sampling, rng, step) {
+                                Ok(tok) => next.push(i64::from(tok)),
+                                Err(e) => {
+                                    picked = Err(e);
+                                    break;
+                                }
                             }
                         }
                     }
