@@ -33,6 +33,9 @@ JANUS_BIN="${CARGO_TARGET_DIR:-target}/debug/janus" JANUS_REQUIRE_BROWSER="${CI:
 # engine, and f16 compute where the adapter has it.
 JANUS_TEST_DEVICE=wgpu cargo test -p janus-core --no-default-features --features wgpu \
   --test llm_parity --test siglip --test vq --test understanding --test generation --test batching
+# The picks on the GPU against the host's draws (the default device of a build without the CPU
+# backend is the GPU).
+cargo test -p janus-core --no-default-features --features wgpu --lib generate::device
 # The GPU benchmark end to end on the test checkpoint (a smoke run on lavapipe: no timing claims).
 cargo build -q -p janus-cli --features wgpu
 JANUS_BIN="${CARGO_TARGET_DIR:-target}/debug/janus" bash bench/gpu.sh --tiny --strict --budget-s 900 \

@@ -136,8 +136,9 @@ mod tests {
     use super::*;
     use crate::generate::sampling::{sample, stream};
 
-    /// On the CPU backend the picker is off (the host loop is used); its arithmetic is the same
-    /// on any backend, so it is checked here against the host draw on the CPU device.
+    /// A picker on the default device: the CPU backend (where the generation loops keep the
+    /// host picks; the arithmetic is the same), or the GPU in a build without it (`scripts/test.sh`
+    /// runs these tests on wgpu so).
     fn picker() -> DevicePicker {
         DevicePicker {
             device: crate::default_device(),
