@@ -261,28 +261,16 @@ fn bf16_compute_against_pytorch_bf16() {
     let device = device();
     let model = JanusModel::load(&dir, &device, ComputeDType::BF16).unwrap();
     let llm = &model.llm;
-    let full: Vec<Vec<u32>> = id_rows(&f32_ref["input_ids"])
-        .iter()
-        .zip(id_rows(&f32_ref["step_ids"]))
-        .map(|(a, b)| a.iter().chain(&b).copied().collect())
-        .collect();
+    let full = full_rows(&f32_ref);
     let mut cache = llm.new_cache(full[0].len());
     let h = llm.forward(llm.embed(&full).unwrap(), &mut cache).unwrap();
     let (shape, got) = values(llm.logits(h));
-    let (want, exact) = (&bf16_ref["full_logits"], &f32_ref["full_logits"]);
-    let d_ref = max_abs_diff(&shape, &exact.values, want);
-    let d_bf16 = max_abs_diff(&shape, &got, want);
-    let d_f32 = max_abs_diff(&shape, &got, exact);
-    let vocab = *shape.last().unwrap();
-    let (mut checked, mut equal) = (0, 0);
-    for p in 0..got.len() / vocab {
-        let at = |v: &[f64]| top2(&v[p * vocab..(p + 1) * vocab]);
-        let ((tb, mb), (tf, mf), (tg, _)) = (at(&want.values), at(&exact.values), at(&got));
-        if tb == tf && mb > BF16_MARGIN && mf > BF16_MARGIN {
-            checked += 1;
-            equal += usize::from(tg == tb);
-        }
-    }
+    let (d_ref, d_bf16, d_f32, checked, equal) = against_references(
+        &shape,
+        &got,
+        &bf16_ref["full_logits"],
+        &f32_ref["full_logits"],
+    );
     println!(
         "bf16 compute: max |Δ| to PyTorch bf16 {d_bf16:.3e}, to f32 {d_f32:.3e} (PyTorch bf16 to f32 {d_ref:.3e}); greedy {equal}/{checked}"
     );
@@ -298,6 +286,41 @@ fn bf16_compute_against_pytorch_bf16() {
 /// See [`bf16_compute_against_pytorch_bf16`].
 const BF16_MARGIN: f64 = 1e-2;
 
+/// The references' ids of a full pass (prompt then steps), each row.
+fn full_rows(f32_ref: &std::collections::HashMap<String, RefTensor>) -> Vec<Vec<u32>> {
+    id_rows(&f32_ref["input_ids"])
+        .iter()
+        .zip(id_rows(&f32_ref["step_ids"]))
+        .map(|(a, b)| a.iter().chain(&b).copied().collect())
+        .collect()
+}
+
+/// Logits `got` (shape `shape`) of a full pass against PyTorch's bf16 (`want`) and f32 (`exact`)
+/// ones: (max |Δ| of bf16 to f32, of `got` to bf16, of `got` to f32, positions where both
+/// references pick the same greedy token with a top-2 margin above [`BF16_MARGIN`], and how many
+/// of them `got` picks too).
+fn against_references(
+    shape: &[usize],
+    got: &[f64],
+    want: &RefTensor,
+    exact: &RefTensor,
+) -> (f64, f64, f64, usize, usize) {
+    let d_ref = max_abs_diff(shape, &exact.values, want);
+    let d_bf16 = max_abs_diff(shape, got, want);
+    let d_f32 = max_abs_diff(shape, got, exact);
+    let vocab = *shape.last().unwrap();
+    let (mut checked, mut equal) = (0, 0);
+    for p in 0..got.len() / vocab {
+        let at = |v: &[f64]| top2(&v[p * vocab..(p + 1) * vocab]);
+        let ((tb, mb), (tf, mf), (tg, _)) = (at(&want.values), at(&exact.values), at(got));
+        if tb == tf && mb > BF16_MARGIN && mf > BF16_MARGIN {
+            checked += 1;
+            equal += usize::from(tg == tb);
+        }
+    }
+    (d_ref, d_bf16, d_f32, checked, equal)
+}
+
 /// Half-precision compute on a GPU (f16, and bf16 where the adapter has it; each skipped with the
 /// reason where it does not): the logits of a full pass no further from the f32 reference than
 /// PyTorch's bf16 logits are (f16 keeps 3 more mantissa bits than bf16), twice that for bf16
@@ -312,11 +335,7 @@ fn half_compute_on_a_gpu() {
     let f32_ref = read_reference(&dir.join("expected/llm.safetensors"));
     let bf16_ref = read_reference(&dir.join("expected/llm-bf16.safetensors"));
     let device = device();
-    let full: Vec<Vec<u32>> = id_rows(&f32_ref["input_ids"])
-        .iter()
-        .zip(id_rows(&f32_ref["step_ids"]))
-        .map(|(a, b)| a.iter().chain(&b).copied().collect())
-        .collect();
+    let full = full_rows(&f32_ref);
     for dtype in [ComputeDType::F16, ComputeDType::BF16] {
         if !device.supports_dtype(dtype.burn()) {
             println!("{}: skipped, this adapter does not offer it", dtype.name());
@@ -331,19 +350,12 @@ fn half_compute_on_a_gpu() {
         let mut cache = llm.new_cache(full[0].len());
         let h = llm.forward(llm.embed(&full).unwrap(), &mut cache).unwrap();
         let (shape, got) = values(llm.logits(h));
-        let (want, exact) = (&bf16_ref["full_logits"], &f32_ref["full_logits"]);
-        let d_ref = max_abs_diff(&shape, &exact.values, want);
-        let d_f32 = max_abs_diff(&shape, &got, exact);
-        let vocab = *shape.last().unwrap();
-        let (mut checked, mut equal) = (0, 0);
-        for p in 0..got.len() / vocab {
-            let at = |v: &[f64]| top2(&v[p * vocab..(p + 1) * vocab]);
-            let ((tb, mb), (tf, mf), (tg, _)) = (at(&want.values), at(&exact.values), at(&got));
-            if tb == tf && mb > BF16_MARGIN && mf > BF16_MARGIN {
-                checked += 1;
-                equal += usize::from(tg == tb);
-            }
-        }
+        let (d_ref, _, d_f32, checked, equal) = against_references(
+            &shape,
+            &got,
+            &bf16_ref["full_logits"],
+            &f32_ref["full_logits"],
+        );
         println!(
             "{} on the GPU: max |Δ| to f32 {d_f32:.3e} (PyTorch bf16 to f32 {d_ref:.3e}); greedy {equal}/{checked}",
             dtype.name()
