@@ -84,8 +84,8 @@ impl DevicePicker {
             let u = Tensor::<2>::from_data(TensorData::new(u, [rows, 1]), &self.device);
             self.draw(x, t, u)
         };
-        let back: Vec<f32> = Tensor::cat(vec![finite, best, picked], 1)
-            .into_data()
+        let picks = Tensor::cat(vec![finite, best, picked], 1);
+        let back: Vec<f32> = super::read_back(picks, "picking tokens")?
             .convert::<f32>()
             .try_into_vec()
             .map_err(|e| Error::InvalidInput(format!("reading the picked tokens: {e:?}")))?;

@@ -151,8 +151,7 @@ pub fn generate_tokens_batch(
                 next.push(i64::from(tok));
             }
         } else {
-            let host: Vec<f32> = logits
-                .into_data()
+            let host: Vec<f32> = super::read_back(logits, "reading logits")?
                 .convert::<f32>()
                 .try_into_vec()
                 .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
@@ -298,7 +297,14 @@ pub fn decode_tokens(model: &JanusModel, grids: &[Vec<u32>]) -> Result<Vec<image
         }
     }
     let mut out = Vec::with_capacity(grids.len());
-    for chunk in grids.chunks(VQ_DECODE_CHUNK) {
+    // On a GPU one image at a time: a full-resolution activation of two (151 MB) is past the
+    // 128 MiB a storage buffer may hold on some adapters (lavapipe's, wgpu's default limit).
+    let chunk = if crate::device::is_cpu(&vq.codebook.device()) {
+        VQ_DECODE_CHUNK
+    } else {
+        1
+    };
+    for chunk in grids.chunks(chunk) {
         out.extend(decode_chunk(model, chunk)?);
     }
     Ok(out)
@@ -318,8 +324,7 @@ fn decode_chunk(model: &JanusModel, grids: &[Vec<u32>]) -> Result<Vec<image::Rgb
     let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [grids.len(), n]), &device);
     let images = vq.decode(ids);
     let [b, c, h, w] = images.dims();
-    let data: Vec<f32> = images
-        .into_data()
+    let data: Vec<f32> = super::read_back(images, "decoding images")?
         .convert::<f32>()
         .try_into_vec()
         .map_err(|e| Error::InvalidInput(format!("reading pixels: {e:?}")))?;
@@ -355,6 +360,13 @@ pub fn encode_pixels(model: &JanusModel, images: &[Vec<f32>]) -> Result<Vec<Vec<
         )));
     }
     let device = vq.codebook.device();
+    if images.len() > 1 && !crate::device::is_cpu(&device) {
+        // One at a time on a GPU, as the decoder (buffer size limits).
+        return images
+            .iter()
+            .map(|img| encode_pixels(model, std::slice::from_ref(img)).map(|mut g| g.remove(0)))
+            .collect();
+    }
     let flat: Vec<f32> = images.iter().flatten().copied().collect();
     let x = Tensor::<4>::from_data(
         TensorData::new(flat, [images.len(), c, s, s]),
@@ -362,10 +374,7 @@ pub fn encode_pixels(model: &JanusModel, images: &[Vec<f32>]) -> Result<Vec<Vec<
     );
     let latent = vq.encode_latent(x);
     let per_image = latent.dims()[2] * latent.dims()[3];
-    let ids: Vec<i64> = vq
-        .code_distances(latent)
-        .argmin(1)
-        .into_data()
+    let ids: Vec<i64> = super::read_back(vq.code_distances(latent).argmin(1), "encoding images")?
         .convert::<i64>()
         .try_into_vec()
         .map_err(|e| Error::InvalidInput(format!("reading codes: {e:?}")))?;

@@ -6,8 +6,27 @@ pub mod image;
 pub mod sampling;
 pub mod text;
 
-use crate::error::Result;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::error::{Error, Result};
 use crate::model::JanusModel;
+
+/// Reads `t` back to the host: the one read a step or a decode makes. A device that fails (a
+/// GPU whose buffer could not be allocated, say) is an error, never a panic:
+/// [`Error::OutOfMemory`] for an allocation, else [`Error::Unsupported`] naming `what`.
+pub(crate) fn read_back<const D: usize, K: burn::tensor::kind::Basic>(
+    t: Tensor<D, K>,
+    what: &str,
+) -> Result<TensorData> {
+    t.try_into_data().map_err(|e| {
+        let message = format!("{e}");
+        if message.contains("allocate") {
+            Error::OutOfMemory(format!("{what} on the device: {message}"))
+        } else {
+            Error::Unsupported(format!("the device failed {what}: {message}"))
+        }
+    })
+}
 
 /// Makes sure the memory of `rows` decoding rows — their key/value cache for `positions`
 /// positions and a step's logits of `logits_width` — can be had before decoding begins

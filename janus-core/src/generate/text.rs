@@ -205,7 +205,7 @@ pub(crate) fn check_context(model: &JanusModel, t: usize, opts: &TextGenOptions)
 
 /// A tensor's values as f32 in host memory.
 pub(crate) fn host_values<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>> {
-    x.into_data()
+    super::read_back(x, "reading logits")?
         .convert::<f32>()
         .try_into_vec()
         .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))
