@@ -119,9 +119,9 @@ fn original_decode_in_bf16_stays_within_two_pixel_levels() {
 }
 
 /// The official VQ-16 decoder in f16 on a GPU (skipped with the reason where the adapter has no
-/// f16) against the official f32 decode: every corner pixel within [`BF16_PIXEL`].
+/// f16) against the official f32 decode: every corner pixel within [`HALF_GPU_PIXEL`].
 #[test]
-fn original_decode_in_f16_on_a_gpu_stays_within_two_pixel_levels() {
+fn original_decode_in_f16_on_a_gpu_stays_within_ten_pixel_levels() {
     if std::env::var("JANUS_TEST_DEVICE").map_or(true, |d| d == "cpu") {
         return;
     }
@@ -138,9 +138,15 @@ fn original_decode_in_f16_on_a_gpu_stays_within_two_pixel_levels() {
     .unwrap();
     let worst = corners_off(&model, &device);
     println!("official VQ-16 decode in f16 on the GPU: corner max |Δ| {worst:.2e}");
-    assert!(worst > 0.0, "the f16 decode did not run");
-    assert!(worst <= BF16_PIXEL, "{worst}");
+    assert!(worst > 1e-4, "the f16 decode did not run: {worst}");
+    assert!(worst <= HALF_GPU_PIXEL, "{worst}");
 }
+
+/// See [`original_decode_in_f16_on_a_gpu_stays_within_ten_pixel_levels`]: ten 8-bit levels of
+/// the [-1, 1] image. Every tensor of the decoder is f16 there (the CPU's bf16 path keeps f32
+/// between its products), as in PyTorch's half-precision decode, which is up to 8 levels from its
+/// f32 one at Janus-Pro-1B size; measured on lavapipe: 6.1e-2, 7.7 levels.
+const HALF_GPU_PIXEL: f64 = 10.0 * 2.0 / 255.0;
 
 /// The official decode of the reference's token grid by `model`: the largest difference of its
 /// two recorded 32×32 corners from the official f32 decode.
