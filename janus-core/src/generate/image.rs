@@ -129,10 +129,10 @@ pub fn generate_tokens_batch(
         .collect();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(n); images];
     let w = opts.cfg_weight;
-    let v = model.config.vq.codebook_size;
     let on_device = DevicePicker::for_device(&device, &opts.sampling);
     for step in 0..n {
         let logits = heads.gen_head.forward(last);
+        let v = logits.dims()[2];
         let mut next = Vec::with_capacity(2 * images);
         if let Some(picker) = &on_device {
             // Guidance in f32 (as the references keep it) and the picks, on the device.
