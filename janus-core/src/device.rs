@@ -54,6 +54,55 @@ impl Backend {
     }
 }
 
+thread_local! {
+    static HOST_READS: std::cell::Cell<HostReads> = const {
+        std::cell::Cell::new(HostReads { count: 0, bytes: 0 })
+    };
+}
+
+/// Reads of tensors back to the host from a device other than the CPU backend (whose tensors
+/// are in host memory already), made by the calling thread since it started: see
+/// [`host_reads`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostReads {
+    /// How many reads.
+    pub count: u64,
+    /// How many bytes they carried.
+    pub bytes: u64,
+}
+
+impl std::ops::Sub for HostReads {
+    type Output = HostReads;
+
+    /// The reads made between two snapshots.
+    fn sub(self, earlier: HostReads) -> HostReads {
+        HostReads {
+            count: self.count - earlier.count,
+            bytes: self.bytes - earlier.bytes,
+        }
+    }
+}
+
+/// The calling thread's reads from a GPU so far. On a GPU each token step of a generation or an
+/// answer reads once, three numbers a row (the picked tokens); decoding images reads their
+/// pixels. A diagnostic: reads that grow with the layers of the model, or whole rows of logits,
+/// would mean a step waits on the host.
+pub fn host_reads() -> HostReads {
+    HOST_READS.with(std::cell::Cell::get)
+}
+
+/// Counts a read of `bytes` for [`host_reads`] when `device` is not the CPU backend.
+pub(crate) fn count_host_read(device: &Device, bytes: usize) {
+    if !is_cpu(device) {
+        HOST_READS.with(|r| {
+            let mut now = r.get();
+            now.count += 1;
+            now.bytes += bytes as u64;
+            r.set(now);
+        });
+    }
+}
+
 /// Whether `device` is the CPU backend (flex) without autodiff: its memory is the process's own,
 /// and host code may compute a step in place of the backend's operations. Under autodiff every
 /// step must stay an operation the graph records, so the host paths are off (device equality

@@ -63,10 +63,6 @@ fn storages() -> Vec<WeightFormat> {
     }
 }
 
-fn on_gpu() -> bool {
-    std::env::var("JANUS_TEST_DEVICE").is_ok_and(|d| d != "cpu")
-}
-
 #[test]
 fn answers_decoded_together_equal_answers_alone() {
     for weights in storages() {

@@ -7,6 +7,7 @@ mod common;
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
+use janus_core::device::HostReads;
 use janus_core::generate::image::{ImageGenOptions, unconditional_ids};
 use janus_core::generate::sampling::Sampling;
 use janus_core::pipeline::{ImageTokens, Janus};
@@ -328,5 +329,43 @@ fn a_batch_of_prompts_gives_what_each_prompt_gives_alone() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn a_generation_step_reads_the_device_once() {
+    // On a GPU each token step reads back its picks and nothing else (top-k and top-p
+    // included), and each decoded image its pixels; the CPU backend's tensors are host memory.
+    let janus = load(&fixture("hf-tiny"));
+    for sampling in [
+        Sampling::GREEDY,
+        Sampling {
+            temperature: 1.0,
+            top_k: Some(50),
+            top_p: Some(0.9),
+        },
+    ] {
+        let opts = ImageGenOptions {
+            count: 2,
+            sampling,
+            ..greedy(2)
+        };
+        let before = janus_core::device::host_reads();
+        let images = janus.generate("a portrait", &opts).unwrap();
+        let reads = janus_core::device::host_reads() - before;
+        let steps = images[0].tokens.ids.len();
+        let (w, h) = images[0].image.dimensions();
+        // Per step three f32 a row; per image its f32 channels.
+        let step_bytes = steps * images.len() * 3 * 4;
+        let pixel_bytes = images.len() * 3 * (w * h) as usize * 4;
+        let want = if on_gpu() {
+            HostReads {
+                count: (steps + images.len()) as u64,
+                bytes: (step_bytes + pixel_bytes) as u64,
+            }
+        } else {
+            HostReads::default()
+        };
+        assert_eq!(reads, want, "{sampling:?}: {steps} steps");
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use janus_core::device::HostReads;
 use janus_core::generate::text::TextGenOptions;
 use janus_core::pipeline::{Janus, Turn};
 use janus_core::processor::image::{ImageProcessorConfig, preprocess_for_understanding};
@@ -311,4 +312,42 @@ fn bad_understanding_input_is_a_typed_error() {
         .understand_stream(&[img], "what?", &greedy(3), &mut |_| false)
         .unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
+}
+
+#[test]
+fn an_answer_step_reads_the_device_once() {
+    // On a GPU each token reads back its pick and nothing else, with top-k, top-p and a
+    // repetition penalty too; the CPU backend's tensors are host memory.
+    let janus = load(&fixture("hf-tiny"));
+    let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 90]));
+    for options in [
+        greedy(6),
+        TextGenOptions {
+            sampling: janus_core::generate::sampling::Sampling {
+                temperature: 0.8,
+                top_k: Some(20),
+                top_p: Some(0.9),
+            },
+            repetition_penalty: 1.3,
+            seed: 4,
+            ..greedy(6)
+        },
+    ] {
+        let before = janus_core::device::host_reads();
+        let answer = janus
+            .understand(std::slice::from_ref(&img), "what is this?", &options)
+            .unwrap();
+        let reads = janus_core::device::host_reads() - before;
+        let steps = answer.token_ids.len();
+        // Per token three f32.
+        let want = if on_gpu() {
+            HostReads {
+                count: steps as u64,
+                bytes: (steps * 3 * 4) as u64,
+            }
+        } else {
+            HostReads::default()
+        };
+        assert_eq!(reads, want, "{options:?}: {steps} tokens");
+    }
 }

@@ -21,7 +21,7 @@ pub struct Stepped {
 }
 
 fn host(t: Tensor<3>) -> Result<Vec<f32>> {
-    t.into_data()
+    super::read_back(t, "reading logits")?
         .convert::<f32>()
         .try_into_vec()
         .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))

@@ -18,6 +18,8 @@ pub(crate) fn read_back<const D: usize, K: burn::tensor::kind::Basic>(
     t: Tensor<D, K>,
     what: &str,
 ) -> Result<TensorData> {
+    let bytes = t.shape().num_elements() * t.dtype().size();
+    crate::device::count_host_read(&t.device(), bytes);
     t.try_into_data().map_err(|e| {
         let message = format!("{e}");
         if message.contains("allocate") {

@@ -37,6 +37,11 @@ pub fn device() -> Device {
         .expect("test device")
 }
 
+/// Whether the tests run on a GPU backend (`JANUS_TEST_DEVICE` other than `cpu`).
+pub fn on_gpu() -> bool {
+    std::env::var("JANUS_TEST_DEVICE").is_ok_and(|d| d != "cpu")
+}
+
 /// A tensor of a reference safetensors file: its values (as f64) and shape.
 pub struct RefTensor {
     pub shape: Vec<usize>,
