@@ -15,7 +15,7 @@ still reports what it finished):
   * a warm-up run first (kernels compile on a process's first use of them), then
   * generate, 1 image and 16 images (576 tokens each with classifier-free guidance, the VQ decode):
     seconds per image, the token loop and the decode apart, ms per token step; and 1 image with
-    --top-k 4096, whose guided rows come back to the host each step (the cost of that copy);
+    --top-k 4096 (the cost of the top-k cutoff search on the device);
   * understand (one image, 64 new tokens): time to first token, tokens/s after it;
   * kernels dispatched per decoding step and their GPU time (two answers profiled by cubecl,
     CUBECL_DEBUG_OPTION=profile), against the measured step time: the gap is launch overhead;
@@ -239,7 +239,7 @@ def bench_model(args, records: Records, budget: Budget, name: str, folder: Path,
     """Every task of one model; False once the budget is spent."""
     for dtype in args.dtypes:
         common = ["--model", str(folder), "--backend", args.backend, "--dtype", dtype]
-        # generate-top-k: the guided rows read back to the host each step (top-k sorts there).
+        # generate-top-k: the top-k cutoff searched on the device each step (no sort).
         # warm-up: the first run of a process tree compiles every kernel (and fills the driver's
         # and cubecl's caches); recorded, not counted as a measurement.
         tasks = [("warm-up", 1), ("generate", 1), ("generate", args.many), ("generate-top-k", 1),

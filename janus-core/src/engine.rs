@@ -25,7 +25,7 @@ use crate::generate::image::{
     ImageGenOptions, cfg_rows, check_prompts, embed_image_tokens, pick_image_token,
     reserve_generation,
 };
-use crate::generate::sampling::{Sampling, stream};
+use crate::generate::sampling::stream;
 use crate::generate::text::{TextGenOptions, check_context, host_values, pick_token};
 use crate::nn::kv_cache::KvCache;
 use crate::pipeline::{Answer, GeneratedImage, Janus, Turn};
@@ -329,37 +329,25 @@ impl Janus {
         let rows_of = |seqs: &[&mut Sequence], idx: &[usize]| {
             idx.iter().map(|&i| seqs[i].rows).sum::<usize>()
         };
-        // On a GPU, rules that keep every token are picked there (three numbers a row come
-        // back); the others read their rows back.
-        let picker = DevicePicker::for_device(&device, &Sampling::GREEDY);
-        let text_on_device = picker.is_some()
-            && text.iter().all(|&i| match &seqs[i].state {
-                State::Text(t) => {
-                    t.options.repetition_penalty == 1.0 && !t.options.sampling.truncates()
-                }
-                State::Image(_) => false,
-            });
-        let image_on_device = picker.is_some()
-            && image.iter().all(|&i| match &seqs[i].state {
-                State::Image(im) => !im.options.sampling.truncates(),
-                State::Text(_) => false,
-            });
+        // On a GPU the picks are made there (three numbers a row come back).
+        let picker = DevicePicker::for_device(&device);
         let mut text_picks = Vec::new();
         let (text_logits, text_width) = if text.is_empty() {
             (Vec::new(), 0)
-        } else if let (true, Some(p)) = (text_on_device, &picker) {
+        } else if let Some(p) = &picker {
             let logits = llm.logits(lasts(seqs, &text));
             let [n, _, v] = logits.dims();
-            let (mut temps, mut draws) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            let mut rules = Vec::with_capacity(n);
             for &i in &text {
                 if let State::Text(t) = &mut seqs[i].state {
-                    let (tt, dd) =
-                        draw_numbers(&t.options.sampling, std::slice::from_mut(&mut t.rng));
-                    temps.extend(tt);
-                    draws.extend(dd);
+                    rules.extend(
+                        draw_numbers(&t.options.sampling, std::slice::from_mut(&mut t.rng))
+                            .into_iter()
+                            .map(|r| r.with_penalty(t.options.repetition_penalty, &t.ids)),
+                    );
                 }
             }
-            text_picks = p.pick(logits.reshape([n, v]), &temps, &draws, 0)?;
+            text_picks = p.pick(logits.reshape([n, v]), &rules, 0)?;
             (Vec::new(), 0)
         } else {
             let v = host_values(llm.logits(lasts(seqs, &text)))?;
@@ -369,11 +357,11 @@ impl Janus {
         let mut image_picks = Vec::new();
         let (image_logits, image_width) = if image.is_empty() {
             (Vec::new(), 0)
-        } else if let (true, Some(p)) = (image_on_device, &picker) {
+        } else if let Some(p) = &picker {
             let logits = model.heads.gen_head.forward(lasts(seqs, &image));
             let [n, _, v] = logits.dims();
             let rows = logits.reshape([n, v]).cast(burn::tensor::DType::F32);
-            let (mut mixed, mut temps, mut draws) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut mixed, mut rules) = (Vec::new(), Vec::new());
             let mut at = 0;
             for &i in &image {
                 let seq_rows = seqs[i].rows;
@@ -383,13 +371,11 @@ impl Janus {
                     let c = rows.clone().narrow(0, at, half);
                     let u = rows.clone().narrow(0, at + half, half);
                     mixed.push(u.clone() + (c - u) * f64::from(im.options.cfg_weight));
-                    let (tt, dd) = draw_numbers(&im.options.sampling, &mut im.rngs);
-                    temps.extend(tt);
-                    draws.extend(dd);
+                    rules.extend(draw_numbers(&im.options.sampling, &mut im.rngs));
                 }
                 at += seq_rows;
             }
-            image_picks = p.pick(Tensor::cat(mixed, 0), &temps, &draws, 0)?;
+            image_picks = p.pick(Tensor::cat(mixed, 0), &rules, 0)?;
             (Vec::new(), 0)
         } else {
             let v = host_values(model.heads.gen_head.forward(lasts(seqs, &image)))?;
@@ -405,7 +391,7 @@ impl Janus {
             let input = match &mut seq.state {
                 State::Text(t) => {
                     let step = t.ids.len() + 1;
-                    let picked = if text_on_device {
+                    let picked = if picker.is_some() {
                         match &text_picks[text_at] {
                             Ok(tok) => Ok(*tok),
                             Err(_) => Err(Error::NonFiniteLogits { step }),
@@ -453,7 +439,7 @@ impl Janus {
                     let mut next = Vec::with_capacity(2 * p);
                     let step = im.tokens[0].len() + 1;
                     let mut picked = Ok(());
-                    if image_on_device {
+                    if picker.is_some() {
                         // This sequence's images are rows `image_at / 2 ..` of the picks.
                         let first = image_at / 2;
                         image_at += rows;

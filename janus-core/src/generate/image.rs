@@ -129,7 +129,7 @@ pub fn generate_tokens_batch(
         .collect();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(n); images];
     let w = opts.cfg_weight;
-    let on_device = DevicePicker::for_device(&device, &opts.sampling);
+    let on_device = DevicePicker::for_device(&device);
     for step in 0..n {
         let logits = heads.gen_head.forward(last);
         let v = logits.dims()[2];
@@ -140,9 +140,9 @@ pub fn generate_tokens_batch(
             let c = rows.clone().narrow(0, 0, images);
             let u = rows.narrow(0, images, images);
             let mixed = u.clone() + (c - u) * f64::from(w);
-            let (temps, draws) = draw_numbers(&opts.sampling, &mut rngs);
+            let rules = draw_numbers(&opts.sampling, &mut rngs);
             for (i, tok) in picker
-                .pick(mixed, &temps, &draws, step + 1)?
+                .pick(mixed, &rules, step + 1)?
                 .into_iter()
                 .enumerate()
             {

@@ -11,10 +11,11 @@ use crate::error::{Error, Result};
 pub struct Sampling {
     /// Softmax temperature; 0 takes the argmax (deterministic).
     pub temperature: f32,
-    /// Keep only the `k` most likely tokens (None or `Some(0)`: all, as transformers' `top_k=0`
-    /// and the C API's 0).
+    /// Keep only the `k` most likely tokens, and those tied with the k-th (None or `Some(0)`:
+    /// all, as transformers' `top_k=0` and the C API's 0).
     pub top_k: Option<usize>,
-    /// Keep the smallest set of most likely tokens whose probability reaches `p` (None: all).
+    /// Keep the smallest set of most likely tokens whose probability reaches `p` (ties with the
+    /// last one kept too; None: all).
     pub top_p: Option<f32>,
 }
 
@@ -49,8 +50,7 @@ impl Sampling {
         self.temperature == 0.0
     }
 
-    /// Whether a draw keeps only some tokens (top-k or top-p): those candidates are found by
-    /// sorting; a draw over every token needs no order.
+    /// Whether a draw keeps only some tokens (top-k or top-p).
     pub fn truncates(&self) -> bool {
         self.top_k.is_some_and(|k| k > 0) || self.top_p.is_some()
     }
@@ -95,63 +95,18 @@ pub(crate) fn uniform(rng: &mut ChaCha8Rng) -> f64 {
 }
 
 /// Picks a token from `logits` (one row): the argmax, or the token where a [`uniform`] draw
-/// falls in the cumulative distribution of `softmax(logits / temperature)`. Over every token
-/// (no top-k or top-p) the distribution is taken in id order, as a GPU computes it
-/// ([`device`](super::device)), so that a seed draws the same tokens there; truncated, in
-/// descending order of logits (the kept candidates).
+/// falls in the cumulative distribution of `softmax(logits / temperature)` over the kept
+/// tokens, taken in id order (as a GPU computes it, [`device`](super::device), so that a seed
+/// draws the same tokens there).
+///
+/// The kept tokens, as transformers' logits warpers choose them: top-k keeps every token whose
+/// logit reaches the k-th largest (ties with it included); top-p then keeps every token whose
+/// more likely tokens (strictly larger logits, among those kept) hold less than `p` of the
+/// probability, so the most likely token always stays. NaN logits are never drawn.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
     if s.is_greedy() || logits.len() <= 1 {
         return argmax(logits);
     }
-    if !s.truncates() {
-        return draw_in_id_order(logits, s.temperature, rng);
-    }
-    // Candidates sorted by logit, best first (stable: ties keep id order).
-    let mut order: Vec<usize> = (0..logits.len()).filter(|&i| !logits[i].is_nan()).collect();
-    if order.is_empty() {
-        return 0;
-    }
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if let Some(k) = s.top_k.filter(|&k| k > 0) {
-        order.truncate(k);
-    }
-    let max = logits[order[0]];
-    let t = s.temperature as f64;
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i] as f64 - max as f64) / t).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    if let Some(top_p) = s.top_p {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        order.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-    }
-    let u = uniform(rng);
-    let mut acc = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        acc += p;
-        if u < acc {
-            return order[i];
-        }
-    }
-    order[order.len() - 1]
-}
-
-/// [`sample`] over every token: the first id whose cumulative weight
-/// `Σ_{j ≤ i} exp((l_j − max) / t)` exceeds `u` times the total (NaN logits weigh nothing).
-fn draw_in_id_order(logits: &[f32], temperature: f32, rng: &mut ChaCha8Rng) -> usize {
     let max = logits
         .iter()
         .copied()
@@ -160,20 +115,76 @@ fn draw_in_id_order(logits: &[f32], temperature: f32, rng: &mut ChaCha8Rng) -> u
     if max == f32::NEG_INFINITY {
         return argmax(logits);
     }
-    let t = f64::from(temperature);
-    let weight = |v: f32| {
-        if v.is_nan() {
-            0.0
-        } else {
-            ((f64::from(v) - f64::from(max)) / t).exp()
+    let t = f64::from(s.temperature);
+    let mut weights: Vec<f64> = logits
+        .iter()
+        .map(|&v| {
+            if v.is_nan() {
+                0.0
+            } else {
+                ((f64::from(v) - f64::from(max)) / t).exp()
+            }
+        })
+        .collect();
+    if let Some(cut) = s
+        .top_k
+        .filter(|&k| k > 0)
+        .and_then(|k| kth_largest(logits, k))
+    {
+        for (w, &v) in weights.iter_mut().zip(logits) {
+            if v.is_nan() || v < cut {
+                *w = 0.0;
+            }
         }
-    };
-    let total: f64 = logits.iter().map(|&v| weight(v)).sum();
-    let threshold = uniform(rng) * total;
+    }
+    if let Some(p) = s.top_p {
+        nucleus(logits, &mut weights, f64::from(p));
+    }
+    draw_in_id_order(&weights, uniform(rng))
+}
+
+/// The `k`-th largest non-NaN logit, or None where there are no more than `k` of them.
+fn kth_largest(logits: &[f32], k: usize) -> Option<f32> {
+    let mut values: Vec<f32> = logits.iter().copied().filter(|v| !v.is_nan()).collect();
+    if k >= values.len() {
+        return None;
+    }
+    let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    Some(*kth)
+}
+
+/// Zeroes the weight of every token whose strictly more likely tokens hold at least `p` of the
+/// total weight (the smallest group of equal logits that reaches `p` stays whole).
+fn nucleus(logits: &[f32], weights: &mut [f64], p: f64) {
+    let mut kept: Vec<usize> = (0..logits.len()).filter(|&i| weights[i] > 0.0).collect();
+    kept.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let total: f64 = kept.iter().map(|&i| weights[i]).sum();
+    let mut above = 0.0;
+    let mut at = 0;
+    while at < kept.len() {
+        if above >= p * total {
+            break;
+        }
+        // One group of equal logits.
+        let v = logits[kept[at]];
+        while at < kept.len() && logits[kept[at]] == v {
+            above += weights[kept[at]];
+            at += 1;
+        }
+    }
+    for &i in &kept[at..] {
+        weights[i] = 0.0;
+    }
+}
+
+/// The first id whose cumulative weight (in id order) exceeds `u` times the total weight;
+/// the last id of positive weight where rounding leaves the draw past the end.
+fn draw_in_id_order(weights: &[f64], u: f64) -> usize {
+    let total: f64 = weights.iter().sum();
+    let threshold = u * total;
     let mut acc = 0.0;
     let mut last = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        let w = weight(v);
+    for (i, &w) in weights.iter().enumerate() {
         if w > 0.0 {
             last = i;
         }
@@ -271,6 +282,46 @@ mod tests {
             };
             assert_eq!(draw(Some(0)), draw(None), "seed {seed}");
         }
+    }
+
+    #[test]
+    fn top_k_keeps_ties_with_the_kth() {
+        // Two tokens tie for the second place: top-k 2 keeps both (transformers' rule).
+        let logits = [0.0f32, 2.0, 1.0, 1.0, -3.0];
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: Some(2),
+            top_p: None,
+        };
+        let mut seen = [false; 5];
+        let mut rng = stream(3, 0);
+        for _ in 0..400 {
+            seen[sample(&logits, &s, &mut rng)] = true;
+        }
+        assert_eq!(seen, [false, true, true, true, false]);
+    }
+
+    #[test]
+    fn top_p_stops_at_the_first_group_reaching_p() {
+        // Probabilities 0.5, 0.25, 0.25 (tied), ~0: p = 0.6 keeps the first three (the tied
+        // pair stays whole), p = 0.45 only the first.
+        let l4 = (4.0f32).ln();
+        let logits = [l4 + (2.0f32).ln(), l4, l4, -40.0];
+        let kept = |p: f32| {
+            let s = Sampling {
+                temperature: 1.0,
+                top_k: None,
+                top_p: Some(p),
+            };
+            let mut seen = [false; 4];
+            let mut rng = stream(5, 0);
+            for _ in 0..400 {
+                seen[sample(&logits, &s, &mut rng)] = true;
+            }
+            seen
+        };
+        assert_eq!(kept(0.6), [true, true, true, false]);
+        assert_eq!(kept(0.45), [true, false, false, false]);
     }
 
     #[test]

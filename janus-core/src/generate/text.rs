@@ -154,10 +154,7 @@ pub fn decode(
     let mut hidden = llm.forward(prompt, &mut cache)?;
     let mut rng = stream(opts.seed, 0);
     let mut out = Vec::new();
-    // The penalty rewrites the logits of the ids so far: on the host.
-    let on_device = (opts.repetition_penalty == 1.0)
-        .then(|| DevicePicker::for_device(&hidden.device(), &opts.sampling))
-        .flatten();
+    let on_device = DevicePicker::for_device(&hidden.device());
     loop {
         let last = hidden.clone().narrow(1, hidden.dims()[1] - 1, 1);
         let logits = llm.logits(last);
@@ -166,8 +163,11 @@ pub fn decode(
             Some(picker) => {
                 let width = logits.dims()[2];
                 let row = logits.reshape([1, width]);
-                let (temps, draws) = draw_numbers(&opts.sampling, std::slice::from_mut(&mut rng));
-                picker.pick(row, &temps, &draws, step)?.remove(0)?
+                let rules: Vec<_> = draw_numbers(&opts.sampling, std::slice::from_mut(&mut rng))
+                    .into_iter()
+                    .map(|r| r.with_penalty(opts.repetition_penalty, &out))
+                    .collect();
+                picker.pick(row, &rules, step)?.remove(0)?
             }
             None => pick_token(&mut host_values(logits)?, opts, &out, &mut rng, step)?,
         };
