@@ -583,10 +583,40 @@ impl Janus {
         self.run_answers(seqs)
     }
 
-    fn run_answers(&self, mut seqs: Vec<Sequence>) -> Result<Vec<Answer>> {
+    /// Answers several questions about images at once, each request with its own options (its
+    /// own seed, say): the prompts run one by one, then the answers decode together. Every answer
+    /// equals what [`understand`](Self::understand) gives its request alone. `keep_going` is
+    /// asked after every decoding step; `false` cancels with [`Error::Cancelled`].
+    pub fn understand_each(
+        &self,
+        requests: &[(&[image::RgbImage], &str, TextGenOptions)],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<Vec<Answer>> {
+        let mut seqs = Vec::with_capacity(requests.len());
+        for (images, question, options) in requests {
+            seqs.push(self.begin_understand(images, question, options, &[])?);
+            if !keep_going() {
+                return Err(Error::Cancelled);
+            }
+        }
+        self.run_answers_while(seqs, keep_going)
+    }
+
+    fn run_answers(&self, seqs: Vec<Sequence>) -> Result<Vec<Answer>> {
+        self.run_answers_while(seqs, &mut || true)
+    }
+
+    fn run_answers_while(
+        &self,
+        mut seqs: Vec<Sequence>,
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<Vec<Answer>> {
         while seqs.iter().any(|s| !s.is_finished()) {
             let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
             self.step(&mut refs)?;
+            if !keep_going() {
+                return Err(Error::Cancelled);
+            }
         }
         seqs.into_iter().map(|s| self.finish_answer(s)).collect()
     }

@@ -10,7 +10,7 @@ use janus_core::generate::image::ImageGenOptions;
 use janus_core::generate::sampling::Sampling;
 use janus_core::generate::text::TextGenOptions;
 use janus_core::pipeline::{Janus, Turn};
-use janus_core::{ComputeDType, WeightFormat};
+use janus_core::{ComputeDType, Error, WeightFormat};
 
 fn load(weights: WeightFormat) -> Janus {
     Janus::load_on_with(&fixture("hf-tiny"), &device(), ComputeDType::F32, weights)
@@ -91,6 +91,42 @@ fn answers_decoded_together_equal_answers_alone() {
             assert_eq!(batch[0].token_ids, alone.token_ids, "{weights:?}");
         }
     }
+}
+
+/// Requests with their own options (seeds, sampling rules) decoded together: each answer is its
+/// request's alone; cancelling stops the batch.
+#[test]
+fn requests_with_their_own_options_equal_their_answers_alone() {
+    let janus = load(WeightFormat::Auto);
+    let (a, b) = (vec![picture(3)], vec![picture(7)]);
+    let requests: Vec<(&[image::RgbImage], &str, TextGenOptions)> = vec![
+        (&a, "What colour dominates?", sampled(1)),
+        (&b, "Describe it.", sampled(2)),
+        (&a, "What colour dominates?", sampled(2)),
+        (
+            &[],
+            "Say hello.",
+            TextGenOptions {
+                max_new_tokens: 6,
+                ..TextGenOptions::default()
+            },
+        ),
+    ];
+    let together = janus.understand_each(&requests, &mut || true).unwrap();
+    for ((images, question, options), got) in requests.iter().zip(&together) {
+        let alone = janus.understand(images, question, options).unwrap();
+        assert_eq!(got.token_ids, alone.token_ids, "{question} {options:?}");
+        assert_eq!(got.text, alone.text);
+    }
+    assert_ne!(together[0].token_ids, together[2].token_ids, "seeds apart");
+    let mut steps = 0;
+    let err = janus
+        .understand_each(&requests, &mut || {
+            steps += 1;
+            steps < 6
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
 }
 
 /// Images and answers in one batch, an answer joining after the images started and leaving

@@ -165,6 +165,38 @@ fn prompts_arg(py: Python<'_>, prompt: &Bound<'_, PyAny>) -> PyResult<Vec<String
     )))
 }
 
+/// The seeds of `n` requests: one int for all, a list of `n` ints, or None (random each).
+fn seeds_arg(
+    py: Python<'_>,
+    seed: Option<&Bound<'_, PyAny>>,
+    n: usize,
+) -> PyResult<Vec<Option<u64>>> {
+    let Some(seed) = seed.filter(|s| !s.is_none()) else {
+        return Ok(vec![None; n]);
+    };
+    if let Ok(one) = seed.extract::<u64>() {
+        return Ok(vec![Some(one); n]);
+    }
+    if seed.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(
+            "seed must be an int or a list of ints, not a str",
+        ));
+    }
+    let seeds: Vec<u64> = seed.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "seed must be an int ≥ 0 or a list of them, not {}",
+            type_name(seed)
+        ))
+    })?;
+    if seeds.len() != n {
+        return Err(invalid_input(
+            py,
+            format!("{} seeds for {n} requests", seeds.len()),
+        ));
+    }
+    Ok(seeds.into_iter().map(Some).collect())
+}
+
 impl Janus {
     /// Runs a text generation with the interpreter detached, checking for Ctrl-C at each piece.
     fn answer(
@@ -319,6 +351,76 @@ impl Janus {
         self.answer(py, move |janus, on_text| {
             janus.understand_stream(&images, &question, &options, on_text)
         })
+    }
+
+    /// Answers several requests at once, each ``(images, question)`` (images as in
+    /// ``understand``: one, a list, or None).
+    ///
+    /// The prompts run one by one, then the answers decode together (one pass of the model per
+    /// token step for all of them). Each answer equals ``understand(images, question, ...,
+    /// seed=...)`` of its request alone: ``seed`` is one seed for every request, a list with one
+    /// per request, or None (a random seed each). Ctrl-C cancels.
+    #[pyo3(signature = (requests, max_new_tokens = 512, temperature = 0.0, top_p = None,
+                        top_k = None, repetition_penalty = 1.0, seed = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn understand_batch(
+        &self,
+        py: Python<'_>,
+        requests: &Bound<'_, PyAny>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        repetition_penalty: f32,
+        seed: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<Answer>> {
+        if requests.is_instance_of::<PyString>() {
+            return Err(PyTypeError::new_err(
+                "requests must be a list of (images, question) pairs, not a str",
+            ));
+        }
+        let mut parsed = Vec::new();
+        for item in requests.try_iter()? {
+            let item = item?;
+            let pair = item.cast::<PyTuple>().ok().filter(|t| t.len() == 2);
+            let Some(pair) = pair else {
+                return Err(PyTypeError::new_err(format!(
+                    "each request must be an (images, question) tuple, not {}",
+                    type_name(&item)
+                )));
+            };
+            let question: String = pair.get_item(1)?.extract().map_err(|_| {
+                PyTypeError::new_err("a request's question must be a str".to_string())
+            })?;
+            let images = images_arg(py, Some(&pair.get_item(0)?), self.inner.limits())?;
+            parsed.push((images, question));
+        }
+        let seeds = seeds_arg(py, seed, parsed.len())?;
+        let janus = &*self.inner;
+        let mut interrupt = None;
+        let result = py.detach(|| {
+            let requests: Vec<_> = parsed
+                .iter()
+                .zip(seeds)
+                .map(|((images, question), seed)| {
+                    let options = TextArgs {
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        repetition_penalty,
+                        seed,
+                    }
+                    .options();
+                    (images.as_slice(), question.as_str(), options)
+                })
+                .collect();
+            guarded(|| {
+                janus.understand_each(&requests, &mut || keep_going(&mut interrupt, |_| Ok(true)))
+            })
+        });
+        let answers = errors::finish(py, result, interrupt)?;
+        Ok(answers.into_iter().map(Answer::from).collect())
     }
 
     /// ``understand`` as an iterator of text pieces, produced while the model runs.

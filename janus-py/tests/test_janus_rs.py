@@ -323,6 +323,30 @@ def test_round_trip_and_batches(hf) -> None:
             assert np.array_equal(a.tokens, b.tokens)
 
 
+def test_understand_batch_equals_each_request_alone(hf) -> None:
+    red = PIL.Image.new("RGB", (40, 30), (200, 30, 30))
+    blue = np.full((24, 24, 3), (20, 40, 220), dtype=np.uint8)
+    requests = [(red, QUESTION), (blue, "Describe it."), ([red, blue], "Compare them."), (None, "Say hello.")]
+    sampled = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    for kwargs, seeds in [(dict(max_new_tokens=8), None), (sampled, [3, 4, 5, 6]), (sampled, 9)]:
+        batch = hf.understand_batch(requests, seed=seeds, **kwargs)
+        assert len(batch) == len(requests)
+        for i, ((images, question), got) in enumerate(zip(requests, batch)):
+            seed = seeds[i] if isinstance(seeds, list) else seeds
+            alone = hf.understand(images, question, seed=seed, **kwargs)
+            assert got.token_ids == alone.token_ids, (i, seeds)
+            assert got.text == alone.text
+    assert hf.understand_batch([]) == []
+    with pytest.raises(janus_rs.InvalidInputError):
+        hf.understand_batch(requests, temperature=1.0, seed=[1, 2])
+    with pytest.raises(TypeError):
+        hf.understand_batch("a question")
+    with pytest.raises(TypeError):
+        hf.understand_batch([(red,)])
+    with pytest.raises(TypeError):
+        hf.understand_batch([(red, QUESTION)], seed="1")
+
+
 def test_seeds(hf) -> None:
     tokens = lambda imgs: [g.tokens.tolist() for g in imgs]  # noqa: E731
     assert tokens(hf.generate("a portrait", seed=11)) == tokens(hf.generate("a portrait", seed=11))

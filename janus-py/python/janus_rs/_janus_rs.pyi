@@ -152,6 +152,21 @@ class Janus:
         order); without tags each image comes before the question. Greedy by default;
         ``temperature > 0`` samples (``seed`` None picks a random seed).
         """
+    def understand_batch(
+        self,
+        requests: Sequence[tuple[Images, str]],
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[Union[int, Sequence[int]]] = None,
+    ) -> list[Answer]:
+        """Answers several ``(images, question)`` requests at once (decoded together).
+
+        Each answer equals ``understand(images, question, ..., seed=...)`` of its request alone;
+        ``seed`` is one seed for all, a list with one per request, or None (random each).
+        """
     def understand_stream(
         self,
         images: Images,
