@@ -312,7 +312,7 @@ impl DevicePicker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::sampling::{sample, stream};
+    use crate::generate::sampling::stream;
 
     /// A picker on the default device: the CPU backend (where the generation loops keep the
     /// host picks; the arithmetic is the same), or the GPU in a build without it (`scripts/test.sh`
@@ -337,18 +337,15 @@ mod tests {
         }
     }
 
-    /// The host's pick of one row: the penalty as `pick_token` applies it, then [`sample`].
+    /// The host's pick of one row: [`pick_token`](crate::generate::text::pick_token), as the
+    /// host loops call it.
     fn host_pick(row: &[f32], r: &RowRule, rng: &mut ChaCha8Rng) -> u32 {
-        let mut row = row.to_vec();
-        for &id in &r.seen {
-            let l = &mut row[id as usize];
-            *l = if *l < 0.0 {
-                *l * r.penalty
-            } else {
-                *l / r.penalty
-            };
-        }
-        sample(&row, &r.sampling, rng) as u32
+        let options = crate::generate::text::TextGenOptions {
+            sampling: r.sampling,
+            repetition_penalty: r.penalty,
+            ..Default::default()
+        };
+        crate::generate::text::pick_token(&mut row.to_vec(), &options, &r.seen, rng, 1).unwrap()
     }
 
     /// Device picks of `values` (`rules.len()` rows) against the host's, for 20 seeds.
